@@ -1,0 +1,328 @@
+/**
+ * The training engine: one loaded base model, ONNX Runtime sessions built once
+ * per batch shape and reused, and the calls a trainer needs: loss and
+ * gradients of a batch, forward logits, evaluation and generation.
+ *
+ * Parameters (LoRA adapters, or every weight in full mode) live in JS as a
+ * TensorMap owned by the caller and are fed to each run; frozen base weights
+ * are stored once inside each session and never copied per step.
+ */
+import type { FloatArray, TensorMap } from '../../common/tensor.ts';
+import { createRng } from '../../common/random.ts';
+import { IGNORE_INDEX, type Batch, type LoadedModel, type LoraConfig } from './config.ts';
+import type { FloatDType } from './graph.ts';
+import { buildCausalLmGraph, type GraphSpec } from './model-graph.ts';
+import { initLoraAdapter, loraTargets, peftKey } from './lora.ts';
+import { createSession, ort, type Device, type RuntimeSession } from './runtime.ts';
+
+export interface EngineOptions {
+  mode: 'lora' | 'full';
+  lora?: LoraConfig;
+  /** float32 for training; float64 for gradient checks. */
+  dtype?: FloatDType;
+  threads?: number;
+  device?: Device;
+  /** Seed for dropout masks inside training graphs. */
+  seed?: number;
+}
+
+export interface LossAndGrads {
+  /** Sum of token negative log-likelihoods over the batch's trained tokens. */
+  lossSum: number;
+  /** Number of trained tokens (the loss's denominator). */
+  tokens: number;
+  /** Gradients of lossSum (not of the mean) with respect to each parameter. */
+  grads: TensorMap;
+}
+
+export interface ForwardResult {
+  lossSum: number;
+  tokens: number;
+  /** [batch * seq, vocab], row-major. */
+  logits: FloatArray;
+}
+
+export interface EvalResult {
+  /** Mean token loss over all trained tokens. */
+  loss: number;
+  perplexity: number;
+  tokens: number;
+  examples: number;
+  /** Fraction of examples whose every response token is the model's top prediction. */
+  exactMatch: number;
+  /** Fraction of response tokens predicted exactly (teacher forcing). */
+  tokenAccuracy: number;
+}
+
+export interface GenerateOptions {
+  maxNewTokens: number;
+  /** 0 (default): greedy. */
+  temperature?: number;
+  topK?: number;
+  seed?: number;
+  /** Stop when this token is produced. */
+  eosId?: number | null;
+  /** Token used to fill the fixed-length window. */
+  padId?: number;
+}
+
+interface CompiledGraph {
+  rt: RuntimeSession;
+  params: Array<{ name: string; shape: number[] }>;
+}
+
+export class Engine {
+  private readonly sessions = new Map<string, Promise<CompiledGraph>>();
+  private readonly castWeights = new Map<string, FloatArray>();
+  readonly dtype: FloatDType;
+  private resolvedDevice: Device | null = null;
+
+  private constructor(readonly model: LoadedModel, readonly opts: EngineOptions) {
+    this.dtype = opts.dtype ?? 'float32';
+    if (opts.mode === 'lora') {
+      if (!opts.lora) throw new Error('engine: LoRA mode needs a LoRA config (r, alpha, dropout, target_modules)');
+      loraTargets(model.config, opts.lora); // validates target modules and ranks now, not at the first step
+    }
+  }
+
+  static create(model: LoadedModel, opts: EngineOptions): Engine {
+    return new Engine(model, opts);
+  }
+
+  /** Device the sessions run on ('cpu' until the first session is built with CUDA available). */
+  get device(): Device {
+    return this.resolvedDevice ?? 'cpu';
+  }
+
+  /** Names and shapes of the trainable parameters, in graph order. */
+  paramSpecs(): Array<{ name: string; shape: number[] }> {
+    if (this.opts.mode === 'full') return [...this.model.weights].map(([name, t]) => ({ name, shape: t.shape }));
+    const { r } = this.opts.lora!;
+    return loraTargets(this.model.config, this.opts.lora!).flatMap((t) => [
+      { name: peftKey(t.module, 'A'), shape: [r, t.inFeatures] },
+      { name: peftKey(t.module, 'B'), shape: [t.outFeatures, r] },
+    ]);
+  }
+
+  /** Fresh trainable parameters: a PEFT-initialized adapter (B = 0), or a copy of the base weights in full mode. */
+  initParams(seed: number): TensorMap {
+    if (this.opts.mode === 'lora') {
+      return initLoraAdapter(loraTargets(this.model.config, this.opts.lora!), this.opts.lora!.r, seed, this.dtype);
+    }
+    const out: TensorMap = new Map();
+    for (const [name, t] of this.model.weights) {
+      out.set(name, { shape: [...t.shape], data: this.dtype === 'float64' ? Float64Array.from(t.data) : Float32Array.from(t.data) });
+    }
+    return out;
+  }
+
+  async lossAndGrads(params: TensorMap, batch: Batch): Promise<LossAndGrads> {
+    const g = await this.compiled('train', batch.batchSize, batch.seqLen);
+    const { feeds, tokens } = this.feeds(g, params, batch);
+    const out = await g.rt.session.run(feeds);
+    const grads: TensorMap = new Map();
+    for (const p of g.params) {
+      grads.set(p.name, { shape: [...p.shape], data: out[`grad:${p.name}`]!.data as FloatArray });
+    }
+    return { lossSum: Number((out.loss_sum!.data as FloatArray)[0]), tokens, grads };
+  }
+
+  async forward(params: TensorMap, batch: Batch): Promise<ForwardResult> {
+    const g = await this.compiled('forward', batch.batchSize, batch.seqLen);
+    const { feeds, tokens } = this.feeds(g, params, batch);
+    const out = await g.rt.session.run(feeds);
+    return { lossSum: Number((out.loss_sum!.data as FloatArray)[0]), tokens, logits: out.logits!.data as FloatArray };
+  }
+
+  /** Loss, perplexity and teacher-forced accuracy of the response tokens over a set of batches. */
+  async evaluate(params: TensorMap, batches: Batch[]): Promise<EvalResult> {
+    let lossSum = 0;
+    let tokens = 0;
+    let examples = 0;
+    let exact = 0;
+    let correctTokens = 0;
+    const V = this.model.config.vocabSize;
+    for (const batch of batches) {
+      const r = await this.forward(params, batch);
+      lossSum += r.lossSum;
+      tokens += r.tokens;
+      const T = batch.seqLen;
+      for (let b = 0; b < batch.batchSize; b++) {
+        let trained = 0;
+        let right = 0;
+        for (let t = 0; t + 1 < T; t++) {
+          const target = batch.labels[b * T + t + 1]!;
+          if (target === IGNORE_INDEX) continue;
+          trained++;
+          if (argmax(r.logits, (b * T + t) * V, V) === target) right++;
+        }
+        if (trained === 0) continue;
+        examples++;
+        correctTokens += right;
+        if (right === trained) exact++;
+      }
+    }
+    const loss = tokens > 0 ? lossSum / tokens : NaN;
+    return {
+      loss,
+      perplexity: Math.exp(loss),
+      tokens,
+      examples,
+      exactMatch: examples > 0 ? exact / examples : NaN,
+      tokenAccuracy: tokens > 0 ? correctTokens / tokens : NaN,
+    };
+  }
+
+  /** Greedy (temperature 0) or sampled continuation of `prompt` with the given parameters applied. */
+  async generate(params: TensorMap, prompt: number[], opts: GenerateOptions): Promise<number[]> {
+    if (prompt.length === 0) throw new Error('generate: the prompt is empty');
+    const V = this.model.config.vocabSize;
+    const maxLen = this.model.config.maxPositions;
+    const window = Math.min(maxLen, roundUp(prompt.length + opts.maxNewTokens, 16));
+    const rng = createRng(opts.seed ?? 0);
+    const ids = [...prompt];
+    const out: number[] = [];
+    while (out.length < opts.maxNewTokens && ids.length < window) {
+      const inputIds = new Int32Array(window).fill(opts.padId ?? 0);
+      inputIds.set(ids);
+      const labels = new Int32Array(window).fill(IGNORE_INDEX);
+      const r = await this.forward(params, { batchSize: 1, seqLen: window, inputIds, labels });
+      const off = (ids.length - 1) * V;
+      const next = opts.temperature && opts.temperature > 0 ? sample(r.logits, off, V, opts.temperature, opts.topK ?? 0, rng.next()) : argmax(r.logits, off, V);
+      out.push(next);
+      ids.push(next);
+      if (opts.eosId !== undefined && opts.eosId !== null && next === opts.eosId) break;
+    }
+    return out;
+  }
+
+  /** Free every session. */
+  async close(): Promise<void> {
+    const all = [...this.sessions.values()];
+    this.sessions.clear();
+    for (const p of all) {
+      try {
+        await (await p).rt.session.release();
+      } catch {
+        // a session that failed to build has nothing to release
+      }
+    }
+  }
+
+  // ---------------------------------------------------------------------------
+
+  private compiled(kind: 'train' | 'forward', batchSize: number, seqLen: number): Promise<CompiledGraph> {
+    const key = `${kind}:${batchSize}x${seqLen}`;
+    let p = this.sessions.get(key);
+    if (!p) {
+      p = (async () => {
+        const spec: GraphSpec = {
+          batchSize,
+          seqLen,
+          mode: this.opts.mode,
+          lora: this.opts.lora,
+          dtype: this.dtype,
+          kind,
+          dropoutSeed: this.opts.seed ?? 0,
+        };
+        const built = buildCausalLmGraph(this.model, spec, (name) => this.weightAs(name));
+        const rt = await createSession(built.bytes, {
+          threads: this.opts.threads,
+          device: this.opts.device,
+          optimization: this.dtype === 'float64' ? 'basic' : 'all',
+        });
+        this.resolvedDevice = rt.device;
+        return { rt, params: built.params };
+      })();
+      p.catch(() => this.sessions.delete(key));
+      this.sessions.set(key, p);
+    }
+    return p;
+  }
+
+  private weightAs(name: string): FloatArray {
+    const t = this.model.weights.get(name)!;
+    if (this.dtype === 'float32' || t.data instanceof Float64Array) return t.data;
+    let c = this.castWeights.get(name);
+    if (!c) {
+      c = Float64Array.from(t.data);
+      this.castWeights.set(name, c);
+    }
+    return c;
+  }
+
+  private feeds(g: CompiledGraph, params: TensorMap, batch: Batch): { feeds: Record<string, ort.Tensor>; tokens: number } {
+    const { batchSize: B, seqLen: T } = batch;
+    const N = B * T;
+    if (batch.inputIds.length !== N || batch.labels.length !== N) {
+      throw new Error(`batch: inputIds/labels have ${batch.inputIds.length}/${batch.labels.length} entries, expected ${B}x${T}=${N}`);
+    }
+    const V = this.model.config.vocabSize;
+    const ids = new BigInt64Array(N);
+    const targets = new BigInt64Array(N);
+    const mask = this.dtype === 'float64' ? new Float64Array(N) : new Float32Array(N);
+    let tokens = 0;
+    for (let i = 0; i < N; i++) {
+      const id = batch.inputIds[i]!;
+      if (id < 0 || id >= V) throw new Error(`batch: token id ${id} at position ${i} is outside the vocabulary (size ${V})`);
+      ids[i] = BigInt(id);
+      const t = i % T;
+      const next = t + 1 < T ? batch.labels[i + 1]! : IGNORE_INDEX;
+      if (next !== IGNORE_INDEX) {
+        if (next < 0 || next >= V) throw new Error(`batch: label ${next} at position ${i + 1} is outside the vocabulary (size ${V})`);
+        targets[i] = BigInt(next);
+        mask[i] = 1;
+        tokens++;
+      }
+    }
+    const feeds: Record<string, ort.Tensor> = {
+      input_ids: new ort.Tensor('int64', ids, [N]),
+      targets: new ort.Tensor('int64', targets, [N]),
+      loss_mask: new ort.Tensor(this.dtype, mask, [N, 1]),
+    };
+    for (const p of g.params) {
+      const t = params.get(p.name);
+      if (!t) throw new Error(`parameters: missing ${p.name}`);
+      if (t.shape.length !== p.shape.length || t.shape.some((d, i) => d !== p.shape[i])) {
+        throw new Error(`parameters: ${p.name} has shape [${t.shape}], expected [${p.shape}]`);
+      }
+      const data = this.dtype === 'float64'
+        ? (t.data instanceof Float64Array ? t.data : Float64Array.from(t.data))
+        : (t.data instanceof Float32Array ? t.data : Float32Array.from(t.data));
+      feeds[p.name] = new ort.Tensor(this.dtype, data, p.shape);
+    }
+    return { feeds, tokens };
+  }
+}
+
+function roundUp(n: number, m: number): number {
+  return Math.ceil(n / m) * m;
+}
+
+export function argmax(a: FloatArray, off: number, n: number): number {
+  let best = 0;
+  let bv = -Infinity;
+  for (let i = 0; i < n; i++) {
+    const v = a[off + i]!;
+    if (v > bv) {
+      bv = v;
+      best = i;
+    }
+  }
+  return best;
+}
+
+function sample(logits: FloatArray, off: number, V: number, temperature: number, topK: number, u: number): number {
+  let idx = Array.from({ length: V }, (_, i) => i);
+  if (topK > 0 && topK < V) idx = idx.sort((a, b) => logits[off + b]! - logits[off + a]!).slice(0, topK);
+  let max = -Infinity;
+  for (const i of idx) max = Math.max(max, logits[off + i]!);
+  const w = idx.map((i) => Math.exp((logits[off + i]! - max) / temperature));
+  const total = w.reduce((s, x) => s + x, 0);
+  let acc = 0;
+  for (let j = 0; j < idx.length; j++) {
+    acc += w[j]! / total;
+    if (u < acc) return idx[j]!;
+  }
+  return idx[idx.length - 1]!;
+}
