@@ -1,0 +1,51 @@
+/**
+ * One call from a dataset file to tokenized train and eval examples:
+ * load -> split records (seeded) -> render with the template -> tokenize.
+ * The split is made on records, before tokenization, so the eval set does not
+ * change with maxSeqLen.
+ */
+import { splitEval } from './batching.ts';
+import { loadRecords, type RecordSource, type SftRecord } from './dataset.ts';
+import { tokenizeRecords, type Example, type TokenizeOptions, type Tokenizer } from './tokenize.ts';
+
+export interface PrepareOptions extends TokenizeOptions {
+  /** Fraction of records held out for evaluation, in [0, 1). Default 0. */
+  evalFraction?: number;
+  /** Seed of the train/eval split. Default 0. */
+  seed?: number;
+  /** Keep only these records (e.g. one shard from coordinator/sharding.ts). */
+  filter?: (rec: SftRecord) => boolean;
+}
+
+export interface PreparedDataset {
+  train: Example[];
+  eval: Example[];
+  /** Records dropped because truncation left no trained token (train and eval). */
+  dropped: number;
+  droppedSources: RecordSource[];
+  /** Records read from the file (after `filter`). */
+  records: number;
+}
+
+export async function prepareDataset(path: string, tok: Tokenizer, opts: PrepareOptions): Promise<PreparedDataset> {
+  let records = await loadRecords(path);
+  if (opts.filter) {
+    records = records.filter(opts.filter);
+    if (records.length === 0) throw new Error(`${path}: no record passes the filter`);
+  }
+  const split = splitEval(records, opts.evalFraction ?? 0, opts.seed ?? 0);
+  const train = tokenizeRecords(tok, split.train, opts);
+  const evalSet = tokenizeRecords(tok, split.eval, opts);
+  if (train.examples.length === 0) {
+    throw new Error(
+      `${path}: every training record was dropped because its response does not fit in maxSeqLen ${opts.maxSeqLen}; raise maxSeqLen`,
+    );
+  }
+  return {
+    train: train.examples,
+    eval: evalSet.examples,
+    dropped: train.dropped + evalSet.dropped,
+    droppedSources: [...train.droppedSources, ...evalSet.droppedSources],
+    records: records.length,
+  };
+}

@@ -1,0 +1,107 @@
+/**
+ * Record -> token ids and labels for supervised fine-tuning.
+ *
+ * Each template segment is encoded on its own and the pieces concatenated, so
+ * the prompt/response boundary is exact. labels equal inputIds on trained
+ * tokens and IGNORE_INDEX (-100) on prompt tokens (not shifted: the engine
+ * predicts labels[t + 1] from position t). EOS follows every trained segment
+ * and is trained. Sequences longer than maxSeqLen are cut, keeping the start;
+ * a record with no trained token left is dropped (null).
+ */
+import { IGNORE_INDEX } from '../engine/config.ts';
+import type { RecordSource, SftRecord } from './dataset.ts';
+import { renderRecord, type PromptTemplate } from './template.ts';
+
+/** The minimal tokenizer the data pipeline needs; worker/engine/tokenizer.ts satisfies it. */
+export interface Tokenizer {
+  /** Token ids of `text`, without special tokens added. */
+  encode(text: string): number[];
+  bosId: number | null;
+  eosId: number | null;
+  padId: number;
+}
+
+export interface Example {
+  inputIds: number[];
+  labels: number[];
+}
+
+export interface TokenizeOptions {
+  /** A template object or a built-in name (alpaca, chatml, plain). */
+  template: PromptTemplate | string;
+  maxSeqLen: number;
+  /** Prepend BOS (not trained). Default: true when the tokenizer has a BOS token. */
+  addBos?: boolean;
+  /** Append EOS after each trained segment, trained. Default true. */
+  addEos?: boolean;
+}
+
+function checkOptions(tok: Tokenizer, opts: TokenizeOptions): { addBos: boolean; addEos: boolean } {
+  if (!Number.isInteger(opts.maxSeqLen) || opts.maxSeqLen < 2) {
+    throw new Error(`maxSeqLen is ${opts.maxSeqLen}, expected an integer >= 2`);
+  }
+  const addBos = opts.addBos ?? tok.bosId !== null;
+  const addEos = opts.addEos ?? true;
+  if (addBos && tok.bosId === null) throw new Error('addBos is set but the tokenizer has no BOS token; set addBos to false');
+  if (addEos && tok.eosId === null) throw new Error('the tokenizer has no EOS token, so responses cannot be terminated; set addEos to false');
+  return { addBos, addEos };
+}
+
+/** Token ids and labels for one record, or null when truncation leaves no trained token. */
+export function tokenizeRecord(tok: Tokenizer, rec: SftRecord, opts: TokenizeOptions): Example | null {
+  const { addBos, addEos } = checkOptions(tok, opts);
+  return tokenizeChecked(tok, rec, opts, addBos, addEos);
+}
+
+function tokenizeChecked(tok: Tokenizer, rec: SftRecord, opts: TokenizeOptions, addBos: boolean, addEos: boolean): Example | null {
+  const inputIds: number[] = [];
+  const labels: number[] = [];
+  if (addBos) {
+    inputIds.push(tok.bosId!);
+    labels.push(IGNORE_INDEX);
+  }
+  for (const seg of renderRecord(rec, opts.template)) {
+    if (inputIds.length >= opts.maxSeqLen) break;
+    const ids = tok.encode(seg.text);
+    if (seg.train && addEos) ids.push(tok.eosId!);
+    for (const id of ids) {
+      inputIds.push(id);
+      labels.push(seg.train ? id : IGNORE_INDEX);
+    }
+  }
+  if (inputIds.length > opts.maxSeqLen) {
+    inputIds.length = opts.maxSeqLen;
+    labels.length = opts.maxSeqLen;
+  }
+  // The engine predicts labels[t + 1] from position t, so label 0 never counts.
+  const trained = labels.some((l, i) => i > 0 && l !== IGNORE_INDEX);
+  return trained ? { inputIds, labels } : null;
+}
+
+export interface TokenizedRecords {
+  examples: Example[];
+  /** Records dropped because truncation left no trained token. */
+  dropped: number;
+  /** Where the dropped records came from (file, line), for a warning. */
+  droppedSources: RecordSource[];
+}
+
+/** tokenizeRecord over many records, counting the ones dropped. */
+export function tokenizeRecords(tok: Tokenizer, records: readonly SftRecord[], opts: TokenizeOptions): TokenizedRecords {
+  const { addBos, addEos } = checkOptions(tok, opts);
+  const examples: Example[] = [];
+  const droppedSources: RecordSource[] = [];
+  for (const rec of records) {
+    const ex = tokenizeChecked(tok, rec, opts, addBos, addEos);
+    if (ex) examples.push(ex);
+    else droppedSources.push(rec.source);
+  }
+  return { examples, dropped: droppedSources.length, droppedSources };
+}
+
+/** Number of trained tokens (labels other than -100). */
+export function countTokens(examples: readonly Example[]): number {
+  let n = 0;
+  for (const ex of examples) for (const l of ex.labels) if (l !== IGNORE_INDEX) n++;
+  return n;
+}
