@@ -42,6 +42,8 @@ export interface LoadedModel {
   weights: TensorMap;
   /** sha256 hex over config and weights: identifies the base model across machines. */
   fingerprint: string;
+  /** config.json as read from disk, so that a saved model keeps every original field. */
+  rawConfig?: Record<string, unknown>;
 }
 
 export interface LoraConfig {

@@ -1,0 +1,242 @@
+/**
+ * Hugging Face PEFT LoRA adapter directories: adapter_config.json +
+ * adapter_model.safetensors, with PEFT key names
+ * (`base_model.model.<module>.lora_A.weight` [r, in], `.lora_B.weight` [out, r]),
+ * so that PEFT and LoRA-serving engines load what fedtune writes as it is.
+ */
+import { readFile, writeFile, access } from 'node:fs/promises';
+import { join } from 'node:path';
+import type { TensorMap } from './tensor.ts';
+import { numel } from './tensor.ts';
+import { readSafetensors, serializeSafetensors, toFloat32, type StWriteEntry } from './safetensors.ts';
+import { writeDirAtomic } from './atomic.ts';
+import type { LoraConfig } from '../worker/engine/config.ts';
+
+export const ADAPTER_CONFIG = 'adapter_config.json';
+export const ADAPTER_WEIGHTS = 'adapter_model.safetensors';
+
+/** gpt2's Conv1D module names (PEFT fan_in_fan_out). */
+const CONV1D_MODULES = ['c_attn', 'c_proj', 'c_fc'];
+
+/** `base_model.model.<module>.lora_A.weight`, optionally with PEFT's adapter-name infix (`lora_A.default.weight`). */
+const LORA_KEY = /^base_model\.model\.(.+)\.lora_([AB])(?:\.([A-Za-z0-9_-]+))?\.weight$/;
+
+export interface PeftWriteConfig {
+  lora: LoraConfig;
+  /** Written as base_model_name_or_path. */
+  baseModel: string;
+  /** true for gpt2 Conv1D targets (weights stored [in, out]); default: true when every target is c_attn / c_proj / c_fc. */
+  fanInFanOut?: boolean;
+  /** Extra fields merged into adapter_config.json (e.g. fedtune run metadata). */
+  extra?: Record<string, unknown>;
+}
+
+export interface PeftAdapter {
+  config: LoraConfig & { baseModel: string; fanInFanOut: boolean };
+  /** adapter_config.json as read. */
+  raw: Record<string, unknown>;
+  /** Float32 tensors under plain PEFT keys (no adapter-name infix). */
+  adapter: TensorMap;
+}
+
+/** Module path of a PEFT LoRA key, or null when the key is not one. */
+export function parsePeftKey(key: string): { module: string; which: 'A' | 'B'; adapterName: string | null } | null {
+  const m = LORA_KEY.exec(key);
+  if (!m) return null;
+  return { module: m[1]!, which: m[2] as 'A' | 'B', adapterName: m[3] ?? null };
+}
+
+/**
+ * Structural checks that need no model: every key a PEFT LoRA key, A [r, in]
+ * and B [out, r] in pairs with the configured r, module names among the
+ * targets, finite values. `where` names the adapter in errors.
+ */
+export function checkAdapterStructure(adapter: TensorMap, lora: LoraConfig, where: string): void {
+  const pairs = new Map<string, { A?: number[]; B?: number[] }>();
+  for (const [key, t] of adapter) {
+    const p = parsePeftKey(key);
+    if (!p || p.adapterName !== null) {
+      throw new Error(`${where}: key ${key} is not a PEFT LoRA key (base_model.model.<module>.lora_A.weight or .lora_B.weight)`);
+    }
+    const kind = p.module.split('.').pop()!;
+    if (!lora.targetModules.includes(kind)) {
+      throw new Error(`${where}: key ${key} is for module "${kind}", which is not in target_modules [${lora.targetModules.join(', ')}]`);
+    }
+    if (t.shape.length !== 2) throw new Error(`${where}: key ${key} must be a 2-D matrix, got shape [${t.shape.join(', ')}]`);
+    if (t.data.length !== numel(t.shape)) throw new Error(`${where}: key ${key} has ${t.data.length} values for shape [${t.shape.join(', ')}]`);
+    const rDim = p.which === 'A' ? t.shape[0] : t.shape[1];
+    if (rDim !== lora.r) {
+      const want = p.which === 'A' ? `[${lora.r}, in_features]` : `[out_features, ${lora.r}]`;
+      throw new Error(`${where}: key ${key} has shape [${t.shape.join(', ')}], expected ${want} for r=${lora.r}`);
+    }
+    for (let i = 0; i < t.data.length; i++) {
+      if (!Number.isFinite(t.data[i]!)) throw new Error(`${where}: key ${key} has a non-finite value ${t.data[i]} at index ${i}`);
+    }
+    const e = pairs.get(p.module) ?? {};
+    e[p.which] = t.shape;
+    pairs.set(p.module, e);
+  }
+  if (pairs.size === 0) throw new Error(`${where}: adapter has no LoRA weights`);
+  for (const [module, e] of pairs) {
+    if (!e.A) throw new Error(`${where}: module ${module} has lora_B but no lora_A (${`base_model.model.${module}.lora_A.weight`} missing)`);
+    if (!e.B) throw new Error(`${where}: module ${module} has lora_A but no lora_B (${`base_model.model.${module}.lora_B.weight`} missing)`);
+  }
+}
+
+function checkLora(lora: LoraConfig, where: string): void {
+  if (!Number.isInteger(lora.r) || lora.r < 1) throw new Error(`${where}: r must be an integer >= 1, got ${JSON.stringify(lora.r)}`);
+  if (typeof lora.alpha !== 'number' || !Number.isFinite(lora.alpha) || lora.alpha <= 0) {
+    throw new Error(`${where}: lora_alpha must be a number > 0, got ${JSON.stringify(lora.alpha)}`);
+  }
+  if (typeof lora.dropout !== 'number' || !(lora.dropout >= 0 && lora.dropout < 1)) {
+    throw new Error(`${where}: lora_dropout must be a number in [0, 1), got ${JSON.stringify(lora.dropout)}`);
+  }
+  if (!Array.isArray(lora.targetModules) || lora.targetModules.length === 0 || !lora.targetModules.every((m) => typeof m === 'string' && m.length > 0)) {
+    throw new Error(`${where}: target_modules must be a non-empty list of module names, got ${JSON.stringify(lora.targetModules)}`);
+  }
+}
+
+/** The adapter_config.json that PEFT writes for a LoRA adapter. */
+export function peftConfigJson(cfg: PeftWriteConfig): Record<string, unknown> {
+  return {
+    alpha_pattern: {},
+    auto_mapping: null,
+    base_model_name_or_path: cfg.baseModel,
+    bias: 'none',
+    fan_in_fan_out: cfg.fanInFanOut ?? cfg.lora.targetModules.every((m) => CONV1D_MODULES.includes(m)),
+    inference_mode: true,
+    init_lora_weights: true,
+    layer_replication: null,
+    layers_pattern: null,
+    layers_to_transform: null,
+    loftq_config: {},
+    lora_alpha: cfg.lora.alpha,
+    lora_dropout: cfg.lora.dropout,
+    megatron_config: null,
+    megatron_core: 'megatron.core',
+    modules_to_save: null,
+    peft_type: 'LORA',
+    r: cfg.lora.r,
+    rank_pattern: {},
+    revision: null,
+    target_modules: [...cfg.lora.targetModules],
+    task_type: 'CAUSAL_LM',
+    use_dora: false,
+    use_rslora: false,
+    ...(cfg.extra ?? {}),
+  };
+}
+
+/**
+ * Write a PEFT adapter directory atomically: both files are written into a
+ * temporary directory that then replaces `dir`, so a reader never sees half an
+ * adapter. An existing adapter in `dir` is replaced.
+ */
+export async function writePeftAdapter(dir: string, adapter: TensorMap, cfg: PeftWriteConfig): Promise<void> {
+  const where = `writePeftAdapter(${dir})`;
+  checkLora(cfg.lora, where);
+  checkAdapterStructure(adapter, cfg.lora, where);
+  const tensors = new Map<string, StWriteEntry>();
+  for (const [k, t] of adapter) tensors.set(k, { dtype: 'F32', shape: t.shape, data: t.data });
+  const bytes = serializeSafetensors(tensors, { format: 'pt' });
+  const json = `${JSON.stringify(peftConfigJson(cfg), null, 2)}\n`;
+  await writeDirAtomic(
+    dir,
+    async (tmp) => {
+      await writeFile(join(tmp, ADAPTER_WEIGHTS), bytes);
+      await writeFile(join(tmp, ADAPTER_CONFIG), json);
+    },
+    { overwrite: true },
+  );
+}
+
+function field<T>(raw: Record<string, unknown>, name: string, path: string, ok: (v: unknown) => boolean, allowed: string, fallback?: T): T {
+  const v = raw[name] === undefined ? fallback : raw[name];
+  if (v === undefined || !ok(v)) throw new Error(`${path}: field "${name}" ${v === undefined ? 'is missing' : `is ${JSON.stringify(v)}`}; expected ${allowed}`);
+  return v as T;
+}
+
+/** Read a PEFT LoRA adapter directory, normalizing `lora_A.default.weight` style keys to the plain form. */
+export async function readPeftAdapter(dir: string): Promise<PeftAdapter> {
+  const cfgPath = join(dir, ADAPTER_CONFIG);
+  let text: string;
+  try {
+    text = await readFile(cfgPath, 'utf8');
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') throw new Error(`adapter directory ${dir} has no ${ADAPTER_CONFIG}`);
+    throw err;
+  }
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(text);
+  } catch (err) {
+    throw new Error(`${cfgPath}: not valid JSON (${(err as Error).message})`);
+  }
+  if (!parsed || typeof parsed !== 'object' || Array.isArray(parsed)) throw new Error(`${cfgPath}: must be a JSON object`);
+  const raw = parsed as Record<string, unknown>;
+  if (raw.peft_type !== 'LORA') throw new Error(`${cfgPath}: peft_type is ${JSON.stringify(raw.peft_type)}; only "LORA" adapters are supported`);
+
+  const r = field<number>(raw, 'r', cfgPath, (v) => Number.isInteger(v) && (v as number) >= 1, 'an integer >= 1');
+  const alpha = field<number>(raw, 'lora_alpha', cfgPath, (v) => typeof v === 'number' && Number.isFinite(v) && v > 0, 'a number > 0');
+  const dropout = field<number>(raw, 'lora_dropout', cfgPath, (v) => typeof v === 'number' && v >= 0 && v < 1, 'a number in [0, 1)', 0);
+  const targets = raw.target_modules;
+  if (typeof targets === 'string') {
+    throw new Error(`${cfgPath}: target_modules is the pattern ${JSON.stringify(targets)}; fedtune needs an explicit list of module names`);
+  }
+  const targetModules = field<string[]>(
+    raw,
+    'target_modules',
+    cfgPath,
+    (v) => Array.isArray(v) && v.length > 0 && v.every((x) => typeof x === 'string' && x.length > 0),
+    'a non-empty list of module names',
+  );
+  const fanInFanOut = field<boolean>(raw, 'fan_in_fan_out', cfgPath, (v) => typeof v === 'boolean', 'true or false', false);
+  const base = raw.base_model_name_or_path;
+  if (base !== undefined && base !== null && typeof base !== 'string') {
+    throw new Error(`${cfgPath}: field "base_model_name_or_path" is ${JSON.stringify(base)}; expected a string or null`);
+  }
+  const unsupported: Array<[string, (v: unknown) => boolean, string]> = [
+    ['bias', (v) => v === undefined || v === 'none', 'only bias "none" is supported'],
+    ['use_dora', (v) => v === undefined || v === false, 'DoRA adapters are not supported'],
+    ['use_rslora', (v) => v === undefined || v === false, 'rsLoRA scaling is not supported'],
+    ['modules_to_save', (v) => v === undefined || v === null || (Array.isArray(v) && v.length === 0), 'modules_to_save is not supported'],
+    ['rank_pattern', (v) => v === undefined || v === null || (typeof v === 'object' && Object.keys(v).length === 0), 'per-module ranks are not supported'],
+    ['alpha_pattern', (v) => v === undefined || v === null || (typeof v === 'object' && Object.keys(v).length === 0), 'per-module alphas are not supported'],
+  ];
+  for (const [name, ok, why] of unsupported) {
+    if (!ok(raw[name])) throw new Error(`${cfgPath}: field "${name}" is ${JSON.stringify(raw[name])}; ${why}`);
+  }
+
+  const wPath = join(dir, ADAPTER_WEIGHTS);
+  try {
+    await access(wPath);
+  } catch {
+    let hint = '';
+    try {
+      await access(join(dir, 'adapter_model.bin'));
+      hint = ' (found adapter_model.bin: convert PyTorch .bin adapters to safetensors)';
+    } catch {
+      /* no .bin either */
+    }
+    throw new Error(`adapter directory ${dir} has no ${ADAPTER_WEIGHTS}${hint}`);
+  }
+  const st = await readSafetensors(wPath);
+  const adapter: TensorMap = new Map();
+  for (const [key, entry] of st.tensors) {
+    const p = parsePeftKey(key);
+    if (!p) throw new Error(`${wPath}: key ${key} is not a PEFT LoRA key (base_model.model.<module>.lora_A.weight or .lora_B.weight)`);
+    const plain = `base_model.model.${p.module}.lora_${p.which}.weight`;
+    if (adapter.has(plain)) throw new Error(`${wPath}: key ${key} duplicates ${plain} (one adapter per directory)`);
+    if (entry.dtype !== 'F32' && entry.dtype !== 'F16' && entry.dtype !== 'BF16' && entry.dtype !== 'F64') {
+      throw new Error(`${wPath}: key ${key} has dtype ${entry.dtype}; expected F32, F16, BF16 or F64`);
+    }
+    adapter.set(plain, { shape: [...entry.shape], data: toFloat32(entry) });
+  }
+  const lora: LoraConfig = { r, alpha, dropout, targetModules: [...targetModules] };
+  checkAdapterStructure(adapter, lora, wPath);
+  return {
+    config: { ...lora, baseModel: typeof base === 'string' ? base : '', fanInFanOut },
+    raw,
+    adapter,
+  };
+}
