@@ -138,3 +138,57 @@ describe('training', () => {
     await engine.close();
   });
 });
+
+describe('engine errors and devices', () => {
+  it('names the unknown target module, the wrong parameter shape and the out-of-vocabulary token', async () => {
+    const { model, examples, padId } = await setup('llama');
+    expect(() => Engine.create(model, { mode: 'lora', lora: { r: 4, alpha: 8, dropout: 0, targetModules: ['q_proj', 'c_attn'] } })).toThrow(/c_attn/);
+    const engine = Engine.create(model, { mode: 'lora', lora: loraFor('llama'), threads: 1 });
+    const batch = makeBatches(examples, { batchSize: 2, padId, shuffle: false, seed: 0, maxSeqLen: 96 })[0]!;
+    const params = engine.initParams(0);
+    const key = [...params.keys()][0]!;
+    const bad = new Map(params);
+    bad.set(key, { shape: [2, 2], data: new Float32Array(4) });
+    await expect(engine.forward(bad, batch)).rejects.toThrow(new RegExp(`${key.replace(/\./g, '\\.')} has shape \\[2,2\\]`));
+    const missing = new Map(params);
+    missing.delete(key);
+    await expect(engine.lossAndGrads(missing, batch)).rejects.toThrow(/missing/);
+    const oov = { ...batch, inputIds: Int32Array.from(batch.inputIds, (x, i) => (i === 3 ? model.config.vocabSize + 5 : x)) };
+    await expect(engine.forward(params, oov)).rejects.toThrow(/token id .* outside the vocabulary/);
+    await engine.close();
+  });
+
+  it('falls back to CPU when CUDA is requested but its execution provider is absent', async () => {
+    const { model, examples, padId } = await setup('llama');
+    const engine = Engine.create(model, { mode: 'lora', lora: loraFor('llama'), threads: 1, device: 'cuda' });
+    const batch = makeBatches(examples, { batchSize: 2, padId, shuffle: false, seed: 0, maxSeqLen: 96 })[0]!;
+    const cpu = Engine.create(model, { mode: 'lora', lora: loraFor('llama'), threads: 1 });
+    const params = engine.initParams(0);
+    const a = await engine.forward(params, batch);
+    const b = await cpu.forward(params, batch);
+    expect(engine.device).toBe('cpu');
+    expect(maxAbsDiff(a.logits, b.logits)).toBe(0);
+    await engine.close();
+    await cpu.close();
+  });
+});
+
+describe('generation', () => {
+  it('greedy decoding is deterministic and follows the trained answers; sampling is seeded', async () => {
+    const { model, examples, padId } = await setup('llama');
+    const batches = makeBatches(examples, { batchSize: 8, padId, shuffle: false, seed: 0, maxSeqLen: 96 });
+    const engine = Engine.create(model, { mode: 'full', threads: 1 });
+    const weights = engine.initParams(0);
+    await trainSome(engine, weights, batches, 60, 1e-2);
+    const tok = await loadTokenizer(model.dir);
+    const prompt = [tok.bosId!, ...tok.encode('### Instruction:\nItem 5 is green. What colour is item 5?\n\n### Response:\n')];
+    const out1 = await engine.generate(weights, prompt, { maxNewTokens: 8, eosId: tok.eosId, padId });
+    const out2 = await engine.generate(weights, prompt, { maxNewTokens: 8, eosId: tok.eosId, padId });
+    expect(out1).toEqual(out2);
+    expect(tok.decode(out1, true)).toBe('green');
+    const s1 = await engine.generate(weights, prompt, { maxNewTokens: 8, temperature: 1.5, seed: 3, padId });
+    const s2 = await engine.generate(weights, prompt, { maxNewTokens: 8, temperature: 1.5, seed: 3, padId });
+    expect(s1).toEqual(s2);
+    await engine.close();
+  });
+});

@@ -3,6 +3,9 @@
  * count and execution provider. CUDA is requested when asked for; when its
  * provider cannot be loaded the session falls back to CPU and says so once.
  */
+import { existsSync, readdirSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import { dirname, join } from 'node:path';
 import * as ort from 'onnxruntime-node';
 import { logger } from '../../common/log.ts';
 
@@ -29,6 +32,33 @@ export interface RuntimeSession {
 
 let cudaFallbackLogged = false;
 
+function fallBackToCpu(reason: string): void {
+  if (cudaFallbackLogged) return;
+  cudaFallbackLogged = true;
+  log.warn(
+    { reason },
+    'CUDA execution provider unavailable; running on CPU (install onnxruntime-node with its CUDA provider to use the GPU, see README)',
+  );
+}
+
+/**
+ * Whether onnxruntime-node's CUDA provider library is installed next to its
+ * native binding (its install script puts it there on machines with internet).
+ * Checking first keeps ONNX Runtime from printing its own load error.
+ */
+export function cudaProviderInstalled(): boolean {
+  try {
+    const pkg = dirname(createRequire(import.meta.url).resolve('onnxruntime-node/package.json'));
+    const base = join(pkg, 'bin');
+    for (const napi of readdirSync(base)) {
+      if (existsSync(join(base, napi, process.platform, process.arch, 'libonnxruntime_providers_cuda.so'))) return true;
+    }
+  } catch {
+    // no bin directory: no provider
+  }
+  return false;
+}
+
 export async function createSession(bytes: Uint8Array, opts: RuntimeOptions = {}): Promise<RuntimeSession> {
   const base: ort.InferenceSession.SessionOptions = {
     graphOptimizationLevel: opts.optimization ?? 'all',
@@ -38,16 +68,14 @@ export async function createSession(bytes: Uint8Array, opts: RuntimeOptions = {}
     ...(opts.threads && opts.threads > 0 ? { intraOpNumThreads: opts.threads, interOpNumThreads: 1 } : {}),
   };
   if (opts.device === 'cuda') {
-    try {
-      const session = await ort.InferenceSession.create(bytes, { ...base, executionProviders: ['cuda'] });
-      return { session, device: 'cuda' };
-    } catch (err) {
-      if (!cudaFallbackLogged) {
-        cudaFallbackLogged = true;
-        log.warn(
-          { reason: err instanceof Error ? err.message.split('\n')[0] : String(err) },
-          'CUDA execution provider unavailable; running on CPU (install onnxruntime-node with its CUDA provider to use the GPU, see README)',
-        );
+    if (!cudaProviderInstalled()) {
+      fallBackToCpu('libonnxruntime_providers_cuda.so is not installed in onnxruntime-node');
+    } else {
+      try {
+        const session = await ort.InferenceSession.create(bytes, { ...base, executionProviders: ['cuda'] });
+        return { session, device: 'cuda' };
+      } catch (err) {
+        fallBackToCpu(err instanceof Error ? err.message.split('\n')[0]! : String(err));
       }
     }
   }
