@@ -3,6 +3,13 @@
  * and registers itself on the program here.
  */
 import { Command } from 'commander';
+import * as modelCli from './model.ts';
+import * as adapterCli from './adapter.ts';
+import * as trainCli from './train.ts';
+import * as coordinatorCli from './coordinator.ts';
+import * as workerCli from './worker.ts';
+import * as demoCli from './demo.ts';
+import * as dashboardCli from './dashboard.ts';
 
 const program = new Command();
 program
@@ -12,7 +19,7 @@ program
   .showHelpAfterError();
 
 // Command modules: each exports register(program).
-const modules = [] as Array<{ register(p: Command): void }>;
+const modules = [modelCli, adapterCli, trainCli, coordinatorCli, workerCli, demoCli, dashboardCli] as Array<{ register(p: Command): void }>;
 for (const m of modules) m.register(program);
 
 try {

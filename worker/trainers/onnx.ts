@@ -42,7 +42,7 @@ class OnnxTrainer implements Trainer {
 
   constructor(
     private readonly model: LoadedModel,
-    private readonly train: Example[],
+    private readonly trainSet: Example[],
     private readonly evalSet: Example[],
     private readonly padId: number,
     private readonly opts: TrainerFactoryOptions,
@@ -53,7 +53,7 @@ class OnnxTrainer implements Trainer {
     return e?.device ?? (this.opts.device === 'cuda' ? 'cuda' : 'cpu');
   }
   get numTrainExamples(): number {
-    return this.train.length;
+    return this.trainSet.length;
   }
   get numEvalExamples(): number {
     return this.evalSet.length;
@@ -83,14 +83,14 @@ class OnnxTrainer implements Trainer {
     const { spec } = args;
     const engine = this.engineFor(spec.lora);
     const params = toFloat32(args.globalAdapter);
-    const batchesPerEpoch = Math.ceil(this.train.length / spec.batchSize);
+    const batchesPerEpoch = Math.ceil(this.trainSet.length / spec.batchSize);
     const steps = spec.steps ?? Math.max(1, Math.ceil(((spec.epochs ?? 1) * batchesPerEpoch) / spec.gradAccumulation));
     const seedBase = spec.seed * 1_000_003 + args.round * 7919;
     const result = await trainLoop({
       engine,
       params,
       epochBatches: (epoch) =>
-        makeBatches(this.train, { batchSize: spec.batchSize, padId: this.padId, shuffle: true, seed: seedBase + epoch, maxSeqLen: spec.maxSeqLen }),
+        makeBatches(this.trainSet, { batchSize: spec.batchSize, padId: this.padId, shuffle: true, seed: seedBase + epoch, maxSeqLen: spec.maxSeqLen }),
       steps,
       gradAccumulation: spec.gradAccumulation,
       optimizer: new AdamW({ lr: spec.lr, weightDecay: spec.weightDecay }),
@@ -102,7 +102,7 @@ class OnnxTrainer implements Trainer {
     });
     return {
       adapter: params,
-      numExamples: this.train.length,
+      numExamples: this.trainSet.length,
       metrics: {
         train_loss: result.meanLoss,
         last_loss: result.lastLoss,

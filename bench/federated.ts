@@ -1,0 +1,285 @@
+/**
+ * Federated transport and aggregation benchmarks. Each number is printed next
+ * to a baseline measured in the same run on the same bytes:
+ *
+ *   (a) FedAvg streaming accumulator GB/s   vs  TypedArray.set / Buffer.copy of the same bytes
+ *   (b) adapter download over loopback gRPC  vs  a raw TCP socket sending the same bytes
+ *   (c) one federated round, noop trainer, N in-process workers, 16M-param adapter
+ *                                            vs  raw TCP moving the round's bytes (N down + N up) once
+ *
+ * (c) runs the real coordinator pieces (service, round loop, strategy, checkpoint
+ * store) and real WorkerAgents talking gRPC over loopback, all in this one
+ * process; only the model is synthetic (the adapter has Llama-7B attention
+ * shapes, r=16).
+ */
+import { mkdtempSync, rmSync } from 'node:fs';
+import { createServer, connect, type AddressInfo } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import * as grpc from '@grpc/grpc-js';
+import { manifestOf, packTensorMap } from '../common/chunks.ts';
+import { parseRunConfig, type RunConfig } from '../common/config.ts';
+import type { RunEvent } from '../common/events.ts';
+import { numel, type TensorMap } from '../common/tensor.ts';
+import { MemoryBus } from '../coordinator/events/memory.ts';
+import { FederatedRun, type RunResult } from '../coordinator/run.ts';
+import { createCoordinatorService } from '../coordinator/service.ts';
+import { FedAvgAccumulator } from '../coordinator/strategies/fedavg.ts';
+import { createStrategy } from '../coordinator/strategies/strategy.ts';
+import { CheckpointStore, newRunState } from '../coordinator/store.ts';
+import { WorkerRegistry } from '../coordinator/workers.ts';
+import { CoordinatorService } from '../proto/gen/fedtune/v1/coordinator.ts';
+import { CoordinatorConnection, WorkerAgent } from '../worker/agent.ts';
+import { NoopTrainer } from '../worker/trainers/noop.ts';
+
+export interface Row {
+  what: string;
+  value: string;
+  baseline: string;
+  ratio: string;
+}
+
+const MB = 1e6;
+
+function time<T>(f: () => T): [T, number] {
+  const t = process.hrtime.bigint();
+  const r = f();
+  return [r, Number(process.hrtime.bigint() - t) / 1e6];
+}
+
+async function timeAsync<T>(f: () => Promise<T>): Promise<[T, number]> {
+  const t = process.hrtime.bigint();
+  const r = await f();
+  return [r, Number(process.hrtime.bigint() - t) / 1e6];
+}
+
+/** A LoRA adapter with Llama-7B attention shapes (hidden 4096, 32 layers, q/k/v/o, r=16): 16.8M parameters. */
+export function syntheticAdapter(opts: { hidden?: number; layers?: number; r?: number } = {}): TensorMap {
+  const hidden = opts.hidden ?? 4096;
+  const layers = opts.layers ?? 32;
+  const r = opts.r ?? 16;
+  const m: TensorMap = new Map();
+  let seed = 1;
+  const fill = (n: number): Float32Array => {
+    const d = new Float32Array(n);
+    for (let i = 0; i < n; i++) {
+      seed = (seed * 1664525 + 1013904223) >>> 0;
+      d[i] = (seed / 2 ** 32 - 0.5) * 0.02;
+    }
+    return d;
+  };
+  for (let l = 0; l < layers; l++) {
+    for (const p of ['q_proj', 'k_proj', 'v_proj', 'o_proj']) {
+      const mod = `base_model.model.model.layers.${l}.self_attn.${p}`;
+      m.set(`${mod}.lora_A.weight`, { shape: [r, hidden], data: fill(r * hidden) });
+      m.set(`${mod}.lora_B.weight`, { shape: [hidden, r], data: fill(hidden * r) });
+    }
+  }
+  return m;
+}
+
+export function paramCount(m: TensorMap): number {
+  let n = 0;
+  for (const t of m.values()) n += numel(t.shape);
+  return n;
+}
+
+// ---------------------------------------------------------------- (a)
+
+export function benchAggregation(adapter: TensorMap, updates = 4, repeats = 3): Row[] {
+  const packed = packTensorMap(adapter);
+  const flat = new Float32Array(packed.bytes.buffer, packed.bytes.byteOffset, packed.bytes.byteLength / 4);
+  const bytes = packed.bytes.byteLength * updates;
+  let best = Infinity;
+  for (let r = 0; r < repeats; r++) {
+    const acc = new FedAvgAccumulator(manifestOf(adapter));
+    const [, ms] = time(() => {
+      for (let k = 0; k < updates; k++) acc.addFlat(flat, 10 + k);
+    });
+    best = Math.min(best, ms);
+  }
+  const dst = new Float32Array(flat.length);
+  const dstBuf = Buffer.from(dst.buffer);
+  const srcBuf = Buffer.from(packed.bytes.buffer, packed.bytes.byteOffset, packed.bytes.byteLength);
+  let bestSet = Infinity;
+  let bestCopy = Infinity;
+  for (let r = 0; r < repeats; r++) {
+    bestSet = Math.min(bestSet, time(() => { for (let k = 0; k < updates; k++) dst.set(flat); })[1]);
+    bestCopy = Math.min(bestCopy, time(() => { for (let k = 0; k < updates; k++) srcBuf.copy(dstBuf); })[1]);
+  }
+  const gbps = (ms: number): number => bytes / 1e9 / (ms / 1000);
+  return [
+    {
+      what: `(a) FedAvg fold, ${updates} updates x ${(packed.bytes.byteLength / MB).toFixed(0)} MB`,
+      value: `${gbps(best).toFixed(2)} GB/s`,
+      baseline: `TypedArray.set ${gbps(bestSet).toFixed(2)} GB/s`,
+      ratio: `${(gbps(best) / gbps(bestSet)).toFixed(2)}x`,
+    },
+    {
+      what: '',
+      value: '',
+      baseline: `Buffer.copy ${gbps(bestCopy).toFixed(2)} GB/s`,
+      ratio: `${(gbps(best) / gbps(bestCopy)).toFixed(2)}x`,
+    },
+  ];
+}
+
+// ---------------------------------------------------------------- raw TCP baseline
+
+/** Milliseconds for a loopback TCP socket to carry `total` bytes written as `chunk`-sized writes of `payload`. */
+export async function rawTcp(payload: Uint8Array, total: number, chunk = 1 << 20): Promise<number> {
+  const server = createServer((sock) => {
+    let sent = 0;
+    const pump = (): void => {
+      while (sent < total) {
+        const n = Math.min(chunk, total - sent);
+        const off = sent % payload.byteLength;
+        const piece = payload.subarray(off, Math.min(off + n, payload.byteLength));
+        sent += piece.byteLength;
+        if (!sock.write(piece)) {
+          sock.once('drain', pump);
+          return;
+        }
+      }
+      sock.end();
+    };
+    pump();
+  });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  const port = (server.address() as AddressInfo).port;
+  const [, ms] = await timeAsync(
+    () =>
+      new Promise<void>((resolve, reject) => {
+        let got = 0;
+        const c = connect(port, '127.0.0.1');
+        c.on('data', (d: Buffer) => (got += d.byteLength));
+        c.on('end', () => (got === total ? resolve() : reject(new Error(`raw TCP: got ${got} of ${total} bytes`))));
+        c.on('error', reject);
+      }),
+  );
+  server.close();
+  return ms;
+}
+
+// ---------------------------------------------------------------- an in-process coordinator around a synthetic adapter
+
+interface BenchCoordinator {
+  address: string;
+  cfg: RunConfig;
+  bus: MemoryBus;
+  run: FederatedRun;
+  close(): Promise<void>;
+}
+
+async function benchCoordinator(adapter: TensorMap, over: Record<string, unknown>): Promise<BenchCoordinator> {
+  const dir = mkdtempSync(join(tmpdir(), 'fedtune-bench-'));
+  const cfg = parseRunConfig({
+    name: 'bench',
+    model: { path: '(synthetic)' },
+    lora: { r: 16, alpha: 32, target_modules: ['q_proj', 'k_proj', 'v_proj', 'o_proj'] },
+    training: { steps: 1, batch_size: 1 },
+    rounds: 1,
+    eval: { every: 0 },
+    checkpoint: { dir },
+    server: { listen: '127.0.0.1:0', join_token: 'bench', heartbeat_timeout_ms: 120_000 },
+    ...over,
+  });
+  const lora = { r: 16, alpha: 32, dropout: 0, targetModules: cfg.lora.target_modules };
+  const store = new CheckpointStore({ root: dir, runName: 'bench', lora, baseModel: '(synthetic)', fanInFanOut: false });
+  const bus = new MemoryBus({ ringSize: 100_000 });
+  const registry = new WorkerRegistry(cfg.server.heartbeat_timeout_ms);
+  const run = new FederatedRun({ cfg, bus, registry, store, strategy: createStrategy(cfg), global: adapter, state: newRunState(cfg, ''), resumed: false });
+  registry.listener = run;
+  const server = new grpc.Server();
+  server.addService(CoordinatorService, createCoordinatorService({ cfg, run, registry, modelFingerprint: '' }));
+  const port = await new Promise<number>((res, rej) => server.bindAsync('127.0.0.1:0', grpc.ServerCredentials.createInsecure(), (e, p) => (e ? rej(e) : res(p))));
+  return {
+    address: `127.0.0.1:${port}`,
+    cfg,
+    bus,
+    run,
+    async close() {
+      run.stop();
+      registry.close();
+      server.forceShutdown();
+      await bus.close();
+      rmSync(dir, { recursive: true, force: true });
+    },
+  };
+}
+
+// ---------------------------------------------------------------- (b)
+
+export async function benchTransfer(adapter: TensorMap, repeats = 3): Promise<{ rows: Row[]; tcpBytesPerMs: number }> {
+  const c = await benchCoordinator(adapter, {});
+  const conn = new CoordinatorConnection(c.address);
+  await conn.register({
+    joinToken: 'bench',
+    site: 'reader',
+    previousWorkerId: '',
+    capabilities: { device: 'cpu', memoryBytes: 0, backends: [], modelFingerprint: '', numTrainExamples: 0, numEvalExamples: 0, client: 'bench', protocolVersion: 1 },
+  });
+  const packed = packTensorMap(adapter);
+  const bytes = packed.bytes.byteLength;
+  let best = Infinity;
+  let bestTcp = Infinity;
+  for (let r = 0; r < repeats; r++) {
+    best = Math.min(best, (await timeAsync(() => conn.downloadAdapter(0, 4 << 20)))[1]);
+    bestTcp = Math.min(bestTcp, await rawTcp(packed.bytes, bytes));
+  }
+  conn.close();
+  await c.close();
+  const mbps = (ms: number): number => bytes / MB / (ms / 1000);
+  return {
+    rows: [
+      {
+        what: `(b) adapter download over gRPC, ${(bytes / MB).toFixed(0)} MB in 1 MiB chunks + SHA-256`,
+        value: `${mbps(best).toFixed(0)} MB/s`,
+        baseline: `raw TCP ${mbps(bestTcp).toFixed(0)} MB/s`,
+        ratio: `${(mbps(best) / mbps(bestTcp)).toFixed(2)}x`,
+      },
+    ],
+    tcpBytesPerMs: bytes / bestTcp,
+  };
+}
+
+// ---------------------------------------------------------------- (c)
+
+export async function benchRound(adapter: TensorMap, workers: number, tcpBytesPerMs: number): Promise<Row> {
+  const c = await benchCoordinator(adapter, {
+    rounds: 2,
+    cohort: { min_workers: workers, wait_timeout_sec: 300 },
+    round: { min_results: workers, deadline_sec: 600 },
+  });
+  const stops = Array.from({ length: workers }, () => new AbortController());
+  const agents = Array.from({ length: workers }, (_, i) =>
+    new WorkerAgent({
+      coordinator: c.address,
+      token: 'bench',
+      site: `site-${i}`,
+      trainer: 'noop',
+      trainerOptions: { modelDir: '', dataPath: '', evalFraction: 0, seed: 0 },
+      trainerInstance: new NoopTrainer({ numTrainExamples: 10 + i, numEvalExamples: 0, perturb: false }),
+      progress: 'none',
+    }).run(stops[i]!.signal).catch(() => null),
+  );
+  const result: RunResult = await c.run.run();
+  if (result.state !== 'completed') throw new Error(`bench round with ${workers} workers: ${result.error}`);
+  const events = await c.bus.history('bench', 0);
+  const done = events.filter((e): e is Extract<RunEvent, { type: 'round.completed' }> => e.type === 'round.completed');
+  // Round 2: every worker connected and warm; it still downloads the new version and uploads its own.
+  const r2 = done.find((e) => e.round === 2)!;
+  for (const s of stops) s.abort();
+  await Promise.all(agents);
+  await c.close();
+  const bytes = packTensorMap(adapter).bytes.byteLength;
+  const moved = r2.bytesUp + r2.bytesDown;
+  const baseMs = moved / tcpBytesPerMs;
+  const p = r2.phases;
+  return {
+    what: `(c) round, ${workers} workers x ${(bytes / MB).toFixed(0)} MB down+up (${(moved / 1e9).toFixed(2)} GB)`,
+    value: `${(r2.durationMs / 1000).toFixed(2)} s (dispatch ${(p.dispatchMs / 1000).toFixed(1)}, train ${(p.trainMs / 1000).toFixed(1)}, upload ${(p.uploadMs / 1000).toFixed(1)}, aggregate ${(p.aggregateMs / 1000).toFixed(2)} s)`,
+    baseline: `raw TCP, same bytes once: ${(baseMs / 1000).toFixed(2)} s`,
+    ratio: `${(r2.durationMs / baseMs).toFixed(2)}x`,
+  };
+}

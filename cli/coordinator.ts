@@ -1,0 +1,135 @@
+/**
+ * `fedtune coordinator --config run.yaml [--resume]`: runs a federated run and
+ * prints it round by round.
+ */
+import { join } from 'node:path';
+import { Command } from 'commander';
+import { loadRunConfig, parseHostPort } from '../common/config.ts';
+import type { RunEvent } from '../common/events.ts';
+import type { EventBus } from '../coordinator/events/bus.ts';
+import { MemoryBus } from '../coordinator/events/memory.ts';
+import { startDashboardServer, type DashboardServer } from '../coordinator/http/server.ts';
+import { startCoordinator } from '../coordinator/main.ts';
+
+export function formatBytes(n: number): string {
+  if (n >= 1e9) return `${(n / 1e9).toFixed(2)} GB`;
+  if (n >= 1e6) return `${(n / 1e6).toFixed(1)} MB`;
+  if (n >= 1e3) return `${(n / 1e3).toFixed(1)} kB`;
+  return `${n} B`;
+}
+
+const num = (x: number | null, digits = 4): string => (x === null ? 'n/a' : x.toFixed(digits));
+const pct = (x: number | null): string => (x === null ? 'n/a' : `${(x * 100).toFixed(1)}%`);
+
+/** One human line per event worth printing (null for the rest). */
+export function describeEvent(e: RunEvent, totalRounds: number): string | null {
+  switch (e.type) {
+    case 'run.started':
+      return `run ${e.name}: ${e.strategy}, ${e.totalRounds} rounds${e.resumedFromRound > 0 ? `, resumed after round ${e.resumedFromRound}` : ''}`;
+    case 'worker.joined':
+      return `+ ${e.worker.site} joined (${e.worker.device}, ${e.worker.workerId})`;
+    case 'worker.left':
+      return `- ${e.site} left: ${e.reason}`;
+    case 'worker.error':
+      return `! ${e.site}: ${e.message}`;
+    case 'round.started':
+      return `round ${e.round}/${totalRounds}: ${e.cohort.length} worker(s) training from global v${e.globalVersion}`;
+    case 'update.rejected':
+      return `! update from ${e.site} rejected: ${e.reason}`;
+    case 'round.retried':
+      return `! round ${e.round} retried: ${e.reason} (need ${e.required})`;
+    case 'round.completed':
+      return (
+        `round ${e.round}/${totalRounds} done in ${(e.durationMs / 1000).toFixed(1)} s: train loss ${num(e.trainLoss)}, ` +
+        `eval loss ${num(e.evalLoss)}, eval accuracy ${pct(e.evalAccuracy)} ` +
+        `(${e.participants} worker(s), ${e.examples} examples, up ${formatBytes(e.bytesUp)}, down ${formatBytes(e.bytesDown)})`
+      );
+    case 'checkpoint.written':
+      return `  checkpoint ${e.path}`;
+    case 'run.completed':
+      return `run completed after ${e.rounds} round(s); final adapter: ${e.finalAdapterPath}`;
+    case 'run.failed':
+      return `run failed: ${e.error}`;
+    case 'log':
+      return e.level === 'info' ? e.message : `${e.level}: ${e.message}`;
+    default:
+      return null;
+  }
+}
+
+/** Print a run's events from `afterSeq` on until the subscription closes. */
+export async function printEvents(bus: EventBus, runId: string, afterSeq: number, totalRounds: number): Promise<void> {
+  const sub = bus.subscribe({ runId, afterSeq });
+  try {
+    for await (const e of sub) {
+      const line = describeEvent(e, totalRounds);
+      if (line) console.log(line);
+    }
+  } catch {
+    /* the bus closed or we fell behind: printing is best effort */
+  }
+}
+
+interface CoordinatorCliOpts {
+  config: string;
+  resume?: boolean;
+  listen?: string;
+  token?: string;
+  checkpointDir?: string;
+}
+
+export function register(program: Command): void {
+  program
+    .command('coordinator')
+    .description('run a federated fine-tuning run: accept workers, run rounds, checkpoint')
+    .requiredOption('-c, --config <file>', 'run config (YAML or JSON)')
+    .option('--resume', 'continue after the last complete round in CHECKPOINT_DIR/<name>')
+    .option('--listen <host:port>', 'override server.listen')
+    .option('--token <token>', 'override server.join_token (or set FEDTUNE_JOIN_TOKEN)')
+    .option('--checkpoint-dir <dir>', 'override checkpoint.dir')
+    .action(async (o: CoordinatorCliOpts) => {
+      if (o.listen) parseHostPort(o.listen, '--listen');
+      const cfg = await loadRunConfig(o.config, {
+        ...(o.token ? { joinToken: o.token } : {}),
+        ...(o.listen ? { listen: o.listen } : {}),
+        ...(o.checkpointDir ? { checkpointDir: o.checkpointDir } : {}),
+      });
+      const runDir = join(cfg.checkpoint.dir, cfg.name);
+      const bus = new MemoryBus({ ringSize: cfg.events.ring_size, ...(cfg.events.log ? { logDir: runDir } : {}) });
+      const afterSeq = (await bus.history(cfg.name)).at(-1)?.seq ?? 0;
+      const printing = printEvents(bus, cfg.name, afterSeq, cfg.rounds);
+      let handle;
+      try {
+        handle = await startCoordinator(cfg, { resume: o.resume ?? false, bus });
+      } catch (err) {
+        await bus.close();
+        throw err;
+      }
+      console.log(`fedtune coordinator: listening on ${handle.address} (run ${handle.runId}, checkpoints in ${handle.runDir})`);
+      let dashboard: DashboardServer | null = null;
+      if (cfg.dashboard.enabled) {
+        const { host, port, token } = cfg.dashboard;
+        try {
+          dashboard = await startDashboardServer({ bus, host, port, ...(token ? { token } : {}) });
+          console.log(`dashboard: ${dashboard.openUrl}`);
+        } catch (err) {
+          // The run goes on without it: a busy port must not cost a training run.
+          console.log(`dashboard not started: ${(err as Error).message} (set dashboard.port, or dashboard.enabled: false)`);
+        }
+      }
+      const stop = (): void => {
+        console.log('stopping (signal received)');
+        void handle.close();
+      };
+      process.once('SIGINT', stop);
+      process.once('SIGTERM', stop);
+      const result = await handle.run;
+      await handle.close();
+      await dashboard?.close();
+      await bus.close();
+      await printing;
+      process.off('SIGINT', stop);
+      process.off('SIGTERM', stop);
+      if (result.state !== 'completed') process.exitCode = 1;
+    });
+}

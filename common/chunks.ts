@@ -1,0 +1,265 @@
+/**
+ * Chunked tensor streams: how adapters, gradients and deltas cross the wire.
+ *
+ * A tensor map is packed into one byte buffer (each tensor's raw little-endian
+ * float32 elements, concatenated in manifest order), cut into chunks of
+ * `chunkBytes` (default 1 MiB) and closed by a trailer carrying the total length
+ * and SHA-256 of all bytes. The receiver reassembles with ChunkAssembler, which
+ * enforces the announced size, strictly consecutive offsets and the chunk size
+ * limit, and checks the digest before any byte is used.
+ */
+import { createHash } from 'node:crypto';
+import { endianness } from 'node:os';
+import { numel, type TensorMap } from './tensor.ts';
+
+export const DEFAULT_CHUNK_BYTES = 1 << 20;
+/** Largest chunk a receiver accepts by default (well under gRPC's 4 MiB message limit). */
+export const DEFAULT_MAX_CHUNK_BYTES = 2 << 20;
+
+export type WireDType = 'F32' | 'F16' | 'BF16' | 'F64';
+
+export interface TensorSpecEntry {
+  name: string;
+  dtype: WireDType;
+  shape: number[];
+}
+
+/** Why a stream was refused; maps onto gRPC status codes in the service layer. */
+export type ChunkErrorCode = 'RESOURCE_EXHAUSTED' | 'INVALID_ARGUMENT' | 'DATA_LOSS';
+
+export class ChunkError extends Error {
+  readonly code: ChunkErrorCode;
+  constructor(code: ChunkErrorCode, message: string) {
+    super(message);
+    this.name = 'ChunkError';
+    this.code = code;
+  }
+}
+
+if (endianness() !== 'LE') {
+  // Typed arrays use the host byte order; the wire format is little-endian.
+  throw new Error('fedtune: big-endian hosts are not supported (tensor streams are little-endian)');
+}
+
+export function sha256(bytes: Uint8Array): Uint8Array {
+  return new Uint8Array(createHash('sha256').update(bytes).digest());
+}
+
+export function hex(bytes: Uint8Array): string {
+  return Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength).toString('hex');
+}
+
+export function bytesEqual(a: Uint8Array, b: Uint8Array): boolean {
+  return a.byteLength === b.byteLength && Buffer.compare(a, b) === 0;
+}
+
+/** Manifest of a tensor map as it travels (float32). */
+export function manifestOf(m: TensorMap): TensorSpecEntry[] {
+  return [...m].map(([name, t]) => ({ name, dtype: 'F32' as const, shape: [...t.shape] }));
+}
+
+export function manifestBytes(manifest: readonly TensorSpecEntry[]): number {
+  let n = 0;
+  for (const e of manifest) n += numel(e.shape) * dtypeSize(e.dtype);
+  return n;
+}
+
+export function dtypeSize(d: WireDType): number {
+  return d === 'F64' ? 8 : d === 'F32' ? 4 : 2;
+}
+
+export interface PackedTensors {
+  manifest: TensorSpecEntry[];
+  bytes: Uint8Array;
+  sha256: Uint8Array;
+}
+
+/** Pack a tensor map into one float32 little-endian buffer plus its manifest and digest. */
+export function packTensorMap(m: TensorMap): PackedTensors {
+  const manifest = manifestOf(m);
+  const out = new Float32Array(manifestBytes(manifest) / 4);
+  let off = 0;
+  for (const t of m.values()) {
+    out.set(t.data, off); // Float64Array sources are converted element-wise
+    off += t.data.length;
+  }
+  const bytes = new Uint8Array(out.buffer);
+  return { manifest, bytes, sha256: sha256(bytes) };
+}
+
+/**
+ * View packed float32 bytes as a tensor map (no copy when `bytes` is 4-byte aligned).
+ * Throws ChunkError INVALID_ARGUMENT naming the problem when the manifest does not fit the bytes.
+ */
+export function unpackTensorMap(manifest: readonly TensorSpecEntry[], bytes: Uint8Array): TensorMap {
+  const need = manifestBytes(manifest);
+  if (need !== bytes.byteLength) {
+    throw new ChunkError('INVALID_ARGUMENT', `tensor stream: manifest describes ${need} bytes but ${bytes.byteLength} arrived`);
+  }
+  const aligned = bytes.byteOffset % 4 === 0 ? bytes : bytes.slice();
+  const all = new Float32Array(aligned.buffer, aligned.byteOffset, aligned.byteLength / 4);
+  const m: TensorMap = new Map();
+  let off = 0;
+  for (const e of manifest) {
+    if (e.dtype !== 'F32') {
+      throw new ChunkError('INVALID_ARGUMENT', `tensor ${e.name}: dtype ${e.dtype} is not supported (allowed: F32)`);
+    }
+    if (m.has(e.name)) throw new ChunkError('INVALID_ARGUMENT', `tensor ${e.name}: appears twice in the manifest`);
+    const n = numel(e.shape);
+    m.set(e.name, { shape: [...e.shape], data: all.subarray(off, off + n) });
+    off += n;
+  }
+  return m;
+}
+
+export interface ChunkSlice {
+  offset: number;
+  data: Uint8Array;
+}
+
+/** Consecutive slices of `bytes` of at most chunkBytes each (views, no copies). An empty buffer yields nothing. */
+export function* chunkSlices(bytes: Uint8Array, chunkBytes = DEFAULT_CHUNK_BYTES): Generator<ChunkSlice> {
+  if (!Number.isInteger(chunkBytes) || chunkBytes < 1) throw new Error(`chunkSlices: chunkBytes must be a positive integer (got ${chunkBytes})`);
+  for (let off = 0; off < bytes.byteLength; off += chunkBytes) {
+    yield { offset: off, data: bytes.subarray(off, Math.min(off + chunkBytes, bytes.byteLength)) };
+  }
+}
+
+/**
+ * Chunks of a tensor map's packed bytes without packing it first: whole chunks are
+ * views into the tensors' own memory, only chunks that straddle two tensors are
+ * copied. The SHA-256 is computed as the chunks go by; `sha256()` is valid once
+ * `chunks()` has been consumed to the end.
+ */
+export function streamTensorMap(m: TensorMap, chunkBytes = DEFAULT_CHUNK_BYTES): {
+  manifest: TensorSpecEntry[];
+  totalBytes: number;
+  chunks(): Generator<ChunkSlice>;
+  sha256(): Uint8Array;
+} {
+  if (!Number.isInteger(chunkBytes) || chunkBytes < 1) throw new Error(`streamTensorMap: chunkBytes must be a positive integer (got ${chunkBytes})`);
+  const manifest = manifestOf(m);
+  const totalBytes = manifestBytes(manifest);
+  const hash = createHash('sha256');
+  let digest: Uint8Array | null = null;
+  return {
+    manifest,
+    totalBytes,
+    *chunks() {
+      let offset = 0;
+      let pending: Uint8Array | null = null;
+      let fill = 0;
+      const emit = (data: Uint8Array): ChunkSlice => {
+        hash.update(data);
+        const c = { offset, data };
+        offset += data.byteLength;
+        return c;
+      };
+      for (const t of m.values()) {
+        const f32 = t.data instanceof Float32Array ? t.data : Float32Array.from(t.data);
+        let bytes = new Uint8Array(f32.buffer, f32.byteOffset, f32.byteLength);
+        while (bytes.byteLength > 0) {
+          if (pending === null && bytes.byteLength >= chunkBytes) {
+            yield emit(bytes.subarray(0, chunkBytes));
+            bytes = bytes.subarray(chunkBytes);
+            continue;
+          }
+          pending ??= new Uint8Array(chunkBytes);
+          const n = Math.min(chunkBytes - fill, bytes.byteLength);
+          pending.set(bytes.subarray(0, n), fill);
+          fill += n;
+          bytes = bytes.subarray(n);
+          if (fill === chunkBytes) {
+            yield emit(pending);
+            pending = null;
+            fill = 0;
+          }
+        }
+      }
+      if (pending !== null && fill > 0) yield emit(pending.subarray(0, fill));
+      digest = new Uint8Array(hash.digest());
+    },
+    sha256() {
+      if (!digest) throw new Error('streamTensorMap: sha256() before all chunks were consumed');
+      return digest;
+    },
+  };
+}
+
+/**
+ * Reassembles one chunked stream into a preallocated buffer, checking as it goes.
+ * Memory is the announced total, allocated once; a stream that ends early is simply
+ * dropped (nothing of it is ever handed on).
+ */
+export class ChunkAssembler {
+  readonly totalBytes: number;
+  readonly maxChunkBytes: number;
+  private readonly buf: Uint8Array;
+  private readonly hash = createHash('sha256');
+  private readonly what: string;
+  private received = 0;
+  private done = false;
+
+  constructor(opts: { totalBytes: number; maxChunkBytes?: number; maxTotalBytes?: number; what?: string }) {
+    const what = opts.what ?? 'stream';
+    if (!Number.isSafeInteger(opts.totalBytes) || opts.totalBytes < 0) {
+      throw new ChunkError('INVALID_ARGUMENT', `${what}: total_bytes must be a non-negative integer (got ${opts.totalBytes})`);
+    }
+    if (opts.maxTotalBytes !== undefined && opts.totalBytes > opts.maxTotalBytes) {
+      throw new ChunkError('RESOURCE_EXHAUSTED', `${what}: announces ${opts.totalBytes} bytes, more than the ${opts.maxTotalBytes} allowed`);
+    }
+    this.totalBytes = opts.totalBytes;
+    this.maxChunkBytes = opts.maxChunkBytes ?? DEFAULT_MAX_CHUNK_BYTES;
+    this.buf = new Uint8Array(opts.totalBytes);
+    this.what = what;
+  }
+
+  get receivedBytes(): number {
+    return this.received;
+  }
+
+  push(offset: number, data: Uint8Array): void {
+    if (this.done) throw new ChunkError('INVALID_ARGUMENT', `${this.what}: chunk after the trailer`);
+    if (data.byteLength > this.maxChunkBytes) {
+      throw new ChunkError('RESOURCE_EXHAUSTED', `${this.what}: chunk of ${data.byteLength} bytes exceeds the limit of ${this.maxChunkBytes} bytes per chunk`);
+    }
+    if (offset !== this.received) {
+      throw new ChunkError('INVALID_ARGUMENT', `${this.what}: chunk at offset ${offset}, expected offset ${this.received} (chunks must be consecutive)`);
+    }
+    if (this.received + data.byteLength > this.totalBytes) {
+      throw new ChunkError('RESOURCE_EXHAUSTED', `${this.what}: chunks exceed the announced ${this.totalBytes} bytes`);
+    }
+    this.buf.set(data, this.received);
+    this.hash.update(data);
+    this.received += data.byteLength;
+  }
+
+  /** Check the trailer against what arrived; returns the complete bytes. */
+  finish(trailer: { totalBytes: number; sha256: Uint8Array }): Uint8Array {
+    if (this.done) throw new ChunkError('INVALID_ARGUMENT', `${this.what}: second trailer`);
+    this.done = true;
+    if (trailer.totalBytes !== this.totalBytes || this.received !== this.totalBytes) {
+      throw new ChunkError(
+        'DATA_LOSS',
+        `${this.what}: incomplete: header announced ${this.totalBytes} bytes, trailer says ${trailer.totalBytes}, ${this.received} arrived`,
+      );
+    }
+    const digest = new Uint8Array(this.hash.digest());
+    if (!bytesEqual(digest, trailer.sha256)) {
+      throw new ChunkError('DATA_LOSS', `${this.what}: SHA-256 mismatch (sent ${hex(trailer.sha256) || '<empty>'}, computed ${hex(digest)})`);
+    }
+    return this.buf;
+  }
+}
+
+/** First non-finite element of a tensor map, or null. */
+export function findNonFinite(m: TensorMap): { name: string; index: number; value: number } | null {
+  for (const [name, t] of m) {
+    const d = t.data;
+    for (let i = 0; i < d.length; i++) {
+      const v = d[i]!;
+      if (!Number.isFinite(v)) return { name, index: i, value: v };
+    }
+  }
+  return null;
+}

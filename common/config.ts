@@ -1,0 +1,294 @@
+/**
+ * Run configuration: one YAML or JSON file describes a run (model, LoRA, local
+ * training, rounds, cohort, strategy, checkpoints, server, dashboard, events).
+ * Validated with zod; every error names the field path (and the line in YAML
+ * files), what is allowed and what was given. Keys are snake_case in files and
+ * in code alike, so what you read in a config is what the code uses.
+ */
+import { readFile } from 'node:fs/promises';
+import { extname } from 'node:path';
+import { LineCounter, parseDocument, isNode } from 'yaml';
+import { z } from 'zod';
+
+export const STRATEGIES = ['fedavg', 'fedavgm', 'fedadam', 'fedyogi'] as const;
+export const SCHEDULES = ['constant', 'linear', 'cosine'] as const;
+export type StrategyName = (typeof STRATEGIES)[number];
+
+const nameRe = /^[A-Za-z0-9][A-Za-z0-9._-]*$/;
+const listenRe = /^(\[[0-9a-fA-F:]+\]|[^\s:[\]]+):\d{1,5}$/;
+
+const positive = () => z.number().positive();
+const int = () => z.number().int();
+
+const trainingSchema = z
+  .strictObject({
+    steps: int().min(1).nullable().default(null),
+    epochs: positive().nullable().default(null),
+    batch_size: int().min(1).default(8),
+    grad_accumulation: int().min(1).default(1),
+    lr: positive().default(1e-3),
+    schedule: z.enum(SCHEDULES).default('constant'),
+    warmup_steps: int().min(0).default(0),
+    weight_decay: z.number().min(0).default(0),
+    max_grad_norm: z.number().min(0).default(1),
+    max_seq_len: int().min(8).max(1 << 20).default(256),
+    template: z.string().min(1).default('alpaca'),
+    seed: int().min(0).default(0),
+  })
+  .superRefine((t, ctx) => {
+    if ((t.steps === null) === (t.epochs === null)) {
+      ctx.addIssue({
+        code: 'custom',
+        path: t.steps === null ? ['steps'] : ['epochs'],
+        message: `set exactly one of steps or epochs (got ${t.steps === null ? 'neither' : 'both'})`,
+      });
+    }
+  });
+
+export const runConfigSchema = z
+  .strictObject({
+    name: z.string().regex(nameRe, 'must start with a letter or digit and contain only letters, digits, ".", "_" and "-"'),
+    mode: z.enum(['federated']).default('federated'),
+    model: z.strictObject({
+      /** Hugging Face model directory the coordinator reads the architecture from (and fingerprints). */
+      path: z.string().min(1),
+      /** Expected sha256 of the base model; workers with another fingerprint are refused. */
+      fingerprint: z.string().regex(/^[0-9a-f]{64}$/, 'must be 64 lowercase hex digits (sha256)').nullable().default(null),
+    }),
+    lora: z
+      .strictObject({
+        r: int().min(1).default(8),
+        alpha: positive().default(16),
+        dropout: z.number().min(0).lt(1).default(0),
+        target_modules: z.array(z.string().min(1)).min(1).default(['q_proj', 'v_proj']),
+      })
+      .prefault({}),
+    training: trainingSchema,
+    rounds: int().min(1),
+    cohort: z
+      .strictObject({
+        fraction: z.number().gt(0).max(1).default(1),
+        min_workers: int().min(1).default(1),
+        /** How long a round waits for min_workers to be connected before the run fails. */
+        wait_timeout_sec: positive().default(600),
+      })
+      .prefault({}),
+    round: z
+      .strictObject({
+        deadline_sec: positive().default(600),
+        min_results: int().min(1).default(1),
+        max_retries: int().min(0).default(3),
+      })
+      .prefault({}),
+    strategy: z.enum(STRATEGIES).default('fedavg'),
+    /** Server optimizer of fedavgm / fedadam / fedyogi (ignored by fedavg). */
+    server_optimizer: z
+      .strictObject({
+        lr: positive().default(1),
+        momentum: z.number().min(0).lt(1).default(0.9),
+        beta1: z.number().min(0).lt(1).default(0.9),
+        beta2: z.number().min(0).lt(1).default(0.99),
+        tau: positive().default(1e-3),
+      })
+      .prefault({}),
+    eval: z
+      .strictObject({
+        /** Evaluate the global adapter on the workers' eval splits every N rounds (0: never). */
+        every: int().min(0).default(1),
+        /** Also evaluate the initial adapter before round 1 (the baseline). */
+        initial: z.boolean().default(true),
+        deadline_sec: positive().default(300),
+      })
+      .prefault({}),
+    checkpoint: z.strictObject({ dir: z.string().min(1).default('checkpoints') }).prefault({}),
+    server: z
+      .strictObject({
+        listen: z.string().regex(listenRe, 'must be HOST:PORT, e.g. 127.0.0.1:7070 or 0.0.0.0:7070').default('127.0.0.1:7070'),
+        join_token: z.string().min(1, 'must not be empty'),
+        tls: z
+          .strictObject({ cert: z.string().min(1), key: z.string().min(1), client_ca: z.string().min(1).nullable().default(null) })
+          .nullable()
+          .default(null),
+        heartbeat_interval_ms: int().min(50).default(2000),
+        heartbeat_timeout_ms: int().min(100).default(15000),
+        chunk_bytes: int().min(1024).max(4 << 20).default(1 << 20),
+        max_chunk_bytes: int().min(1024).max(4 << 20).default(2 << 20),
+        max_concurrent_uploads: int().min(1).default(8),
+      }),
+    dashboard: z
+      .strictObject({
+        enabled: z.boolean().default(true),
+        host: z.string().min(1).default('127.0.0.1'),
+        port: int().min(0).max(65535).default(8080),
+        token: z.string().min(1).nullable().default(null),
+      })
+      .prefault({}),
+    events: z
+      .strictObject({
+        ring_size: int().min(16).default(10000),
+        /** Append every event to CHECKPOINT_DIR/<name>/events.jsonl. */
+        log: z.boolean().default(true),
+      })
+      .prefault({}),
+  })
+  .superRefine((c, ctx) => {
+    if (c.round.min_results > c.cohort.min_workers) {
+      ctx.addIssue({
+        code: 'custom',
+        path: ['round', 'min_results'],
+        message: `must not exceed cohort.min_workers (${c.cohort.min_workers}), or a round with the minimum cohort could never aggregate (got ${c.round.min_results})`,
+      });
+    }
+    if (c.server.max_chunk_bytes < c.server.chunk_bytes) {
+      ctx.addIssue({
+        code: 'custom',
+        path: ['server', 'max_chunk_bytes'],
+        message: `must be at least server.chunk_bytes (${c.server.chunk_bytes}) (got ${c.server.max_chunk_bytes})`,
+      });
+    }
+    if (c.server.heartbeat_timeout_ms <= c.server.heartbeat_interval_ms) {
+      ctx.addIssue({
+        code: 'custom',
+        path: ['server', 'heartbeat_timeout_ms'],
+        message: `must be larger than server.heartbeat_interval_ms (${c.server.heartbeat_interval_ms}) (got ${c.server.heartbeat_timeout_ms})`,
+      });
+    }
+  });
+
+export type RunConfig = z.output<typeof runConfigSchema>;
+export type RunConfigInput = z.input<typeof runConfigSchema>;
+
+export class RunConfigError extends Error {
+  readonly issues: string[];
+  constructor(source: string, issues: string[]) {
+    super(`run config ${source} is invalid:\n${issues.map((i) => `  - ${i}`).join('\n')}`);
+    this.name = 'RunConfigError';
+    this.issues = issues;
+  }
+}
+
+type Locate = (path: PropertyKey[]) => string;
+
+function show(v: unknown): string {
+  if (typeof v === 'string') return JSON.stringify(v);
+  if (v === undefined) return 'nothing';
+  const s = JSON.stringify(v);
+  return s === undefined ? String(v) : s.length > 60 ? `${s.slice(0, 57)}...` : s;
+}
+
+/** Field names the schema allows at a path (for "unknown field" errors). */
+function keysAt(path: PropertyKey[]): string[] {
+  let s: z.core.$ZodType = runConfigSchema;
+  const unwrap = (t: z.core.$ZodType): z.core.$ZodType => {
+    const def = t._zod.def as { innerType?: z.core.$ZodType };
+    return def.innerType ? unwrap(def.innerType) : t;
+  };
+  for (const key of path) {
+    const shape = (unwrap(s)._zod.def as { shape?: Record<string, z.core.$ZodType> }).shape;
+    const next = shape?.[String(key)];
+    if (!next) return [];
+    s = next;
+  }
+  return Object.keys((unwrap(s)._zod.def as { shape?: Record<string, unknown> }).shape ?? {});
+}
+
+function formatIssue(issue: z.core.$ZodIssue, locate: Locate): string {
+  const path = issue.path.map(String).join('.') || '(top level)';
+  const where = `${path}${locate(issue.path)}`;
+  const input = (issue as { input?: unknown }).input;
+  switch (issue.code) {
+    case 'invalid_value':
+      return `${where}: must be one of ${issue.values.map(String).join(', ')} (got ${show(input)})`;
+    case 'unrecognized_keys': {
+      const allowed = keysAt(issue.path);
+      return issue.keys
+        .map((k) => `${path === '(top level)' ? k : `${path}.${k}`}${locate([...issue.path, k])}: unknown field (allowed: ${allowed.join(', ')})`)
+        .join('; ');
+    }
+    case 'invalid_type':
+      if (input === undefined) return `${where}: is required (${issue.expected})`;
+      return `${where}: must be ${issue.expected === 'int' ? 'an integer' : `a ${issue.expected}`} (got ${show(input)})`;
+    case 'too_small':
+    case 'too_big': {
+      const m = issue.message.replace(/^Too (small|big): expected \w+ to /, '');
+      return `${where}: must ${m} (got ${show(input)})`;
+    }
+    case 'custom':
+      return `${where}: ${issue.message}`;
+    default:
+      return `${where}: ${issue.message}${input !== undefined ? ` (got ${show(input)})` : ''}`;
+  }
+}
+
+/** Validate an already parsed config object. `source` names it in errors (a file path). */
+export function parseRunConfig(raw: unknown, source = 'config', locate: Locate = () => ''): RunConfig {
+  const r = runConfigSchema.safeParse(raw, { reportInput: true });
+  if (!r.success) throw new RunConfigError(source, r.error.issues.map((i) => formatIssue(i, locate)));
+  return r.data;
+}
+
+export interface ConfigOverrides {
+  /** Replaces server.join_token (from --token or FEDTUNE_JOIN_TOKEN). */
+  joinToken?: string;
+  /** Replaces server.listen. */
+  listen?: string;
+  /** Replaces checkpoint.dir. */
+  checkpointDir?: string;
+}
+
+/** Read, parse (YAML or JSON by extension; .yml/.yaml/.json) and validate a run config file. */
+export async function loadRunConfig(path: string, overrides: ConfigOverrides = {}): Promise<RunConfig> {
+  let text: string;
+  try {
+    text = await readFile(path, 'utf8');
+  } catch (err) {
+    throw new Error(`run config ${path}: cannot read it (${(err as NodeJS.ErrnoException).code ?? String(err)})`);
+  }
+  const ext = extname(path).toLowerCase();
+  let raw: unknown;
+  let locate: Locate = () => '';
+  if (ext === '.json') {
+    try {
+      raw = JSON.parse(text);
+    } catch (err) {
+      throw new Error(`run config ${path}: not valid JSON: ${(err as Error).message}`);
+    }
+  } else if (ext === '.yaml' || ext === '.yml') {
+    const lineCounter = new LineCounter();
+    const doc = parseDocument(text, { lineCounter, prettyErrors: true });
+    if (doc.errors.length > 0) {
+      throw new Error(`run config ${path}: not valid YAML: ${doc.errors[0]!.message}`);
+    }
+    raw = doc.toJS();
+    locate = (p) => {
+      for (let n = p.length; n > 0; n--) {
+        const node = doc.getIn(p.slice(0, n) as unknown[], true);
+        if (isNode(node) && node.range) return ` (line ${lineCounter.linePos(node.range[0]).line})`;
+      }
+      return '';
+    };
+  } else {
+    throw new Error(`run config ${path}: unknown file type "${ext || '(none)'}" (allowed: .yaml, .yml, .json)`);
+  }
+  if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) {
+    throw new RunConfigError(path, ['(top level): must be a mapping of fields (name, model, lora, training, rounds, ...)']);
+  }
+  const obj = raw as Record<string, unknown>;
+  const server = (typeof obj.server === 'object' && obj.server !== null ? obj.server : (obj.server = {})) as Record<string, unknown>;
+  const token = overrides.joinToken ?? (server.join_token === undefined ? process.env.FEDTUNE_JOIN_TOKEN : undefined);
+  if (token !== undefined) server.join_token = token;
+  if (overrides.listen !== undefined) server.listen = overrides.listen;
+  if (overrides.checkpointDir !== undefined) {
+    const ck = (typeof obj.checkpoint === 'object' && obj.checkpoint !== null ? obj.checkpoint : (obj.checkpoint = {})) as Record<string, unknown>;
+    ck.dir = overrides.checkpointDir;
+  }
+  return parseRunConfig(obj, path, locate);
+}
+
+/** Split "HOST:PORT" (IPv6 in brackets) into parts. */
+export function parseHostPort(s: string, what = 'address'): { host: string; port: number } {
+  const m = /^(\[[0-9a-fA-F:]+\]|[^\s:[\]]+):(\d{1,5})$/.exec(s);
+  const port = m ? Number(m[2]) : NaN;
+  if (!m || port > 65535) throw new Error(`${what}: must be HOST:PORT with a port 0-65535 (got "${s}")`);
+  return { host: m[1]!.replace(/^\[|\]$/g, ''), port };
+}

@@ -1,0 +1,172 @@
+/**
+ * The coordinator process, composed: base model and initial (or resumed) global
+ * adapter, event bus, checkpoint store, strategy, round loop, gRPC server.
+ *
+ *   const c = await startCoordinator(cfg, { resume: true });
+ *   console.log(c.address);          // 127.0.0.1:7070
+ *   const result = await c.run;      // the run's outcome
+ *   await c.close();
+ */
+import { readFile } from 'node:fs/promises';
+import * as grpc from '@grpc/grpc-js';
+import { parseHostPort, type RunConfig } from '../common/config.ts';
+import { logger } from '../common/log.ts';
+import type { TensorMap } from '../common/tensor.ts';
+import { CoordinatorService } from '../proto/gen/fedtune/v1/coordinator.ts';
+import { initLoraAdapter, loraTargets, validateAdapter } from '../worker/engine/lora.ts';
+import { loadModel } from '../worker/engine/model.ts';
+import type { LoraConfig } from '../worker/engine/config.ts';
+import type { EventBus } from './events/bus.ts';
+import { MemoryBus } from './events/memory.ts';
+import { FederatedRun, type RunResult } from './run.ts';
+import { createCoordinatorService } from './service.ts';
+import { createStrategy } from './strategies/strategy.ts';
+import { CheckpointStore, newRunState, SERVER_OPTIMIZER_FILE, type RunStateFile } from './store.ts';
+import { WorkerRegistry } from './workers.ts';
+
+const log = logger('coordinator');
+
+export interface CoordinatorOptions {
+  /** Continue after the last complete round in CHECKPOINT_DIR/<name>. */
+  resume?: boolean;
+  /** Event bus to publish to (default: a MemoryBus logging to the run directory). */
+  bus?: EventBus;
+}
+
+export interface CoordinatorHandle {
+  /** HOST:PORT the gRPC server listens on (the real port when the config says 0). */
+  address: string;
+  port: number;
+  runId: string;
+  /** CHECKPOINT_DIR/<name> */
+  runDir: string;
+  bus: EventBus;
+  /** Settles when the run completes, fails or is stopped (never rejects). */
+  run: Promise<RunResult>;
+  /** Stop the run (if still going), tell workers, shut the server down, close an owned bus. */
+  close(): Promise<void>;
+}
+
+async function serverCredentials(cfg: RunConfig): Promise<grpc.ServerCredentials> {
+  const tls = cfg.server.tls;
+  if (!tls) return grpc.ServerCredentials.createInsecure();
+  const read = async (what: string, path: string): Promise<Buffer> => {
+    try {
+      return await readFile(path);
+    } catch (err) {
+      throw new Error(`server.tls.${what}: cannot read ${path} (${(err as NodeJS.ErrnoException).code ?? String(err)})`);
+    }
+  };
+  const cert = await read('cert', tls.cert);
+  const key = await read('key', tls.key);
+  const ca = tls.client_ca ? await read('client_ca', tls.client_ca) : null;
+  return grpc.ServerCredentials.createSsl(ca, [{ cert_chain: cert, private_key: key }], ca !== null);
+}
+
+export async function startCoordinator(cfg: RunConfig, opts: CoordinatorOptions = {}): Promise<CoordinatorHandle> {
+  // Base model: the architecture for the adapter's shapes, and the fingerprint workers must match.
+  const model = await loadModel(cfg.model.path);
+  if (cfg.model.fingerprint && cfg.model.fingerprint !== model.fingerprint) {
+    throw new Error(
+      `model.fingerprint: ${cfg.model.path} has fingerprint ${model.fingerprint}, the config expects ${cfg.model.fingerprint}`,
+    );
+  }
+  const lora: LoraConfig = { r: cfg.lora.r, alpha: cfg.lora.alpha, dropout: cfg.lora.dropout, targetModules: [...cfg.lora.target_modules] };
+  let targets;
+  try {
+    targets = loraTargets(model.config, lora);
+  } catch (err) {
+    throw new Error(`lora: ${(err as Error).message}`);
+  }
+  const store = new CheckpointStore({
+    root: cfg.checkpoint.dir,
+    runName: cfg.name,
+    lora,
+    baseModel: cfg.model.path,
+    fanInFanOut: targets.some((t) => t.conv1d),
+  });
+  await store.cleanTemp();
+  const strategy = createStrategy(cfg);
+
+  // Global adapter: resumed from the last complete round, or fresh (round 0 is checkpointed too).
+  let global: TensorMap;
+  let state: RunStateFile;
+  const latest = await store.latest();
+  let resumed = false;
+  if (latest && !opts.resume) {
+    throw new Error(
+      `${store.runDir} already holds checkpoints up to round ${latest.round}: pass --resume to continue that run, or change name / checkpoint.dir to start a new one`,
+    );
+  }
+  if (latest) {
+    if (latest.state.modelFingerprint !== model.fingerprint) {
+      throw new Error(`cannot resume ${store.runDir}: it was trained on base model ${latest.state.modelFingerprint}, ${cfg.model.path} is ${model.fingerprint}`);
+    }
+    global = await store.loadAdapter(latest.dir);
+    try {
+      validateAdapter(global, targets, cfg.lora.r);
+    } catch (err) {
+      throw new Error(`cannot resume from ${latest.dir}: the adapter does not fit the config's lora section: ${(err as Error).message}`);
+    }
+    await strategy.load(`${latest.dir}/${SERVER_OPTIMIZER_FILE}`);
+    state = latest.state;
+    resumed = true;
+    log.info({ round: latest.round, dir: latest.dir }, 'resuming after the last complete round');
+  } else {
+    if (opts.resume) log.warn({ runDir: store.runDir }, '--resume given but no checkpoint exists yet: starting the run from round 0');
+    global = initLoraAdapter(targets, cfg.lora.r, cfg.training.seed);
+    state = newRunState(cfg, model.fingerprint);
+    await store.write(state, global);
+  }
+
+  const ownBus = opts.bus === undefined;
+  const bus = opts.bus ?? new MemoryBus({ ringSize: cfg.events.ring_size, ...(cfg.events.log ? { logDir: store.runDir } : {}) });
+  const registry = new WorkerRegistry(cfg.server.heartbeat_timeout_ms);
+  const run = new FederatedRun({ cfg, bus, registry, store, strategy, global, state, resumed });
+  registry.listener = run;
+
+  const server = new grpc.Server({ 'grpc.keepalive_permit_without_calls': 1, 'grpc.http2.min_ping_interval_without_data_ms': 5000 });
+  server.addService(CoordinatorService, createCoordinatorService({ cfg, run, registry, modelFingerprint: model.fingerprint }));
+  const { host } = parseHostPort(cfg.server.listen, 'server.listen');
+  const creds = await serverCredentials(cfg);
+  const port = await new Promise<number>((resolve, reject) =>
+    server.bindAsync(cfg.server.listen, creds, (err, p) =>
+      err ? reject(new Error(`server.listen: cannot listen on ${cfg.server.listen}: ${err.message}`)) : resolve(p),
+    ),
+  );
+  registry.startSweeper(Math.min(1000, cfg.server.heartbeat_interval_ms));
+  const address = `${host.includes(':') ? `[${host}]` : host}:${port}`;
+  log.info({ address, run: cfg.name, tls: cfg.server.tls !== null, fingerprint: model.fingerprint }, 'coordinator listening');
+
+  let closed = false;
+  const runPromise = run.run().then((result) => {
+    registry.close({ body: { $case: 'finished', value: { state: result.state, message: result.error ?? '' } } }, `run ${result.state}`);
+    return result;
+  });
+
+  return {
+    address,
+    port,
+    runId: run.runId,
+    runDir: store.runDir,
+    bus,
+    run: runPromise,
+    async close() {
+      if (closed) return;
+      closed = true;
+      run.stop();
+      await runPromise;
+      await new Promise<void>((resolve) => {
+        const t = setTimeout(() => {
+          server.forceShutdown();
+          resolve();
+        }, 2000);
+        server.tryShutdown(() => {
+          clearTimeout(t);
+          resolve();
+        });
+      });
+      if (ownBus) await bus.close();
+    },
+  };
+}

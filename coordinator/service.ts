@@ -1,0 +1,326 @@
+/**
+ * The gRPC Coordinator service (proto/fedtune/v1/coordinator.proto), kept thin:
+ * authenticate, move bytes in checked chunks, and hand what arrived to the
+ * registry (workers.ts) and the round loop (run.ts).
+ */
+import { timingSafeEqual } from 'node:crypto';
+import * as grpc from '@grpc/grpc-js';
+import {
+  ChunkAssembler,
+  ChunkError,
+  chunkSlices,
+  manifestBytes,
+  type TensorSpecEntry,
+  type WireDType,
+} from '../common/chunks.ts';
+import type { RunConfig } from '../common/config.ts';
+import { logger } from '../common/log.ts';
+import {
+  WorkerStatus,
+  type CoordinatorServer,
+  type DownloadMessage,
+  type DownloadRequest,
+  type RegisterRequest,
+  type RegisterResponse,
+  type RunInfo,
+  type RunInfoRequest,
+  type UploadAck,
+  type UploadHeader,
+  type UploadMessage,
+  type WorkerMessage,
+} from '../proto/gen/fedtune/v1/coordinator.ts';
+import { DType, type TensorManifest } from '../proto/gen/fedtune/v1/tensors.ts';
+import { UpdateRejected, trainingSpecOf, type FederatedRun } from './run.ts';
+import type { SessionStream, WorkerRecord, WorkerRegistry } from './workers.ts';
+
+const log = logger('coordinator.service');
+
+export const PROTOCOL_VERSION = 1;
+export const WORKER_ID_HEADER = 'fedtune-worker-id';
+export const SESSION_KEY_HEADER = 'fedtune-session-key';
+
+export const DTYPE_NAMES: Record<number, WireDType | undefined> = {
+  [DType.DTYPE_F32]: 'F32',
+  [DType.DTYPE_F16]: 'F16',
+  [DType.DTYPE_BF16]: 'BF16',
+  [DType.DTYPE_F64]: 'F64',
+};
+export const DTYPE_OF: Record<WireDType, DType> = { F32: DType.DTYPE_F32, F16: DType.DTYPE_F16, BF16: DType.DTYPE_BF16, F64: DType.DTYPE_F64 };
+
+export function toWireManifest(m: readonly TensorSpecEntry[]): TensorManifest {
+  return { tensors: m.map((e) => ({ name: e.name, dtype: DTYPE_OF[e.dtype], shape: [...e.shape] })) };
+}
+
+export function fromWireManifest(m: TensorManifest): TensorSpecEntry[] {
+  return m.tensors.map((t, i) => {
+    const dtype = DTYPE_NAMES[t.dtype];
+    if (!dtype) throw new UpdateRejected('INVALID_ARGUMENT', `tensor ${t.name || `#${i}`}: unknown dtype ${t.dtype} (allowed: DTYPE_F32)`);
+    return { name: t.name, dtype, shape: t.shape.map(Number) };
+  });
+}
+
+/** A gRPC error with a status code and a message the peer sees. */
+export function grpcError(code: grpc.status, details: string): grpc.ServiceError {
+  const e = new Error(details) as grpc.ServiceError;
+  e.code = code;
+  e.details = details;
+  e.metadata = new grpc.Metadata();
+  return e;
+}
+
+function statusOf(err: unknown): grpc.ServiceError {
+  if (err instanceof UpdateRejected || err instanceof ChunkError) return grpcError(grpc.status[err.code], err.message);
+  if (typeof err === 'object' && err !== null && 'code' in err && typeof (err as { code: unknown }).code === 'number') return err as grpc.ServiceError;
+  return grpcError(grpc.status.INTERNAL, err instanceof Error ? err.message : String(err));
+}
+
+export interface ServiceContext {
+  cfg: RunConfig;
+  run: FederatedRun;
+  registry: WorkerRegistry;
+  modelFingerprint: string;
+}
+
+const STATUS_NAMES: Record<number, string> = {
+  [WorkerStatus.WORKER_STATUS_IDLE]: 'idle',
+  [WorkerStatus.WORKER_STATUS_FETCHING]: 'fetching',
+  [WorkerStatus.WORKER_STATUS_TRAINING]: 'training',
+  [WorkerStatus.WORKER_STATUS_UPLOADING]: 'uploading',
+  [WorkerStatus.WORKER_STATUS_EVALUATING]: 'evaluating',
+};
+
+/** Limits concurrently buffered uploads (each holds one adapter's bytes until it is checked). */
+class Semaphore {
+  private queue: Array<() => void> = [];
+  constructor(private free: number) {}
+  async acquire(): Promise<() => void> {
+    if (this.free > 0) this.free--;
+    else await new Promise<void>((r) => this.queue.push(r));
+    let released = false;
+    return () => {
+      if (released) return;
+      released = true;
+      const next = this.queue.shift();
+      if (next) next();
+      else this.free++;
+    };
+  }
+}
+
+export function createCoordinatorService(ctx: ServiceContext): CoordinatorServer {
+  const { cfg, registry } = ctx;
+  const token = Buffer.from(cfg.server.join_token);
+  const uploads = new Semaphore(cfg.server.max_concurrent_uploads);
+
+  const checkToken = (given: string): boolean => {
+    const g = Buffer.from(given);
+    return g.length === token.length && timingSafeEqual(g, token);
+  };
+
+  const runInfo = (): RunInfo => ({
+    runId: ctx.run.runId,
+    runName: cfg.name,
+    mode: cfg.mode,
+    modelFingerprint: ctx.modelFingerprint,
+    training: trainingSpecOf(cfg),
+    protocolVersion: PROTOCOL_VERSION,
+  });
+
+  const authenticate = (md: grpc.Metadata): WorkerRecord => {
+    const id = String(md.get(WORKER_ID_HEADER)[0] ?? '');
+    const key = String(md.get(SESSION_KEY_HEADER)[0] ?? '');
+    const w = id && key ? registry.authenticate(id, key) : null;
+    if (!w) {
+      throw grpcError(
+        grpc.status.UNAUTHENTICATED,
+        id ? `worker ${id} is not registered with this coordinator (or its session ended): register again` : `missing ${WORKER_ID_HEADER} / ${SESSION_KEY_HEADER} metadata: call Register first`,
+      );
+    }
+    return w;
+  };
+
+  return {
+    getRunInfo(call: grpc.ServerUnaryCall<RunInfoRequest, RunInfo>, cb: grpc.sendUnaryData<RunInfo>) {
+      if (!checkToken(call.request.joinToken)) return cb(grpcError(grpc.status.UNAUTHENTICATED, 'join token rejected: check --token against server.join_token of the run'));
+      cb(null, runInfo());
+    },
+
+    register(call: grpc.ServerUnaryCall<RegisterRequest, RegisterResponse>, cb: grpc.sendUnaryData<RegisterResponse>) {
+      const req = call.request;
+      const peer = call.getPeer();
+      if (!checkToken(req.joinToken)) {
+        log.warn({ peer, site: req.site }, 'registration refused: bad join token');
+        return cb(grpcError(grpc.status.UNAUTHENTICATED, 'join token rejected: check --token against server.join_token of the run'));
+      }
+      const caps = req.capabilities;
+      if (!req.site.trim()) return cb(grpcError(grpc.status.INVALID_ARGUMENT, 'site: must not be empty (pass --name SITE)'));
+      if (!caps) return cb(grpcError(grpc.status.INVALID_ARGUMENT, 'capabilities: missing'));
+      if (ctx.modelFingerprint && caps.modelFingerprint !== ctx.modelFingerprint) {
+        const msg =
+          `base model fingerprint mismatch: worker "${req.site}" has ${caps.modelFingerprint || '(none)'}, ` +
+          `run "${cfg.name}" expects ${ctx.modelFingerprint}; the worker must load the same base model (same config and weights)`;
+        log.warn({ peer, site: req.site }, msg);
+        return cb(grpcError(grpc.status.FAILED_PRECONDITION, msg));
+      }
+      const w = registry.add({
+        site: req.site.trim(),
+        device: caps.device || 'unknown',
+        memoryBytes: caps.memoryBytes,
+        backends: [...caps.backends],
+        numTrainExamples: caps.numTrainExamples,
+        numEvalExamples: caps.numEvalExamples,
+        client: caps.client,
+      });
+      log.info({ worker: w.workerId, site: w.site, device: w.device, peer, train: w.numTrainExamples, eval: w.numEvalExamples }, 'worker registered');
+      cb(null, {
+        workerId: w.workerId,
+        sessionKey: w.sessionKey.toString('hex'),
+        runId: ctx.run.runId,
+        heartbeatIntervalMs: cfg.server.heartbeat_interval_ms,
+        chunkBytes: cfg.server.chunk_bytes,
+        maxChunkBytes: cfg.server.max_chunk_bytes,
+      });
+    },
+
+    session(call: SessionStream) {
+      let w: WorkerRecord;
+      try {
+        w = authenticate(call.metadata);
+      } catch (err) {
+        call.emit('error', statusOf(err));
+        return;
+      }
+      registry.attach(w, call);
+      registry.send(w, { body: { $case: 'accepted', value: { workerId: w.workerId, heartbeatIntervalMs: cfg.server.heartbeat_interval_ms } } });
+      call.on('data', (msg: WorkerMessage) => {
+        if (!w.alive) return;
+        registry.touch(w);
+        const b = msg.body;
+        if (!b) return; // a case this build does not know (a newer worker): ignored
+        switch (b.$case) {
+          case 'heartbeat': {
+            const status = STATUS_NAMES[b.value.status] ?? 'unknown';
+            registry.touch(w, status);
+            ctx.run.onHeartbeat(w, status);
+            break;
+          }
+          case 'progress':
+            ctx.run.onProgress(w, b.value);
+            break;
+          case 'taskFailed':
+            ctx.run.onTaskFailed(w, b.value);
+            break;
+          case 'evalResult':
+            ctx.run.onEvalResult(w, b.value);
+            break;
+        }
+      });
+      const gone = (reason: string) => () => {
+        if (w.stream === call) registry.detach(w, reason);
+      };
+      call.on('end', gone('session closed by the worker'));
+      call.on('cancelled', gone('session cancelled (connection lost)'));
+      call.on('error', (err: Error) => gone(`session error: ${err.message}`)());
+    },
+
+    download(call: grpc.ServerWritableStream<DownloadRequest, DownloadMessage>) {
+      void (async () => {
+        const w = authenticate(call.metadata);
+        const target = call.request.target;
+        if (target?.$case !== 'adapterVersion') {
+          throw grpcError(grpc.status.UNIMPLEMENTED, `download of ${target?.$case ?? 'nothing'} is not served in federated mode (allowed: adapter_version)`);
+        }
+        const packed = ctx.run.adapterVersion(target.value);
+        if (!packed) {
+          throw grpcError(grpc.status.NOT_FOUND, `global adapter version ${target.value} is not available (current: ${ctx.run.globalVersion})`);
+        }
+        const chunk = cfg.server.chunk_bytes;
+        const write = (m: DownloadMessage): Promise<void> =>
+          new Promise((resolve) => {
+            if (call.write(m)) resolve();
+            else call.once('drain', resolve);
+          });
+        await write({ body: { $case: 'header', value: { totalBytes: packed.bytes.byteLength, chunkBytes: chunk, content: { $case: 'tensors', value: toWireManifest(packed.manifest) } } } });
+        for (const c of chunkSlices(packed.bytes, chunk)) {
+          if (call.cancelled) return;
+          await write({ body: { $case: 'chunk', value: { offset: c.offset, data: c.data } } });
+        }
+        await write({ body: { $case: 'trailer', value: { totalBytes: packed.bytes.byteLength, sha256: packed.sha256 } } });
+        call.end();
+        ctx.run.onDownloaded(w, packed.bytes.byteLength);
+      })().catch((err: unknown) => call.emit('error', statusOf(err)));
+    },
+
+    upload(call: grpc.ServerReadableStream<UploadMessage, UploadAck>, cb: grpc.sendUnaryData<UploadAck>) {
+      void (async () => {
+        let w: WorkerRecord;
+        try {
+          w = authenticate(call.metadata);
+        } catch (err) {
+          return cb(statusOf(err));
+        }
+        const release = await uploads.acquire();
+        let header: UploadHeader | null = null;
+        let task: ReturnType<FederatedRun['beginUpdate']> | null = null;
+        let asm: ChunkAssembler | null = null;
+        let replied = false;
+        const reply = (err: grpc.ServiceError | null, ack?: UploadAck): void => {
+          if (replied) return;
+          replied = true;
+          release();
+          if (err) cb(err);
+          else cb(null, ack);
+        };
+        const reject = (err: unknown): void => {
+          const status = statusOf(err);
+          if (task) ctx.run.abandonUpdate(task);
+          ctx.run.rejectUpdate(w, header, status.details);
+          reply(status);
+        };
+        call.on('cancelled', () => {
+          if (!replied) {
+            log.warn({ worker: w.workerId, task: header?.taskId, received: asm?.receivedBytes ?? 0 }, 'upload broke off; partial update discarded');
+            if (task) ctx.run.abandonUpdate(task);
+            replied = true;
+            release();
+          }
+        });
+        try {
+          for await (const msg of call as AsyncIterable<UploadMessage>) {
+            const b = msg.body;
+            if (!b) throw new UpdateRejected('INVALID_ARGUMENT', 'empty upload message');
+            if (b.$case === 'header') {
+              if (header) throw new UpdateRejected('INVALID_ARGUMENT', 'second upload header in one stream');
+              header = b.value;
+              const s = header.stream;
+              if (!s || s.content?.$case !== 'tensors') throw new UpdateRejected('INVALID_ARGUMENT', 'upload header: stream must describe tensors (stream.tensors)');
+              const manifest = fromWireManifest(s.content.value);
+              task = ctx.run.beginUpdate(w, header, manifest);
+              const want = manifestBytes(manifest);
+              if (s.totalBytes !== want) throw new UpdateRejected('INVALID_ARGUMENT', `stream.total_bytes is ${s.totalBytes}, the manifest needs ${want}`);
+              asm = new ChunkAssembler({ totalBytes: want, maxChunkBytes: cfg.server.max_chunk_bytes, what: `upload of task ${header.taskId}` });
+            } else if (!header || !asm || !task) {
+              throw new UpdateRejected('INVALID_ARGUMENT', `upload must start with a header (got ${b.$case})`);
+            } else if (b.$case === 'chunk') {
+              asm.push(b.value.offset, b.value.data);
+            } else {
+              const bytes = asm.finish(b.value);
+              ctx.run.acceptUpdate(w, task, header, bytes);
+              reply(null, { taskId: header.taskId, bytes: bytes.byteLength });
+              return;
+            }
+          }
+          if (!replied) {
+            // The client half-closed without a trailer.
+            if (task) ctx.run.abandonUpdate(task);
+            log.warn({ worker: w.workerId, task: header?.taskId }, 'upload ended without a trailer; partial update discarded');
+            reply(grpcError(grpc.status.DATA_LOSS, `upload ended after ${asm?.receivedBytes ?? 0} bytes without a trailer; nothing was used`));
+          }
+        } catch (err) {
+          if (!replied && !call.cancelled) reject(err);
+          else if (!replied) reply(statusOf(err));
+        }
+      })();
+    },
+  };
+}

@@ -1,0 +1,125 @@
+import { createHash } from 'node:crypto';
+import { describe, expect, it } from 'vitest';
+import {
+  ChunkAssembler,
+  ChunkError,
+  chunkSlices,
+  findNonFinite,
+  packTensorMap,
+  streamTensorMap,
+  unpackTensorMap,
+} from '../../common/chunks.ts';
+import type { TensorMap } from '../../common/tensor.ts';
+
+function sample(): TensorMap {
+  const m: TensorMap = new Map();
+  m.set('a.lora_A.weight', { shape: [2, 3], data: Float32Array.from([1, -2, 3.5, 0, 1e-7, -1e30]) });
+  m.set('a.lora_B.weight', { shape: [3, 2], data: Float64Array.from([0.25, 0.5, 0.75, 1, 1.25, 1.5]) });
+  return m;
+}
+
+function assemble(bytes: Uint8Array, chunk: number, maxChunk = 1 << 20): Uint8Array {
+  const asm = new ChunkAssembler({ totalBytes: bytes.byteLength, maxChunkBytes: maxChunk });
+  for (const c of chunkSlices(bytes, chunk)) asm.push(c.offset, c.data);
+  return asm.finish({ totalBytes: bytes.byteLength, sha256: createHash('sha256').update(bytes).digest() });
+}
+
+describe('tensor packing', () => {
+  it('round-trips names, shapes and float32 values, little-endian, in manifest order', () => {
+    const p = packTensorMap(sample());
+    expect(p.manifest).toEqual([
+      { name: 'a.lora_A.weight', dtype: 'F32', shape: [2, 3] },
+      { name: 'a.lora_B.weight', dtype: 'F32', shape: [3, 2] },
+    ]);
+    expect(p.bytes.byteLength).toBe(48);
+    const dv = new DataView(p.bytes.buffer, p.bytes.byteOffset);
+    expect(dv.getFloat32(4, true)).toBe(-2);
+    expect(dv.getFloat32(24, true)).toBe(0.25);
+    expect(Buffer.from(p.sha256).toString('hex')).toBe(createHash('sha256').update(p.bytes).digest('hex'));
+    const back = unpackTensorMap(p.manifest, assemble(p.bytes, 7));
+    expect([...back.keys()]).toEqual(['a.lora_A.weight', 'a.lora_B.weight']);
+    expect([...back.get('a.lora_A.weight')!.data]).toEqual([...Float32Array.from([1, -2, 3.5, 0, 1e-7, -1e30])]);
+    expect([...back.get('a.lora_B.weight')!.data]).toEqual([0.25, 0.5, 0.75, 1, 1.25, 1.5]);
+  });
+
+  it('streams the same bytes and digest as packing, for chunks inside and across tensors', () => {
+    const m = sample();
+    const p = packTensorMap(m);
+    for (const size of [1, 4, 5, 24, 25, 48, 100]) {
+      const s = streamTensorMap(m, size);
+      expect(s.totalBytes).toBe(48);
+      expect(s.manifest).toEqual(p.manifest);
+      const parts = [...s.chunks()];
+      expect(parts.every((c, i) => c.offset === i * size && c.data.byteLength === Math.min(size, 48 - c.offset))).toBe(true);
+      expect(Buffer.concat(parts.map((c) => c.data))).toEqual(Buffer.from(p.bytes));
+      expect(Buffer.from(s.sha256())).toEqual(Buffer.from(p.sha256));
+    }
+    expect(() => streamTensorMap(m, 8).sha256()).toThrow(/before all chunks were consumed/);
+  });
+
+  it('refuses a manifest that does not fit the bytes or has a non-F32 dtype', () => {
+    const p = packTensorMap(sample());
+    expect(() => unpackTensorMap(p.manifest.slice(1), p.bytes)).toThrow(/manifest describes 24 bytes but 48 arrived/);
+    expect(() => unpackTensorMap([{ name: 'x', dtype: 'F64', shape: [6] }], p.bytes)).toThrow(/dtype F64 is not supported/);
+  });
+
+  it('cuts chunks of the requested size, the last one shorter', () => {
+    const sizes = [...chunkSlices(new Uint8Array(10), 4)].map((c) => [c.offset, c.data.byteLength]);
+    expect(sizes).toEqual([[0, 4], [4, 4], [8, 2]]);
+    expect([...chunkSlices(new Uint8Array(0), 4)]).toEqual([]);
+  });
+
+  it('finds the first non-finite value', () => {
+    const m = sample();
+    expect(findNonFinite(m)).toBeNull();
+    m.get('a.lora_B.weight')!.data[4] = NaN;
+    expect(findNonFinite(m)).toMatchObject({ name: 'a.lora_B.weight', index: 4 });
+  });
+});
+
+describe('ChunkAssembler', () => {
+  const bytes = Uint8Array.from({ length: 100 }, (_, i) => i);
+  const digest = createHash('sha256').update(bytes).digest();
+
+  it('reassembles any chunking of the stream', () => {
+    for (const size of [1, 3, 64, 100, 1000]) expect([...assemble(bytes, size)]).toEqual([...bytes]);
+  });
+
+  const codeOf = (f: () => unknown): string => {
+    try {
+      f();
+    } catch (err) {
+      expect(err).toBeInstanceOf(ChunkError);
+      return `${(err as ChunkError).code}: ${(err as Error).message}`;
+    }
+    throw new Error('expected a ChunkError');
+  };
+
+  it('refuses an oversized chunk with RESOURCE_EXHAUSTED', () => {
+    const asm = new ChunkAssembler({ totalBytes: 100, maxChunkBytes: 16 });
+    expect(codeOf(() => asm.push(0, bytes.subarray(0, 17)))).toMatch(/^RESOURCE_EXHAUSTED: .*17 bytes exceeds the limit of 16/);
+  });
+
+  it('refuses more bytes than announced, and an announced total over the limit', () => {
+    const asm = new ChunkAssembler({ totalBytes: 10 });
+    expect(codeOf(() => asm.push(0, bytes.subarray(0, 11)))).toMatch(/^RESOURCE_EXHAUSTED: .*exceed the announced 10 bytes/);
+    expect(codeOf(() => new ChunkAssembler({ totalBytes: 1000, maxTotalBytes: 999 }))).toMatch(/^RESOURCE_EXHAUSTED/);
+  });
+
+  it('refuses gaps and reordering', () => {
+    const asm = new ChunkAssembler({ totalBytes: 100 });
+    asm.push(0, bytes.subarray(0, 10));
+    expect(codeOf(() => asm.push(20, bytes.subarray(20, 30)))).toMatch(/^INVALID_ARGUMENT: .*offset 20, expected offset 10/);
+  });
+
+  it('refuses a short stream and a wrong digest with DATA_LOSS', () => {
+    const short = new ChunkAssembler({ totalBytes: 100 });
+    short.push(0, bytes.subarray(0, 50));
+    expect(codeOf(() => short.finish({ totalBytes: 100, sha256: digest }))).toMatch(/^DATA_LOSS: .*50 arrived/);
+    const bad = new ChunkAssembler({ totalBytes: 100 });
+    const flipped = bytes.slice();
+    flipped[7] ^= 1;
+    bad.push(0, flipped);
+    expect(codeOf(() => bad.finish({ totalBytes: 100, sha256: digest }))).toMatch(/^DATA_LOSS: .*SHA-256 mismatch/);
+  });
+});

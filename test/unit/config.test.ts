@@ -1,0 +1,92 @@
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { describe, expect, it, onTestFinished } from 'vitest';
+import { loadRunConfig, parseHostPort, parseRunConfig, RunConfigError } from '../../common/config.ts';
+
+const base = () => ({ name: 'demo', model: { path: 'm' }, training: { steps: 3 }, rounds: 2, server: { join_token: 'tok' } });
+
+function issues(raw: unknown): string[] {
+  try {
+    parseRunConfig(raw, 'run.yaml');
+  } catch (err) {
+    expect(err).toBeInstanceOf(RunConfigError);
+    expect((err as Error).message).toMatch(/^run config run.yaml is invalid:/);
+    return (err as RunConfigError).issues;
+  }
+  throw new Error('expected the config to be rejected');
+}
+
+describe('run config', () => {
+  it('fills defaults for everything optional', () => {
+    const c = parseRunConfig(base());
+    expect(c.mode).toBe('federated');
+    expect(c.strategy).toBe('fedavg');
+    expect(c.lora).toEqual({ r: 8, alpha: 16, dropout: 0, target_modules: ['q_proj', 'v_proj'] });
+    expect(c.server.listen).toBe('127.0.0.1:7070');
+    expect(c.server.chunk_bytes).toBe(1 << 20);
+    expect(c.dashboard).toEqual({ enabled: true, host: '127.0.0.1', port: 8080, token: null });
+    expect(c.events).toEqual({ ring_size: 10000, log: true });
+    expect(c.cohort.min_workers).toBe(1);
+  });
+
+  it('names the field and the allowed values for a bad enum', () => {
+    expect(issues({ ...base(), strategy: 'fedsgd' })).toEqual(['strategy: must be one of fedavg, fedavgm, fedadam, fedyogi (got "fedsgd")']);
+    expect(issues({ ...base(), training: { steps: 3, schedule: 'step' } })).toEqual([
+      'training.schedule: must be one of constant, linear, cosine (got "step")',
+    ]);
+  });
+
+  it('names nested fields, ranges, types, missing and unknown fields', () => {
+    const got = issues({
+      ...base(),
+      lora: { r: 0, target_modules: [] },
+      rounds: 'three',
+      cohort: { fraction: 1.5 },
+      server: { join_token: 'tok', listen: 'localhost', tls_cert: 'x' },
+      model: {},
+    });
+    expect(got).toContain('lora.r: must be >=1 (got 0)');
+    expect(got).toContain('lora.target_modules: must have >=1 items (got [])');
+    expect(got).toContain('rounds: must be a number (got "three")');
+    expect(got).toContain('cohort.fraction: must be <=1 (got 1.5)');
+    expect(got).toContain('model.path: is required (string)');
+    expect(got.some((i) => /^server\.listen: must be HOST:PORT/.test(i))).toBe(true);
+    expect(got.find((i) => i.startsWith('server.tls_cert'))).toMatch(/unknown field \(allowed: listen, join_token, tls, /);
+  });
+
+  it('requires exactly one of training.steps and training.epochs', () => {
+    expect(issues({ ...base(), training: {} })).toEqual(['training.steps: set exactly one of steps or epochs (got neither)']);
+    expect(issues({ ...base(), training: { steps: 1, epochs: 1 } })).toEqual(['training.epochs: set exactly one of steps or epochs (got both)']);
+  });
+
+  it('checks fields against each other', () => {
+    expect(issues({ ...base(), cohort: { min_workers: 2 }, round: { min_results: 3 } })[0]).toMatch(/^round\.min_results: must not exceed cohort\.min_workers \(2\)/);
+  });
+
+  it('loads YAML with line numbers in errors, JSON, and applies overrides', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'fedtune-config-'));
+    onTestFinished(() => rmSync(dir, { recursive: true, force: true }));
+    const y = join(dir, 'run.yaml');
+    writeFileSync(y, 'name: demo\nmodel:\n  path: m\ntraining:\n  steps: 3\nrounds: 2\nstrategy: fedsgd\nserver:\n  join_token: t\n');
+    await expect(loadRunConfig(y)).rejects.toThrow(/strategy \(line 7\): must be one of fedavg, fedavgm, fedadam, fedyogi \(got "fedsgd"\)/);
+    const j = join(dir, 'run.json');
+    writeFileSync(j, JSON.stringify({ ...base(), server: undefined }));
+    const c = await loadRunConfig(j, { joinToken: 'from-cli', listen: '0.0.0.0:0', checkpointDir: '/ck' });
+    expect(c.server.join_token).toBe('from-cli');
+    expect(c.server.listen).toBe('0.0.0.0:0');
+    expect(c.checkpoint.dir).toBe('/ck');
+    writeFileSync(j, '{"name": ');
+    await expect(loadRunConfig(j)).rejects.toThrow(/run config .*run\.json: not valid JSON/);
+    await expect(loadRunConfig(join(dir, 'run.toml'))).rejects.toThrow(/cannot read it \(ENOENT\)/);
+    writeFileSync(join(dir, 'run.toml'), 'x');
+    await expect(loadRunConfig(join(dir, 'run.toml'))).rejects.toThrow(/unknown file type ".toml" \(allowed: .yaml, .yml, .json\)/);
+  });
+
+  it('parses HOST:PORT', () => {
+    expect(parseHostPort('127.0.0.1:7070')).toEqual({ host: '127.0.0.1', port: 7070 });
+    expect(parseHostPort('[::1]:0')).toEqual({ host: '::1', port: 0 });
+    expect(() => parseHostPort('host', '--coordinator')).toThrow(/--coordinator: must be HOST:PORT/);
+    expect(() => parseHostPort('h:70000')).toThrow(/port 0-65535/);
+  });
+});

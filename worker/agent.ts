@@ -1,0 +1,598 @@
+/**
+ * The worker agent: one site's side of a federated run.
+ *
+ *   GetRunInfo -> create the trainer (loads model + local data) -> Register
+ *   (fingerprint, counts) -> Session: heartbeats up, tasks down; per task:
+ *   Download the global adapter (cached by version) -> train or evaluate ->
+ *   Upload the adapter in checked chunks. When the coordinator goes away the
+ *   agent reconnects by itself with exponential backoff.
+ *
+ * Only adapters, example counts and aggregate metrics ever leave the site.
+ */
+import { readFileSync } from 'node:fs';
+import { totalmem } from 'node:os';
+import * as grpc from '@grpc/grpc-js';
+import { SingleBar, Presets } from 'cli-progress';
+import {
+  ChunkAssembler,
+  DEFAULT_CHUNK_BYTES,
+  hex,
+  streamTensorMap,
+  unpackTensorMap,
+  bytesEqual,
+  type TensorSpecEntry,
+} from '../common/chunks.ts';
+import { logger } from '../common/log.ts';
+import type { TensorMap } from '../common/tensor.ts';
+import {
+  CoordinatorClient,
+  UpdateKind,
+  WorkerStatus,
+  type CoordinatorMessage,
+  type DownloadMessage,
+  type RegisterResponse,
+  type RunInfo,
+  type Task,
+  type TrainingSpec,
+  type UploadAck,
+  type UploadMessage,
+  type WorkerMessage,
+} from '../proto/gen/fedtune/v1/coordinator.ts';
+import { DType } from '../proto/gen/fedtune/v1/tensors.ts';
+import { createTrainer } from './trainers/index.ts';
+import type { LocalTrainingSpec, Trainer, TrainerFactoryOptions } from './trainers/trainer.ts';
+
+const log = logger('worker');
+
+export const PROTOCOL_VERSION = 1;
+export const CLIENT_NAME = 'fedtune-ts/0.1.0';
+const WORKER_ID_HEADER = 'fedtune-worker-id';
+const SESSION_KEY_HEADER = 'fedtune-session-key';
+
+const DTYPE_NAME: Record<number, TensorSpecEntry['dtype'] | undefined> = {
+  [DType.DTYPE_F32]: 'F32',
+  [DType.DTYPE_F16]: 'F16',
+  [DType.DTYPE_BF16]: 'BF16',
+  [DType.DTYPE_F64]: 'F64',
+};
+const DTYPE_OF: Record<TensorSpecEntry['dtype'], DType> = { F32: DType.DTYPE_F32, F16: DType.DTYPE_F16, BF16: DType.DTYPE_BF16, F64: DType.DTYPE_F64 };
+
+/** A gRPC failure that retrying will not fix (bad token, wrong base model, bad arguments). */
+export class FatalWorkerError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'FatalWorkerError';
+  }
+}
+
+const FATAL_CODES = new Set<number>([grpc.status.UNAUTHENTICATED, grpc.status.FAILED_PRECONDITION, grpc.status.INVALID_ARGUMENT, grpc.status.PERMISSION_DENIED]);
+
+export function isServiceError(err: unknown): err is grpc.ServiceError {
+  return typeof err === 'object' && err !== null && 'code' in err && typeof (err as { code: unknown }).code === 'number' && 'details' in err;
+}
+
+export interface TlsClientOptions {
+  /** PEM file of the CA that signed the coordinator's certificate (default: system roots). */
+  caFile?: string;
+  /** Client certificate and key for coordinators that require them (server.tls.client_ca). */
+  certFile?: string;
+  keyFile?: string;
+  /** Name to check the certificate against when it differs from the address's host. */
+  serverName?: string;
+}
+
+/** Thin typed wrapper over the generated client: every call of the wire contract. */
+export class CoordinatorConnection {
+  readonly client: CoordinatorClient;
+  readonly address: string;
+  private auth: grpc.Metadata | null = null;
+
+  constructor(address: string, tls: TlsClientOptions | null = null) {
+    this.address = address;
+    const creds = tls
+      ? grpc.credentials.createSsl(
+          tls.caFile ? readFileSync(tls.caFile) : null,
+          tls.keyFile ? readFileSync(tls.keyFile) : null,
+          tls.certFile ? readFileSync(tls.certFile) : null,
+        )
+      : grpc.credentials.createInsecure();
+    const options: Partial<grpc.ClientOptions> = { 'grpc.keepalive_time_ms': 10_000, 'grpc.keepalive_timeout_ms': 5_000 };
+    if (tls?.serverName) options['grpc.ssl_target_name_override'] = tls.serverName;
+    this.client = new CoordinatorClient(address, creds, options);
+  }
+
+  getRunInfo(joinToken: string): Promise<RunInfo> {
+    return new Promise((resolve, reject) => this.client.getRunInfo({ joinToken }, (err, r) => (err ? reject(err) : resolve(r!))));
+  }
+
+  async register(req: Parameters<CoordinatorClient['register']>[0]): Promise<RegisterResponse> {
+    const r = await new Promise<RegisterResponse>((resolve, reject) => this.client.register(req, (err, res) => (err ? reject(err) : resolve(res!))));
+    this.auth = new grpc.Metadata();
+    this.auth.set(WORKER_ID_HEADER, r.workerId);
+    this.auth.set(SESSION_KEY_HEADER, r.sessionKey);
+    return r;
+  }
+
+  private metadata(): grpc.Metadata {
+    if (!this.auth) throw new Error('not registered: call register() first');
+    return this.auth.clone();
+  }
+
+  session(): grpc.ClientDuplexStream<WorkerMessage, CoordinatorMessage> {
+    return this.client.session(this.metadata());
+  }
+
+  /** Download a global adapter version; the digest is checked before it is returned. */
+  async downloadAdapter(version: number, maxChunkBytes: number): Promise<{ adapter: TensorMap; bytes: number; sha256: Uint8Array }> {
+    const stream = this.client.download({ target: { $case: 'adapterVersion', value: version } }, this.metadata());
+    let asm: ChunkAssembler | null = null;
+    let manifest: TensorSpecEntry[] = [];
+    for await (const msg of stream as AsyncIterable<DownloadMessage>) {
+      const b = msg.body;
+      if (!b) continue;
+      if (b.$case === 'header') {
+        const h = b.value;
+        if (h.content?.$case !== 'tensors') throw new Error('download: header does not describe tensors');
+        manifest = h.content.value.tensors.map((t) => {
+          const dtype = DTYPE_NAME[t.dtype];
+          if (!dtype) throw new Error(`download: tensor ${t.name} has unknown dtype ${t.dtype}`);
+          return { name: t.name, dtype, shape: t.shape.map(Number) };
+        });
+        asm = new ChunkAssembler({ totalBytes: h.totalBytes, maxChunkBytes, what: `global adapter v${version}` });
+      } else if (b.$case === 'chunk') {
+        if (!asm) throw new Error('download: chunk before header');
+        asm.push(b.value.offset, b.value.data);
+      } else {
+        if (!asm) throw new Error('download: trailer before header');
+        const bytes = asm.finish(b.value);
+        return { adapter: unpackTensorMap(manifest, bytes), bytes: bytes.byteLength, sha256: b.value.sha256 };
+      }
+    }
+    throw new Error(`download of global adapter v${version} ended before its trailer`);
+  }
+
+  /**
+   * Upload one update: header, chunks (respecting flow control), trailer.
+   * `onChunk` runs after each chunk is handed to gRPC (used for fault injection in tests).
+   */
+  upload(
+    header: { taskId: string; round: number; kind: UpdateKind; baseVersion: number; numExamples: number; metrics: Record<string, number> },
+    tensors: TensorMap,
+    opts: { chunkBytes?: number; onChunk?: (index: number, total: number) => void } = {},
+  ): Promise<UploadAck> {
+    const stream = streamTensorMap(tensors, opts.chunkBytes ?? DEFAULT_CHUNK_BYTES);
+    const chunkBytes = opts.chunkBytes ?? DEFAULT_CHUNK_BYTES;
+    return new Promise<UploadAck>((resolve, reject) => {
+      const call = this.client.upload(this.metadata(), (err, ack) => (err ? reject(err) : resolve(ack!)));
+      const write = (m: UploadMessage): Promise<void> =>
+        new Promise((res) => {
+          if (call.write(m)) res();
+          else call.once('drain', res);
+        });
+      void (async () => {
+        await write({
+          body: {
+            $case: 'header',
+            value: {
+              ...header,
+              stream: {
+                totalBytes: stream.totalBytes,
+                chunkBytes,
+                content: { $case: 'tensors', value: { tensors: stream.manifest.map((e) => ({ name: e.name, dtype: DTYPE_OF[e.dtype], shape: e.shape })) } },
+              },
+            },
+          },
+        });
+        const total = Math.ceil(stream.totalBytes / chunkBytes);
+        let i = 0;
+        for (const c of stream.chunks()) {
+          await write({ body: { $case: 'chunk', value: { offset: c.offset, data: c.data } } });
+          opts.onChunk?.(i++, total);
+        }
+        await write({ body: { $case: 'trailer', value: { totalBytes: stream.totalBytes, sha256: stream.sha256() } } });
+        call.end();
+      })().catch((err: unknown) => {
+        call.cancel();
+        reject(err instanceof Error ? err : new Error(String(err)));
+      });
+    });
+  }
+
+  close(): void {
+    this.client.close();
+  }
+}
+
+export function localSpecOf(s: TrainingSpec): LocalTrainingSpec {
+  const schedule = s.schedule === 'linear' || s.schedule === 'cosine' ? s.schedule : 'constant';
+  return {
+    lora: { r: s.lora?.r ?? 8, alpha: s.lora?.alpha ?? 16, dropout: s.lora?.dropout ?? 0, targetModules: [...(s.lora?.targetModules ?? [])] },
+    steps: s.steps ?? null,
+    epochs: s.epochs ?? null,
+    batchSize: s.batchSize,
+    gradAccumulation: Math.max(1, s.gradAccumulation),
+    lr: s.lr,
+    schedule,
+    warmupSteps: s.warmupSteps,
+    weightDecay: s.weightDecay,
+    maxGradNorm: s.maxGradNorm,
+    maxSeqLen: s.maxSeqLen,
+    template: s.template,
+    seed: s.seed,
+  };
+}
+
+export interface WorkerAgentOptions {
+  /** HOST:PORT of the coordinator. */
+  coordinator: string;
+  token: string;
+  /** Site name shown on the dashboard. */
+  site: string;
+  /** Trainer backend: onnx (default) or noop. */
+  trainer: string;
+  /** Where the trainer finds the model and the local data. template/maxSeqLen default to the run's. */
+  trainerOptions: Omit<TrainerFactoryOptions, 'template' | 'maxSeqLen'> & { template?: string; maxSeqLen?: number };
+  tls?: TlsClientOptions | null;
+  /** Reconnect backoff: first delay, cap, and how long to keep trying before giving up. */
+  reconnect?: { initialMs?: number; maxMs?: number; giveUpAfterMs?: number };
+  /** Progress display: a bar on a terminal, log lines otherwise. */
+  progress?: 'bar' | 'log' | 'none';
+  /** Test hook: kill this process (SIGKILL) after sending half of an upload's chunks. */
+  faultKillMidUpload?: boolean;
+  /** Use an existing trainer instead of creating one (in-process benchmarks). */
+  trainerInstance?: Trainer;
+}
+
+export interface WorkerRunResult {
+  state: string;
+  message: string;
+  tasksDone: number;
+}
+
+type SessionEnd = { kind: 'finished'; state: string; message: string } | { kind: 'lost'; error: Error };
+
+/** Runs one site until the run finishes, a fatal error occurs, or `signal` aborts. */
+export class WorkerAgent {
+  private readonly opts: WorkerAgentOptions;
+  private trainer: Trainer | null = null;
+  private cache: { version: number; adapter: TensorMap; sha256: Uint8Array } | null = null;
+  private tasksDone = 0;
+
+  constructor(opts: WorkerAgentOptions) {
+    this.opts = opts;
+  }
+
+  async run(signal?: AbortSignal): Promise<WorkerRunResult> {
+    const initial = this.opts.reconnect?.initialMs ?? 500;
+    const cap = this.opts.reconnect?.maxMs ?? 10_000;
+    const giveUp = this.opts.reconnect?.giveUpAfterMs ?? 10 * 60_000;
+    let delay = initial;
+    let downSince: number | null = null;
+    let previousId = '';
+    try {
+      for (;;) {
+        signal?.throwIfAborted();
+        const conn = new CoordinatorConnection(this.opts.coordinator, this.opts.tls ?? null);
+        try {
+          const info = await conn.getRunInfo(this.opts.token);
+          await this.ensureTrainer(info);
+          const reg = await this.register(conn, info, previousId);
+          previousId = reg.workerId;
+          delay = initial;
+          downSince = null;
+          const end = await this.session(conn, reg, signal);
+          if (end.kind === 'finished') {
+            log.info({ state: end.state }, `run ${end.state}${end.message ? `: ${end.message}` : ''}; worker exiting`);
+            return { state: end.state, message: end.message, tasksDone: this.tasksDone };
+          }
+          throw end.error;
+        } catch (err) {
+          if (signal?.aborted) throw signal.reason;
+          if (err instanceof FatalWorkerError) throw err;
+          if (isServiceError(err) && FATAL_CODES.has(err.code)) throw new FatalWorkerError(err.details || err.message);
+          downSince ??= Date.now();
+          if (Date.now() - downSince > giveUp) {
+            throw new Error(`coordinator ${this.opts.coordinator} unreachable for ${Math.round(giveUp / 1000)} s, giving up (last error: ${(err as Error).message})`);
+          }
+          const wait = Math.round(delay * (0.75 + Math.random() * 0.5));
+          log.warn({ coordinator: this.opts.coordinator, retryInMs: wait }, `connection to the coordinator lost or refused: ${(err as Error).message}`);
+          await new Promise<void>((r) => {
+            const done = (): void => {
+              clearTimeout(t);
+              signal?.removeEventListener('abort', done);
+              r();
+            };
+            const t = setTimeout(done, wait);
+            signal?.addEventListener('abort', done, { once: true });
+          });
+          delay = Math.min(cap, delay * 2);
+        } finally {
+          conn.close();
+        }
+      }
+    } finally {
+      if (this.trainer && !this.opts.trainerInstance) await this.trainer.close();
+    }
+  }
+
+  private async ensureTrainer(info: RunInfo): Promise<void> {
+    if (this.trainer) return;
+    if (this.opts.trainerInstance) {
+      this.trainer = this.opts.trainerInstance;
+      return;
+    }
+    const t = info.training;
+    const o = this.opts.trainerOptions;
+    const factory: TrainerFactoryOptions = {
+      ...o,
+      template: o.template ?? t?.template ?? 'alpaca',
+      maxSeqLen: o.maxSeqLen ?? t?.maxSeqLen ?? 256,
+    };
+    log.info({ backend: this.opts.trainer, model: factory.modelDir, data: factory.dataPath }, 'loading model and local data');
+    try {
+      this.trainer = await createTrainer(this.opts.trainer, factory);
+    } catch (err) {
+      throw new FatalWorkerError(`cannot start the ${this.opts.trainer} trainer: ${(err as Error).message}`);
+    }
+    log.info(
+      { backend: this.trainer.backend, device: this.trainer.device, train: this.trainer.numTrainExamples, eval: this.trainer.numEvalExamples },
+      'trainer ready',
+    );
+  }
+
+  private async register(conn: CoordinatorConnection, info: RunInfo, previousWorkerId: string): Promise<RegisterResponse> {
+    const tr = this.trainer!;
+    let fingerprint = tr.modelFingerprint;
+    if (fingerprint === undefined && this.opts.trainerOptions.modelDir) {
+      const { loadModel } = await import('./engine/model.ts');
+      fingerprint = (await loadModel(this.opts.trainerOptions.modelDir)).fingerprint;
+    }
+    if (info.modelFingerprint && fingerprint && info.modelFingerprint !== fingerprint) {
+      log.error({ local: fingerprint, run: info.modelFingerprint }, 'base model fingerprint differs from the run; the coordinator will refuse this worker');
+    }
+    const reg = await conn.register({
+      joinToken: this.opts.token,
+      site: this.opts.site,
+      previousWorkerId,
+      capabilities: {
+        device: tr.device,
+        memoryBytes: totalmem(),
+        backends: [tr.backend],
+        modelFingerprint: fingerprint ?? '',
+        numTrainExamples: tr.numTrainExamples,
+        numEvalExamples: tr.numEvalExamples,
+        client: CLIENT_NAME,
+        protocolVersion: PROTOCOL_VERSION,
+      },
+    });
+    log.info({ workerId: reg.workerId, run: info.runName, coordinator: conn.address }, 'registered');
+    return reg;
+  }
+
+  /** One session: heartbeats, tasks one at a time, until the run finishes or the connection breaks. */
+  private session(conn: CoordinatorConnection, reg: RegisterResponse, signal?: AbortSignal): Promise<SessionEnd> {
+    return new Promise<SessionEnd>((resolve) => {
+      const call = conn.session();
+      let status = WorkerStatus.WORKER_STATUS_IDLE;
+      let currentTask = '';
+      let ended = false;
+      const queue: Task[] = [];
+      const controllers = new Map<string, AbortController>();
+      const send = (m: WorkerMessage): void => {
+        if (!ended && !call.writableEnded) call.write(m);
+      };
+      const heartbeat = (): void =>
+        send({ body: { $case: 'heartbeat', value: { status, taskId: currentTask, memoryUsedBytes: process.memoryUsage().rss } } });
+      const setStatus = (s: WorkerStatus, taskId = currentTask): void => {
+        status = s;
+        currentTask = taskId;
+        heartbeat();
+      };
+      const timer = setInterval(heartbeat, Math.max(50, reg.heartbeatIntervalMs));
+      const finish = (e: SessionEnd): void => {
+        if (ended) return;
+        ended = true;
+        clearInterval(timer);
+        signal?.removeEventListener('abort', onAbort);
+        for (const c of controllers.values()) c.abort(new Error('session ended'));
+        try {
+          call.end();
+        } catch {
+          /* already closed */
+        }
+        call.cancel();
+        resolve(e);
+      };
+      const onAbort = (): void => finish({ kind: 'finished', state: 'stopped', message: 'worker stopped' });
+      signal?.addEventListener('abort', onAbort, { once: true });
+
+      let busy = false;
+      const pump = async (): Promise<void> => {
+        if (busy) return;
+        busy = true;
+        try {
+          while (!ended && queue.length > 0) {
+            const task = queue.shift()!;
+            const ctl = new AbortController();
+            controllers.set(task.taskId, ctl);
+            try {
+              await this.handleTask(conn, reg, task, ctl.signal, setStatus, send);
+              this.tasksDone++;
+            } catch (err) {
+              const message = ctl.signal.aborted ? `cancelled: ${(ctl.signal.reason as Error)?.message ?? 'by the coordinator'}` : (err as Error).message;
+              if (!ended) {
+                log.warn({ task: task.taskId }, `task failed: ${message}`);
+                send({ body: { $case: 'taskFailed', value: { taskId: task.taskId, message, unsupported: false } } });
+              }
+            } finally {
+              controllers.delete(task.taskId);
+              setStatus(WorkerStatus.WORKER_STATUS_IDLE, '');
+            }
+          }
+        } finally {
+          busy = false;
+        }
+      };
+
+      call.on('data', (msg: CoordinatorMessage) => {
+        const b = msg.body;
+        if (!b) return;
+        switch (b.$case) {
+          case 'accepted':
+            log.info({ workerId: b.value.workerId }, 'session open; waiting for tasks');
+            heartbeat();
+            break;
+          case 'task':
+            queue.push(b.value);
+            void pump();
+            break;
+          case 'cancel': {
+            const i = queue.findIndex((t) => t.taskId === b.value.taskId);
+            if (i >= 0) queue.splice(i, 1);
+            controllers.get(b.value.taskId)?.abort(new Error(b.value.reason || 'cancelled by the coordinator'));
+            log.warn({ task: b.value.taskId }, `task cancelled: ${b.value.reason}`);
+            break;
+          }
+          case 'finished':
+            finish({ kind: 'finished', state: b.value.state, message: b.value.message });
+            break;
+        }
+      });
+      call.on('error', (err: Error) => finish({ kind: 'lost', error: err }));
+      call.on('end', () => finish({ kind: 'lost', error: new Error('session closed by the coordinator') }));
+    });
+  }
+
+  private async fetchGlobal(conn: CoordinatorConnection, reg: RegisterResponse, task: Task): Promise<TensorMap> {
+    const g = task.global;
+    if (!g) throw new Error(`task ${task.taskId} names no global adapter`);
+    if (this.cache && this.cache.version === g.version && bytesEqual(this.cache.sha256, g.sha256)) return this.cache.adapter;
+    const got = await conn.downloadAdapter(g.version, reg.maxChunkBytes);
+    if (!bytesEqual(got.sha256, g.sha256)) {
+      throw new Error(`global adapter v${g.version}: digest ${hex(got.sha256)} differs from the task's ${hex(g.sha256)}`);
+    }
+    this.cache = { version: g.version, adapter: got.adapter, sha256: got.sha256 };
+    log.info({ version: g.version, bytes: got.bytes }, 'global adapter downloaded');
+    return got.adapter;
+  }
+
+  private async handleTask(
+    conn: CoordinatorConnection,
+    reg: RegisterResponse,
+    task: Task,
+    signal: AbortSignal,
+    setStatus: (s: WorkerStatus, taskId?: string) => void,
+    send: (m: WorkerMessage) => void,
+  ): Promise<void> {
+    const tr = this.trainer!;
+    const kind = task.kind;
+    if (!kind || (kind.$case !== 'train' && kind.$case !== 'eval')) {
+      send({ body: { $case: 'taskFailed', value: { taskId: task.taskId, message: `task kind ${kind?.$case ?? '(none)'} is not supported by ${CLIENT_NAME}`, unsupported: true } } });
+      return;
+    }
+    setStatus(WorkerStatus.WORKER_STATUS_FETCHING, task.taskId);
+    const global = await this.fetchGlobal(conn, reg, task);
+    signal.throwIfAborted();
+    const spec = localSpecOf(kind.value.spec ?? ({} as TrainingSpec));
+
+    if (kind.$case === 'eval') {
+      setStatus(WorkerStatus.WORKER_STATUS_EVALUATING, task.taskId);
+      const ev = await tr.evaluate({ globalAdapter: global, spec, signal });
+      send({
+        body: {
+          $case: 'evalResult',
+          value: {
+            taskId: task.taskId,
+            hasEvalData: ev !== null,
+            evalLoss: ev?.evalLoss ?? 0,
+            evalTokens: ev?.evalTokens ?? 0,
+            evalExamples: ev?.evalExamples ?? 0,
+            ...(ev?.evalAccuracy != null ? { evalAccuracy: ev.evalAccuracy } : {}),
+          },
+        },
+      });
+      if (ev) log.info({ round: task.round, evalLoss: ev.evalLoss, evalAccuracy: ev.evalAccuracy }, 'evaluation done');
+      return;
+    }
+
+    setStatus(WorkerStatus.WORKER_STATUS_TRAINING, task.taskId);
+    const bar = this.progressBar(task.round);
+    let lastSent = 0;
+    const outcome = await tr.train({
+      taskId: task.taskId,
+      round: task.round,
+      globalAdapter: global,
+      spec,
+      signal,
+      onProgress: (p) => {
+        bar.update(p.step, p.totalSteps, p.loss);
+        const now = Date.now();
+        if (now - lastSent >= 250 || p.step === p.totalSteps) {
+          lastSent = now;
+          send({ body: { $case: 'progress', value: { taskId: task.taskId, ...p } } });
+        }
+      },
+    }).finally(() => bar.stop());
+    signal.throwIfAborted();
+
+    setStatus(WorkerStatus.WORKER_STATUS_UPLOADING, task.taskId);
+    const header = {
+      taskId: task.taskId,
+      round: task.round,
+      kind: UpdateKind.UPDATE_KIND_ADAPTER_WEIGHTS,
+      baseVersion: task.global!.version,
+      numExamples: outcome.numExamples,
+      metrics: outcome.metrics,
+    };
+    const chunkBytes = reg.chunkBytes || DEFAULT_CHUNK_BYTES;
+    const onChunk = this.opts.faultKillMidUpload
+      ? (i: number, total: number) => {
+          if (i + 1 >= Math.max(1, Math.floor(total / 2))) process.kill(process.pid, 'SIGKILL');
+        }
+      : undefined;
+    let ack: UploadAck;
+    try {
+      ack = await conn.upload(header, outcome.adapter, { chunkBytes, ...(onChunk ? { onChunk } : {}) });
+    } catch (err) {
+      // One retry for corruption in transit; anything else is reported as a task failure.
+      if (isServiceError(err) && err.code === grpc.status.DATA_LOSS) ack = await conn.upload(header, outcome.adapter, { chunkBytes });
+      else throw new Error(`upload refused: ${isServiceError(err) ? err.details : (err as Error).message}`);
+    }
+    log.info({ round: task.round, bytes: ack.bytes, examples: outcome.numExamples, trainLoss: outcome.metrics.train_loss }, 'update uploaded');
+  }
+
+  private progressBar(round: number): { update(step: number, total: number, loss: number): void; stop(): void } {
+    const mode = this.opts.progress ?? (process.stdout.isTTY ? 'bar' : 'log');
+    if (mode === 'none') return { update() {}, stop() {} };
+    if (mode === 'bar') {
+      const bar = new SingleBar(
+        { format: `round ${round} |{bar}| {value}/{total} steps | loss {loss} | {eta_formatted} left`, hideCursor: true, clearOnComplete: false },
+        Presets.shades_classic,
+      );
+      let started = false;
+      return {
+        update(step, total, loss) {
+          if (!started) {
+            bar.start(total, 0, { loss: '-' });
+            started = true;
+          }
+          bar.update(step, { loss: loss.toFixed(4) });
+        },
+        stop() {
+          if (started) bar.stop();
+        },
+      };
+    }
+    let lastPct = -1;
+    return {
+      update(step, total, loss) {
+        const pct = Math.floor((step / total) * 10) * 10;
+        if (pct !== lastPct) {
+          lastPct = pct;
+          log.info({ round, step, total, loss: Number(loss.toFixed(4)) }, `training ${pct}%`);
+        }
+      },
+      stop() {},
+    };
+  }
+}

@@ -1,0 +1,73 @@
+/**
+ * The trainer interface: what the worker agent asks of a training backend.
+ * The agent owns the session with the coordinator; a trainer owns the model and
+ * the local data (which never leave it) and turns a global adapter into a
+ * locally trained one, or evaluates one on the local eval split.
+ */
+import type { TensorMap } from '../../common/tensor.ts';
+import type { LoraConfig } from '../engine/config.ts';
+
+export interface LocalTrainingSpec {
+  lora: LoraConfig;
+  steps: number | null; // local optimizer steps per round, or
+  epochs: number | null; // local epochs per round (exactly one of the two is set)
+  batchSize: number;
+  gradAccumulation: number;
+  lr: number;
+  schedule: 'constant' | 'linear' | 'cosine';
+  warmupSteps: number;
+  weightDecay: number;
+  maxGradNorm: number;
+  maxSeqLen: number;
+  template: string; // prompt template name
+  seed: number;
+}
+export interface TrainProgress {
+  step: number;
+  totalSteps: number;
+  loss: number;
+  tokensPerSec: number;
+  examples: number;
+}
+export interface TrainOutcome {
+  adapter: TensorMap;
+  numExamples: number;
+  metrics: Record<string, number>; // metrics: train_loss, tokens, ...
+}
+export interface EvalOutcome {
+  evalLoss: number;
+  evalTokens: number;
+  evalExamples: number;
+  evalAccuracy: number | null;
+}
+export interface Trainer {
+  readonly backend: string; // 'onnx' | 'noop'
+  readonly device: string; // 'cpu' | 'cuda:0' ...
+  readonly numTrainExamples: number;
+  readonly numEvalExamples: number;
+  /** sha256 hex of the base model (LoadedModel.fingerprint) when the trainer loaded one. */
+  readonly modelFingerprint?: string;
+  train(args: {
+    taskId: string;
+    round: number;
+    globalAdapter: TensorMap;
+    spec: LocalTrainingSpec;
+    onProgress: (p: TrainProgress) => void;
+    signal: AbortSignal;
+  }): Promise<TrainOutcome>;
+  evaluate(args: { globalAdapter: TensorMap; spec: LocalTrainingSpec; signal: AbortSignal }): Promise<EvalOutcome | null>; // null: no eval data
+  close(): Promise<void>;
+}
+export interface TrainerFactoryOptions {
+  modelDir: string;
+  dataPath: string;
+  evalPath?: string;
+  evalFraction: number;
+  template: string;
+  maxSeqLen: number;
+  threads?: number;
+  device?: 'cpu' | 'cuda';
+  seed: number;
+  /** noop trainer only: milliseconds each simulated step takes (tests and benchmarks). */
+  noopStepMs?: number;
+}
