@@ -12,6 +12,7 @@ import { createWriteStream, existsSync } from 'node:fs';
 import { mkdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { createRequire } from 'node:module';
 import { join, resolve } from 'node:path';
+import { createServer } from 'node:net';
 import { createInterface } from 'node:readline';
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { stringify } from 'yaml';
@@ -34,9 +35,9 @@ export interface DemoSite {
 
 /** Three mail providers with different traffic: mostly easy ham, hard ham, mostly spam. */
 export const DEMO_SITES: DemoSite[] = [
-  { name: 'mail-east', mix: { 'easy-ham-1': 56, 'spam-1': 24 } },
-  { name: 'mail-north', mix: { 'hard-ham-1': 40, 'spam-2': 40 } },
-  { name: 'mail-west', mix: { 'easy-ham-2': 24, 'spam-2': 36, 'spam-1': 20 } },
+  { name: 'mail-east', mix: { 'easy-ham-1': 210, 'spam-1': 90 } },
+  { name: 'mail-north', mix: { 'hard-ham-1': 150, 'spam-2': 150 } },
+  { name: 'mail-west', mix: { 'easy-ham-2': 90, 'spam-2': 135, 'spam-1': 75 } },
 ];
 
 /** Subject, sender and the start of the body, whitespace collapsed, cut to maxChars. */
@@ -61,7 +62,7 @@ function label(group: string): 'spam' | 'ham' {
 /** Write train/eval JSONL files per site; returns their paths and label counts. */
 export async function writeDemoData(
   dir: string,
-  opts: { sites?: DemoSite[]; evalFraction?: number; maxChars?: number; seed?: number } = {},
+  opts: { sites?: DemoSite[]; evalFraction?: number; maxChars?: number; seed?: number; pretrainPerGroup?: number } = {},
 ): Promise<Array<{ site: string; train: string; eval: string; counts: Record<string, number> }>> {
   const sites = opts.sites ?? DEMO_SITES;
   const require = createRequire(import.meta.url);
@@ -104,7 +105,28 @@ export async function writeDemoData(
     for (const r of trainRecs) counts[r.output] = (counts[r.output] ?? 0) + 1;
     out.push({ site: s.name, train, eval: evalPath, counts });
   }
+  // Public text for pre-training the tiny base: emails no site holds, without labels.
+  const pretrain: Array<{ text: string }> = [];
+  for (const [group, list] of byGroup) {
+    const from = used.get(group) ?? 0;
+    for (const e of list.slice(from, from + (opts.pretrainPerGroup ?? 0))) pretrain.push({ text: emailSnippet(e.text, opts.maxChars ?? 160) });
+  }
+  if (pretrain.length > 0) await writeFile(join(dir, PRETRAIN_FILE), `${shuffle(pretrain).map((r) => JSON.stringify(r)).join('\n')}\n`);
   return out;
+}
+
+export const PRETRAIN_FILE = 'pretrain.jsonl';
+
+const PRETRAIN_PER_GROUP = 200;
+const PRETRAIN_STEPS = 300;
+
+/** Whether 127.0.0.1:port can be bound now (the demo's dashboard prefers 8080). */
+function portFree(port: number): Promise<boolean> {
+  return new Promise((ok) => {
+    const srv = createServer();
+    srv.once('error', () => ok(false));
+    srv.listen(port, '127.0.0.1', () => srv.close(() => ok(true)));
+  });
 }
 
 interface DemoOpts {
@@ -125,8 +147,8 @@ function int(name: string): (v: string) => number {
 
 const BIN = resolve(import.meta.dirname, '..', 'bin', 'fedtune.js');
 
-function start(args: string[], logFile: string | null): ChildProcess {
-  const child = spawn(process.execPath, [BIN, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, FORCE_COLOR: '0' } });
+function start(args: string[], logFile: string | null, output: 'pipe' | 'inherit' = 'pipe'): ChildProcess {
+  const child = spawn(process.execPath, [BIN, ...args], { stdio: ['ignore', output, output], env: { ...process.env, FORCE_COLOR: '0' } });
   if (logFile) {
     const log = createWriteStream(logFile);
     child.stdout!.pipe(log);
@@ -146,14 +168,29 @@ export async function runDemo(o: DemoOpts): Promise<number> {
   const logs = join(dir, 'logs');
   await mkdir(logs, { recursive: true });
   console.log(`fedtune demo: federated spam detection with 3 mail sites (working dir ${dir})`);
-  if (!existsSync(join(modelDir, 'config.json'))) {
-    console.log('- generating a tiny llama model (hidden 64, 2 layers) ...');
-    await initModel(modelDir, { arch: 'llama', hiddenSize: 64, numLayers: 2, numHeads: 4, numKvHeads: 2, maxPositions: 512, seed: 0, overwrite: true });
-  }
   console.log('- splitting the SpamAssassin corpus by its groups into 3 sites ...');
-  const data = await writeDemoData(join(dir, 'data'));
+  const data = await writeDemoData(join(dir, 'data'), { pretrainPerGroup: PRETRAIN_PER_GROUP });
   for (const d of data) {
     console.log(`    ${d.site.padEnd(11)} ${String(d.counts.ham ?? 0).padStart(3)} ham, ${String(d.counts.spam ?? 0).padStart(3)} spam for training (+ held-out eval)`);
+  }
+  if (!existsSync(join(modelDir, 'config.json'))) {
+    // A random model cannot be adapted in any useful way, so the demo first pre-trains its tiny base
+    // (every weight trainable) on email text that no site holds, as a public base model would be.
+    const rawDir = join(dir, 'model-random');
+    console.log('- generating a tiny llama model (hidden 64, 2 layers) ...');
+    await initModel(rawDir, { arch: 'llama', hiddenSize: 64, numLayers: 2, numHeads: 4, numKvHeads: 2, maxPositions: 512, seed: 0, overwrite: true });
+    console.log(`- pre-training it on ${5 * PRETRAIN_PER_GROUP} public emails (full fine-tuning, ${PRETRAIN_STEPS} steps) ...`);
+    const pre = start(
+      ['train', '--full', '--model', rawDir, '--data', join(dir, 'data', PRETRAIN_FILE), '--out', modelDir, '--steps', String(PRETRAIN_STEPS),
+        '--lr', '0.003', '--schedule', 'cosine', '--warmup', '10', '--batch-size', '8', '--max-seq-len', '192', '--eval-fraction', '0', '--template', 'plain'],
+      null,
+      'inherit',
+    );
+    const preCode = await exited(pre);
+    if (preCode !== 0) {
+      console.log(`demo failed: pre-training the base model exited with ${preCode}`);
+      return 1;
+    }
   }
   const token = randomBytes(12).toString('hex');
   const ckDir = join(dir, 'checkpoints');
@@ -162,7 +199,7 @@ export async function runDemo(o: DemoOpts): Promise<number> {
     name: 'spam-demo',
     model: { path: modelDir },
     lora: { r: 8, alpha: 16, dropout: 0, target_modules: ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'] },
-    training: { steps: o.steps, batch_size: 8, lr: 0.003, schedule: 'constant', max_seq_len: 256, template: 'plain', seed: 0 },
+    training: { steps: o.steps, batch_size: 8, lr: 0.002, schedule: 'constant', max_seq_len: 256, template: 'plain', seed: 0 },
     rounds: o.rounds,
     cohort: { fraction: 1, min_workers: 3, wait_timeout_sec: 120 },
     round: { deadline_sec: 240, min_results: 2, max_retries: 2 },
@@ -170,7 +207,7 @@ export async function runDemo(o: DemoOpts): Promise<number> {
     eval: { every: 1, initial: true, deadline_sec: 120 },
     checkpoint: { dir: ckDir },
     server: { listen: '127.0.0.1:0', join_token: token, heartbeat_interval_ms: 1000, heartbeat_timeout_ms: 20000 },
-    dashboard: { enabled: true, host: '127.0.0.1', port: 8080 },
+    dashboard: { enabled: true, host: '127.0.0.1', port: (await portFree(8080)) ? 8080 : 0 },
   };
   const configPath = join(dir, 'run.yaml');
   await writeFile(configPath, stringify(config));
@@ -252,8 +289,8 @@ export function register(program: Command): void {
     .command('demo')
     .description('run a federated spam-detection demo on this machine: coordinator + 3 worker processes')
     .option('--dir <dir>', 'working directory (model, data, checkpoints, logs)', '.fedtune/demo')
-    .option('--rounds <n>', 'federated rounds', int('--rounds'), 4)
-    .option('--steps <n>', 'local training steps per round', int('--steps'), 50)
+    .option('--rounds <n>', 'federated rounds', int('--rounds'), 8)
+    .option('--steps <n>', 'local training steps per round', int('--steps'), 30)
     .addOption(new Option('--trainer <backend>', 'trainer backend of the workers').choices(['onnx', 'noop']).default('onnx').hideHelp())
     .action(async (o: DemoOpts) => {
       process.exitCode = await runDemo(o);
