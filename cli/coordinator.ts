@@ -7,7 +7,8 @@ import { Command } from 'commander';
 import { loadRunConfig, parseHostPort } from '../common/config.ts';
 import type { RunEvent } from '../common/events.ts';
 import type { EventBus } from '../coordinator/events/bus.ts';
-import { MemoryBus } from '../coordinator/events/memory.ts';
+import { createEventBus, type NatsBusConfig } from '../coordinator/events/index.ts';
+import { addNatsOptions, natsOptionsFrom, type NatsCliOptions } from './dashboard.ts';
 import { startDashboardServer, type DashboardServer } from '../coordinator/http/server.ts';
 import { startCoordinator } from '../coordinator/main.ts';
 
@@ -70,7 +71,7 @@ export async function printEvents(bus: EventBus, runId: string, afterSeq: number
   }
 }
 
-interface CoordinatorCliOpts {
+interface CoordinatorCliOpts extends NatsCliOptions {
   config: string;
   resume?: boolean;
   listen?: string;
@@ -79,14 +80,15 @@ interface CoordinatorCliOpts {
 }
 
 export function register(program: Command): void {
-  program
+  const cmd = program
     .command('coordinator')
     .description('run a federated fine-tuning run: accept workers, run rounds, checkpoint')
     .requiredOption('-c, --config <file>', 'run config (YAML or JSON)')
     .option('--resume', 'continue after the last complete round in CHECKPOINT_DIR/<name>')
     .option('--listen <host:port>', 'override server.listen')
     .option('--token <token>', 'override server.join_token (or set FEDTUNE_JOIN_TOKEN)')
-    .option('--checkpoint-dir <dir>', 'override checkpoint.dir')
+    .option('--checkpoint-dir <dir>', 'override checkpoint.dir');
+  addNatsOptions(cmd, false)
     .action(async (o: CoordinatorCliOpts) => {
       if (o.listen) parseHostPort(o.listen, '--listen');
       const cfg = await loadRunConfig(o.config, {
@@ -95,7 +97,31 @@ export function register(program: Command): void {
         ...(o.checkpointDir ? { checkpointDir: o.checkpointDir } : {}),
       });
       const runDir = join(cfg.checkpoint.dir, cfg.name);
-      const bus = new MemoryBus({ ringSize: cfg.events.ring_size, ...(cfg.events.log ? { logDir: runDir } : {}) });
+      // --nats (and its credential/TLS flags) override events.nats from the config file.
+      const fromCli = natsOptionsFrom(o);
+      const fromFile = cfg.events.nats;
+      const nats: NatsBusConfig | undefined =
+        fromCli || fromFile
+          ? {
+              ...(fromFile
+                ? {
+                    servers: fromFile.url,
+                    stream: fromFile.stream,
+                    subjectRoot: fromFile.subject_root,
+                    maxAgeSec: fromFile.max_age_sec,
+                    maxBytes: fromFile.max_bytes,
+                    maxMsgs: fromFile.max_msgs,
+                    queueLimit: fromFile.queue_limit,
+                  }
+                : { servers: fromCli!.servers }),
+              ...(fromCli ?? {}),
+            }
+          : undefined;
+      const bus = await createEventBus({
+        ...(nats ? { nats } : {}),
+        memory: { ringSize: cfg.events.ring_size, ...(cfg.events.log ? { logDir: runDir } : {}) },
+      });
+      if (nats) console.log(`events: publishing to NATS ${nats.servers} (stream ${nats.stream ?? 'FEDTUNE_EVENTS'})`);
       const afterSeq = (await bus.history(cfg.name)).at(-1)?.seq ?? 0;
       const printing = printEvents(bus, cfg.name, afterSeq, cfg.rounds);
       let handle;

@@ -5,6 +5,8 @@
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { parseHostPort } from '../common/config.ts';
 import { FatalWorkerError, WorkerAgent } from '../worker/agent.ts';
+import { startPresence } from '../worker/presence.ts';
+import { totalmem } from 'node:os';
 import { TRAINER_BACKENDS } from '../worker/trainers/index.ts';
 
 function int(name: string, min: number): (v: string) => number {
@@ -23,6 +25,7 @@ function fraction(v: string): number {
 
 interface WorkerCliOpts {
   coordinator: string;
+  presenceNats?: string;
   data: string;
   name: string;
   token?: string;
@@ -69,6 +72,7 @@ export function register(program: Command): void {
     .option('--tls-key <file>', 'PEM client key (with --tls-cert)')
     .option('--tls-server-name <name>', 'name to verify the coordinator certificate against')
     .option('--give-up-after <sec>', 'stop reconnecting after this many seconds without the coordinator', int('--give-up-after', 1), 600)
+    .option('--presence-nats <url>', 'announce this worker (idle/training) on NATS subject fedtune.workers.<site>; list them with `fedtune workers --nats URL`')
     .addOption(new Option('--progress <mode>', 'progress display (default: bar on a terminal, log lines otherwise)').choices(['bar', 'log', 'none']))
     .addOption(new Option('--noop-step-ms <ms>', 'noop trainer: duration of a simulated step').argParser(int('--noop-step-ms', 0)).hideHelp())
     .addOption(new Option('--fault <kind>', 'fault injection for tests').choices(['kill-mid-upload']).hideHelp())
@@ -78,7 +82,17 @@ export function register(program: Command): void {
       if (!token) throw new Error('--token is required (or set FEDTUNE_JOIN_TOKEN)');
       const useTls = o.tls || o.tlsCa || o.tlsCert || o.tlsServerName;
       if ((o.tlsCert === undefined) !== (o.tlsKey === undefined)) throw new Error('--tls-cert and --tls-key go together');
+      const presence = o.presenceNats
+        ? startPresence({
+            nats: { servers: o.presenceNats },
+            workerId: `${o.name}-${process.pid}`,
+            site: o.name,
+            device: o.device === 'cuda' ? 'cuda' : 'cpu',
+            memoryBytes: totalmem(),
+          })
+        : null;
       const agent = new WorkerAgent({
+        ...(presence ? { onActivity: (a: 'idle' | 'training', runId: string) => presence.update(a, runId) } : {}),
         coordinator: o.coordinator,
         token,
         site: o.name,
@@ -124,6 +138,7 @@ export function register(program: Command): void {
       } finally {
         process.off('SIGINT', stop);
         process.off('SIGTERM', stop);
+        await presence?.close();
       }
     });
 }

@@ -12,6 +12,9 @@ import { z } from 'zod';
 
 export const STRATEGIES = ['fedavg', 'fedavgm', 'fedadam', 'fedyogi'] as const;
 export const SCHEDULES = ['constant', 'linear', 'cosine'] as const;
+export const RUN_MODES = ['federated', 'distributed'] as const;
+/** Outer optimizers of local SGD in distributed mode (sync_every > 1). */
+export const OUTER_OPTIMIZERS = ['average', 'nesterov'] as const;
 export type StrategyName = (typeof STRATEGIES)[number];
 
 const nameRe = /^[A-Za-z0-9][A-Za-z0-9._-]*$/;
@@ -48,7 +51,7 @@ const trainingSchema = z
 export const runConfigSchema = z
   .strictObject({
     name: z.string().regex(nameRe, 'must start with a letter or digit and contain only letters, digits, ".", "_" and "-"'),
-    mode: z.enum(['federated']).default('federated'),
+    mode: z.enum(RUN_MODES).default('federated'),
     model: z.strictObject({
       /** Hugging Face model directory the coordinator reads the architecture from (and fingerprints). */
       path: z.string().min(1),
@@ -64,7 +67,8 @@ export const runConfigSchema = z
       })
       .prefault({}),
     training: trainingSchema,
-    rounds: int().min(1),
+    /** Federated rounds (required in federated mode; distributed mode counts training.steps / epochs instead). */
+    rounds: int().min(0).default(0),
     cohort: z
       .strictObject({
         fraction: z.number().gt(0).max(1).default(1),
@@ -101,6 +105,39 @@ export const runConfigSchema = z
       })
       .prefault({}),
     checkpoint: z.strictObject({ dir: z.string().min(1).default('checkpoints') }).prefault({}),
+    /** mode: distributed only (see docs/distributed.md). */
+    distributed: z
+      .strictObject({
+        /** JSON / JSONL dataset on the coordinator (Alpaca, chat or text records). */
+        dataset: z.string().min(1).nullable().default(null),
+        /** Workers read the dataset themselves (same file on shared storage) and get record index ranges instead of the records. */
+        shared_storage: z.boolean().default(false),
+        /** Path of the dataset as the workers see it (shared_storage only; default: dataset). */
+        worker_dataset_path: z.string().min(1).nullable().default(null),
+        sharding: z
+          .strictObject({
+            kind: z.enum(['iid']).default('iid'),
+            /** Seed of the data order (default: training.seed). */
+            seed: int().min(0).nullable().default(null),
+          })
+          .prefault({}),
+        /** 1: synchronous data-parallel steps. H > 1: local SGD, H local steps per worker, then an outer step. */
+        sync_every: int().min(1).default(1),
+        outer_optimizer: z
+          .strictObject({
+            kind: z.enum(OUTER_OPTIMIZERS).default('nesterov'),
+            lr: positive().default(0.7),
+            momentum: z.number().min(0).lt(1).default(0.9),
+          })
+          .prefault({}),
+        /** A worker that has not uploaded by then is dropped and the step retried without it. */
+        step_deadline_sec: positive().default(120),
+        /** Consecutive retries of one step before the run fails. */
+        max_step_retries: int().min(0).default(5),
+        /** Write a checkpoint (adapter + optimizer state) every K steps, and at the end. */
+        checkpoint_every: int().min(1).default(100),
+      })
+      .prefault({}),
     server: z
       .strictObject({
         listen: z.string().regex(listenRe, 'must be HOST:PORT, e.g. 127.0.0.1:7070 or 0.0.0.0:7070').default('127.0.0.1:7070'),
@@ -128,10 +165,44 @@ export const runConfigSchema = z
         ring_size: int().min(16).default(10000),
         /** Append every event to CHECKPOINT_DIR/<name>/events.jsonl. */
         log: z.boolean().default(true),
+        /** Publish events to NATS JetStream too (credentials and TLS files come from the command line). */
+        nats: z
+          .strictObject({
+            url: z.string().min(1),
+            stream: z.string().min(1).optional(),
+            subject_root: z.string().min(1).optional(),
+            max_age_sec: z.number().positive().optional(),
+            max_bytes: int().min(1).optional(),
+            max_msgs: int().min(1).optional(),
+            queue_limit: int().min(1).optional(),
+          })
+          .nullable()
+          .default(null),
       })
       .prefault({}),
   })
   .superRefine((c, ctx) => {
+    if (c.mode === 'federated' && c.rounds < 1) {
+      ctx.addIssue({
+        code: 'custom',
+        path: ['rounds'],
+        message: `is required in federated mode (an integer >= 1)${c.rounds === 0 ? '' : ` (got ${c.rounds})`}`,
+      });
+    }
+    if (c.mode === 'distributed' && c.distributed.dataset === null) {
+      ctx.addIssue({
+        code: 'custom',
+        path: ['distributed', 'dataset'],
+        message: 'is required in distributed mode (the JSON / JSONL dataset file the coordinator shards across workers)',
+      });
+    }
+    if (c.mode === 'distributed' && c.distributed.worker_dataset_path !== null && !c.distributed.shared_storage) {
+      ctx.addIssue({
+        code: 'custom',
+        path: ['distributed', 'worker_dataset_path'],
+        message: 'only applies with distributed.shared_storage: true',
+      });
+    }
     if (c.round.min_results > c.cohort.min_workers) {
       ctx.addIssue({
         code: 'custom',

@@ -241,6 +241,8 @@ export interface WorkerAgentOptions {
   faultKillMidUpload?: boolean;
   /** Use an existing trainer instead of creating one (in-process benchmarks). */
   trainerInstance?: Trainer;
+  /** Called when the worker starts or stops working on a task of run `runId` (presence announcements). */
+  onActivity?: (activity: 'idle' | 'training', runId: string) => void;
 }
 
 export interface WorkerRunResult {
@@ -384,9 +386,12 @@ export class WorkerAgent {
       const heartbeat = (): void =>
         send({ body: { $case: 'heartbeat', value: { status, taskId: currentTask, memoryUsedBytes: process.memoryUsage().rss } } });
       const setStatus = (s: WorkerStatus, taskId = currentTask): void => {
+        const wasIdle = status === WorkerStatus.WORKER_STATUS_IDLE;
         status = s;
         currentTask = taskId;
         heartbeat();
+        const idle = s === WorkerStatus.WORKER_STATUS_IDLE;
+        if (idle !== wasIdle) this.opts.onActivity?.(idle ? 'idle' : 'training', reg.runId);
       };
       const timer = setInterval(heartbeat, Math.max(50, reg.heartbeatIntervalMs));
       const finish = (e: SessionEnd): void => {
