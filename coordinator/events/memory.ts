@@ -15,7 +15,7 @@
  * WebSocket layer turns this into a `resync` message). publish() never waits
  * on a subscriber or on the disk.
  */
-import { appendFileSync, createReadStream, createWriteStream, existsSync, mkdirSync, readFileSync, truncateSync, type WriteStream } from 'node:fs';
+import { appendFileSync, closeSync, createReadStream, existsSync, mkdirSync, openSync, readFileSync, truncateSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { isRunEvent, RUN_EVENT_TYPES, type NewRunEvent, type RunEvent } from '../../common/events.ts';
@@ -100,9 +100,8 @@ export class MemoryBus implements EventBus {
   private readonly ringSize: number;
   readonly subscriberQueue: number;
   private readonly logPath: string | undefined;
-  private readonly out: WriteStream | undefined;
-  private pendingWrites = 0;
-  private flushWaiters: Array<() => void> = [];
+  /** Event log file descriptor, written synchronously: an event is in the OS's hands before publish returns, so a killed coordinator loses none. */
+  private fd: number | undefined;
   private writeError: Error | undefined;
   private closed = false;
 
@@ -113,12 +112,7 @@ export class MemoryBus implements EventBus {
       mkdirSync(opts.logDir, { recursive: true });
       this.logPath = join(opts.logDir, EVENT_LOG_FILE);
       if (existsSync(this.logPath)) this.reload(this.logPath);
-      this.out = createWriteStream(this.logPath, { flags: 'a' });
-      this.out.on('error', (err) => {
-        // Keep the run going: the dashboard history is not worth failing a run for.
-        this.writeError = err;
-        log.error({ err, file: this.logPath }, 'event log write failed; events are kept in memory only from now on');
-      });
+      this.fd = openSync(this.logPath, 'a');
     }
   }
 
@@ -201,27 +195,32 @@ export class MemoryBus implements EventBus {
     const full = { ...event, seq: run.lastSeq + 1, time: Date.now() } as RunEvent;
     run.lastSeq = full.seq;
     run.ring.push(full);
-    if (this.out && !this.writeError) {
-      this.pendingWrites++;
-      this.out.write(JSON.stringify(full) + '\n', () => this.writeDone());
+    if (this.fd !== undefined && !this.writeError) {
+      try {
+        writeSync(this.fd, JSON.stringify(full) + '\n');
+      } catch (err) {
+        // Keep the run going: the dashboard history is not worth failing a run for.
+        this.writeError = err as Error;
+        log.error({ err, file: this.logPath }, 'event log write failed; events are kept in memory only from now on');
+      }
     }
     for (const s of this.subs) s.offer(full);
     return full;
   }
 
-  private writeDone(): void {
-    this.pendingWrites--;
-    if (this.pendingWrites === 0) {
-      const ws = this.flushWaiters;
-      this.flushWaiters = [];
-      for (const w of ws) w();
-    }
+  /** Resolves once every event published so far is in the event log: at once, since writes are synchronous. */
+  flush(): Promise<void> {
+    return Promise.resolve();
   }
 
-  /** Resolves once every event published so far is in the event log (at once without a log). */
-  flush(): Promise<void> {
-    if (this.pendingWrites === 0 || this.writeError) return Promise.resolve();
-    return new Promise((resolve) => this.flushWaiters.push(resolve));
+  /**
+   * Continue a run's sequence after `lastSeq` (e.g. what JetStream already holds
+   * for a resumed run without a local log). Only for runs this bus has not seen.
+   */
+  seedSeq(runId: string, lastSeq: number): void {
+    if (!Number.isInteger(lastSeq) || lastSeq < 0) throw new Error(`MemoryBus.seedSeq: lastSeq must be an integer >= 0, got ${lastSeq}`);
+    if (this.runsById.has(runId)) return;
+    this.runState(runId).lastSeq = lastSeq;
   }
 
   /** Last sequence number of a run (0 for a run this bus has not seen). */
@@ -291,9 +290,9 @@ export class MemoryBus implements EventBus {
     this.closed = true;
     for (const s of [...this.subs]) s.close();
     this.subs.clear();
-    if (this.out) {
-      const out = this.out;
-      await new Promise<void>((resolve) => out.end(() => resolve()));
+    if (this.fd !== undefined) {
+      closeSync(this.fd);
+      this.fd = undefined;
     }
   }
 }

@@ -74,14 +74,6 @@ export interface NatsBusStatus {
   dropped: number;
 }
 
-/** A MemoryBus that can continue a run's sequence numbers after what another store already holds. */
-interface SeedableBus {
-  seedSeq(runId: string, lastSeq: number): void;
-}
-function isSeedable(b: object): b is SeedableBus {
-  return typeof (b as Partial<SeedableBus>).seedSeq === 'function';
-}
-
 type EntryState = 'queued' | 'inflight' | 'gone';
 interface Entry {
   event: RunEvent;
@@ -641,7 +633,7 @@ export class NatsBus implements EventBus {
         const stored = lasts[k]!;
         const localSeq = this.local.lastSeq(runId);
         if (stored <= localSeq) return;
-        if (localSeq === 0 && isSeedable(this.local)) {
+        if (localSeq === 0) {
           this.local.seedSeq(runId, stored);
           this.maxSent.set(runId, stored);
         } else {

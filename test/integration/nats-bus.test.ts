@@ -145,15 +145,9 @@ describe.skipIf(!enabled)('NatsBus on a real nats-server', () => {
     await first.close();
     const second = await createEventBus({ nats: { servers: SHARED_NATS, stream, subjectRoot }, memory: {} });
     try {
-      const seeded = typeof (MemoryBus.prototype as { seedSeq?: unknown }).seedSeq === 'function';
       const e = second.publish(progress(runId, 8));
-      if (seeded) {
-        expect(e.seq).toBe(8);
-        expect((await second.history(runId)).map((x) => x.seq)).toEqual([1, 2, 3, 4, 5, 6, 7, 8]);
-      } else {
-        // Without MemoryBus.seedSeq the local bus restarts at 1; the NATS copy keeps the first 7.
-        expect(e.seq).toBe(1);
-      }
+      expect(e.seq).toBe(8);
+      expect((await second.history(runId)).map((x) => x.seq)).toEqual([1, 2, 3, 4, 5, 6, 7, 8]);
     } finally {
       await second.close();
     }
