@@ -67,6 +67,8 @@ export const CHARTS: ChartSpec[] = [
         series: [{ label: 'round' }, line('eval accuracy', 2, { value: (_u, x) => (x === null ? '–' : `${(x * 100).toFixed(1)}%`) })],
         data: [v.rounds.map((r) => r.round), v.rounds.map((r) => r.evalAccuracy)],
         axes: [roundAxis(), { values: (_u, vals) => vals.map((x) => `${Math.round(x * 100)}%`) }],
+        // Accuracy lives in [0, 1]: a fixed scale keeps a flat series (all 0 or all 1) readable.
+        scales: { y: { range: () => [0, 1] } },
       };
     },
   },
