@@ -14,15 +14,17 @@ function files(dir: string): string[] {
 }
 
 describe('generated protobuf code', () => {
-  it('proto/gen is what `npm run proto` generates from proto/fedtune/v1 (regenerate and commit if this fails)', () => {
+  it('proto/gen and worker/engine/onnx/gen are what `npm run proto` generates (regenerate and commit if this fails)', () => {
     const out = mkdtempSync(join(tmpdir(), 'fedtune-proto-'));
     onTestFinished(() => rmSync(out, { recursive: true, force: true }));
     execFileSync('sh', [join(root, 'scripts', 'gen-proto.sh'), out], { cwd: root, stdio: 'pipe' });
-    const fresh = join(out, 'proto', 'gen');
-    const committed = join(root, 'proto', 'gen');
-    expect(files(committed)).toEqual(files(fresh));
-    for (const f of files(fresh)) {
-      expect(readFileSync(join(committed, f), 'utf8'), `proto/gen/${f} is stale`).toBe(readFileSync(join(fresh, f), 'utf8'));
+    for (const dir of ['proto/gen', 'worker/engine/onnx/gen']) {
+      const fresh = join(out, dir);
+      const committed = join(root, dir);
+      expect(files(committed)).toEqual(files(fresh));
+      for (const f of files(fresh)) {
+        expect(readFileSync(join(committed, f), 'utf8'), `${dir}/${f} is stale`).toBe(readFileSync(join(fresh, f), 'utf8'));
+      }
     }
   });
 });
