@@ -26,6 +26,7 @@ const pct = (x: number | null): string => (x === null ? 'n/a' : `${(x * 100).toF
 export function describeEvent(e: RunEvent, totalRounds: number): string | null {
   switch (e.type) {
     case 'run.started':
+      if (e.mode === 'distributed') return `run ${e.name}: distributed, ${e.strategy}, ${e.totalSteps} steps${e.resumedFromRound > 0 ? `, resumed after step ${e.resumedFromRound}` : ''}`;
       return `run ${e.name}: ${e.strategy}, ${e.totalRounds} rounds${e.resumedFromRound > 0 ? `, resumed after round ${e.resumedFromRound}` : ''}`;
     case 'worker.joined':
       return `+ ${e.worker.site} joined (${e.worker.device}, ${e.worker.workerId})`;
@@ -45,10 +46,12 @@ export function describeEvent(e: RunEvent, totalRounds: number): string | null {
         `eval loss ${num(e.evalLoss)}, eval accuracy ${pct(e.evalAccuracy)} ` +
         `(${e.participants} worker(s), ${e.examples} examples, up ${formatBytes(e.bytesUp)}, down ${formatBytes(e.bytesDown)})`
       );
+    case 'step.completed':
+      return `step ${e.step}: loss ${e.loss.toFixed(4)}, ${Math.round(e.tokensPerSec)} tok/s, ${e.workers} worker(s); compute ${e.computeMs.toFixed(0)} ms, communicate ${e.communicateMs.toFixed(0)} ms, aggregate ${e.aggregateMs.toFixed(0)} ms`;
     case 'checkpoint.written':
       return `  checkpoint ${e.path}`;
     case 'run.completed':
-      return `run completed after ${e.rounds} round(s); final adapter: ${e.finalAdapterPath}`;
+      return `run completed after ${e.rounds} ${e.metrics.steps !== undefined ? 'step' : 'round'}(s); final adapter: ${e.finalAdapterPath}`;
     case 'run.failed':
       return `run failed: ${e.error}`;
     case 'log':

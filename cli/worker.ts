@@ -26,7 +26,7 @@ function fraction(v: string): number {
 interface WorkerCliOpts {
   coordinator: string;
   presenceNats?: string;
-  data: string;
+  data?: string;
   name: string;
   token?: string;
   model: string;
@@ -54,7 +54,7 @@ export function register(program: Command): void {
     .command('worker')
     .description('join a federated run: train on local data, send back only the adapter')
     .requiredOption('--coordinator <host:port>', 'coordinator gRPC address')
-    .requiredOption('--data <file>', 'local training data: JSON array or JSONL of Alpaca or chat records')
+    .option('--data <file>', 'local training data: JSON array or JSONL of Alpaca or chat records (required in federated runs; distributed runs send each worker its shard)')
     .requiredOption('--name <site>', 'site name shown on the dashboard')
     .requiredOption('--model <dir>', 'local copy of the base model (Hugging Face directory)')
     .option('--token <token>', 'join token of the run (or set FEDTUNE_JOIN_TOKEN)')
@@ -99,7 +99,7 @@ export function register(program: Command): void {
         trainer: o.trainer,
         trainerOptions: {
           modelDir: o.model,
-          dataPath: o.data,
+          dataPath: o.data ?? '',
           ...(o.evalData ? { evalPath: o.evalData } : {}),
           evalFraction: o.evalFraction,
           ...(o.template ? { template: o.template } : {}),

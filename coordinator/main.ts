@@ -13,16 +13,18 @@ import { parseHostPort, type RunConfig } from '../common/config.ts';
 import { logger } from '../common/log.ts';
 import type { TensorMap } from '../common/tensor.ts';
 import { CoordinatorService } from '../proto/gen/fedtune/v1/coordinator.ts';
-import { initLoraAdapter, loraTargets, validateAdapter } from '../worker/engine/lora.ts';
+import { initLoraAdapter, loraTargets, validateAdapter, type LoraTarget } from '../worker/engine/lora.ts';
 import { loadModel } from '../worker/engine/model.ts';
-import type { LoraConfig } from '../worker/engine/config.ts';
+import type { LoadedModel, LoraConfig } from '../worker/engine/config.ts';
+import { DistributedRun } from './distributed/run.ts';
+import { setupDistributed } from './distributed/setup.ts';
 import type { EventBus } from './events/bus.ts';
 import { MemoryBus } from './events/memory.ts';
 import { FederatedRun, type RunResult } from './run.ts';
-import { createCoordinatorService } from './service.ts';
+import { createCoordinatorService, type RunController } from './service.ts';
 import { createStrategy } from './strategies/strategy.ts';
 import { CheckpointStore, newRunState, SERVER_OPTIMIZER_FILE, type RunStateFile } from './store.ts';
-import { WorkerRegistry } from './workers.ts';
+import { WorkerRegistry, type RegistryListener } from './workers.ts';
 
 const log = logger('coordinator');
 
@@ -78,51 +80,15 @@ export async function startCoordinator(cfg: RunConfig, opts: CoordinatorOptions 
   } catch (err) {
     throw new Error(`lora: ${(err as Error).message}`);
   }
-  const store = new CheckpointStore({
-    root: cfg.checkpoint.dir,
-    runName: cfg.name,
-    lora,
-    baseModel: cfg.model.path,
-    fanInFanOut: targets.some((t) => t.conv1d),
-  });
-  await store.cleanTemp();
-  const strategy = createStrategy(cfg);
-
-  // Global adapter: resumed from the last complete round, or fresh (round 0 is checkpointed too).
-  let global: TensorMap;
-  let state: RunStateFile;
-  const latest = await store.latest();
-  let resumed = false;
-  if (latest && !opts.resume) {
-    throw new Error(
-      `${store.runDir} already holds checkpoints up to round ${latest.round}: pass --resume to continue that run, or change name / checkpoint.dir to start a new one`,
-    );
-  }
-  if (latest) {
-    if (latest.state.modelFingerprint !== model.fingerprint) {
-      throw new Error(`cannot resume ${store.runDir}: it was trained on base model ${latest.state.modelFingerprint}, ${cfg.model.path} is ${model.fingerprint}`);
-    }
-    global = await store.loadAdapter(latest.dir);
-    try {
-      validateAdapter(global, targets, cfg.lora.r);
-    } catch (err) {
-      throw new Error(`cannot resume from ${latest.dir}: the adapter does not fit the config's lora section: ${(err as Error).message}`);
-    }
-    await strategy.load(`${latest.dir}/${SERVER_OPTIMIZER_FILE}`);
-    state = latest.state;
-    resumed = true;
-    log.info({ round: latest.round, dir: latest.dir }, 'resuming after the last complete round');
-  } else {
-    if (opts.resume) log.warn({ runDir: store.runDir }, '--resume given but no checkpoint exists yet: starting the run from round 0');
-    global = initLoraAdapter(targets, cfg.lora.r, cfg.training.seed);
-    state = newRunState(cfg, model.fingerprint);
-    await store.write(state, global);
-  }
+  const setup =
+    cfg.mode === 'distributed'
+      ? await setupDistributedRun(cfg, { model, lora, targets, resume: opts.resume ?? false })
+      : await setupFederatedRun(cfg, { model, lora, targets, resume: opts.resume ?? false });
 
   const ownBus = opts.bus === undefined;
-  const bus = opts.bus ?? new MemoryBus({ ringSize: cfg.events.ring_size, ...(cfg.events.log ? { logDir: store.runDir } : {}) });
+  const bus = opts.bus ?? new MemoryBus({ ringSize: cfg.events.ring_size, ...(cfg.events.log ? { logDir: setup.runDir } : {}) });
   const registry = new WorkerRegistry(cfg.server.heartbeat_timeout_ms);
-  const run = new FederatedRun({ cfg, bus, registry, store, strategy, global, state, resumed });
+  const run = setup.create(bus, registry);
   registry.listener = run;
 
   const server = new grpc.Server({ 'grpc.keepalive_permit_without_calls': 1, 'grpc.http2.min_ping_interval_without_data_ms': 5000 });
@@ -136,7 +102,7 @@ export async function startCoordinator(cfg: RunConfig, opts: CoordinatorOptions 
   );
   registry.startSweeper(Math.min(1000, cfg.server.heartbeat_interval_ms));
   const address = `${host.includes(':') ? `[${host}]` : host}:${port}`;
-  log.info({ address, run: cfg.name, tls: cfg.server.tls !== null, fingerprint: model.fingerprint }, 'coordinator listening');
+  log.info({ address, run: cfg.name, mode: cfg.mode, tls: cfg.server.tls !== null, fingerprint: model.fingerprint }, 'coordinator listening');
 
   let closed = false;
   const runPromise = run.run().then((result) => {
@@ -148,7 +114,7 @@ export async function startCoordinator(cfg: RunConfig, opts: CoordinatorOptions 
     address,
     port,
     runId: run.runId,
-    runDir: store.runDir,
+    runDir: setup.runDir,
     bus,
     run: runPromise,
     async close() {
@@ -169,4 +135,72 @@ export async function startCoordinator(cfg: RunConfig, opts: CoordinatorOptions 
       if (ownBus) await bus.close();
     },
   };
+}
+
+/** What the service and the registry drive: the federated round loop or the distributed step loop. */
+type AnyRun = RunController & RegistryListener & { readonly runId: string; run(): Promise<RunResult>; stop(): void };
+
+interface RunSetup {
+  /** CHECKPOINT_DIR/<name> */
+  runDir: string;
+  create(bus: EventBus, registry: WorkerRegistry): AnyRun;
+}
+
+interface SetupArgs {
+  model: LoadedModel;
+  lora: LoraConfig;
+  targets: LoraTarget[];
+  resume: boolean;
+}
+
+async function setupDistributedRun(cfg: RunConfig, o: SetupArgs): Promise<RunSetup> {
+  const d = await setupDistributed(cfg, o);
+  return { runDir: d.store.runDir, create: (bus, registry) => new DistributedRun({ cfg, bus, registry, ...d }) };
+}
+
+async function setupFederatedRun(cfg: RunConfig, o: SetupArgs): Promise<RunSetup> {
+  const { model, targets } = o;
+  const lora = o.lora;
+  const store = new CheckpointStore({
+    root: cfg.checkpoint.dir,
+    runName: cfg.name,
+    lora,
+    baseModel: cfg.model.path,
+    fanInFanOut: targets.some((t) => t.conv1d),
+  });
+  await store.cleanTemp();
+  const strategy = createStrategy(cfg);
+
+  // Global adapter: resumed from the last complete round, or fresh (round 0 is checkpointed too).
+  let global: TensorMap;
+  let state: RunStateFile;
+  const latest = await store.latest();
+  let resumed = false;
+  if (latest && !o.resume) {
+    throw new Error(
+      `${store.runDir} already holds checkpoints up to round ${latest.round}: pass --resume to continue that run, or change name / checkpoint.dir to start a new one`,
+    );
+  }
+  if (latest) {
+    if (latest.state.modelFingerprint !== model.fingerprint) {
+      throw new Error(`cannot resume ${store.runDir}: it was trained on base model ${latest.state.modelFingerprint}, ${cfg.model.path} is ${model.fingerprint}`);
+    }
+    global = await store.loadAdapter(latest.dir);
+    try {
+      validateAdapter(global, targets, cfg.lora.r);
+    } catch (err) {
+      throw new Error(`cannot resume from ${latest.dir}: the adapter does not fit the config's lora section: ${(err as Error).message}`);
+    }
+    await strategy.load(`${latest.dir}/${SERVER_OPTIMIZER_FILE}`);
+    state = latest.state;
+    resumed = true;
+    log.info({ round: latest.round, dir: latest.dir }, 'resuming after the last complete round');
+  } else {
+    if (o.resume) log.warn({ runDir: store.runDir }, '--resume given but no checkpoint exists yet: starting the run from round 0');
+    global = initLoraAdapter(targets, cfg.lora.r, cfg.training.seed);
+    state = newRunState(cfg, model.fingerprint);
+    await store.write(state, global);
+  }
+
+  return { runDir: store.runDir, create: (bus, registry) => new FederatedRun({ cfg, bus, registry, store, strategy, global, state, resumed }) };
 }

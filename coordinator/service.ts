@@ -29,8 +29,10 @@ import {
   type UploadMessage,
   type WorkerMessage,
 } from '../proto/gen/fedtune/v1/coordinator.ts';
-import { DType, type TensorManifest } from '../proto/gen/fedtune/v1/tensors.ts';
-import { UpdateRejected, trainingSpecOf, type FederatedRun } from './run.ts';
+import { DType, type StreamHeader, type TensorManifest } from '../proto/gen/fedtune/v1/tensors.ts';
+import type { PackedTensors } from '../common/chunks.ts';
+import type { EvalResult, TaskFailed, TaskProgress } from '../proto/gen/fedtune/v1/coordinator.ts';
+import { UpdateRejected, trainingSpecOf } from './run.ts';
 import type { SessionStream, WorkerRecord, WorkerRegistry } from './workers.ts';
 
 const log = logger('coordinator.service');
@@ -74,9 +76,30 @@ function statusOf(err: unknown): grpc.ServiceError {
   return grpcError(grpc.status.INTERNAL, err instanceof Error ? err.message : String(err));
 }
 
-export interface ServiceContext {
+/**
+ * What the service hands arrivals to: the federated round loop (run.ts) or the
+ * distributed step loop (distributed/run.ts). T is the run's task record.
+ */
+export interface RunController<T = unknown> {
+  readonly runId: string;
+  readonly globalVersion: number;
+  adapterVersion(version: number): PackedTensors | undefined;
+  /** Distributed mode: a data shard of the current plan (undefined: unknown, or federated mode). */
+  dataShard?(shardId: string): { bytes: Uint8Array; sha256: Uint8Array; mediaType: string } | undefined;
+  onHeartbeat(w: WorkerRecord, status: string): void;
+  onProgress(w: WorkerRecord, p: TaskProgress): void;
+  onTaskFailed(w: WorkerRecord, f: TaskFailed): void;
+  onEvalResult(w: WorkerRecord, r: EvalResult): void;
+  onDownloaded(w: WorkerRecord, bytes: number): void;
+  beginUpdate(w: WorkerRecord, h: UploadHeader, manifest: TensorSpecEntry[]): T;
+  abandonUpdate(t: T): void;
+  acceptUpdate(w: WorkerRecord, t: T, h: UploadHeader, bytes: Uint8Array): void;
+  rejectUpdate(w: WorkerRecord, h: Pick<UploadHeader, 'taskId' | 'round'> | null, reason: string): void;
+}
+
+export interface ServiceContext<T = unknown> {
   cfg: RunConfig;
-  run: FederatedRun;
+  run: RunController<T>;
   registry: WorkerRegistry;
   modelFingerprint: string;
 }
@@ -107,7 +130,7 @@ class Semaphore {
   }
 }
 
-export function createCoordinatorService(ctx: ServiceContext): CoordinatorServer {
+export function createCoordinatorService<T>(ctx: ServiceContext<T>): CoordinatorServer {
   const { cfg, registry } = ctx;
   const token = Buffer.from(cfg.server.join_token);
   const uploads = new Semaphore(cfg.server.max_concurrent_uploads);
@@ -227,12 +250,23 @@ export function createCoordinatorService(ctx: ServiceContext): CoordinatorServer
       void (async () => {
         const w = authenticate(call.metadata);
         const target = call.request.target;
-        if (target?.$case !== 'adapterVersion') {
-          throw grpcError(grpc.status.UNIMPLEMENTED, `download of ${target?.$case ?? 'nothing'} is not served in federated mode (allowed: adapter_version)`);
-        }
-        const packed = ctx.run.adapterVersion(target.value);
-        if (!packed) {
-          throw grpcError(grpc.status.NOT_FOUND, `global adapter version ${target.value} is not available (current: ${ctx.run.globalVersion})`);
+        let packed: { bytes: Uint8Array; sha256: Uint8Array };
+        let content: StreamHeader['content'];
+        if (target?.$case === 'dataShardId') {
+          const shard = ctx.run.dataShard?.(target.value);
+          if (!ctx.run.dataShard) throw grpcError(grpc.status.UNIMPLEMENTED, 'data shards are served in distributed mode only (allowed here: adapter_version)');
+          if (!shard) throw grpcError(grpc.status.NOT_FOUND, `data shard ${target.value || '(empty)'} is not part of the current data plan`);
+          packed = shard;
+          content = { $case: 'blob', value: { name: target.value, mediaType: shard.mediaType } };
+        } else if (target?.$case === 'adapterVersion') {
+          const p = ctx.run.adapterVersion(target.value);
+          if (!p) {
+            throw grpcError(grpc.status.NOT_FOUND, `global adapter version ${target.value} is not available (current: ${ctx.run.globalVersion})`);
+          }
+          packed = p;
+          content = { $case: 'tensors', value: toWireManifest(p.manifest) };
+        } else {
+          throw grpcError(grpc.status.INVALID_ARGUMENT, 'download request names no target (allowed: adapter_version, data_shard_id)');
         }
         const chunk = cfg.server.chunk_bytes;
         const write = (m: DownloadMessage): Promise<void> =>
@@ -240,7 +274,7 @@ export function createCoordinatorService(ctx: ServiceContext): CoordinatorServer
             if (call.write(m)) resolve();
             else call.once('drain', resolve);
           });
-        await write({ body: { $case: 'header', value: { totalBytes: packed.bytes.byteLength, chunkBytes: chunk, content: { $case: 'tensors', value: toWireManifest(packed.manifest) } } } });
+        await write({ body: { $case: 'header', value: { totalBytes: packed.bytes.byteLength, chunkBytes: chunk, content } } });
         for (const c of chunkSlices(packed.bytes, chunk)) {
           if (call.cancelled) return;
           await write({ body: { $case: 'chunk', value: { offset: c.offset, data: c.data } } });
@@ -261,7 +295,7 @@ export function createCoordinatorService(ctx: ServiceContext): CoordinatorServer
         }
         const release = await uploads.acquire();
         let header: UploadHeader | null = null;
-        let task: ReturnType<FederatedRun['beginUpdate']> | null = null;
+        let task: T | null = null;
         let asm: ChunkAssembler | null = null;
         let replied = false;
         const reply = (err: grpc.ServiceError | null, ack?: UploadAck): void => {
@@ -273,14 +307,14 @@ export function createCoordinatorService(ctx: ServiceContext): CoordinatorServer
         };
         const reject = (err: unknown): void => {
           const status = statusOf(err);
-          if (task) ctx.run.abandonUpdate(task);
+          if (task !== null) ctx.run.abandonUpdate(task);
           ctx.run.rejectUpdate(w, header, status.details);
           reply(status);
         };
         call.on('cancelled', () => {
           if (!replied) {
             log.warn({ worker: w.workerId, task: header?.taskId, received: asm?.receivedBytes ?? 0 }, 'upload broke off; partial update discarded');
-            if (task) ctx.run.abandonUpdate(task);
+            if (task !== null) ctx.run.abandonUpdate(task);
             replied = true;
             release();
           }
@@ -299,7 +333,7 @@ export function createCoordinatorService(ctx: ServiceContext): CoordinatorServer
               const want = manifestBytes(manifest);
               if (s.totalBytes !== want) throw new UpdateRejected('INVALID_ARGUMENT', `stream.total_bytes is ${s.totalBytes}, the manifest needs ${want}`);
               asm = new ChunkAssembler({ totalBytes: want, maxChunkBytes: cfg.server.max_chunk_bytes, what: `upload of task ${header.taskId}` });
-            } else if (!header || !asm || !task) {
+            } else if (!header || !asm || task === null) {
               throw new UpdateRejected('INVALID_ARGUMENT', `upload must start with a header (got ${b.$case})`);
             } else if (b.$case === 'chunk') {
               asm.push(b.value.offset, b.value.data);
@@ -312,7 +346,7 @@ export function createCoordinatorService(ctx: ServiceContext): CoordinatorServer
           }
           if (!replied) {
             // The client half-closed without a trailer.
-            if (task) ctx.run.abandonUpdate(task);
+            if (task !== null) ctx.run.abandonUpdate(task);
             log.warn({ worker: w.workerId, task: header?.taskId }, 'upload ended without a trailer; partial update discarded');
             reply(grpcError(grpc.status.DATA_LOSS, `upload ended after ${asm?.receivedBytes ?? 0} bytes without a trailer; nothing was used`));
           }

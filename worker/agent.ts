@@ -32,6 +32,7 @@ import {
   type DownloadMessage,
   type RegisterResponse,
   type RunInfo,
+  type StepTask,
   type Task,
   type TrainingSpec,
   type UploadAck,
@@ -40,6 +41,7 @@ import {
 } from '../proto/gen/fedtune/v1/coordinator.ts';
 import { DType } from '../proto/gen/fedtune/v1/tensors.ts';
 import { createTrainer } from './trainers/index.ts';
+import { StepRunner } from './trainers/step.ts';
 import type { LocalTrainingSpec, Trainer, TrainerFactoryOptions } from './trainers/trainer.ts';
 
 const log = logger('worker');
@@ -151,6 +153,29 @@ export class CoordinatorConnection {
     throw new Error(`download of global adapter v${version} ended before its trailer`);
   }
 
+  /** Download a data shard (distributed mode); the digest is checked before it is returned. */
+  async downloadShard(shardId: string, maxChunkBytes: number): Promise<{ bytes: Uint8Array; mediaType: string; sha256: Uint8Array }> {
+    const stream = this.client.download({ target: { $case: 'dataShardId', value: shardId } }, this.metadata());
+    let asm: ChunkAssembler | null = null;
+    let mediaType = '';
+    for await (const msg of stream as AsyncIterable<DownloadMessage>) {
+      const b = msg.body;
+      if (!b) continue;
+      if (b.$case === 'header') {
+        if (b.value.content?.$case !== 'blob') throw new Error(`download of data shard ${shardId}: header does not describe a blob`);
+        mediaType = b.value.content.value.mediaType;
+        asm = new ChunkAssembler({ totalBytes: b.value.totalBytes, maxChunkBytes, what: `data shard ${shardId}` });
+      } else if (b.$case === 'chunk') {
+        if (!asm) throw new Error('download: chunk before header');
+        asm.push(b.value.offset, b.value.data);
+      } else {
+        if (!asm) throw new Error('download: trailer before header');
+        return { bytes: asm.finish(b.value), mediaType, sha256: b.value.sha256 };
+      }
+    }
+    throw new Error(`download of data shard ${shardId} ended before its trailer`);
+  }
+
   /**
    * Upload one update: header, chunks (respecting flow control), trailer.
    * `onChunk` runs after each chunk is handed to gRPC (used for fault injection in tests).
@@ -259,6 +284,8 @@ export class WorkerAgent {
   private trainer: Trainer | null = null;
   private cache: { version: number; adapter: TensorMap; sha256: Uint8Array } | null = null;
   private tasksDone = 0;
+  /** Distributed mode: shard cache and local SGD state, created with the trainer. */
+  private steps: StepRunner | null = null;
 
   constructor(opts: WorkerAgentOptions) {
     this.opts = opts;
@@ -318,6 +345,9 @@ export class WorkerAgent {
   }
 
   private async ensureTrainer(info: RunInfo): Promise<void> {
+    if (info.mode !== 'distributed' && !this.opts.trainerOptions.dataPath && !this.opts.trainerInstance) {
+      throw new FatalWorkerError(`run ${info.runName} is federated: pass --data with this site's training data (only distributed runs send workers their data)`);
+    }
     if (this.trainer) return;
     if (this.opts.trainerInstance) {
       this.trainer = this.opts.trainerInstance;
@@ -491,8 +521,12 @@ export class WorkerAgent {
   ): Promise<void> {
     const tr = this.trainer!;
     const kind = task.kind;
+    if (kind?.$case === 'step') {
+      await this.handleStep(conn, reg, task, kind.value, signal, setStatus);
+      return;
+    }
     if (!kind || (kind.$case !== 'train' && kind.$case !== 'eval')) {
-      send({ body: { $case: 'taskFailed', value: { taskId: task.taskId, message: `task kind ${kind?.$case ?? '(none)'} is not supported by ${CLIENT_NAME}`, unsupported: true } } });
+      send({ body: { $case: 'taskFailed', value: { taskId: task.taskId, message: `task kind ${task.kind?.$case ?? '(none)'} is not supported by ${CLIENT_NAME}`, unsupported: true } } });
       return;
     }
     setStatus(WorkerStatus.WORKER_STATUS_FETCHING, task.taskId);
@@ -564,6 +598,48 @@ export class WorkerAgent {
       else throw new Error(`upload refused: ${isServiceError(err) ? err.details : (err as Error).message}`);
     }
     log.info({ round: task.round, bytes: ack.bytes, examples: outcome.numExamples, trainLoss: outcome.metrics.train_loss }, 'update uploaded');
+  }
+
+  /** Distributed mode: gradients (or local SGD delta) of the task's micro-batches, uploaded in checked chunks. */
+  private async handleStep(
+    conn: CoordinatorConnection,
+    reg: RegisterResponse,
+    task: Task,
+    step: StepTask,
+    signal: AbortSignal,
+    setStatus: (s: WorkerStatus, taskId?: string) => void,
+  ): Promise<void> {
+    this.steps ??= new StepRunner(this.trainer!, { modelDir: this.opts.trainerOptions.modelDir, runId: reg.runId, localSpec: localSpecOf });
+    const chunkBytes = reg.chunkBytes || DEFAULT_CHUNK_BYTES;
+    const onChunk = this.opts.faultKillMidUpload
+      ? (i: number, total: number) => {
+          if (i + 1 >= Math.max(1, Math.floor(total / 2))) process.kill(process.pid, 'SIGKILL');
+        }
+      : undefined;
+    const phase = { fetching: WorkerStatus.WORKER_STATUS_FETCHING, training: WorkerStatus.WORKER_STATUS_TRAINING, uploading: WorkerStatus.WORKER_STATUS_UPLOADING };
+    const r = await this.steps.run(
+      step,
+      {
+        fetchGlobal: () => this.fetchGlobal(conn, reg, task),
+        downloadShard: async (shardId, sha) => {
+          const got = await conn.downloadShard(shardId, reg.maxChunkBytes);
+          if (!bytesEqual(got.sha256, sha)) throw new Error(`data shard ${shardId}: digest ${hex(got.sha256)} differs from the task's ${hex(sha)}`);
+          return got.bytes;
+        },
+        upload: async (h, tensors) => {
+          const header = { taskId: task.taskId, round: task.round, kind: h.kind, baseVersion: task.global!.version, numExamples: h.numExamples, metrics: h.metrics };
+          try {
+            return await conn.upload(header, tensors, { chunkBytes, ...(onChunk ? { onChunk } : {}) });
+          } catch (err) {
+            if (isServiceError(err) && err.code === grpc.status.DATA_LOSS) return conn.upload(header, tensors, { chunkBytes });
+            throw new Error(`upload refused: ${isServiceError(err) ? err.details : (err as Error).message}`);
+          }
+        },
+      },
+      signal,
+      (p) => setStatus(phase[p], task.taskId),
+    );
+    log.debug({ step: Number(step.step) + 1, kind: UpdateKind[r.kind], bytes: r.bytes, tokens: r.metrics.tokens }, 'step uploaded');
   }
 
   private progressBar(round: number): { update(step: number, total: number, loss: number): void; stop(): void } {

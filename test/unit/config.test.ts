@@ -26,7 +26,7 @@ describe('run config', () => {
     expect(c.server.listen).toBe('127.0.0.1:7070');
     expect(c.server.chunk_bytes).toBe(1 << 20);
     expect(c.dashboard).toEqual({ enabled: true, host: '127.0.0.1', port: 8080, token: null });
-    expect(c.events).toEqual({ ring_size: 10000, log: true });
+    expect(c.events).toEqual({ ring_size: 10000, log: true, nats: null });
     expect(c.cohort.min_workers).toBe(1);
   });
 
@@ -53,6 +53,15 @@ describe('run config', () => {
     expect(got).toContain('model.path: is required (string)');
     expect(got.some((i) => /^server\.listen: must be HOST:PORT/.test(i))).toBe(true);
     expect(got.find((i) => i.startsWith('server.tls_cert'))).toMatch(/unknown field \(allowed: listen, join_token, tls, /);
+  });
+
+  it('checks the NATS event settings', () => {
+    const ok = parseRunConfig({ ...base(), events: { nats: { url: 'nats://127.0.0.1:4222', stream: 'RUNS', max_age_sec: 3600 } } });
+    expect(ok.events.nats).toEqual({ url: 'nats://127.0.0.1:4222', stream: 'RUNS', max_age_sec: 3600 });
+    const got = issues({ ...base(), events: { nats: { stream: 'RUNS', max_msgs: 0, password: 'x' } } });
+    expect(got).toContain('events.nats.url: is required (string)');
+    expect(got).toContain('events.nats.max_msgs: must be >=1 (got 0)');
+    expect(got.find((i) => i.startsWith('events.nats.password'))).toMatch(/unknown field \(allowed: url, stream, subject_root, /);
   });
 
   it('requires exactly one of training.steps and training.epochs', () => {

@@ -14,19 +14,33 @@ import { trainLoop } from '../engine/train.ts';
 import { makeBatches } from '../data/batching.ts';
 import { prepareDataset } from '../data/prepare.ts';
 import type { Example } from '../data/tokenize.ts';
-import type { EvalOutcome, LocalTrainingSpec, TrainOutcome, Trainer, TrainerFactoryOptions, TrainProgress } from './trainer.ts';
+import type { Batch } from '../engine/config.ts';
+import { localSgd, sumGradients } from './step.ts';
+import type {
+  EvalOutcome,
+  GradientOutcome,
+  LocalStepsOutcome,
+  LocalTrainingSpec,
+  TrainOutcome,
+  Trainer,
+  TrainerFactoryOptions,
+  TrainProgress,
+} from './trainer.ts';
 
 const log = logger('onnx-trainer');
 
 export async function createOnnxTrainer(opts: TrainerFactoryOptions): Promise<Trainer> {
   const model = await loadModel(opts.modelDir);
   const tok = await loadTokenizer(opts.modelDir);
-  const data = await prepareDataset(opts.dataPath, tok, {
-    template: opts.template,
-    maxSeqLen: opts.maxSeqLen,
-    evalFraction: opts.evalPath ? 0 : opts.evalFraction,
-    seed: opts.seed,
-  });
+  // No local data (dataPath ''): a distributed-mode worker gets its shard from the coordinator.
+  const data = opts.dataPath
+    ? await prepareDataset(opts.dataPath, tok, {
+        template: opts.template,
+        maxSeqLen: opts.maxSeqLen,
+        evalFraction: opts.evalPath ? 0 : opts.evalFraction,
+        seed: opts.seed,
+      })
+    : { train: [], eval: [], dropped: 0 };
   let evalSet = data.eval;
   if (opts.evalPath) {
     evalSet = (await prepareDataset(opts.evalPath, tok, { template: opts.template, maxSeqLen: opts.maxSeqLen, seed: opts.seed })).train;
@@ -126,6 +140,14 @@ class OnnxTrainer implements Trainer {
     });
     const r = await engine.evaluate(toFloat32(args.globalAdapter), batches);
     return { evalLoss: r.loss, evalTokens: r.tokens, evalExamples: r.examples, evalAccuracy: r.exactMatch };
+  }
+
+  async computeGradients(args: { params: TensorMap; batches: Batch[]; spec: LocalTrainingSpec; signal: AbortSignal }): Promise<GradientOutcome> {
+    return sumGradients(this.engineFor(args.spec.lora), toFloat32(args.params), args.batches, args.signal);
+  }
+
+  async localSteps(args: { params: TensorMap; steps: Batch[][]; lrs: number[]; optimizer: AdamW; spec: LocalTrainingSpec; signal: AbortSignal }): Promise<LocalStepsOutcome> {
+    return localSgd(this.engineFor(args.spec.lora), { ...args, maxGradNorm: args.spec.maxGradNorm });
   }
 
   async close(): Promise<void> {

@@ -5,7 +5,8 @@
  * locally trained one, or evaluates one on the local eval split.
  */
 import type { TensorMap } from '../../common/tensor.ts';
-import type { LoraConfig } from '../engine/config.ts';
+import type { Batch, LoraConfig } from '../engine/config.ts';
+import type { AdamW } from '../engine/optim.ts';
 
 export interface LocalTrainingSpec {
   lora: LoraConfig;
@@ -40,6 +41,22 @@ export interface EvalOutcome {
   evalExamples: number;
   evalAccuracy: number | null;
 }
+/** Distributed mode: gradients of the summed token loss over some micro-batches. */
+export interface GradientOutcome {
+  /** d(sum of token losses)/d(param), float32, keyed like the adapter. */
+  grads: TensorMap;
+  lossSum: number;
+  tokens: number;
+  examples: number;
+}
+/** Local SGD: what a worker's local steps did (params were updated in place). */
+export interface LocalStepsOutcome {
+  lossSum: number;
+  tokens: number;
+  examples: number;
+  /** Local optimizer steps taken (steps without micro-batches are skipped). */
+  steps: number;
+}
 export interface Trainer {
   readonly backend: string; // 'onnx' | 'noop'
   readonly device: string; // 'cpu' | 'cuda:0' ...
@@ -56,6 +73,21 @@ export interface Trainer {
     signal: AbortSignal;
   }): Promise<TrainOutcome>;
   evaluate(args: { globalAdapter: TensorMap; spec: LocalTrainingSpec; signal: AbortSignal }): Promise<EvalOutcome | null>; // null: no eval data
+  /** Distributed mode (optional): summed-loss gradients of `batches` at `params`. */
+  computeGradients?(args: { params: TensorMap; batches: Batch[]; spec: LocalTrainingSpec; signal: AbortSignal }): Promise<GradientOutcome>;
+  /**
+   * Local SGD (optional): for each entry of `steps`, one optimizer step on those
+   * micro-batches (token-weighted mean gradient, clipped) at the matching `lrs`
+   * entry; `params` are updated in place. An empty entry skips that step.
+   */
+  localSteps?(args: {
+    params: TensorMap;
+    steps: Batch[][];
+    lrs: number[];
+    optimizer: AdamW;
+    spec: LocalTrainingSpec;
+    signal: AbortSignal;
+  }): Promise<LocalStepsOutcome>;
   close(): Promise<void>;
 }
 export interface TrainerFactoryOptions {

@@ -215,19 +215,45 @@ export interface EvalTask {
   spec: TrainingSpec | undefined;
 }
 
+/**
+ * A worker's share of the dataset for one epoch (distributed mode), downloaded once and cached by id.
+ * media_type application/x-fedtune-shard+jsonl: the tokenized examples themselves;
+ * application/x-fedtune-shard-index+json: record index ranges of a file on shared storage.
+ */
 export interface DataShardRef {
   shardId: string;
   totalBytes: number;
   sha256: Uint8Array;
+  mediaType: string;
+  /** micro-batches the shard holds */
+  microBatches: number;
 }
 
-/** Distributed mode: compute gradients of a micro-batch of a shard and upload them (UpdateKind GRADIENT). */
+/**
+ * Distributed mode: compute gradients of micro-batches of a shard and upload them (UpdateKind GRADIENT),
+ * or, for local SGD, take local optimizer steps on them and upload the parameter delta (UpdateKind DELTA).
+ */
 export interface StepTask {
+  /** global optimizer step (0-based) the task starts at */
   step: number;
-  shard: DataShardRef | undefined;
+  shard:
+    | DataShardRef
+    | undefined;
+  /** index of the first micro-batch within the shard */
   microBatchStart: number;
   microBatchCount: number;
-  spec: TrainingSpec | undefined;
+  spec:
+    | TrainingSpec
+    | undefined;
+  /** GRADIENT (synchronous steps) or DELTA (local SGD) */
+  uploadKind: UpdateKind;
+  /**
+   * Local SGD only: micro-batches each local step consumes (sums to micro_batch_count; a 0 skips that
+   * step) and the inner learning rate of each local step (the run's schedule at that global step).
+   */
+  microBatchesPerStep: number[];
+  localLrs: number[];
+  epoch: number;
 }
 
 export interface Task {
@@ -1631,7 +1657,7 @@ export const EvalTask: MessageFns<EvalTask> = {
 };
 
 function createBaseDataShardRef(): DataShardRef {
-  return { shardId: "", totalBytes: 0, sha256: new Uint8Array(0) };
+  return { shardId: "", totalBytes: 0, sha256: new Uint8Array(0), mediaType: "", microBatches: 0 };
 }
 
 export const DataShardRef: MessageFns<DataShardRef> = {
@@ -1644,6 +1670,12 @@ export const DataShardRef: MessageFns<DataShardRef> = {
     }
     if (message.sha256.length !== 0) {
       writer.uint32(26).bytes(message.sha256);
+    }
+    if (message.mediaType !== "") {
+      writer.uint32(34).string(message.mediaType);
+    }
+    if (message.microBatches !== 0) {
+      writer.uint32(40).uint32(message.microBatches);
     }
     return writer;
   },
@@ -1685,6 +1717,22 @@ export const DataShardRef: MessageFns<DataShardRef> = {
             message.sha256 = reader.bytes();
             continue;
           }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.mediaType = reader.string();
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.microBatches = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1699,7 +1747,17 @@ export const DataShardRef: MessageFns<DataShardRef> = {
 };
 
 function createBaseStepTask(): StepTask {
-  return { step: 0, shard: undefined, microBatchStart: 0, microBatchCount: 0, spec: undefined };
+  return {
+    step: 0,
+    shard: undefined,
+    microBatchStart: 0,
+    microBatchCount: 0,
+    spec: undefined,
+    uploadKind: 0,
+    microBatchesPerStep: [],
+    localLrs: [],
+    epoch: 0,
+  };
 }
 
 export const StepTask: MessageFns<StepTask> = {
@@ -1718,6 +1776,26 @@ export const StepTask: MessageFns<StepTask> = {
     }
     if (message.spec !== undefined) {
       TrainingSpec.encode(message.spec, writer.uint32(42).fork()).join();
+    }
+    if (message.uploadKind !== 0) {
+      writer.uint32(48).int32(message.uploadKind);
+    }
+    if (message.microBatchesPerStep.length !== 0) {
+      writer.uint32(58).fork();
+      for (const v of message.microBatchesPerStep) {
+        writer.uint32(v);
+      }
+      writer.join();
+    }
+    if (message.localLrs.length !== 0) {
+      writer.uint32(66).fork();
+      for (const v of message.localLrs) {
+        writer.double(v);
+      }
+      writer.join();
+    }
+    if (message.epoch !== 0) {
+      writer.uint32(72).uint64(message.epoch);
     }
     return writer;
   },
@@ -1773,6 +1851,58 @@ export const StepTask: MessageFns<StepTask> = {
             }
 
             message.spec = TrainingSpec.decode(reader, reader.uint32());
+            continue;
+          }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.uploadKind = reader.int32() as any;
+            continue;
+          }
+          case 7: {
+            if (tag === 56) {
+              message.microBatchesPerStep.push(reader.uint32());
+
+              continue;
+            }
+
+            if (tag === 58) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.microBatchesPerStep.push(reader.uint32());
+              }
+
+              continue;
+            }
+
+            break;
+          }
+          case 8: {
+            if (tag === 65) {
+              message.localLrs.push(reader.double());
+
+              continue;
+            }
+
+            if (tag === 66) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.localLrs.push(reader.double());
+              }
+
+              continue;
+            }
+
+            break;
+          }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.epoch = longToNumber(reader.uint64());
             continue;
           }
         }

@@ -1,0 +1,691 @@
+/**
+ * The distributed step loop. Step s (0-based):
+ *
+ *   plan: at each epoch boundary, the connected workers split the epoch's steps
+ *   (plan.ts); each downloads its shard once -> a StepTask goes down each
+ *   worker holding micro-batches of step s -> each uploads the summed gradient
+ *   of its micro-batches (service.ts checks the stream, acceptUpdate() checks
+ *   values and token count and folds it into one float64 sum) -> all in: divide
+ *   by the total tokens, clip, AdamW at lrAt(s), new adapter version ->
+ *   step.completed -> every checkpoint_every steps a checkpoint.
+ *
+ * A worker that leaves, misses the step deadline, fails its task, or sends a
+ * gradient that is refused (wrong shape, NaN, wrong token count) is dropped
+ * for the rest of the epoch: the remaining steps of the epoch are planned again
+ * over the others (new shards) and the step is retried with them. The global
+ * batch of a step never changes, so the result does not either. Workers that
+ * join mid-run get a shard at the next epoch boundary.
+ *
+ * With distributed.sync_every = H > 1 (local SGD), one task covers H steps:
+ * each worker takes its local AdamW steps on its micro-batches of those steps
+ * and uploads its parameter delta; the coordinator applies the outer optimizer
+ * to the token-weighted mean delta.
+ */
+import { randomBytes } from 'node:crypto';
+import { findNonFinite, packTensorMap, sha256, unpackTensorMap, type PackedTensors, type TensorSpecEntry } from '../../common/chunks.ts';
+import type { RunConfig } from '../../common/config.ts';
+import type { RunEvent, RunEventBody } from '../../common/events.ts';
+import { logger } from '../../common/log.ts';
+import type { TensorMap } from '../../common/tensor.ts';
+import {
+  UpdateKind,
+  type EvalResult,
+  type TaskFailed,
+  type TaskProgress,
+  type TrainingSpec,
+  type UploadHeader,
+} from '../../proto/gen/fedtune/v1/coordinator.ts';
+import { encodeShard, toRanges, type Shard } from '../../worker/trainers/step-shard.ts';
+import { lrAt, saveOptimizerState, type AdamW, type Schedule } from '../../worker/engine/optim.ts';
+import { saveOuterState, type OuterOptimizer } from '../../worker/engine/outer.ts';
+import type { EventBus } from '../events/bus.ts';
+import { UpdateRejected, trainingSpecOf, type RunResult } from '../run.ts';
+import { workerInfo, type RegistryListener, type WorkerRecord, type WorkerRegistry } from '../workers.ts';
+import { applyGradientStep, applyOuterStep, FlatSum } from './aggregate.ts';
+import { DataOrder, planEpoch, type DistributedDataset, type EpochPlan } from './plan.ts';
+import { OPTIMIZER_FILE, OUTER_OPTIMIZER_FILE, type DistributedStateFile, type DistributedStore, type StepRecord } from './store.ts';
+
+const log = logger('coordinator.distributed');
+
+type TaskStatus = 'running' | 'uploading' | 'done' | 'failed' | 'cancelled';
+
+export interface StepTaskState {
+  taskId: string;
+  workerId: string;
+  site: string;
+  /** First global step (0-based) and how many the task covers. */
+  step: number;
+  span: number;
+  attempt: number;
+  baseVersion: number;
+  kind: UpdateKind;
+  status: TaskStatus;
+  dispatchedAt: number;
+  uploadStartedAt: number | null;
+  doneAt: number | null;
+  expectedTokens: number;
+  expectedExamples: number;
+  lossSum: number;
+  computeMs: number;
+  bytesUp: number;
+  failReason: string | null;
+}
+
+export interface DistributedRunOptions {
+  cfg: RunConfig;
+  bus: EventBus;
+  registry: WorkerRegistry;
+  store: DistributedStore;
+  data: DistributedDataset;
+  order: DataOrder;
+  global: TensorMap;
+  /** Synchronous steps: the AdamW the coordinator steps. Local SGD: null. */
+  optimizer: AdamW | null;
+  /** Local SGD: the outer optimizer. Synchronous steps: null. */
+  outer: OuterOptimizer | null;
+  state: DistributedStateFile;
+  resumed: boolean;
+}
+
+interface ShardEntry {
+  bytes: Uint8Array;
+  sha256: Uint8Array;
+  mediaType: string;
+  microBatches: number;
+}
+
+interface ActivePlan extends EpochPlan {
+  /** Shard id of each plan worker (same index as workers). */
+  shardIds: string[];
+}
+
+/** Same names, dtypes, shapes and order as the global adapter; null when so, else what differs. */
+function manifestMismatch(got: readonly TensorSpecEntry[], want: readonly TensorSpecEntry[]): string | null {
+  const wantByName = new Map(want.map((e) => [e.name, e]));
+  for (const e of got) {
+    const w = wantByName.get(e.name);
+    if (!w) return `unknown tensor ${e.name} (not part of the adapter)`;
+    if (e.dtype !== w.dtype) return `tensor ${e.name}: dtype ${e.dtype}, expected ${w.dtype}`;
+    if (e.shape.length !== w.shape.length || e.shape.some((d, i) => d !== w.shape[i])) {
+      return `tensor ${e.name}: shape [${e.shape.join(', ')}], expected [${w.shape.join(', ')}]`;
+    }
+  }
+  if (got.length !== want.length) return `${got.length} tensors, expected ${want.length}`;
+  if (got.some((e, i) => e.name !== want[i]!.name)) return 'tensors are not in the order of the adapter manifest';
+  return null;
+}
+
+export class DistributedRun implements RegistryListener {
+  readonly runId: string;
+  private readonly cfg: RunConfig;
+  private readonly bus: EventBus;
+  private readonly registry: WorkerRegistry;
+  private readonly store: DistributedStore;
+  private readonly data: DistributedDataset;
+  private readonly order: DataOrder;
+  private readonly optimizer: AdamW | null;
+  private readonly outer: OuterOptimizer | null;
+  private readonly state: DistributedStateFile;
+  private readonly resumed: boolean;
+  private readonly spec: TrainingSpec;
+  private readonly schedule: Schedule;
+  private readonly syncEvery: number;
+  private readonly nonce = randomBytes(3).toString('hex');
+  private global: TensorMap;
+  private packed: PackedTensors;
+  private version: number;
+  private readonly versions = new Map<number, PackedTensors>();
+  private readonly tasks = new Map<string, StepTaskState>();
+  private readonly shards = new Map<string, ShardEntry>();
+  private plan: ActivePlan | null = null;
+  private planSeq = 0;
+  /** Workers dropped during the current epoch (they come back at the next epoch boundary). */
+  private readonly dropped = new Map<string, string>();
+  /** Sum of the open attempt's uploads, with its identity. */
+  private open: { step: number; attempt: number; sum: FlatSum; tokens: number } | null = null;
+  private readonly waiters = new Set<() => void>();
+  private readonly abort = new AbortController();
+  private lastHeartbeatEvent = new Map<string, { status: string; at: number }>();
+  private stepBytesDown = 0;
+
+  constructor(o: DistributedRunOptions) {
+    this.cfg = o.cfg;
+    this.bus = o.bus;
+    this.registry = o.registry;
+    this.store = o.store;
+    this.data = o.data;
+    this.order = o.order;
+    this.optimizer = o.optimizer;
+    this.outer = o.outer;
+    this.state = o.state;
+    this.resumed = o.resumed;
+    this.runId = o.state.runId;
+    this.spec = trainingSpecOf(o.cfg);
+    const t = o.cfg.training;
+    this.schedule = { kind: t.schedule, baseLr: t.lr, warmupSteps: t.warmup_steps, totalSteps: o.state.totalSteps };
+    this.syncEvery = o.cfg.distributed.sync_every;
+    this.global = o.global;
+    this.version = o.state.globalVersion;
+    this.packed = packTensorMap(o.global);
+    this.versions.set(this.version, this.packed);
+  }
+
+  get globalVersion(): number {
+    return this.version;
+  }
+  get globalAdapter(): TensorMap {
+    return this.global;
+  }
+
+  publish(e: RunEventBody): RunEvent {
+    return this.bus.publish({ ...e, runId: this.runId });
+  }
+
+  adapterVersion(version: number): PackedTensors | undefined {
+    return this.versions.get(version);
+  }
+
+  /** A data shard of the current plan, for Download. */
+  dataShard(shardId: string): ShardEntry | undefined {
+    return this.shards.get(shardId);
+  }
+
+  // ------------------------------------------------------------------ registry events
+
+  onSessionOpened(w: WorkerRecord): void {
+    this.publish({ type: 'worker.joined', worker: workerInfo(w) });
+    this.notify();
+  }
+
+  onWorkerGone(w: WorkerRecord, reason: string): void {
+    this.publish({ type: 'worker.left', workerId: w.workerId, site: w.site, reason });
+    log.info({ worker: w.workerId, site: w.site, reason }, 'worker left');
+    for (const t of this.tasks.values()) {
+      if (t.workerId === w.workerId && (t.status === 'running' || t.status === 'uploading')) this.fail(t, `worker left (${reason})`);
+    }
+    this.notify();
+  }
+
+  // ------------------------------------------------------------------ messages from workers
+
+  onHeartbeat(w: WorkerRecord, status: string): void {
+    const last = this.lastHeartbeatEvent.get(w.workerId);
+    const now = Date.now();
+    if (!last || last.status !== status || now - last.at > 10_000) {
+      this.lastHeartbeatEvent.set(w.workerId, { status, at: now });
+      this.publish({ type: 'worker.heartbeat', workerId: w.workerId, site: w.site, status });
+    }
+  }
+
+  onProgress(_w: WorkerRecord, _p: TaskProgress): void {
+    // Steps are short: step.completed carries what progress would.
+  }
+
+  onTaskFailed(w: WorkerRecord, f: TaskFailed): void {
+    const t = this.tasks.get(f.taskId);
+    this.publish({ type: 'worker.error', workerId: w.workerId, site: w.site, message: `task ${f.taskId}: ${f.message}` });
+    log.warn({ worker: w.workerId, site: w.site, task: f.taskId }, f.message);
+    if (t && t.workerId === w.workerId && (t.status === 'running' || t.status === 'uploading')) {
+      this.fail(t, f.unsupported ? `the worker cannot run distributed steps (${f.message})` : f.message);
+      this.notify();
+    }
+  }
+
+  onEvalResult(w: WorkerRecord, r: EvalResult): void {
+    log.warn({ worker: w.workerId, task: r.taskId }, 'eval result in distributed mode; ignored');
+  }
+
+  onDownloaded(_w: WorkerRecord, bytes: number): void {
+    this.stepBytesDown += bytes;
+  }
+
+  // ------------------------------------------------------------------ updates
+
+  beginUpdate(w: WorkerRecord, h: UploadHeader, manifest: TensorSpecEntry[]): StepTaskState {
+    const t = this.tasks.get(h.taskId);
+    if (!t) throw new UpdateRejected('NOT_FOUND', `task ${h.taskId || '(empty)'} is not known to this coordinator`);
+    if (t.workerId !== w.workerId) throw new UpdateRejected('PERMISSION_DENIED', `task ${h.taskId} was not given to worker ${w.workerId}`);
+    if (t.status === 'done') throw new UpdateRejected('ALREADY_EXISTS', `duplicate update: task ${h.taskId} was already received`);
+    if (t.status === 'uploading') throw new UpdateRejected('ALREADY_EXISTS', `duplicate update: an upload for task ${h.taskId} is already in progress`);
+    if (!this.open || this.open.step !== t.step || this.open.attempt !== t.attempt || t.status !== 'running') {
+      throw new UpdateRejected(
+        'FAILED_PRECONDITION',
+        `stale update: task ${h.taskId} of step ${t.step + 1} is closed (${t.status === 'cancelled' ? 'deadline passed or the step was retried' : t.status}); the run is at step ${(this.open?.step ?? this.state.step) + 1}`,
+      );
+    }
+    const reject = (message: string): never => {
+      this.fail(t, message);
+      this.notify();
+      throw new UpdateRejected('INVALID_ARGUMENT', message);
+    };
+    if (h.kind !== t.kind) reject(`update kind ${UpdateKind[h.kind] ?? h.kind} is not accepted for this task (expected ${UpdateKind[t.kind]})`);
+    if (h.baseVersion !== t.baseVersion) {
+      this.fail(t, `computed from adapter version ${h.baseVersion}, the task is on version ${t.baseVersion}`);
+      this.notify();
+      throw new UpdateRejected('FAILED_PRECONDITION', `update computed from adapter version ${h.baseVersion}, task ${h.taskId} is on version ${t.baseVersion}`);
+    }
+    const bad = manifestMismatch(manifest, this.packed.manifest);
+    if (bad) reject(`${t.kind === UpdateKind.UPDATE_KIND_GRADIENT ? 'gradient' : 'delta'} does not match the adapter: ${bad}`);
+    const tokens = h.metrics.tokens;
+    if (tokens !== t.expectedTokens) {
+      reject(`the update reports ${tokens ?? 'no'} trained tokens, the task's micro-batches hold ${t.expectedTokens}`);
+    }
+    const lossSum = h.metrics.loss_sum;
+    if (lossSum === undefined || !Number.isFinite(lossSum)) reject(`metric loss_sum is ${lossSum ?? 'missing'} (a finite number is required)`);
+    t.status = 'uploading';
+    t.uploadStartedAt = Date.now();
+    return t;
+  }
+
+  abandonUpdate(t: StepTaskState): void {
+    if (t.status === 'uploading') t.status = 'running';
+    this.notify();
+  }
+
+  acceptUpdate(w: WorkerRecord, t: StepTaskState, h: UploadHeader, bytes: Uint8Array): void {
+    if (t.status !== 'uploading' || !this.open || this.open.step !== t.step || this.open.attempt !== t.attempt) {
+      throw new UpdateRejected('FAILED_PRECONDITION', `stale update: step ${t.step + 1} closed while task ${t.taskId} was uploading`);
+    }
+    const nf = findNonFinite(unpackTensorMap(this.packed.manifest, bytes));
+    if (nf) {
+      const message = `${t.kind === UpdateKind.UPDATE_KIND_GRADIENT ? 'gradient' : 'delta'} tensor ${nf.name} has a non-finite value (${nf.value}) at element ${nf.index}`;
+      this.fail(t, message);
+      this.notify();
+      throw new UpdateRejected('INVALID_ARGUMENT', message);
+    }
+    const aligned = bytes.byteOffset % 4 === 0 ? bytes : bytes.slice();
+    const flat = new Float32Array(aligned.buffer, aligned.byteOffset, aligned.byteLength / 4);
+    // Gradients are sums over tokens: add them as they are. Deltas: weight by tokens.
+    if (t.kind === UpdateKind.UPDATE_KIND_GRADIENT) this.open.sum.add(flat, 1, t.expectedTokens);
+    else this.open.sum.add(flat, t.expectedTokens, t.expectedTokens);
+    this.open.tokens += t.expectedTokens;
+    t.status = 'done';
+    t.doneAt = Date.now();
+    t.lossSum = h.metrics.loss_sum ?? 0;
+    t.computeMs = Math.max(0, h.metrics.compute_ms ?? 0);
+    t.bytesUp = bytes.byteLength;
+    this.notify();
+  }
+
+  rejectUpdate(w: WorkerRecord, h: Pick<UploadHeader, 'taskId' | 'round'> | null, reason: string): void {
+    const t = h ? this.tasks.get(h.taskId) : undefined;
+    this.publish({ type: 'update.rejected', round: t ? t.step + 1 : 0, taskId: h?.taskId ?? '', workerId: w.workerId, site: w.site, reason });
+    log.warn({ worker: w.workerId, site: w.site, task: h?.taskId }, `update rejected: ${reason}`);
+  }
+
+  // ------------------------------------------------------------------ the loop
+
+  stop(): void {
+    this.abort.abort(new Error('run stopped'));
+    this.notify();
+  }
+
+  async run(): Promise<RunResult> {
+    const cfg = this.cfg;
+    const total = this.state.totalSteps;
+    this.publish({
+      type: 'run.started',
+      name: cfg.name,
+      mode: 'distributed',
+      strategy: this.syncEvery > 1 ? `local-sgd (sync every ${this.syncEvery}, outer ${cfg.distributed.outer_optimizer.kind})` : 'sync-sgd',
+      totalRounds: 0,
+      totalSteps: total,
+      config: JSON.parse(JSON.stringify({ ...cfg, server: { ...cfg.server, join_token: '***' }, dashboard: { ...cfg.dashboard, token: cfg.dashboard.token ? '***' : null } })) as Record<string, unknown>,
+      resumedFromRound: this.resumed ? this.state.step : 0,
+    });
+    try {
+      while (this.state.step < total) await this.runStep(this.state.step);
+      const finalAdapterPath = this.store.stepDir(this.state.step);
+      const last = this.state.recent.at(-1);
+      this.publish({
+        type: 'run.completed',
+        rounds: this.state.step,
+        finalAdapterPath,
+        metrics: { steps: this.state.step, tokens: this.state.tokens, ...(last ? { trainLoss: last.loss } : {}) },
+      });
+      this.publish({ type: 'run.state', state: 'completed' });
+      return { state: 'completed', rounds: this.state.step, finalAdapterPath, history: [] };
+    } catch (err) {
+      const stopped = this.abort.signal.aborted;
+      const error = err instanceof Error ? err.message : String(err);
+      if (stopped) {
+        this.publish({ type: 'run.state', state: 'stopped', message: error });
+      } else {
+        log.error({ err }, 'run failed');
+        this.publish({ type: 'run.failed', error });
+        this.publish({ type: 'run.state', state: 'failed', message: error });
+      }
+      return { state: stopped ? 'stopped' : 'failed', rounds: this.state.step, finalAdapterPath: this.state.step > 0 ? this.store.stepDir(this.state.step) : null, history: [], error };
+    } finally {
+      this.open = null;
+    }
+  }
+
+  private notify(): void {
+    for (const f of [...this.waiters]) f();
+  }
+
+  /** Resolve true once pred() holds, false at the deadline; throws if the run is stopped. */
+  private waitFor(pred: () => boolean, deadline: number): Promise<boolean> {
+    return new Promise<boolean>((resolve, reject) => {
+      const check = (): void => {
+        if (this.abort.signal.aborted) finish(() => reject(this.abort.signal.reason as Error));
+        else if (pred()) finish(() => resolve(true));
+        else if (Date.now() >= deadline) finish(() => resolve(false));
+      };
+      const timer = setTimeout(check, Math.max(0, deadline - Date.now()) + 5);
+      const finish = (f: () => void): void => {
+        clearTimeout(timer);
+        this.waiters.delete(check);
+        f();
+      };
+      this.waiters.add(check);
+      check();
+    });
+  }
+
+  private fail(t: StepTaskState, reason: string): void {
+    if (t.status !== 'running' && t.status !== 'uploading') return;
+    t.status = 'failed';
+    t.doneAt = Date.now();
+    t.failReason = reason;
+  }
+
+  private connectedIds(): string[] {
+    return this.registry.connected().map((w) => w.workerId);
+  }
+
+  /** Wait until `need` workers not dropped this epoch are connected. */
+  private async waitForWorkers(need: number, why: string): Promise<string[]> {
+    const usable = (): string[] => this.connectedIds().filter((id) => !this.dropped.has(id));
+    if (usable().length >= need) return usable();
+    this.publish({ type: 'run.state', state: 'waiting', message: `${why}: waiting for ${need} worker(s)` });
+    log.info({ need, have: usable().length }, `${why}: waiting for workers`);
+    const ok = await this.waitFor(() => usable().length >= need, Date.now() + this.cfg.cohort.wait_timeout_sec * 1000);
+    if (!ok) throw new Error(`${why}: only ${usable().length} worker(s) connected after ${this.cfg.cohort.wait_timeout_sec} s (cohort.wait_timeout_sec); need ${need}`);
+    this.publish({ type: 'run.state', state: 'running', message: `${usable().length} worker(s)` });
+    return usable();
+  }
+
+  /** Plan the rest of the epoch of `step` over `workerIds` and build their shards. */
+  private makePlan(step: number, workerIds: string[], reason: string): void {
+    const seed = this.cfg.distributed.sharding.seed ?? this.cfg.training.seed;
+    const plan = planEpoch(this.order, this.data.tokens, step, workerIds, seed);
+    this.planSeq++;
+    this.shards.clear();
+    const shardIds: string[] = [];
+    const shared = this.cfg.distributed.shared_storage;
+    for (const [k, wp] of plan.workers.entries()) {
+      if (wp.microBatches.length === 0) {
+        shardIds.push('');
+        continue;
+      }
+      const shardId = `${this.runId}-${this.nonce}-e${plan.epoch}-p${this.planSeq}-w${k}`;
+      const head = { shardId, epoch: plan.epoch, padId: this.data.padId, maxSeqLen: this.data.maxSeqLen };
+      const shard: Shard = shared
+        ? {
+            kind: 'index',
+            ...head,
+            path: this.cfg.distributed.worker_dataset_path ?? this.data.path,
+            sha256: this.data.sha256,
+            microBatches: wp.microBatches.map((mb) => toRanges(mb.map((i) => this.data.recordIndex[i]!))),
+          }
+        : { kind: 'examples', ...head, microBatches: wp.microBatches.map((mb) => mb.map((i) => this.data.examples[i]!)) };
+      const { bytes, mediaType } = encodeShard(shard);
+      this.shards.set(shardId, { bytes, sha256: sha256(bytes), mediaType, microBatches: wp.microBatches.length });
+      shardIds.push(shardId);
+    }
+    this.plan = { ...plan, shardIds };
+    const sizes = plan.workers.map((w) => w.microBatches.length);
+    const message = `epoch ${plan.epoch + 1}, steps ${plan.fromStep + 1}-${plan.toStep}: ${workerIds.length} worker(s) (${reason}); micro-batches per worker ${sizes.join('/')}`;
+    log.info({ epoch: plan.epoch, from: plan.fromStep, to: plan.toStep, workers: workerIds.length, sizes }, 'data planned');
+    this.publish({ type: 'log', level: 'info', message });
+  }
+
+  /** Make sure the plan covers `step` with workers that are still connected and not dropped. */
+  private async ensurePlan(step: number): Promise<void> {
+    const epoch = this.order.epochOf(step);
+    if (!this.plan || this.plan.epoch !== epoch) {
+      // Epoch boundary: everyone connected takes part, including workers dropped last epoch and new ones.
+      this.dropped.clear();
+      const need = this.plan ? 1 : this.cfg.cohort.min_workers;
+      const ids = await this.waitForWorkers(need, `epoch ${epoch + 1}`);
+      this.makePlan(step, ids, this.plan ? 'epoch boundary' : this.resumed ? 'resumed' : 'start');
+      return;
+    }
+    const connected = new Set(this.connectedIds());
+    const gone = this.plan.workers.filter((w) => !connected.has(w.workerId) || this.dropped.has(w.workerId));
+    if (gone.length === 0) return;
+    let ids = this.plan.workers.map((w) => w.workerId).filter((id) => connected.has(id) && !this.dropped.has(id));
+    if (ids.length === 0) ids = await this.waitForWorkers(1, `step ${step + 1}`);
+    this.makePlan(step, ids, `without ${gone.length} dropped worker(s)`);
+  }
+
+  /** Steps the next task covers: 1, or up to sync_every within the epoch and the run. */
+  private spanAt(step: number): number {
+    if (this.syncEvery === 1) return 1;
+    const epochEnd = this.order.epochStart(this.order.epochOf(step) + 1);
+    const fromEpochStart = step - this.order.epochStart(this.order.epochOf(step));
+    // Syncs start at epoch starts and every sync_every steps after: a resumed run keeps the same boundaries.
+    const nextBoundary = step + (this.syncEvery - (fromEpochStart % this.syncEvery));
+    return Math.min(nextBoundary, epochEnd, this.state.totalSteps) - step;
+  }
+
+  private async runStep(step: number): Promise<void> {
+    const cfg = this.cfg;
+    const span = this.spanAt(step);
+    const started = Date.now();
+    this.stepBytesDown = 0;
+    const lrs = Array.from({ length: span }, (_, h) => lrAt(step + h, this.schedule));
+    const reasons: string[] = [];
+    for (let attempt = 0; ; attempt++) {
+      await this.ensurePlan(step);
+      const plan = this.plan!;
+      const kind = this.syncEvery > 1 ? UpdateKind.UPDATE_KIND_DELTA : UpdateKind.UPDATE_KIND_GRADIENT;
+      this.open = { step, attempt, sum: new FlatSum(this.packed.manifest), tokens: 0 };
+      const t0 = Date.now();
+      const deadline = t0 + cfg.distributed.step_deadline_sec * 1000 * span;
+      const tasks: StepTaskState[] = [];
+      for (const [k, wp] of plan.workers.entries()) {
+        const per = wp.perStep.slice(step - plan.fromStep, step - plan.fromStep + span);
+        const count = per.reduce((n, p) => n + p.count, 0);
+        if (count === 0) continue;
+        const mbs = wp.microBatches.slice(per[0]!.start, per[0]!.start + count);
+        const t = this.newTask(wp.workerId, step, span, attempt, kind, mbs);
+        tasks.push(t);
+        this.dispatch(t, deadline, plan.shardIds[k]!, per[0]!.start, count, per.map((p) => p.count), lrs, plan.epoch);
+      }
+      const settled = (): boolean => tasks.every((t) => t.status !== 'running' && t.status !== 'uploading');
+      const allIn = await this.waitFor(settled, deadline);
+      if (!allIn) {
+        for (const t of tasks) {
+          if (t.status === 'running' || t.status === 'uploading') {
+            this.fail(t, `missed the step deadline of ${cfg.distributed.step_deadline_sec * span} s`);
+            const w = this.registry.get(t.workerId);
+            if (w) this.registry.send(w, { body: { $case: 'cancel', value: { taskId: t.taskId, reason: t.failReason! } } });
+          }
+        }
+      }
+      const failed = tasks.filter((t) => t.status !== 'done');
+      if (failed.length === 0) {
+        await this.complete(step, span, attempt, tasks, lrs, started, t0);
+        // Tasks of earlier steps are forgotten; this step's stay so that a late or repeated upload gets a precise answer.
+        for (const t of this.tasks.values()) if (t.step < step) this.tasks.delete(t.taskId);
+        return;
+      }
+      // Drop the failed workers for the rest of the epoch; the step is retried without them.
+      for (const t of failed) {
+        this.dropped.set(t.workerId, t.failReason ?? 'failed');
+        t.status = 'cancelled';
+        const reason = `${t.site}: ${t.failReason ?? 'failed'}`;
+        reasons.push(reason);
+        this.publish({ type: 'log', level: 'warn', message: `step ${step + 1}: worker ${t.site} (${t.workerId}) dropped: ${t.failReason}; its micro-batches go to the other workers and the step is retried` });
+        log.warn({ step: step + 1, worker: t.workerId, site: t.site, attempt }, `worker dropped from the step: ${t.failReason}`);
+      }
+      for (const t of tasks) if (t.status === 'done') t.status = 'cancelled';
+      this.open = null;
+      if (attempt >= cfg.distributed.max_step_retries) {
+        throw new Error(`step ${step + 1} failed ${attempt + 1} time(s) (distributed.max_step_retries is ${cfg.distributed.max_step_retries}): ${reasons.slice(-3).join('; ')}`);
+      }
+      // Nobody left who is not dropped: give every connected worker another chance (counts as a retry).
+      const connected = this.connectedIds();
+      if (connected.length > 0 && connected.every((id) => this.dropped.has(id))) this.dropped.clear();
+    }
+  }
+
+  private newTask(workerId: string, step: number, span: number, attempt: number, kind: UpdateKind, mbs: number[][]): StepTaskState {
+    const w = this.registry.get(workerId);
+    let tokens = 0;
+    let examples = 0;
+    for (const mb of mbs) {
+      examples += mb.length;
+      for (const i of mb) tokens += this.data.tokens[i]!;
+    }
+    const t: StepTaskState = {
+      taskId: `s${step + 1}-${attempt}-${randomBytes(4).toString('hex')}`,
+      workerId,
+      site: w?.site ?? workerId,
+      step,
+      span,
+      attempt,
+      baseVersion: this.version,
+      kind,
+      status: 'running',
+      dispatchedAt: Date.now(),
+      uploadStartedAt: null,
+      doneAt: null,
+      expectedTokens: tokens,
+      expectedExamples: examples,
+      lossSum: 0,
+      computeMs: 0,
+      bytesUp: 0,
+      failReason: null,
+    };
+    this.tasks.set(t.taskId, t);
+    return t;
+  }
+
+  private dispatch(t: StepTaskState, deadline: number, shardId: string, start: number, count: number, perStep: number[], lrs: number[], epoch: number): void {
+    const w = this.registry.get(t.workerId);
+    const shard = this.shards.get(shardId)!;
+    const local = t.kind === UpdateKind.UPDATE_KIND_DELTA;
+    const ok =
+      w !== undefined &&
+      this.registry.send(w, {
+        body: {
+          $case: 'task',
+          value: {
+            taskId: t.taskId,
+            round: 0,
+            deadlineUnixMs: deadline,
+            global: { version: this.version, totalBytes: this.packed.bytes.byteLength, sha256: this.packed.sha256 },
+            kind: {
+              $case: 'step',
+              value: {
+                step: t.step,
+                shard: { shardId, totalBytes: shard.bytes.byteLength, sha256: shard.sha256, mediaType: shard.mediaType, microBatches: shard.microBatches },
+                microBatchStart: start,
+                microBatchCount: count,
+                spec: this.spec,
+                uploadKind: t.kind,
+                microBatchesPerStep: local ? perStep : [],
+                localLrs: local ? lrs : [],
+                epoch,
+              },
+            },
+          },
+        },
+      });
+    if (!ok) this.fail(t, 'could not send the task (session closed)');
+  }
+
+  private async complete(step: number, span: number, attempt: number, tasks: StepTaskState[], lrs: number[], started: number, t0: number): Promise<void> {
+    const open = this.open!;
+    this.open = null;
+    const t1 = Date.now();
+    const tokens = open.tokens;
+    const lossSum = tasks.reduce((s, t) => s + t.lossSum, 0);
+    const examples = tasks.reduce((s, t) => s + t.expectedExamples, 0);
+    const ta = Date.now();
+    let gradNorm: number | null = null;
+    if (this.optimizer) {
+      gradNorm = applyGradientStep(this.global, open.sum, tokens, { optimizer: this.optimizer, lr: lrs[0]!, maxGradNorm: this.cfg.training.max_grad_norm });
+      if (!Number.isFinite(gradNorm)) {
+        this.publish({ type: 'log', level: 'warn', message: `step ${step + 1}: gradient norm is ${gradNorm}; the update was skipped` });
+      }
+      this.setGlobal(this.global, this.version + 1);
+    } else {
+      this.setGlobal(applyOuterStep(this.global, open.sum, this.outer!), this.version + 1);
+    }
+    const aggregateMs = Date.now() - ta;
+    const done = step + span;
+    const computeMs = Math.max(0, ...tasks.map((t) => t.computeMs));
+    const wallMs = t1 - t0;
+    const durationMs = Date.now() - started;
+    const rec: StepRecord = {
+      step: done,
+      epoch: this.order.epochOf(step),
+      steps: span,
+      loss: tokens > 0 ? lossSum / tokens : NaN,
+      lr: lrs[0]!,
+      gradNorm,
+      tokens,
+      examples,
+      workers: tasks.length,
+      retries: attempt,
+      durationMs,
+      computeMs,
+      communicateMs: Math.max(0, wallMs - computeMs),
+      aggregateMs,
+      bytesUp: tasks.reduce((s, t) => s + t.bytesUp, 0),
+      bytesDown: this.stepBytesDown,
+      completedAt: new Date().toISOString(),
+    };
+    this.state.step = done;
+    this.state.globalVersion = this.version;
+    this.state.tokens += tokens;
+    this.state.recent.push(rec);
+    if (this.state.recent.length > 20) this.state.recent.splice(0, this.state.recent.length - 20);
+    this.state.updatedAt = rec.completedAt;
+    this.publish({
+      type: 'step.completed',
+      step: done,
+      epoch: rec.epoch,
+      loss: rec.loss,
+      lr: rec.lr,
+      tokens,
+      tokensPerSec: durationMs > 0 ? (tokens * 1000) / durationMs : 0,
+      workers: tasks.length,
+      computeMs,
+      communicateMs: rec.communicateMs,
+      aggregateMs,
+      perWorker: tasks.map((t) => ({
+        workerId: t.workerId,
+        site: t.site,
+        tokens: t.expectedTokens,
+        tokensPerSec: t.computeMs > 0 ? (t.expectedTokens * 1000) / t.computeMs : 0,
+      })),
+    });
+    log.info({ step: done, loss: rec.loss, tokens, workers: tasks.length, ms: durationMs }, 'step completed');
+    await this.store.appendStep(rec).catch((err: unknown) => log.warn({ err }, 'could not append to steps.jsonl'));
+    const every = this.cfg.distributed.checkpoint_every;
+    if (Math.floor(done / every) > Math.floor(step / every) || done === this.state.totalSteps) await this.checkpoint();
+  }
+
+  private async checkpoint(): Promise<void> {
+    const { path, bytes } = await this.store.write(this.state, this.global, async (dir) => {
+      if (this.optimizer) await saveOptimizerState(`${dir}/${OPTIMIZER_FILE}`, this.optimizer.state());
+      if (this.outer) await saveOuterState(`${dir}/${OUTER_OPTIMIZER_FILE}`, this.outer.state());
+    });
+    this.publish({ type: 'checkpoint.written', round: 0, step: this.state.step, path, bytes });
+    log.info({ step: this.state.step, path }, 'checkpoint written');
+  }
+
+  private setGlobal(adapter: TensorMap, version: number): void {
+    this.global = adapter;
+    this.version = version;
+    this.packed = packTensorMap(adapter);
+    this.versions.set(version, this.packed);
+    for (const v of this.versions.keys()) if (v < version - 1) this.versions.delete(v);
+  }
+}

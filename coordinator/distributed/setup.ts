@@ -1,0 +1,133 @@
+/**
+ * Everything a distributed run needs before its first step: the dataset read,
+ * checked and tokenized, the data order, the initial (or resumed) adapter and
+ * optimizer state, and the checkpoint store. coordinator/main.ts calls this for
+ * `mode: distributed` and serves the result over the same gRPC service as a
+ * federated run.
+ */
+import { existsSync } from 'node:fs';
+import type { RunConfig } from '../../common/config.ts';
+import { logger } from '../../common/log.ts';
+import type { TensorMap } from '../../common/tensor.ts';
+import type { LoadedModel, LoraConfig } from '../../worker/engine/config.ts';
+import { initLoraAdapter, validateAdapter, type LoraTarget } from '../../worker/engine/lora.ts';
+import { AdamW, loadOptimizerState } from '../../worker/engine/optim.ts';
+import { loadOuterState, OuterOptimizer } from '../../worker/engine/outer.ts';
+import { loadTokenizer } from '../../worker/engine/tokenizer.ts';
+import { DataOrder, loadDistributedDataset, type DistributedDataset } from './plan.ts';
+import { DistributedStore, OPTIMIZER_FILE, OUTER_OPTIMIZER_FILE, type DataOrderIdentity, type DistributedStateFile } from './store.ts';
+
+const log = logger('coordinator.distributed');
+
+export interface DistributedSetup {
+  store: DistributedStore;
+  data: DistributedDataset;
+  order: DataOrder;
+  global: TensorMap;
+  optimizer: AdamW | null;
+  outer: OuterOptimizer | null;
+  state: DistributedStateFile;
+  resumed: boolean;
+}
+
+export async function setupDistributed(
+  cfg: RunConfig,
+  o: { model: LoadedModel; lora: LoraConfig; targets: LoraTarget[]; resume: boolean },
+): Promise<DistributedSetup> {
+  const d = cfg.distributed;
+  const t = cfg.training;
+  const tok = await loadTokenizer(cfg.model.path);
+  const data = await loadDistributedDataset(d.dataset!, tok, { template: t.template, maxSeqLen: t.max_seq_len });
+  if (data.droppedSources.length > 0) {
+    const first = data.droppedSources.slice(0, 3).map((s) => `${s.file}:${s.line}`).join(', ');
+    log.warn({ dropped: data.droppedSources.length }, `records dropped, their response does not fit in training.max_seq_len ${t.max_seq_len} (${first}${data.droppedSources.length > 3 ? ', ...' : ''})`);
+  }
+  const seed = d.sharding.seed ?? t.seed;
+  const order = new DataOrder({ examples: data.examples.length, batchSize: t.batch_size, gradAccumulation: t.grad_accumulation, seed });
+  const totalSteps = t.steps ?? order.stepsForEpochs(t.epochs ?? 1);
+  const identity: DataOrderIdentity = {
+    datasetSha256: data.sha256,
+    examples: data.examples.length,
+    batchSize: t.batch_size,
+    gradAccumulation: t.grad_accumulation,
+    seed,
+    syncEvery: d.sync_every,
+  };
+  const store = new DistributedStore({
+    root: cfg.checkpoint.dir,
+    runName: cfg.name,
+    lora: o.lora,
+    baseModel: cfg.model.path,
+    fanInFanOut: o.targets.some((x) => x.conv1d),
+  });
+  await store.cleanTemp();
+  if (await store.hasRounds()) {
+    throw new Error(`${store.runDir} holds federated round checkpoints: a distributed run needs its own name or checkpoint.dir`);
+  }
+  const local = d.sync_every > 1;
+  const optimizer = local ? null : new AdamW({ lr: t.lr, weightDecay: t.weight_decay });
+  const outer = local
+    ? new OuterOptimizer(
+        d.outer_optimizer.kind === 'average'
+          ? { kind: 'average' }
+          : { kind: 'nesterov', lr: d.outer_optimizer.lr, momentum: d.outer_optimizer.momentum },
+      )
+    : null;
+
+  const latest = await store.latest();
+  if (latest && !o.resume) {
+    throw new Error(`${store.runDir} already holds checkpoints up to step ${latest.step}: pass --resume to continue that run, or change name / checkpoint.dir to start a new one`);
+  }
+  if (latest) {
+    const s = latest.state;
+    if (s.modelFingerprint !== o.model.fingerprint) {
+      throw new Error(`cannot resume ${store.runDir}: it was trained on base model ${s.modelFingerprint}, ${cfg.model.path} is ${o.model.fingerprint}`);
+    }
+    const field: Record<keyof DataOrderIdentity, string> = {
+      datasetSha256: `distributed.dataset (${d.dataset} has changed since the checkpoint)`,
+      examples: 'distributed.dataset / training.max_seq_len (the number of usable examples differs)',
+      batchSize: 'training.batch_size',
+      gradAccumulation: 'training.grad_accumulation',
+      seed: 'distributed.sharding.seed / training.seed',
+      syncEvery: 'distributed.sync_every',
+    };
+    for (const k of Object.keys(field) as Array<keyof DataOrderIdentity>) {
+      if (s.order[k] !== identity[k]) {
+        throw new Error(`cannot resume ${latest.dir}: ${field[k]} is ${String(identity[k])}, the run was started with ${String(s.order[k])}; the data order would differ`);
+      }
+    }
+    const global = await store.loadAdapter(latest.dir);
+    try {
+      validateAdapter(global, o.targets, cfg.lora.r);
+    } catch (err) {
+      throw new Error(`cannot resume from ${latest.dir}: the adapter does not fit the config's lora section: ${(err as Error).message}`);
+    }
+    if (optimizer && existsSync(`${latest.dir}/${OPTIMIZER_FILE}`)) optimizer.load(await loadOptimizerState(`${latest.dir}/${OPTIMIZER_FILE}`));
+    else if (optimizer && latest.step > 0) throw new Error(`cannot resume from ${latest.dir}: ${OPTIMIZER_FILE} is missing`);
+    if (outer && existsSync(`${latest.dir}/${OUTER_OPTIMIZER_FILE}`)) outer.load(await loadOuterState(`${latest.dir}/${OUTER_OPTIMIZER_FILE}`));
+    const state: DistributedStateFile = { ...s, totalSteps };
+    log.info({ step: latest.step, dir: latest.dir }, 'resuming after the last checkpoint');
+    return { store, data, order, global, optimizer, outer, state, resumed: true };
+  }
+  if (o.resume) log.warn({ runDir: store.runDir }, '--resume given but no checkpoint exists yet: starting the run from step 0');
+  const global = initLoraAdapter(o.targets, cfg.lora.r, t.seed);
+  const now = new Date().toISOString();
+  const state: DistributedStateFile = {
+    format: 'fedtune.distributed-state/1',
+    runId: cfg.name,
+    name: cfg.name,
+    mode: 'distributed',
+    step: 0,
+    totalSteps,
+    globalVersion: 0,
+    modelFingerprint: o.model.fingerprint,
+    dataset: d.dataset!,
+    order: identity,
+    tokens: 0,
+    recent: [],
+    createdAt: now,
+    updatedAt: now,
+  };
+  await store.write(state, global);
+  return { store, data, order, global, optimizer, outer, state, resumed: false };
+}
