@@ -94,27 +94,26 @@ export const CHARTS: ChartSpec[] = [
     modes: ['federated'],
     build(v) {
       if (v.rounds.length === 0) return undefined;
-      const s = (ms: number): number => ms / 1000;
-      const raw = [
-        v.rounds.map((r) => s(r.phases.dispatchMs)),
-        v.rounds.map((r) => s(r.phases.trainMs)),
-        v.rounds.map((r) => s(r.phases.uploadMs)),
-        v.rounds.map((r) => s(r.phases.aggregateMs)),
-      ];
-      // Stacked: each band is drawn from 0 to its cumulative top, tallest first.
-      const cum = raw.map((_, k) => v.rounds.map((_r, i) => raw.slice(0, k + 1).reduce((a, arr) => a + arr[i]!, 0)));
-      const names = ['dispatch', 'train', 'upload', 'aggregate'];
-      const order = [3, 2, 1, 0];
-      return {
-        key: 'time',
-        series: [
-          { label: 'round' },
-          ...order.map((k) => bars(names[k]!, k + 4, 0.7, 0, (_u, _val, _si, idx) => (idx === null ? '–' : formatDuration(raw[k]![idx]! * 1000)))),
-        ],
-        data: [v.rounds.map((r) => r.round), ...order.map((k) => cum[k]!)],
-        axes: [roundAxis(), secondsAxis()],
-        scales: { x: { time: false, range: (_u, lo, hi) => [lo - 0.5, hi + 0.5] } },
-      };
+      return stackedTimes(
+        'round',
+        v.rounds.map((r) => r.round),
+        ['dispatch', 'train', 'upload', 'aggregate'],
+        [v.rounds.map((r) => r.phases.dispatchMs), v.rounds.map((r) => r.phases.trainMs), v.rounds.map((r) => r.phases.uploadMs), v.rounds.map((r) => r.phases.aggregateMs)],
+      );
+    },
+  },
+  {
+    id: 'step-time',
+    title: 'Step time: compute / communicate / aggregate',
+    modes: ['distributed'],
+    build(v) {
+      if (v.steps.length === 0) return undefined;
+      return stackedTimes(
+        'step',
+        v.steps.map((s) => s.step),
+        ['compute', 'communicate', 'aggregate'],
+        [v.steps.map((s) => s.computeMs), v.steps.map((s) => s.communicateMs), v.steps.map((s) => s.aggregateMs)],
+      );
     },
   },
   {
@@ -162,6 +161,23 @@ export const CHARTS: ChartSpec[] = [
     },
   },
 ];
+
+/** Stacked bars of time phases (milliseconds) per round or step: each band drawn from 0 to its cumulative top, tallest first. */
+function stackedTimes(xLabel: string, xs: number[], names: string[], phasesMs: number[][]): Built {
+  const raw = phasesMs.map((p) => p.map((ms) => ms / 1000));
+  const cum = raw.map((_, k) => xs.map((_x, i) => raw.slice(0, k + 1).reduce((a, arr) => a + arr[i]!, 0)));
+  const order = raw.map((_, k) => raw.length - 1 - k);
+  return {
+    key: `time-${xLabel}`,
+    series: [
+      { label: xLabel },
+      ...order.map((k) => bars(names[k]!, k + 4, 0.7, 0, (_u, _val, _si, idx) => (idx === null ? '–' : formatDuration(raw[k]![idx]! * 1000)))),
+    ],
+    data: [xs, ...order.map((k) => cum[k]!)],
+    axes: [roundAxis(xLabel), secondsAxis()],
+    scales: { x: { time: false, range: (_u, lo, hi) => [lo - 0.5, hi + 0.5] } },
+  };
+}
 
 export class Chart {
   readonly card: HTMLElement;

@@ -72,6 +72,9 @@ export interface StepPoint {
   tokensPerSec: number;
   workers: number;
   time: number;
+  computeMs: number;
+  communicateMs: number;
+  aggregateMs: number;
 }
 
 /** One worker's step-loss curve; x is fractional round (round - 1 + step/totalSteps) or global step. */
@@ -249,7 +252,10 @@ export class RunView {
         for (const w of this.workers.values()) if (w.status === 'update sent') w.status = 'idle';
         break;
       case 'step.completed':
-        this.steps.push({ step: e.step, loss: e.loss, lr: e.lr, tokensPerSec: e.tokensPerSec, workers: e.workers, time: e.time });
+        this.steps.push({
+          step: e.step, loss: e.loss, lr: e.lr, tokensPerSec: e.tokensPerSec, workers: e.workers, time: e.time,
+          computeMs: e.computeMs, communicateMs: e.communicateMs, aggregateMs: e.aggregateMs,
+        });
         for (const p of e.perWorker) {
           const w = this.worker(p.workerId, p.site, e.time);
           w.status = 'training';
