@@ -31,6 +31,7 @@ import type { FedAvgAccumulator } from './strategies/fedavg.ts';
 import type { Strategy } from './strategies/strategy.ts';
 import { SERVER_OPTIMIZER_FILE, type CheckpointStore, type RoundRecord, type RunStateFile, type WorkerStats } from './store.ts';
 import { workerInfo, type RegistryListener, type WorkerRecord, type WorkerRegistry } from './workers.ts';
+import { Conditions } from './conditions.ts';
 
 const log = logger('coordinator.run');
 
@@ -154,8 +155,8 @@ export class FederatedRun implements RegistryListener {
   private readonly tasks = new Map<string, TaskState>();
   /** Accumulator of the round attempt now collecting, with its identity. */
   private open: { round: number; attempt: number; acc: FedAvgAccumulator } | null = null;
-  private readonly waiters = new Set<() => void>();
   private readonly abort = new AbortController();
+  private readonly conditions = new Conditions(this.abort.signal);
   private lastHeartbeatEvent = new Map<string, { status: string; at: number }>();
   private roundBytesDown = 0;
 
@@ -198,7 +199,7 @@ export class FederatedRun implements RegistryListener {
 
   onSessionOpened(w: WorkerRecord): void {
     this.publish({ type: 'worker.joined', worker: workerInfo(w) });
-    this.notify();
+    this.conditions.notify();
   }
 
   onWorkerGone(w: WorkerRecord, reason: string): void {
@@ -212,7 +213,7 @@ export class FederatedRun implements RegistryListener {
         this.stats(t.site).failed++;
       }
     }
-    this.notify();
+    this.conditions.notify();
   }
 
   // ------------------------------------------------------------------ messages from workers
@@ -254,7 +255,7 @@ export class FederatedRun implements RegistryListener {
       t.doneAt = Date.now();
       t.failReason = f.message;
       this.stats(t.site).failed++;
-      this.notify();
+      this.conditions.notify();
     }
   }
 
@@ -267,7 +268,7 @@ export class FederatedRun implements RegistryListener {
     t.evalResult = r;
     t.status = 'done';
     t.doneAt = Date.now();
-    this.notify();
+    this.conditions.notify();
   }
 
   onDownloaded(w: WorkerRecord, bytes: number): void {
@@ -320,7 +321,7 @@ export class FederatedRun implements RegistryListener {
   /** The upload of `t` broke off before it was complete: drop it, the task stays open for a retry. */
   abandonUpdate(t: TaskState): void {
     if (t.status === 'uploading') t.status = 'running';
-    this.notify();
+    this.conditions.notify();
   }
 
   /** Complete bytes of a checked stream: validate values and fold into the round. */
@@ -356,7 +357,7 @@ export class FederatedRun implements RegistryListener {
       metrics: t.metrics,
     });
     log.info({ round: t.round, site: w.site, examples: h.numExamples, bytes: bytes.byteLength }, 'update received');
-    this.notify();
+    this.conditions.notify();
   }
 
   rejectUpdate(w: WorkerRecord, h: Pick<UploadHeader, 'taskId' | 'round'> | null, reason: string): void {
@@ -377,7 +378,7 @@ export class FederatedRun implements RegistryListener {
 
   stop(): void {
     this.abort.abort(new Error('run stopped'));
-    this.notify();
+    this.conditions.notify();
   }
 
   async run(): Promise<RunResult> {
@@ -442,28 +443,6 @@ export class FederatedRun implements RegistryListener {
     }
   }
 
-  private notify(): void {
-    for (const f of [...this.waiters]) f();
-  }
-
-  /** Resolve true once pred() holds, false at the deadline; throws if the run is stopped. */
-  private waitFor(pred: () => boolean, deadline: number): Promise<boolean> {
-    return new Promise<boolean>((resolve, reject) => {
-      const check = (): void => {
-        if (this.abort.signal.aborted) finish(() => reject(this.abort.signal.reason as Error));
-        else if (pred()) finish(() => resolve(true));
-        else if (Date.now() >= deadline) finish(() => resolve(false));
-      };
-      const timer = setTimeout(check, Math.max(0, deadline - Date.now()) + 5);
-      const finish = (f: () => void): void => {
-        clearTimeout(timer);
-        this.waiters.delete(check);
-        f();
-      };
-      this.waiters.add(check);
-      check();
-    });
-  }
 
   private eligible(kind: 'train' | 'eval'): WorkerRecord[] {
     const busy = new Set<string>();
@@ -477,7 +456,7 @@ export class FederatedRun implements RegistryListener {
     const need = this.cfg.cohort.min_workers;
     if (this.eligible('train').length >= need) return;
     log.info({ need, have: this.eligible('train').length }, 'waiting for workers');
-    const ok = await this.waitFor(() => this.eligible('train').length >= need, Date.now() + this.cfg.cohort.wait_timeout_sec * 1000);
+    const ok = await this.conditions.waitFor(() => this.eligible('train').length >= need, Date.now() + this.cfg.cohort.wait_timeout_sec * 1000);
     if (!ok) {
       throw new Error(
         `only ${this.eligible('train').length} worker(s) with training data connected after ${this.cfg.cohort.wait_timeout_sec} s; cohort.min_workers is ${need}`,
@@ -569,7 +548,7 @@ export class FederatedRun implements RegistryListener {
       const tasks = cohort.map((id) => this.newTask('train', round, attempt, this.registry.get(id)!));
       for (const t of tasks) this.dispatch(t, deadline);
       const settled = (): boolean => tasks.every((t) => t.status !== 'running' && t.status !== 'uploading');
-      const allIn = await this.waitFor(settled, deadline);
+      const allIn = await this.conditions.waitFor(settled, deadline);
       if (!allIn) this.closeTasks(tasks, `round ${round} deadline of ${cfg.round.deadline_sec} s passed`);
       done = tasks.filter((t) => t.status === 'done');
       const received = this.open.acc.count;
@@ -657,7 +636,7 @@ export class FederatedRun implements RegistryListener {
     const deadline = Date.now() + this.cfg.eval.deadline_sec * 1000;
     const tasks = workers.map((w) => this.newTask('eval', round, 0, w));
     for (const t of tasks) this.dispatch(t, deadline);
-    const allIn = await this.waitFor(() => tasks.every((t) => t.status !== 'running'), deadline);
+    const allIn = await this.conditions.waitFor(() => tasks.every((t) => t.status !== 'running'), deadline);
     if (!allIn) this.closeTasks(tasks, `evaluation deadline of ${this.cfg.eval.deadline_sec} s passed`);
     const results = tasks.map((t) => t.evalResult).filter((r): r is EvalResult => r !== null && r.hasEvalData);
     for (const t of tasks) this.tasks.delete(t.taskId);

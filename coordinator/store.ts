@@ -73,6 +73,27 @@ export function roundDirName(round: number): string {
   return `round-${String(round).padStart(4, '0')}`;
 }
 
+/**
+ * Numbers of the checkpoint directories in runDir whose names match `pattern`
+ * (one capture group: the number) and that hold `stateFile`, which is written
+ * last, so a directory without it is incomplete. Ascending.
+ */
+export async function completeCheckpoints(runDir: string, pattern: RegExp, stateFile: string): Promise<number[]> {
+  let names: string[];
+  try {
+    names = await readdir(runDir);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return [];
+    throw err;
+  }
+  const out: number[] = [];
+  for (const n of names) {
+    const m = pattern.exec(n);
+    if (m && (await stat(join(runDir, n, stateFile)).catch(() => null))) out.push(Number(m[1]));
+  }
+  return out.sort((a, b) => a - b);
+}
+
 export class CheckpointStore {
   readonly runDir: string;
   private readonly lora: LoraConfig;
@@ -91,20 +112,8 @@ export class CheckpointStore {
   }
 
   /** Complete rounds on disk, ascending. */
-  async rounds(): Promise<number[]> {
-    let names: string[];
-    try {
-      names = await readdir(this.runDir);
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return [];
-      throw err;
-    }
-    const out: number[] = [];
-    for (const n of names) {
-      const m = /^round-(\d{4,})$/.exec(n);
-      if (m && (await stat(join(this.runDir, n, STATE_FILE)).catch(() => null))) out.push(Number(m[1]));
-    }
-    return out.sort((a, b) => a - b);
+  rounds(): Promise<number[]> {
+    return completeCheckpoints(this.runDir, /^round-(\d{4,})$/, STATE_FILE);
   }
 
   /** The highest complete round, or null when the run has none. */

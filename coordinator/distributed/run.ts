@@ -44,6 +44,7 @@ import { workerInfo, type RegistryListener, type WorkerRecord, type WorkerRegist
 import { applyGradientStep, applyOuterStep, FlatSum } from './aggregate.ts';
 import { DataOrder, planEpoch, type DistributedDataset, type EpochPlan } from './plan.ts';
 import { OPTIMIZER_FILE, OUTER_OPTIMIZER_FILE, type DistributedStateFile, type DistributedStore, type StepRecord } from './store.ts';
+import { Conditions } from '../conditions.ts';
 
 const log = logger('coordinator.distributed');
 
@@ -143,8 +144,8 @@ export class DistributedRun implements RegistryListener {
   private readonly dropped = new Map<string, string>();
   /** Sum of the open attempt's uploads, with its identity. */
   private open: { step: number; attempt: number; sum: FlatSum; tokens: number } | null = null;
-  private readonly waiters = new Set<() => void>();
   private readonly abort = new AbortController();
+  private readonly conditions = new Conditions(this.abort.signal);
   private lastHeartbeatEvent = new Map<string, { status: string; at: number }>();
   private stepBytesDown = 0;
 
@@ -194,7 +195,7 @@ export class DistributedRun implements RegistryListener {
 
   onSessionOpened(w: WorkerRecord): void {
     this.publish({ type: 'worker.joined', worker: workerInfo(w) });
-    this.notify();
+    this.conditions.notify();
   }
 
   onWorkerGone(w: WorkerRecord, reason: string): void {
@@ -203,7 +204,7 @@ export class DistributedRun implements RegistryListener {
     for (const t of this.tasks.values()) {
       if (t.workerId === w.workerId && (t.status === 'running' || t.status === 'uploading')) this.fail(t, `worker left (${reason})`);
     }
-    this.notify();
+    this.conditions.notify();
   }
 
   // ------------------------------------------------------------------ messages from workers
@@ -227,7 +228,7 @@ export class DistributedRun implements RegistryListener {
     log.warn({ worker: w.workerId, site: w.site, task: f.taskId }, f.message);
     if (t && t.workerId === w.workerId && (t.status === 'running' || t.status === 'uploading')) {
       this.fail(t, f.unsupported ? `the worker cannot run distributed steps (${f.message})` : f.message);
-      this.notify();
+      this.conditions.notify();
     }
   }
 
@@ -255,13 +256,13 @@ export class DistributedRun implements RegistryListener {
     }
     const reject = (message: string): never => {
       this.fail(t, message);
-      this.notify();
+      this.conditions.notify();
       throw new UpdateRejected('INVALID_ARGUMENT', message);
     };
     if (h.kind !== t.kind) reject(`update kind ${UpdateKind[h.kind] ?? h.kind} is not accepted for this task (expected ${UpdateKind[t.kind]})`);
     if (h.baseVersion !== t.baseVersion) {
       this.fail(t, `computed from adapter version ${h.baseVersion}, the task is on version ${t.baseVersion}`);
-      this.notify();
+      this.conditions.notify();
       throw new UpdateRejected('FAILED_PRECONDITION', `update computed from adapter version ${h.baseVersion}, task ${h.taskId} is on version ${t.baseVersion}`);
     }
     const bad = manifestMismatch(manifest, this.packed.manifest);
@@ -279,7 +280,7 @@ export class DistributedRun implements RegistryListener {
 
   abandonUpdate(t: StepTaskState): void {
     if (t.status === 'uploading') t.status = 'running';
-    this.notify();
+    this.conditions.notify();
   }
 
   acceptUpdate(w: WorkerRecord, t: StepTaskState, h: UploadHeader, bytes: Uint8Array): void {
@@ -290,7 +291,7 @@ export class DistributedRun implements RegistryListener {
     if (nf) {
       const message = `${t.kind === UpdateKind.UPDATE_KIND_GRADIENT ? 'gradient' : 'delta'} tensor ${nf.name} has a non-finite value (${nf.value}) at element ${nf.index}`;
       this.fail(t, message);
-      this.notify();
+      this.conditions.notify();
       throw new UpdateRejected('INVALID_ARGUMENT', message);
     }
     const aligned = bytes.byteOffset % 4 === 0 ? bytes : bytes.slice();
@@ -304,7 +305,7 @@ export class DistributedRun implements RegistryListener {
     t.lossSum = h.metrics.loss_sum ?? 0;
     t.computeMs = Math.max(0, h.metrics.compute_ms ?? 0);
     t.bytesUp = bytes.byteLength;
-    this.notify();
+    this.conditions.notify();
   }
 
   rejectUpdate(w: WorkerRecord, h: Pick<UploadHeader, 'taskId' | 'round'> | null, reason: string): void {
@@ -317,7 +318,7 @@ export class DistributedRun implements RegistryListener {
 
   stop(): void {
     this.abort.abort(new Error('run stopped'));
-    this.notify();
+    this.conditions.notify();
   }
 
   async run(): Promise<RunResult> {
@@ -361,28 +362,6 @@ export class DistributedRun implements RegistryListener {
     }
   }
 
-  private notify(): void {
-    for (const f of [...this.waiters]) f();
-  }
-
-  /** Resolve true once pred() holds, false at the deadline; throws if the run is stopped. */
-  private waitFor(pred: () => boolean, deadline: number): Promise<boolean> {
-    return new Promise<boolean>((resolve, reject) => {
-      const check = (): void => {
-        if (this.abort.signal.aborted) finish(() => reject(this.abort.signal.reason as Error));
-        else if (pred()) finish(() => resolve(true));
-        else if (Date.now() >= deadline) finish(() => resolve(false));
-      };
-      const timer = setTimeout(check, Math.max(0, deadline - Date.now()) + 5);
-      const finish = (f: () => void): void => {
-        clearTimeout(timer);
-        this.waiters.delete(check);
-        f();
-      };
-      this.waiters.add(check);
-      check();
-    });
-  }
 
   private fail(t: StepTaskState, reason: string): void {
     if (t.status !== 'running' && t.status !== 'uploading') return;
@@ -401,7 +380,7 @@ export class DistributedRun implements RegistryListener {
     if (usable().length >= need) return usable();
     this.publish({ type: 'run.state', state: 'waiting', message: `${why}: waiting for ${need} worker(s)` });
     log.info({ need, have: usable().length }, `${why}: waiting for workers`);
-    const ok = await this.waitFor(() => usable().length >= need, Date.now() + this.cfg.cohort.wait_timeout_sec * 1000);
+    const ok = await this.conditions.waitFor(() => usable().length >= need, Date.now() + this.cfg.cohort.wait_timeout_sec * 1000);
     if (!ok) throw new Error(`${why}: only ${usable().length} worker(s) connected after ${this.cfg.cohort.wait_timeout_sec} s (cohort.wait_timeout_sec); need ${need}`);
     this.publish({ type: 'run.state', state: 'running', message: `${usable().length} worker(s)` });
     return usable();
@@ -496,7 +475,7 @@ export class DistributedRun implements RegistryListener {
         this.dispatch(t, deadline, plan.shardIds[k]!, per[0]!.start, count, per.map((p) => p.count), lrs, plan.epoch);
       }
       const settled = (): boolean => tasks.every((t) => t.status !== 'running' && t.status !== 'uploading');
-      const allIn = await this.waitFor(settled, deadline);
+      const allIn = await this.conditions.waitFor(settled, deadline);
       if (!allIn) {
         for (const t of tasks) {
           if (t.status === 'running' || t.status === 'uploading') {

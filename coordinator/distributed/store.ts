@@ -18,6 +18,7 @@ import { writeDirAtomic, writeFileAtomic } from '../../common/atomic.ts';
 import { readPeftAdapter, writePeftAdapter } from '../../common/peft.ts';
 import type { TensorMap } from '../../common/tensor.ts';
 import type { LoraConfig } from '../../worker/engine/config.ts';
+import { completeCheckpoints } from '../store.ts';
 
 export const DIST_STATE_FILE = 'state.json';
 export const OPTIMIZER_FILE = 'optimizer.safetensors';
@@ -100,20 +101,8 @@ export class DistributedStore {
   }
 
   /** Complete step checkpoints on disk, ascending. */
-  async steps(): Promise<number[]> {
-    let names: string[];
-    try {
-      names = await readdir(this.runDir);
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return [];
-      throw err;
-    }
-    const out: number[] = [];
-    for (const n of names) {
-      const m = /^step-(\d{6,})$/.exec(n);
-      if (m && (await stat(join(this.runDir, n, DIST_STATE_FILE)).catch(() => null))) out.push(Number(m[1]));
-    }
-    return out.sort((a, b) => a - b);
+  steps(): Promise<number[]> {
+    return completeCheckpoints(this.runDir, /^step-(\d{6,})$/, DIST_STATE_FILE);
   }
 
   /** Whether the run directory holds federated round checkpoints (another mode's run). */
