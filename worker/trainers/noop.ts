@@ -10,7 +10,7 @@ import { createRng } from '../../common/random.ts';
 import type { TensorMap } from '../../common/tensor.ts';
 import { splitEval } from '../data/batching.ts';
 import { loadRecords } from '../data/dataset.ts';
-import type { EvalOutcome, LocalTrainingSpec, Trainer, TrainerFactoryOptions, TrainOutcome, TrainProgress } from './trainer.ts';
+import type { EvalOutcome, LocalTrainingSpec, Trainer, TrainerFactoryOptions, TrainArgs, TrainOutcome } from './trainer.ts';
 
 /** Size of the perturbation added to every element. */
 export const NOOP_PERTURBATION = 1e-3;
@@ -46,14 +46,7 @@ export class NoopTrainer implements Trainer {
     return Math.max(1, Math.ceil((spec.epochs ?? 1) * perEpoch));
   }
 
-  async train(args: {
-    taskId: string;
-    round: number;
-    globalAdapter: TensorMap;
-    spec: LocalTrainingSpec;
-    onProgress: (p: TrainProgress) => void;
-    signal: AbortSignal;
-  }): Promise<TrainOutcome> {
+  async train(args: TrainArgs): Promise<TrainOutcome> {
     const { spec, signal } = args;
     const total = this.totalSteps(spec);
     let loss = 0;

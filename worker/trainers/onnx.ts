@@ -21,10 +21,10 @@ import type {
   GradientOutcome,
   LocalStepsOutcome,
   LocalTrainingSpec,
+  TrainArgs,
   TrainOutcome,
   Trainer,
   TrainerFactoryOptions,
-  TrainProgress,
 } from './trainer.ts';
 
 const log = logger('onnx-trainer');
@@ -86,14 +86,7 @@ class OnnxTrainer implements Trainer {
     return e;
   }
 
-  async train(args: {
-    taskId: string;
-    round: number;
-    globalAdapter: TensorMap;
-    spec: LocalTrainingSpec;
-    onProgress: (p: TrainProgress) => void;
-    signal: AbortSignal;
-  }): Promise<TrainOutcome> {
+  async train(args: TrainArgs): Promise<TrainOutcome> {
     const { spec } = args;
     const engine = this.engineFor(spec.lora);
     const params = toFloat32(args.globalAdapter);

@@ -30,6 +30,15 @@ export interface TrainProgress {
   tokensPerSec: number;
   examples: number;
 }
+/** One local training task: start from the global adapter, train per spec, report progress. */
+export interface TrainArgs {
+  taskId: string;
+  round: number;
+  globalAdapter: TensorMap;
+  spec: LocalTrainingSpec;
+  onProgress: (p: TrainProgress) => void;
+  signal: AbortSignal;
+}
 export interface TrainOutcome {
   adapter: TensorMap;
   numExamples: number;
@@ -64,14 +73,7 @@ export interface Trainer {
   readonly numEvalExamples: number;
   /** sha256 hex of the base model (LoadedModel.fingerprint) when the trainer loaded one. */
   readonly modelFingerprint?: string;
-  train(args: {
-    taskId: string;
-    round: number;
-    globalAdapter: TensorMap;
-    spec: LocalTrainingSpec;
-    onProgress: (p: TrainProgress) => void;
-    signal: AbortSignal;
-  }): Promise<TrainOutcome>;
+  train(args: TrainArgs): Promise<TrainOutcome>;
   evaluate(args: { globalAdapter: TensorMap; spec: LocalTrainingSpec; signal: AbortSignal }): Promise<EvalOutcome | null>; // null: no eval data
   /** Distributed mode (optional): summed-loss gradients of `batches` at `params`. */
   computeGradients?(args: { params: TensorMap; batches: Batch[]; spec: LocalTrainingSpec; signal: AbortSignal }): Promise<GradientOutcome>;
