@@ -55,6 +55,12 @@ describe('run config', () => {
     expect(got.find((i) => i.startsWith('server.tls_cert'))).toMatch(/unknown field \(allowed: listen, join_token, tls, /);
   });
 
+  it('accepts the documented example config', async () => {
+    const c = await loadRunConfig(join(import.meta.dirname, '..', '..', 'examples', 'federated.yaml'), {});
+    expect(c.mode).toBe('federated');
+    expect(c.events.nats).toBeNull();
+  });
+
   it('checks the NATS event settings', () => {
     const ok = parseRunConfig({ ...base(), events: { nats: { url: 'nats://127.0.0.1:4222', stream: 'RUNS', max_age_sec: 3600 } } });
     expect(ok.events.nats).toEqual({ url: 'nats://127.0.0.1:4222', stream: 'RUNS', max_age_sec: 3600 });
