@@ -192,3 +192,23 @@ describe('generation', () => {
     await engine.close();
   });
 });
+
+describe('frozen base weights', () => {
+  it('are fed from the loaded model itself to the sessions of every batch shape, not copied into them', async () => {
+    const { model, examples, padId } = await setup('llama');
+    const engine = Engine.create(model, { mode: 'lora', lora: loraFor('llama'), threads: 1 });
+    const adapter = engine.initParams(0);
+    const [b16, b32] = [16, 32].map((padTo) => makeBatches(examples.slice(0, 2), { batchSize: 2, padId, shuffle: false, seed: 0, maxSeqLen: 96, padTo })[0]!);
+    expect(b16!.seqLen).not.toBe(b32!.seqLen); // two shape families, two sessions
+    const before = [await engine.forward(adapter, b16!), await engine.forward(adapter, b32!)];
+    const w = model.weights.get('model.norm.weight')!.data;
+    const saved = Float32Array.from(w);
+    w.fill(0.5); // change the one copy in place: both existing sessions see it
+    const after = [await engine.forward(adapter, b16!), await engine.forward(adapter, b32!)];
+    w.set(saved);
+    const restored = await engine.forward(adapter, b16!);
+    for (let i = 0; i < 2; i++) expect(maxAbsDiff(after[i]!.logits, before[i]!.logits)).toBeGreaterThan(1e-3);
+    expect(maxAbsDiff(restored.logits, before[0]!.logits)).toBe(0);
+    await engine.close();
+  });
+});

@@ -4,8 +4,9 @@
  * gradients of a batch, forward logits, evaluation and generation.
  *
  * Parameters (LoRA adapters, or every weight in full mode) live in JS as a
- * TensorMap owned by the caller and are fed to each run; frozen base weights
- * are stored once inside each session and never copied per step.
+ * TensorMap owned by the caller and are fed to each run. Frozen base weights
+ * are held once, by the loaded model, and fed to the sessions of every batch
+ * shape as tensors over that same memory: never copied per step or per session.
  */
 import type { FloatArray, TensorMap } from '../../common/tensor.ts';
 import { createRng } from '../../common/random.ts';
@@ -69,6 +70,8 @@ export interface GenerateOptions {
 interface CompiledGraph {
   rt: RuntimeSession;
   params: Array<{ name: string; shape: number[] }>;
+  /** Frozen base weights fed from the engine's single copy on every run. */
+  frozen: Record<string, ort.Tensor>;
 }
 
 export class Engine {
@@ -225,14 +228,16 @@ export class Engine {
           kind,
           dropoutSeed: this.opts.seed ?? 0,
         };
-        const built = buildCausalLmGraph(this.model, spec, (name) => this.weightAs(name));
+        const built = buildCausalLmGraph(this.model, spec);
         const rt = await createSession(built.bytes, {
           threads: this.opts.threads,
           device: this.opts.device,
           optimization: this.dtype === 'float64' ? 'basic' : 'all',
         });
         this.resolvedDevice = rt.device;
-        return { rt, params: built.params };
+        const frozen: Record<string, ort.Tensor> = {};
+        for (const f of built.frozen) frozen[f.name] = new ort.Tensor(this.dtype, this.weightAs(f.name), f.shape);
+        return { rt, params: built.params, frozen };
       })();
       p.catch(() => this.sessions.delete(key));
       this.sessions.set(key, p);
@@ -276,6 +281,7 @@ export class Engine {
       }
     }
     const feeds: Record<string, ort.Tensor> = {
+      ...g.frozen,
       input_ids: new ort.Tensor('int64', ids, [N]),
       targets: new ort.Tensor('int64', targets, [N]),
       loss_mask: new ort.Tensor(this.dtype, mask, [N, 1]),

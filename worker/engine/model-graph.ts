@@ -13,7 +13,6 @@
 import { Graph, type FloatDType, type Value } from './graph.ts';
 import type { LoadedModel, LoraConfig, ModelConfig } from './config.ts';
 import { loraTargets, peftKey, type LoraTarget } from './lora.ts';
-import type { FloatArray } from '../../common/tensor.ts';
 
 export interface GraphSpec {
   batchSize: number;
@@ -32,12 +31,17 @@ export interface BuiltGraph {
   bytes: Uint8Array;
   /** Trainable parameters, in graph-input order. */
   params: Array<{ name: string; shape: number[] }>;
+  /**
+   * Frozen base weights (LoRA mode). They are graph inputs too, fed on every
+   * run from the one copy the engine holds: sessions of every batch shape
+   * share it, nothing is copied per step, and no weight is serialized into a
+   * model. (Storing them as initializers instead measured the same speed but
+   * one more copy of the model per session.)
+   */
+  frozen: Array<{ name: string; shape: number[] }>;
 }
 
-/** Base weight in the requested float type (float64 copies are made once per model and cached). */
-export type WeightSource = (name: string) => FloatArray;
-
-export function buildCausalLmGraph(model: LoadedModel, spec: GraphSpec, weightsAs: WeightSource): BuiltGraph {
+export function buildCausalLmGraph(model: LoadedModel, spec: GraphSpec): BuiltGraph {
   const { config } = model;
   const g = new Graph(spec.dtype);
   const B = spec.batchSize;
@@ -52,6 +56,7 @@ export function buildCausalLmGraph(model: LoadedModel, spec: GraphSpec, weightsA
   const lossMask = g.input('loss_mask', [N, 1], spec.dtype);
 
   const params: Array<{ name: string; value: Value }> = [];
+  const frozen: Array<{ name: string; shape: number[] }> = [];
   const weightValues = new Map<string, Value>();
   /** A base weight: a trainable input in full mode, a stored constant in LoRA mode. */
   const W = (name: string): Value => {
@@ -63,7 +68,8 @@ export function buildCausalLmGraph(model: LoadedModel, spec: GraphSpec, weightsA
       v = g.input(name, t.shape, spec.dtype, true);
       params.push({ name, value: v });
     } else {
-      v = g.initializer(name, t.shape, spec.dtype, weightsAs(name));
+      v = g.input(name, t.shape, spec.dtype, false);
+      frozen.push({ name, shape: t.shape });
     }
     weightValues.set(name, v);
     return v;
@@ -198,7 +204,7 @@ export function buildCausalLmGraph(model: LoadedModel, spec: GraphSpec, weightsA
   } else {
     g.output(logits, 'logits');
   }
-  return { bytes: g.toModel(), params: params.map((p) => ({ name: p.name, shape: p.value.shape })) };
+  return { bytes: g.toModel(), params: params.map((p) => ({ name: p.name, shape: p.value.shape })), frozen };
 }
 
 /**
