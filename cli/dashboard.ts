@@ -8,7 +8,8 @@
  * options (--nats, --nats-user, --nats-pass, --nats-token, --nats-creds,
  * --nats-tls-ca, --nats-tls-cert, --nats-tls-key).
  */
-import { Command, InvalidArgumentError, Option } from 'commander';
+import { Command, Option } from 'commander';
+import { intArg } from './args.ts';
 import { createConsumerBus } from '../coordinator/events/index.ts';
 import type { NatsConnectOptions } from '../coordinator/events/nats-common.ts';
 import { startDashboardServer } from '../coordinator/http/server.ts';
@@ -64,19 +65,7 @@ export function natsOptionsFrom(o: NatsCliOptions): NatsConnectOptions | undefin
   };
 }
 
-function port(v: string): number {
-  const n = Number(v);
-  if (!/^\d+$/.test(v) || n > 65535) throw new InvalidArgumentError(`--port must be an integer in [0, 65535], got "${v}"`);
-  return n;
-}
 
-function millis(name: string): (v: string) => number {
-  return (v: string) => {
-    const n = Number(v);
-    if (!/^\d+$/.test(v) || n < 1) throw new InvalidArgumentError(`${name} must be a positive integer (milliseconds), got "${v}"`);
-    return n;
-  };
-}
 
 interface DashboardOpts extends NatsCliOptions {
   host: string;
@@ -145,7 +134,7 @@ export function register(program: Command): void {
     .command('dashboard')
     .description('Serve the dashboard for every run on a NATS server (read-only; any number can run at once)')
     .option('--host <host>', 'address to bind', '127.0.0.1')
-    .option('--port <port>', 'port to listen on (0 picks a free one)', port, 8080)
+    .option('--port <port>', 'port to listen on (0 picks a free one)', intArg('--port', 0, 65535), 8080)
     .addOption(new Option('--token <token>', 'access token the browser must present').env('FEDTUNE_DASHBOARD_TOKEN'))
     .option('--stream <name>', 'JetStream stream holding the run events', 'FEDTUNE_EVENTS')
     .option('--subject-root <root>', 'subject root the coordinators publish under (<root>.runs.<run>.<type>)', 'fedtune')
@@ -155,7 +144,7 @@ export function register(program: Command): void {
   const workers = program
     .command('workers')
     .description('List the workers that announce their presence on a NATS server (site, device, idle/training)')
-    .option('--wait <ms>', 'how long to collect announcements', millis('--wait'), 1500)
+    .option('--wait <ms>', 'how long to collect announcements', intArg('--wait', 1), 1500)
     .option('--subject-root <root>', 'subject root the workers announce under (<root>.workers.<site>)', 'fedtune')
     .option('--json', 'print JSON instead of a table');
   addNatsOptions(workers, true).action(async (o: NatsCliOptions & { wait: number; json?: boolean; subjectRoot: string }) => {

@@ -14,7 +14,8 @@ import { createRequire } from 'node:module';
 import { join, resolve } from 'node:path';
 import { createServer } from 'node:net';
 import { createInterface } from 'node:readline';
-import { Command, InvalidArgumentError, Option } from 'commander';
+import { Command, Option } from 'commander';
+import { intArg } from './args.ts';
 import { stringify } from 'yaml';
 import { createRng } from '../common/random.ts';
 import { initModel } from '../worker/engine/init.ts';
@@ -137,13 +138,6 @@ interface DemoOpts {
   keepModel?: boolean;
 }
 
-function int(name: string): (v: string) => number {
-  return (v) => {
-    const n = Number(v);
-    if (!/^\d+$/.test(v) || n < 1) throw new InvalidArgumentError(`${name} must be a positive integer (got "${v}")`);
-    return n;
-  };
-}
 
 const BIN = resolve(import.meta.dirname, '..', 'bin', 'fedtune.js');
 
@@ -289,8 +283,8 @@ export function register(program: Command): void {
     .command('demo')
     .description('run a federated spam-detection demo on this machine: coordinator + 3 worker processes')
     .option('--dir <dir>', 'working directory (model, data, checkpoints, logs)', '.fedtune/demo')
-    .option('--rounds <n>', 'federated rounds', int('--rounds'), 8)
-    .option('--steps <n>', 'local training steps per round', int('--steps'), 30)
+    .option('--rounds <n>', 'federated rounds', intArg('--rounds', 1), 8)
+    .option('--steps <n>', 'local training steps per round', intArg('--steps', 1), 30)
     .addOption(new Option('--trainer <backend>', 'trainer backend of the workers').choices(['onnx', 'noop']).default('onnx').hideHelp())
     .action(async (o: DemoOpts) => {
       process.exitCode = await runDemo(o);

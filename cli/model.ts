@@ -2,7 +2,8 @@
  * `fedtune model init|inspect`: create tiny random Hugging Face models and
  * describe existing model directories.
  */
-import { Command, InvalidArgumentError, Option } from 'commander';
+import { Command, Option } from 'commander';
+import { intArg } from './args.ts';
 import { readdir } from 'node:fs/promises';
 import { resolve } from 'node:path';
 import { numel } from '../common/tensor.ts';
@@ -10,13 +11,6 @@ import { INIT_ARCHS, initModel, type InitArch } from '../worker/engine/init.ts';
 import { loadModel, type ModelDtype } from '../worker/engine/model.ts';
 import { loadTokenizer } from '../worker/engine/tokenizer.ts';
 
-export function positiveInt(name: string): (v: string) => number {
-  return (v: string) => {
-    const n = Number(v);
-    if (!/^\d+$/.test(v) || !Number.isSafeInteger(n) || n < 1) throw new InvalidArgumentError(`${name} must be a positive integer, got "${v}"`);
-    return n;
-  };
-}
 
 /** Refuse a non-empty output directory unless --force was given. */
 export async function checkOutDir(dir: string, force: boolean | undefined): Promise<void> {
@@ -29,13 +23,6 @@ export async function checkOutDir(dir: string, force: boolean | undefined): Prom
   if (entries.length > 0) throw new Error(`--out ${dir} already exists and is not empty; pass --force to replace it`);
 }
 
-function nonNegativeInt(name: string): (v: string) => number {
-  return (v: string) => {
-    const n = Number(v);
-    if (!/^\d+$/.test(v) || !Number.isSafeInteger(n)) throw new InvalidArgumentError(`${name} must be a non-negative integer, got "${v}"`);
-    return n;
-  };
-}
 
 interface InitOpts {
   arch: InitArch;
@@ -68,16 +55,16 @@ export function register(program: Command): void {
     .description('write a tiny random model (config.json, safetensors, byte-level BPE tokenizer.json)')
     .addOption(new Option('--arch <arch>', 'architecture').choices([...INIT_ARCHS]).makeOptionMandatory())
     .requiredOption('--out <dir>', 'output model directory (must not exist or be empty, unless --force)')
-    .option('--hidden <n>', 'hidden size', positiveInt('--hidden'), 64)
-    .option('--layers <n>', 'number of layers', positiveInt('--layers'), 2)
-    .option('--heads <n>', 'attention heads', positiveInt('--heads'), 4)
-    .option('--kv-heads <n>', 'key/value heads (llama family; default: half the heads when even)', positiveInt('--kv-heads'))
-    .option('--intermediate <n>', 'MLP size (default: 4*hidden for gpt2, 8/3*hidden rounded up to 8 otherwise)', positiveInt('--intermediate'))
-    .option('--max-positions <n>', 'maximum sequence length', positiveInt('--max-positions'), 512)
+    .option('--hidden <n>', 'hidden size', intArg('--hidden', 1), 64)
+    .option('--layers <n>', 'number of layers', intArg('--layers', 1), 2)
+    .option('--heads <n>', 'attention heads', intArg('--heads', 1), 4)
+    .option('--kv-heads <n>', 'key/value heads (llama family; default: half the heads when even)', intArg('--kv-heads', 1))
+    .option('--intermediate <n>', 'MLP size (default: 4*hidden for gpt2, 8/3*hidden rounded up to 8 otherwise)', intArg('--intermediate', 1))
+    .option('--max-positions <n>', 'maximum sequence length', intArg('--max-positions', 1), 512)
     .addOption(new Option('--dtype <dtype>', 'storage dtype of the weights').choices(['float32', 'float16', 'bfloat16']).default('float32'))
-    .option('--seed <n>', 'random seed', nonNegativeInt('--seed'), 0)
+    .option('--seed <n>', 'random seed', intArg('--seed', 0), 0)
     .option('--tied', 'tie lm_head to the input embeddings (always on for gpt2)')
-    .option('--shards <n>', 'write a sharded checkpoint with this many files', positiveInt('--shards'), 1)
+    .option('--shards <n>', 'write a sharded checkpoint with this many files', intArg('--shards', 1), 1)
     .option('--force', 'replace a non-empty output directory')
     .action(async (o: InitOpts) => {
       const gpt2 = o.arch === 'gpt2';

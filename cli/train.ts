@@ -7,7 +7,8 @@
 import { existsSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { Command, InvalidArgumentError, Option } from 'commander';
+import { Command, Option } from 'commander';
+import { intArg, numArg } from './args.ts';
 import cliProgress from 'cli-progress';
 import type { TensorMap } from '../common/tensor.ts';
 import { writeFileAtomic } from '../common/atomic.ts';
@@ -22,16 +23,6 @@ import { makeBatches } from '../worker/data/batching.ts';
 import { prepareDataset } from '../worker/data/prepare.ts';
 import { getTemplate } from '../worker/data/template.ts';
 
-const int = (name: string) => (v: string): number => {
-  const n = Number(v);
-  if (!Number.isInteger(n)) throw new InvalidArgumentError(`${name} must be an integer (got "${v}")`);
-  return n;
-};
-const num = (name: string) => (v: string): number => {
-  const n = Number(v);
-  if (!Number.isFinite(n)) throw new InvalidArgumentError(`${name} must be a number (got "${v}")`);
-  return n;
-};
 
 interface TrainOpts {
   model: string;
@@ -182,26 +173,26 @@ export function register(program: Command): void {
     .requiredOption('--data <file>', 'training data: JSON array or JSONL of Alpaca or chat records')
     .requiredOption('--out <dir>', 'output directory (PEFT adapter, or full model with --full)')
     .option('--eval-data <file>', 'held-out data (default: split off --eval-fraction of --data)')
-    .option('--eval-fraction <f>', 'fraction of --data held out for evaluation', num('--eval-fraction'), 0.1)
+    .option('--eval-fraction <f>', 'fraction of --data held out for evaluation', numArg('--eval-fraction', 0, 1), 0.1)
     .option('--template <name>', 'prompt template: alpaca, chatml, plain', 'alpaca')
     .option('--full', 'train every weight (full fine-tuning or pre-training) instead of LoRA')
-    .option('--lora-r <n>', 'LoRA rank', int('--lora-r'), 8)
-    .option('--lora-alpha <n>', 'LoRA alpha (scale alpha/r)', num('--lora-alpha'), 16)
-    .option('--lora-dropout <p>', 'dropout on the LoRA input', num('--lora-dropout'), 0.05)
+    .option('--lora-r <n>', 'LoRA rank', intArg('--lora-r', 1), 8)
+    .option('--lora-alpha <n>', 'LoRA alpha (scale alpha/r)', numArg('--lora-alpha', 0), 16)
+    .option('--lora-dropout <p>', 'dropout on the LoRA input', numArg('--lora-dropout', 0, 1), 0.05)
     .option('--target-modules <list>', 'comma-separated modules (default: all of the architecture)')
-    .option('--steps <n>', 'optimizer steps', int('--steps'))
-    .option('--epochs <n>', 'epochs over the training data (default 1 when --steps is not given)', num('--epochs'))
-    .option('--batch-size <n>', 'sequences per micro-batch', int('--batch-size'), 8)
-    .option('--grad-accum <n>', 'micro-batches per optimizer step', int('--grad-accum'), 1)
-    .option('--lr <x>', 'peak learning rate', num('--lr'), 2e-4)
+    .option('--steps <n>', 'optimizer steps', intArg('--steps', 1))
+    .option('--epochs <n>', 'epochs over the training data (default 1 when --steps is not given)', numArg('--epochs', 0))
+    .option('--batch-size <n>', 'sequences per micro-batch', intArg('--batch-size', 1), 8)
+    .option('--grad-accum <n>', 'micro-batches per optimizer step', intArg('--grad-accum', 1), 1)
+    .option('--lr <x>', 'peak learning rate', numArg('--lr', 0), 2e-4)
     .addOption(new Option('--schedule <kind>', 'learning-rate schedule').choices([...SCHEDULE_KINDS]).default('cosine'))
-    .option('--warmup <n>', 'warmup steps', int('--warmup'), 0)
-    .option('--weight-decay <x>', 'AdamW decoupled weight decay', num('--weight-decay'), 0)
-    .option('--max-grad-norm <x>', 'clip the global gradient norm (0: off)', num('--max-grad-norm'), 1)
-    .option('--max-seq-len <n>', 'truncate sequences to this many tokens', int('--max-seq-len'), 256)
-    .option('--threads <n>', 'ONNX Runtime intra-op threads (default: one per core)', int('--threads'))
+    .option('--warmup <n>', 'warmup steps', intArg('--warmup', 0), 0)
+    .option('--weight-decay <x>', 'AdamW decoupled weight decay', numArg('--weight-decay', 0), 0)
+    .option('--max-grad-norm <x>', 'clip the global gradient norm (0: off)', numArg('--max-grad-norm', 0), 1)
+    .option('--max-seq-len <n>', 'truncate sequences to this many tokens', intArg('--max-seq-len', 1), 256)
+    .option('--threads <n>', 'ONNX Runtime intra-op threads (default: one per core)', intArg('--threads', 1))
     .addOption(new Option('--device <d>', 'execution provider').choices(['cpu', 'cuda']).default('cpu'))
-    .option('--seed <n>', 'seed for initialization, shuffling and dropout', int('--seed'), 0)
+    .option('--seed <n>', 'seed for initialization, shuffling and dropout', intArg('--seed', 0), 0)
     .option('--init-adapter <dir>', 'start from this PEFT adapter instead of a fresh one')
     .option('--resume', 'continue the run saved in --out (adapter, optimizer state, step)')
     .action(async (o: TrainOpts) => train(o));
@@ -212,10 +203,10 @@ export function register(program: Command): void {
     .requiredOption('--model <dir>', 'base model directory')
     .option('--adapter <dir>', 'PEFT adapter directory')
     .requiredOption('--prompt <text>', 'prompt text (used as is; apply a template yourself)')
-    .option('--max-new-tokens <n>', 'tokens to generate', int('--max-new-tokens'), 32)
-    .option('--temperature <t>', '0 for greedy decoding', num('--temperature'), 0)
-    .option('--top-k <k>', 'sample among the k most likely tokens (0: all)', int('--top-k'), 0)
-    .option('--seed <n>', 'sampling seed', int('--seed'), 0)
+    .option('--max-new-tokens <n>', 'tokens to generate', intArg('--max-new-tokens', 1), 32)
+    .option('--temperature <t>', '0 for greedy decoding', numArg('--temperature', 0), 0)
+    .option('--top-k <k>', 'sample among the k most likely tokens (0: all)', intArg('--top-k', 0), 0)
+    .option('--seed <n>', 'sampling seed', intArg('--seed', 0), 0)
     .action(async (o: { model: string; adapter?: string; prompt: string; maxNewTokens: number; temperature: number; topK: number; seed: number }) => {
       const tok = await loadTokenizer(o.model);
       const { engine, params } = await withAdapter(o.model, o.adapter);
@@ -232,8 +223,8 @@ export function register(program: Command): void {
     .option('--adapter <dir>', 'PEFT adapter directory')
     .requiredOption('--data <file>', 'JSON array or JSONL of Alpaca or chat records')
     .option('--template <name>', 'prompt template', 'alpaca')
-    .option('--max-seq-len <n>', 'truncate sequences to this many tokens', int('--max-seq-len'), 256)
-    .option('--batch-size <n>', 'sequences per batch', int('--batch-size'), 8)
+    .option('--max-seq-len <n>', 'truncate sequences to this many tokens', intArg('--max-seq-len', 1), 256)
+    .option('--batch-size <n>', 'sequences per batch', intArg('--batch-size', 1), 8)
     .action(async (o: { model: string; adapter?: string; data: string; template: string; maxSeqLen: number; batchSize: number }) => {
       const tok = await loadTokenizer(o.model);
       const { engine, params } = await withAdapter(o.model, o.adapter);

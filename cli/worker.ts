@@ -2,26 +2,15 @@
  * `fedtune worker --coordinator HOST:PORT --data FILE --name SITE --token T --model DIR`:
  * one site of a federated run.
  */
-import { Command, InvalidArgumentError, Option } from 'commander';
+import { Command, Option } from 'commander';
+import { intArg, numArg } from './args.ts';
 import { parseHostPort } from '../common/config.ts';
 import { FatalWorkerError, WorkerAgent } from '../worker/agent.ts';
 import { startPresence } from '../worker/presence.ts';
 import { totalmem } from 'node:os';
 import { TRAINER_BACKENDS } from '../worker/trainers/index.ts';
 
-function int(name: string, min: number): (v: string) => number {
-  return (v) => {
-    const n = Number(v);
-    if (!/^\d+$/.test(v) || n < min) throw new InvalidArgumentError(`${name} must be an integer >= ${min} (got "${v}")`);
-    return n;
-  };
-}
 
-function fraction(v: string): number {
-  const n = Number(v);
-  if (!(n >= 0 && n < 1)) throw new InvalidArgumentError(`--eval-fraction must be a number in [0, 1) (got "${v}")`);
-  return n;
-}
 
 interface WorkerCliOpts {
   coordinator: string;
@@ -59,22 +48,22 @@ export function register(program: Command): void {
     .requiredOption('--model <dir>', 'local copy of the base model (Hugging Face directory)')
     .option('--token <token>', 'join token of the run (or set FEDTUNE_JOIN_TOKEN)')
     .option('--eval-data <file>', 'local eval data (default: hold out --eval-fraction of --data)')
-    .option('--eval-fraction <f>', 'fraction of --data held out for evaluation when --eval-data is not given', fraction, 0.1)
+    .option('--eval-fraction <f>', 'fraction of --data held out for evaluation when --eval-data is not given', numArg('--eval-fraction', 0, 1), 0.1)
     .addOption(new Option('--trainer <backend>', 'training backend').choices([...TRAINER_BACKENDS]).default('onnx'))
     .addOption(new Option('--device <device>', 'where to train').choices(['cpu', 'cuda']).default('cpu'))
-    .option('--threads <n>', 'CPU threads for training', int('--threads', 1))
+    .option('--threads <n>', 'CPU threads for training', intArg('--threads', 1))
     .option('--template <name>', "prompt template (default: the run's training.template)")
-    .option('--max-seq-len <n>', "maximum sequence length (default: the run's training.max_seq_len)", int('--max-seq-len', 8))
-    .option('--seed <n>', 'seed of the local eval split and data order', int('--seed', 0), 0)
+    .option('--max-seq-len <n>', "maximum sequence length (default: the run's training.max_seq_len)", intArg('--max-seq-len', 8))
+    .option('--seed <n>', 'seed of the local eval split and data order', intArg('--seed', 0), 0)
     .option('--tls', 'connect with TLS (system CA roots unless --tls-ca)')
     .option('--tls-ca <file>', 'PEM CA certificate that signed the coordinator certificate (implies --tls)')
     .option('--tls-cert <file>', 'PEM client certificate, for coordinators requiring one (implies --tls)')
     .option('--tls-key <file>', 'PEM client key (with --tls-cert)')
     .option('--tls-server-name <name>', 'name to verify the coordinator certificate against')
-    .option('--give-up-after <sec>', 'stop reconnecting after this many seconds without the coordinator', int('--give-up-after', 1), 600)
+    .option('--give-up-after <sec>', 'stop reconnecting after this many seconds without the coordinator', intArg('--give-up-after', 1), 600)
     .option('--presence-nats <url>', 'announce this worker (idle/training) on NATS subject fedtune.workers.<site>; list them with `fedtune workers --nats URL`')
     .addOption(new Option('--progress <mode>', 'progress display (default: bar on a terminal, log lines otherwise)').choices(['bar', 'log', 'none']))
-    .addOption(new Option('--noop-step-ms <ms>', 'noop trainer: duration of a simulated step').argParser(int('--noop-step-ms', 0)).hideHelp())
+    .addOption(new Option('--noop-step-ms <ms>', 'noop trainer: duration of a simulated step').argParser(intArg('--noop-step-ms', 0)).hideHelp())
     .addOption(new Option('--fault <kind>', 'fault injection for tests').choices(['kill-mid-upload']).hideHelp())
     .action(async (o: WorkerCliOpts) => {
       parseHostPort(o.coordinator, '--coordinator');

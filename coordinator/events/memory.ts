@@ -21,6 +21,7 @@ import { createInterface } from 'node:readline';
 import { isRunEvent, RUN_EVENT_TYPES, type NewRunEvent, type RunEvent } from '../../common/events.ts';
 import { logger } from '../../common/log.ts';
 import type { EventBus, EventSubscription } from './bus.ts';
+import { positiveIntOption } from '../../common/options.ts';
 
 const log = logger('events.memory');
 
@@ -88,11 +89,6 @@ interface RunState {
   ring: Ring;
 }
 
-function positiveInt(name: string, v: number | undefined, dflt: number): number {
-  if (v === undefined) return dflt;
-  if (!Number.isInteger(v) || v < 1) throw new Error(`MemoryBus: option ${name} must be a positive integer, got ${String(v)}`);
-  return v;
-}
 
 export class MemoryBus implements EventBus {
   private readonly runsById = new Map<string, RunState>();
@@ -106,8 +102,8 @@ export class MemoryBus implements EventBus {
   private closed = false;
 
   constructor(opts: MemoryBusOptions = {}) {
-    this.ringSize = positiveInt('ringSize', opts.ringSize, 10_000);
-    this.subscriberQueue = positiveInt('subscriberQueue', opts.subscriberQueue, 10_000);
+    this.ringSize = positiveIntOption('MemoryBus', 'ringSize', opts.ringSize, 10_000);
+    this.subscriberQueue = positiveIntOption('MemoryBus', 'subscriberQueue', opts.subscriberQueue, 10_000);
     if (opts.logDir !== undefined) {
       mkdirSync(opts.logDir, { recursive: true });
       this.logPath = join(opts.logDir, EVENT_LOG_FILE);

@@ -31,6 +31,7 @@ import {
   type NatsConnectOptions,
 } from './nats-common.ts';
 import { findStartSeq, parseEvent, readRunHistory } from './nats-read.ts';
+import { positiveIntOption } from '../../common/options.ts';
 
 const log = logger('events.nats-consumer');
 
@@ -48,11 +49,6 @@ export interface NatsConsumerBusOptions {
   bufferSize?: number;
 }
 
-function positiveInt(name: string, v: number | undefined, dflt: number): number {
-  if (v === undefined) return dflt;
-  if (!Number.isInteger(v) || v < 1) throw new Error(`NatsConsumerBus: option ${name} must be a positive integer, got ${String(v)}`);
-  return v;
-}
 
 interface Shared {
   nc: NatsConnection;
@@ -77,9 +73,9 @@ export class NatsConsumerBus implements EventBus {
     const stream = opts.stream ?? DEFAULT_STREAM;
     validateStreamName('NatsConsumerBus', stream);
     const subjects = new Subjects(opts.subjectRoot);
-    const gapTimeoutMs = positiveInt('gapTimeoutMs', opts.gapTimeoutMs, 500);
-    const bufferSize = positiveInt('bufferSize', opts.bufferSize, 1024);
-    const connectTimeoutMs = positiveInt('connectTimeoutMs', opts.connectTimeoutMs, 5000);
+    const gapTimeoutMs = positiveIntOption('NatsConsumerBus', 'gapTimeoutMs', opts.gapTimeoutMs, 500);
+    const bufferSize = positiveIntOption('NatsConsumerBus', 'bufferSize', opts.bufferSize, 1024);
+    const connectTimeoutMs = positiveIntOption('NatsConsumerBus', 'connectTimeoutMs', opts.connectTimeoutMs, 5000);
     let nc: NatsConnection;
     try {
       nc = await connect({

@@ -43,6 +43,7 @@ import {
   type NatsStreamOptions,
 } from './nats-common.ts';
 import { readRunHistory } from './nats-read.ts';
+import { positiveIntOption } from '../../common/options.ts';
 
 const log = logger('events.nats');
 
@@ -100,11 +101,6 @@ function isTerminal(e: RunEvent): boolean {
   );
 }
 
-function positiveInt(name: string, v: number | undefined, dflt: number): number {
-  if (v === undefined) return dflt;
-  if (!Number.isInteger(v) || v < 1) throw new Error(`NatsBus: option ${name} must be a positive integer, got ${String(v)}`);
-  return v;
-}
 
 interface Conn {
   nc: NatsConnection;
@@ -171,13 +167,13 @@ export class NatsBus implements EventBus {
     this.stream = opts.stream ?? DEFAULT_STREAM;
     this.subjects = new Subjects(opts.subjectRoot);
     this.streamOpts = { ...opts, stream: this.stream };
-    this.queueLimit = positiveInt('queueLimit', opts.queueLimit, 50_000);
-    this.maxInFlight = positiveInt('maxInFlight', opts.maxInFlight, 256);
-    this.publishTimeoutMs = positiveInt('publishTimeoutMs', opts.publishTimeoutMs, 5000);
-    this.connectTimeoutMs = positiveInt('connectTimeoutMs', opts.connectTimeoutMs, 2000);
-    this.retryMinMs = positiveInt('retryMinMs', opts.retryMinMs, 250);
-    this.retryMaxMs = positiveInt('retryMaxMs', opts.retryMaxMs, 5000);
-    this.closeTimeoutMs = positiveInt('closeTimeoutMs', opts.closeTimeoutMs, 5000);
+    this.queueLimit = positiveIntOption('NatsBus', 'queueLimit', opts.queueLimit, 50_000);
+    this.maxInFlight = positiveIntOption('NatsBus', 'maxInFlight', opts.maxInFlight, 256);
+    this.publishTimeoutMs = positiveIntOption('NatsBus', 'publishTimeoutMs', opts.publishTimeoutMs, 5000);
+    this.connectTimeoutMs = positiveIntOption('NatsBus', 'connectTimeoutMs', opts.connectTimeoutMs, 2000);
+    this.retryMinMs = positiveIntOption('NatsBus', 'retryMinMs', opts.retryMinMs, 250);
+    this.retryMaxMs = positiveIntOption('NatsBus', 'retryMaxMs', opts.retryMaxMs, 5000);
+    this.closeTimeoutMs = positiveIntOption('NatsBus', 'closeTimeoutMs', opts.closeTimeoutMs, 5000);
     this.closeSignal = new Promise((resolve) => (this.signalClose = resolve));
   }
 

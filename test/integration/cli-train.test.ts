@@ -91,6 +91,6 @@ describe('fedtune train / eval / generate', () => {
     expect(rows.out).toMatch(/bad\.jsonl:2: line is not valid JSON/);
     const steps = await fedtune(['train', '--model', model, '--data', data, '--out', join(dir, 'o'), '--steps', 'many']);
     expect(steps.code).not.toBe(0);
-    expect(steps.out).toMatch(/--steps must be an integer \(got "many"\)/);
+    expect(steps.out).toMatch(/--steps must be an integer >= 1 \(got "many"\)/);
   });
 });
