@@ -13,9 +13,9 @@
  * service.ts calls in with what arrived and the registry sends what goes out.
  */
 import { randomBytes } from 'node:crypto';
-import { findNonFinite, packTensorMap, unpackTensorMap, type PackedTensors, type TensorSpecEntry } from '../common/chunks.ts';
+import { findNonFinite, unpackTensorMap, type TensorSpecEntry } from '../common/chunks.ts';
 import type { RunConfig } from '../common/config.ts';
-import type { PhaseTimes, RunEvent, RunEventBody } from '../common/events.ts';
+import type { PhaseTimes } from '../common/events.ts';
 import { logger } from '../common/log.ts';
 import type { TensorMap } from '../common/tensor.ts';
 import {
@@ -30,8 +30,8 @@ import type { EventBus } from './events/bus.ts';
 import type { FedAvgAccumulator } from './strategies/fedavg.ts';
 import type { Strategy } from './strategies/strategy.ts';
 import { SERVER_OPTIMIZER_FILE, type CheckpointStore, type RoundRecord, type RunStateFile, type WorkerStats } from './store.ts';
-import { workerInfo, type RegistryListener, type WorkerRecord, type WorkerRegistry } from './workers.ts';
-import { Conditions } from './conditions.ts';
+import type { RegistryListener, WorkerRecord, WorkerRegistry } from './workers.ts';
+import { RunBase, manifestMismatch } from './run-base.ts';
 
 const log = logger('coordinator.run');
 
@@ -107,23 +107,6 @@ export function trainingSpecOf(cfg: RunConfig): TrainingSpec {
   };
 }
 
-function sameManifest(got: readonly TensorSpecEntry[], want: readonly TensorSpecEntry[]): string | null {
-  const wantByName = new Map(want.map((e) => [e.name, e]));
-  for (const e of got) {
-    const w = wantByName.get(e.name);
-    if (!w) return `unknown tensor ${e.name} (not part of the global adapter)`;
-    if (e.dtype !== w.dtype) return `tensor ${e.name}: dtype ${e.dtype}, expected ${w.dtype}`;
-    if (e.shape.length !== w.shape.length || e.shape.some((d, i) => d !== w.shape[i])) {
-      return `tensor ${e.name}: shape [${e.shape.join(', ')}], expected [${w.shape.join(', ')}]`;
-    }
-  }
-  const gotNames = new Set(got.map((e) => e.name));
-  const missing = want.filter((e) => !gotNames.has(e.name));
-  if (missing.length > 0) return `missing tensor ${missing[0]!.name}${missing.length > 1 ? ` and ${missing.length - 1} more` : ''}`;
-  if (got.length !== want.length) return `${got.length} tensors, expected ${want.length}`;
-  if (got.some((e, i) => e.name !== want[i]!.name)) return 'tensors are not in the order of the global adapter manifest';
-  return null;
-}
 
 function mean(pairs: Array<[value: number, weight: number]>): number | null {
   let s = 0;
@@ -137,70 +120,35 @@ function mean(pairs: Array<[value: number, weight: number]>): number | null {
   return w > 0 ? s / w : null;
 }
 
-export class FederatedRun implements RegistryListener {
-  readonly runId: string;
+export class FederatedRun extends RunBase implements RegistryListener {
   private readonly cfg: RunConfig;
-  private readonly bus: EventBus;
   private readonly registry: WorkerRegistry;
   private readonly store: CheckpointStore;
   private readonly strategy: Strategy;
   private readonly state: RunStateFile;
   private readonly resumed: boolean;
   private readonly spec: TrainingSpec;
-  private global: TensorMap;
-  private packed: PackedTensors;
-  private version: number;
-  /** Packed adapters that can still be downloaded (the current version and the one before). */
-  private readonly versions = new Map<number, PackedTensors>();
   private readonly tasks = new Map<string, TaskState>();
   /** Accumulator of the round attempt now collecting, with its identity. */
   private open: { round: number; attempt: number; acc: FedAvgAccumulator } | null = null;
-  private readonly abort = new AbortController();
-  private readonly conditions = new Conditions(this.abort.signal);
-  private lastHeartbeatEvent = new Map<string, { status: string; at: number }>();
   private roundBytesDown = 0;
 
   constructor(o: FederatedRunOptions) {
+    super(o.state.runId, o.bus, o.global, o.state.globalVersion);
     this.cfg = o.cfg;
-    this.bus = o.bus;
     this.registry = o.registry;
     this.store = o.store;
     this.strategy = o.strategy;
     this.state = o.state;
     this.resumed = o.resumed;
-    this.runId = o.state.runId;
     this.spec = trainingSpecOf(o.cfg);
-    this.global = o.global;
-    this.version = o.state.globalVersion;
-    this.packed = packTensorMap(o.global);
-    this.versions.set(this.version, this.packed);
   }
 
-  get manifest(): readonly TensorSpecEntry[] {
-    return this.packed.manifest;
-  }
-  get globalVersion(): number {
-    return this.version;
-  }
-  get globalAdapter(): TensorMap {
-    return this.global;
-  }
 
-  publish(e: RunEventBody): RunEvent {
-    return this.bus.publish({ ...e, runId: this.runId });
-  }
 
-  /** Packed bytes of a downloadable global adapter version. */
-  adapterVersion(version: number): PackedTensors | undefined {
-    return this.versions.get(version);
-  }
 
   // ------------------------------------------------------------------ registry events
 
-  onSessionOpened(w: WorkerRecord): void {
-    this.publish({ type: 'worker.joined', worker: workerInfo(w) });
-    this.conditions.notify();
-  }
 
   onWorkerGone(w: WorkerRecord, reason: string): void {
     this.publish({ type: 'worker.left', workerId: w.workerId, site: w.site, reason });
@@ -218,14 +166,6 @@ export class FederatedRun implements RegistryListener {
 
   // ------------------------------------------------------------------ messages from workers
 
-  onHeartbeat(w: WorkerRecord, status: string): void {
-    const last = this.lastHeartbeatEvent.get(w.workerId);
-    const now = Date.now();
-    if (!last || last.status !== status || now - last.at > 10_000) {
-      this.lastHeartbeatEvent.set(w.workerId, { status, at: now });
-      this.publish({ type: 'worker.heartbeat', workerId: w.workerId, site: w.site, status });
-    }
-  }
 
   onProgress(w: WorkerRecord, p: TaskProgress): void {
     const t = this.tasks.get(p.taskId);
@@ -311,7 +251,7 @@ export class FederatedRun implements RegistryListener {
     for (const [k, v] of Object.entries(h.metrics)) {
       if (!Number.isFinite(v)) throw new UpdateRejected('INVALID_ARGUMENT', `metric ${k} is not finite (${v})`);
     }
-    const bad = sameManifest(manifest, this.packed.manifest);
+    const bad = manifestMismatch(manifest, this.packedGlobal.manifest);
     if (bad) throw new UpdateRejected('INVALID_ARGUMENT', `update does not match the global adapter: ${bad}`);
     t.status = 'uploading';
     t.uploadStartedAt = Date.now();
@@ -329,7 +269,7 @@ export class FederatedRun implements RegistryListener {
     if (t.status !== 'uploading' || !this.open || this.open.round !== t.round || this.open.attempt !== t.attempt) {
       throw new UpdateRejected('FAILED_PRECONDITION', `stale update: round ${t.round} closed while task ${t.taskId} was uploading`);
     }
-    const update = unpackTensorMap(this.packed.manifest, bytes);
+    const update = unpackTensorMap(this.packedGlobal.manifest, bytes);
     const nf = findNonFinite(update);
     if (nf) {
       t.status = 'running';
@@ -376,10 +316,6 @@ export class FederatedRun implements RegistryListener {
 
   // ------------------------------------------------------------------ the loop
 
-  stop(): void {
-    this.abort.abort(new Error('run stopped'));
-    this.conditions.notify();
-  }
 
   async run(): Promise<RunResult> {
     const cfg = this.cfg;
@@ -472,7 +408,7 @@ export class FederatedRun implements RegistryListener {
       attempt,
       workerId: w.workerId,
       site: w.site,
-      baseVersion: this.version,
+      baseVersion: this.globalVersion,
       status: 'running',
       dispatchedAt: Date.now(),
       downloadedAt: null,
@@ -499,7 +435,7 @@ export class FederatedRun implements RegistryListener {
             taskId: t.taskId,
             round: t.round,
             deadlineUnixMs: deadline,
-            global: { version: this.version, totalBytes: this.packed.bytes.byteLength, sha256: this.packed.sha256 },
+            global: { version: this.globalVersion, totalBytes: this.packedGlobal.bytes.byteLength, sha256: this.packedGlobal.sha256 },
             kind: t.kind === 'train' ? { $case: 'train', value: { spec: this.spec, uploadKind: UpdateKind.UPDATE_KIND_ADAPTER_WEIGHTS } } : { $case: 'eval', value: { spec: this.spec } },
           },
         },
@@ -511,7 +447,7 @@ export class FederatedRun implements RegistryListener {
       return false;
     }
     if (t.kind === 'train') {
-      this.publish({ type: 'task.dispatched', round: t.round, taskId: t.taskId, workerId: t.workerId, site: t.site, bytes: this.packed.bytes.byteLength });
+      this.publish({ type: 'task.dispatched', round: t.round, taskId: t.taskId, workerId: t.workerId, site: t.site, bytes: this.packedGlobal.bytes.byteLength });
     }
     return true;
   }
@@ -540,8 +476,8 @@ export class FederatedRun implements RegistryListener {
       this.publish({ type: 'run.state', state: 'running', message: `round ${round}${attempt > 0 ? ` (retry ${attempt})` : ''}` });
       const candidates = this.eligible('train').map((w) => ({ workerId: w.workerId, site: w.site, numTrainExamples: w.numTrainExamples }));
       const cohort = this.strategy.selectCohort(candidates, round, attempt);
-      this.open = { round, attempt, acc: this.strategy.accumulator(this.packed.manifest) };
-      this.publish({ type: 'round.started', round, cohort, globalVersion: this.version });
+      this.open = { round, attempt, acc: this.strategy.accumulator(this.packedGlobal.manifest) };
+      this.publish({ type: 'round.started', round, cohort, globalVersion: this.globalVersion });
       log.info({ round, attempt, cohort: cohort.length }, 'round started');
       const t0 = Date.now();
       const deadline = t0 + cfg.round.deadline_sec * 1000;
@@ -576,15 +512,15 @@ export class FederatedRun implements RegistryListener {
     const acc = this.open.acc;
     this.open = null;
     const ta = Date.now();
-    const next = this.strategy.aggregate(this.global, acc);
+    const next = this.strategy.aggregate(this.globalAdapter, acc);
     phases.aggregateMs = Date.now() - ta;
-    this.setGlobal(next, this.version + 1);
+    this.setGlobal(next, this.globalVersion + 1);
     // Evaluate the new global adapter where workers hold eval data.
     let ev: { evalLoss: number | null; evalAccuracy: number | null } = { evalLoss: null, evalAccuracy: null };
     if (cfg.eval.every > 0 && (round % cfg.eval.every === 0 || round === cfg.rounds)) ev = await this.evaluate(round);
     const record: RoundRecord = {
       round,
-      globalVersion: this.version,
+      globalVersion: this.globalVersion,
       participants: done.length,
       examples: done.reduce((s, t) => s + t.numExamples, 0),
       trainLoss: mean(done.map((t) => [t.metrics.train_loss ?? NaN, t.numExamples])),
@@ -597,17 +533,17 @@ export class FederatedRun implements RegistryListener {
       completedAt: new Date().toISOString(),
     };
     this.state.round = round;
-    this.state.globalVersion = this.version;
+    this.state.globalVersion = this.globalVersion;
     this.state.history.push(record);
     this.state.updatedAt = record.completedAt;
-    const { path, bytes } = await this.store.write(this.state, this.global, (dir) => this.strategy.save(`${dir}/${SERVER_OPTIMIZER_FILE}`));
+    const { path, bytes } = await this.store.write(this.state, this.globalAdapter, (dir) => this.strategy.save(`${dir}/${SERVER_OPTIMIZER_FILE}`));
     // Settled tasks of earlier rounds are forgotten; this round's stay so that late or repeated uploads get a precise answer.
     for (const t of this.tasks.values()) if (t.round < round && t.status !== 'running' && t.status !== 'uploading') this.tasks.delete(t.taskId);
     this.publish({ type: 'checkpoint.written', round, step: 0, path, bytes });
     this.publish({
       type: 'round.completed',
       round,
-      globalVersion: this.version,
+      globalVersion: this.globalVersion,
       participants: record.participants,
       examples: record.examples,
       trainLoss: record.trainLoss,
@@ -621,13 +557,6 @@ export class FederatedRun implements RegistryListener {
     log.info({ round, trainLoss: record.trainLoss, evalLoss: record.evalLoss, evalAccuracy: record.evalAccuracy, path }, 'round completed');
   }
 
-  private setGlobal(adapter: TensorMap, version: number): void {
-    this.global = adapter;
-    this.version = version;
-    this.packed = packTensorMap(adapter);
-    this.versions.set(version, this.packed);
-    for (const v of this.versions.keys()) if (v < version - 1) this.versions.delete(v);
-  }
 
   /** Evaluation-only tasks on every idle worker holding eval data; weighted means of what comes back. */
   private async evaluate(round: number): Promise<{ evalLoss: number | null; evalAccuracy: number | null }> {

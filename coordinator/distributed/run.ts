@@ -22,9 +22,8 @@
  * to the token-weighted mean delta.
  */
 import { randomBytes } from 'node:crypto';
-import { findNonFinite, packTensorMap, sha256, unpackTensorMap, type PackedTensors, type TensorSpecEntry } from '../../common/chunks.ts';
+import { findNonFinite, sha256, unpackTensorMap, type TensorSpecEntry } from '../../common/chunks.ts';
 import type { RunConfig } from '../../common/config.ts';
-import type { RunEvent, RunEventBody } from '../../common/events.ts';
 import { logger } from '../../common/log.ts';
 import type { TensorMap } from '../../common/tensor.ts';
 import {
@@ -40,11 +39,11 @@ import { lrAt, saveOptimizerState, type AdamW, type Schedule } from '../../worke
 import { saveOuterState, type OuterOptimizer } from '../../worker/engine/outer.ts';
 import type { EventBus } from '../events/bus.ts';
 import { UpdateRejected, trainingSpecOf, type RunResult } from '../run.ts';
-import { workerInfo, type RegistryListener, type WorkerRecord, type WorkerRegistry } from '../workers.ts';
+import type { RegistryListener, WorkerRecord, WorkerRegistry } from '../workers.ts';
 import { applyGradientStep, applyOuterStep, FlatSum } from './aggregate.ts';
 import { DataOrder, planEpoch, type DistributedDataset, type EpochPlan } from './plan.ts';
 import { OPTIMIZER_FILE, OUTER_OPTIMIZER_FILE, type DistributedStateFile, type DistributedStore, type StepRecord } from './store.ts';
-import { Conditions } from '../conditions.ts';
+import { RunBase, manifestMismatch } from '../run-base.ts';
 
 const log = logger('coordinator.distributed');
 
@@ -101,25 +100,9 @@ interface ActivePlan extends EpochPlan {
 }
 
 /** Same names, dtypes, shapes and order as the global adapter; null when so, else what differs. */
-function manifestMismatch(got: readonly TensorSpecEntry[], want: readonly TensorSpecEntry[]): string | null {
-  const wantByName = new Map(want.map((e) => [e.name, e]));
-  for (const e of got) {
-    const w = wantByName.get(e.name);
-    if (!w) return `unknown tensor ${e.name} (not part of the adapter)`;
-    if (e.dtype !== w.dtype) return `tensor ${e.name}: dtype ${e.dtype}, expected ${w.dtype}`;
-    if (e.shape.length !== w.shape.length || e.shape.some((d, i) => d !== w.shape[i])) {
-      return `tensor ${e.name}: shape [${e.shape.join(', ')}], expected [${w.shape.join(', ')}]`;
-    }
-  }
-  if (got.length !== want.length) return `${got.length} tensors, expected ${want.length}`;
-  if (got.some((e, i) => e.name !== want[i]!.name)) return 'tensors are not in the order of the adapter manifest';
-  return null;
-}
 
-export class DistributedRun implements RegistryListener {
-  readonly runId: string;
+export class DistributedRun extends RunBase implements RegistryListener {
   private readonly cfg: RunConfig;
-  private readonly bus: EventBus;
   private readonly registry: WorkerRegistry;
   private readonly store: DistributedStore;
   private readonly data: DistributedDataset;
@@ -132,10 +115,6 @@ export class DistributedRun implements RegistryListener {
   private readonly schedule: Schedule;
   private readonly syncEvery: number;
   private readonly nonce = randomBytes(3).toString('hex');
-  private global: TensorMap;
-  private packed: PackedTensors;
-  private version: number;
-  private readonly versions = new Map<number, PackedTensors>();
   private readonly tasks = new Map<string, StepTaskState>();
   private readonly shards = new Map<string, ShardEntry>();
   private plan: ActivePlan | null = null;
@@ -144,14 +123,11 @@ export class DistributedRun implements RegistryListener {
   private readonly dropped = new Map<string, string>();
   /** Sum of the open attempt's uploads, with its identity. */
   private open: { step: number; attempt: number; sum: FlatSum; tokens: number } | null = null;
-  private readonly abort = new AbortController();
-  private readonly conditions = new Conditions(this.abort.signal);
-  private lastHeartbeatEvent = new Map<string, { status: string; at: number }>();
   private stepBytesDown = 0;
 
   constructor(o: DistributedRunOptions) {
+    super(o.state.runId, o.bus, o.global, o.state.globalVersion);
     this.cfg = o.cfg;
-    this.bus = o.bus;
     this.registry = o.registry;
     this.store = o.store;
     this.data = o.data;
@@ -160,31 +136,14 @@ export class DistributedRun implements RegistryListener {
     this.outer = o.outer;
     this.state = o.state;
     this.resumed = o.resumed;
-    this.runId = o.state.runId;
     this.spec = trainingSpecOf(o.cfg);
     const t = o.cfg.training;
     this.schedule = { kind: t.schedule, baseLr: t.lr, warmupSteps: t.warmup_steps, totalSteps: o.state.totalSteps };
     this.syncEvery = o.cfg.distributed.sync_every;
-    this.global = o.global;
-    this.version = o.state.globalVersion;
-    this.packed = packTensorMap(o.global);
-    this.versions.set(this.version, this.packed);
   }
 
-  get globalVersion(): number {
-    return this.version;
-  }
-  get globalAdapter(): TensorMap {
-    return this.global;
-  }
 
-  publish(e: RunEventBody): RunEvent {
-    return this.bus.publish({ ...e, runId: this.runId });
-  }
 
-  adapterVersion(version: number): PackedTensors | undefined {
-    return this.versions.get(version);
-  }
 
   /** A data shard of the current plan, for Download. */
   dataShard(shardId: string): ShardEntry | undefined {
@@ -193,10 +152,6 @@ export class DistributedRun implements RegistryListener {
 
   // ------------------------------------------------------------------ registry events
 
-  onSessionOpened(w: WorkerRecord): void {
-    this.publish({ type: 'worker.joined', worker: workerInfo(w) });
-    this.conditions.notify();
-  }
 
   onWorkerGone(w: WorkerRecord, reason: string): void {
     this.publish({ type: 'worker.left', workerId: w.workerId, site: w.site, reason });
@@ -209,14 +164,6 @@ export class DistributedRun implements RegistryListener {
 
   // ------------------------------------------------------------------ messages from workers
 
-  onHeartbeat(w: WorkerRecord, status: string): void {
-    const last = this.lastHeartbeatEvent.get(w.workerId);
-    const now = Date.now();
-    if (!last || last.status !== status || now - last.at > 10_000) {
-      this.lastHeartbeatEvent.set(w.workerId, { status, at: now });
-      this.publish({ type: 'worker.heartbeat', workerId: w.workerId, site: w.site, status });
-    }
-  }
 
   onProgress(_w: WorkerRecord, _p: TaskProgress): void {
     // Steps are short: step.completed carries what progress would.
@@ -265,7 +212,7 @@ export class DistributedRun implements RegistryListener {
       this.conditions.notify();
       throw new UpdateRejected('FAILED_PRECONDITION', `update computed from adapter version ${h.baseVersion}, task ${h.taskId} is on version ${t.baseVersion}`);
     }
-    const bad = manifestMismatch(manifest, this.packed.manifest);
+    const bad = manifestMismatch(manifest, this.packedGlobal.manifest);
     if (bad) reject(`${t.kind === UpdateKind.UPDATE_KIND_GRADIENT ? 'gradient' : 'delta'} does not match the adapter: ${bad}`);
     const tokens = h.metrics.tokens;
     if (tokens !== t.expectedTokens) {
@@ -287,7 +234,7 @@ export class DistributedRun implements RegistryListener {
     if (t.status !== 'uploading' || !this.open || this.open.step !== t.step || this.open.attempt !== t.attempt) {
       throw new UpdateRejected('FAILED_PRECONDITION', `stale update: step ${t.step + 1} closed while task ${t.taskId} was uploading`);
     }
-    const nf = findNonFinite(unpackTensorMap(this.packed.manifest, bytes));
+    const nf = findNonFinite(unpackTensorMap(this.packedGlobal.manifest, bytes));
     if (nf) {
       const message = `${t.kind === UpdateKind.UPDATE_KIND_GRADIENT ? 'gradient' : 'delta'} tensor ${nf.name} has a non-finite value (${nf.value}) at element ${nf.index}`;
       this.fail(t, message);
@@ -316,10 +263,6 @@ export class DistributedRun implements RegistryListener {
 
   // ------------------------------------------------------------------ the loop
 
-  stop(): void {
-    this.abort.abort(new Error('run stopped'));
-    this.conditions.notify();
-  }
 
   async run(): Promise<RunResult> {
     const cfg = this.cfg;
@@ -461,7 +404,7 @@ export class DistributedRun implements RegistryListener {
       await this.ensurePlan(step);
       const plan = this.plan!;
       const kind = this.syncEvery > 1 ? UpdateKind.UPDATE_KIND_DELTA : UpdateKind.UPDATE_KIND_GRADIENT;
-      this.open = { step, attempt, sum: new FlatSum(this.packed.manifest), tokens: 0 };
+      this.open = { step, attempt, sum: new FlatSum(this.packedGlobal.manifest), tokens: 0 };
       const t0 = Date.now();
       const deadline = t0 + cfg.distributed.step_deadline_sec * 1000 * span;
       const tasks: StepTaskState[] = [];
@@ -527,7 +470,7 @@ export class DistributedRun implements RegistryListener {
       step,
       span,
       attempt,
-      baseVersion: this.version,
+      baseVersion: this.globalVersion,
       kind,
       status: 'running',
       dispatchedAt: Date.now(),
@@ -557,7 +500,7 @@ export class DistributedRun implements RegistryListener {
             taskId: t.taskId,
             round: 0,
             deadlineUnixMs: deadline,
-            global: { version: this.version, totalBytes: this.packed.bytes.byteLength, sha256: this.packed.sha256 },
+            global: { version: this.globalVersion, totalBytes: this.packedGlobal.bytes.byteLength, sha256: this.packedGlobal.sha256 },
             kind: {
               $case: 'step',
               value: {
@@ -588,13 +531,13 @@ export class DistributedRun implements RegistryListener {
     const ta = Date.now();
     let gradNorm: number | null = null;
     if (this.optimizer) {
-      gradNorm = applyGradientStep(this.global, open.sum, tokens, { optimizer: this.optimizer, lr: lrs[0]!, maxGradNorm: this.cfg.training.max_grad_norm });
+      gradNorm = applyGradientStep(this.globalAdapter, open.sum, tokens, { optimizer: this.optimizer, lr: lrs[0]!, maxGradNorm: this.cfg.training.max_grad_norm });
       if (!Number.isFinite(gradNorm)) {
         this.publish({ type: 'log', level: 'warn', message: `step ${step + 1}: gradient norm is ${gradNorm}; the update was skipped` });
       }
-      this.setGlobal(this.global, this.version + 1);
+      this.setGlobal(this.globalAdapter, this.globalVersion + 1);
     } else {
-      this.setGlobal(applyOuterStep(this.global, open.sum, this.outer!), this.version + 1);
+      this.setGlobal(applyOuterStep(this.globalAdapter, open.sum, this.outer!), this.globalVersion + 1);
     }
     const aggregateMs = Date.now() - ta;
     const done = step + span;
@@ -621,7 +564,7 @@ export class DistributedRun implements RegistryListener {
       completedAt: new Date().toISOString(),
     };
     this.state.step = done;
-    this.state.globalVersion = this.version;
+    this.state.globalVersion = this.globalVersion;
     this.state.tokens += tokens;
     this.state.recent.push(rec);
     if (this.state.recent.length > 20) this.state.recent.splice(0, this.state.recent.length - 20);
@@ -652,7 +595,7 @@ export class DistributedRun implements RegistryListener {
   }
 
   private async checkpoint(): Promise<void> {
-    const { path, bytes } = await this.store.write(this.state, this.global, async (dir) => {
+    const { path, bytes } = await this.store.write(this.state, this.globalAdapter, async (dir) => {
       if (this.optimizer) await saveOptimizerState(`${dir}/${OPTIMIZER_FILE}`, this.optimizer.state());
       if (this.outer) await saveOuterState(`${dir}/${OUTER_OPTIMIZER_FILE}`, this.outer.state());
     });
@@ -660,11 +603,4 @@ export class DistributedRun implements RegistryListener {
     log.info({ step: this.state.step, path }, 'checkpoint written');
   }
 
-  private setGlobal(adapter: TensorMap, version: number): void {
-    this.global = adapter;
-    this.version = version;
-    this.packed = packTensorMap(adapter);
-    this.versions.set(version, this.packed);
-    for (const v of this.versions.keys()) if (v < version - 1) this.versions.delete(v);
-  }
 }
