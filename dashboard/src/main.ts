@@ -123,6 +123,10 @@ function renderHeader(v: RunView, now: number): void {
   $('run-mode').textContent = h.mode;
   $('run-strategy').textContent = h.strategy || '–';
   $('run-strategy').hidden = !h.strategy;
+  const bus = $('run-bus');
+  bus.hidden = h.busDegraded === null;
+  bus.textContent = h.busDegraded ? `event bus degraded (${h.busDegraded.backend})` : '';
+  bus.title = h.busDegraded ? `${h.busDegraded.message}; ${h.busDegraded.buffered} events buffered, republished in order when it returns` : '';
   $('run-unit').textContent = distributed ? 'Step' : 'Round';
   const done = distributed ? h.step : h.round;
   const total = distributed ? h.totalSteps : h.totalRounds;

@@ -30,6 +30,8 @@ export interface RunHeader {
   workers: number;
   lastTrainLoss: number | null;
   lastEvalLoss: number | null;
+  /** Set while the coordinator reports its event bus (NATS) degraded: events are buffered, not lost. */
+  busDegraded: { backend: string; message: string; buffered: number } | null;
 }
 
 export interface WorkerRow {
@@ -101,7 +103,7 @@ export class HeaderFold {
       runId, name: runId, mode: 'unknown', strategy: '', state: 'starting',
       round: 0, totalRounds: 0, resumedFromRound: 0, step: 0, totalSteps: 0,
       startedAt: 0, lastEventAt: 0, lastSeq: 0, workers: 0,
-      lastTrainLoss: null, lastEvalLoss: null,
+      lastTrainLoss: null, lastEvalLoss: null, busDegraded: null,
     };
   }
 
@@ -156,6 +158,12 @@ export class HeaderFold {
       case 'step.completed':
         h.step = Math.max(h.step, e.step);
         h.lastTrainLoss = e.loss;
+        break;
+      case 'bus.degraded':
+        h.busDegraded = { backend: e.backend, message: e.message, buffered: e.buffered };
+        break;
+      case 'bus.restored':
+        h.busDegraded = null;
         break;
       default:
         break;

@@ -37,6 +37,17 @@ describe('dashboard run view', () => {
     expect(etaMs(v.header, Date.now())).toBeUndefined(); // completed
   });
 
+  it('shows the event bus degraded from bus.degraded until bus.restored', () => {
+    const v = new RunView('r');
+    const at = (seq: number, body: Record<string, unknown>): RunEvent => ({ runId: 'r', seq, time: 1000 + seq, ...body }) as RunEvent;
+    v.apply(at(1, { type: 'run.started', name: 'n', mode: 'federated', strategy: 'fedavg', totalRounds: 2, totalSteps: 0, config: {}, resumedFromRound: 0 }));
+    expect(v.header.busDegraded).toBeNull();
+    v.apply(at(2, { type: 'bus.degraded', backend: 'nats', message: 'connection refused', buffered: 12 }));
+    expect(v.header.busDegraded).toEqual({ backend: 'nats', message: 'connection refused', buffered: 12 });
+    v.apply(at(3, { type: 'bus.restored', backend: 'nats', republished: 12 }));
+    expect(v.header.busDegraded).toBeNull();
+  });
+
   it('ignores events it has already applied (resume and resync overlap)', async () => {
     const events = await syntheticEvents('federated');
     const v = new RunView('r');
