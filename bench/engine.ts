@@ -14,10 +14,10 @@ import { dirname, join } from 'node:path';
 import { Engine } from '../worker/engine/engine.ts';
 import { byteLevelTokenizer, initConfig, initWeights } from '../worker/engine/init.ts';
 import { computeFingerprint } from '../worker/engine/model.ts';
-import { AdamW } from '../worker/engine/optim.ts';
+import { AdamW } from '../common/optim.ts';
 import { trainLoop } from '../worker/engine/train.ts';
 import { createRng } from '../common/random.ts';
-import type { LoadedModel } from '../worker/engine/config.ts';
+import type { LoadedModel } from '../common/model-config.ts';
 
 interface Case {
   name: string;

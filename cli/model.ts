@@ -9,7 +9,7 @@ import { resolve } from 'node:path';
 import { numel } from '../common/tensor.ts';
 import { INIT_ARCHS, initModel, type InitArch } from '../worker/engine/init.ts';
 import { loadModel, type ModelDtype } from '../worker/engine/model.ts';
-import { loadTokenizer } from '../worker/engine/tokenizer.ts';
+import { loadTokenizer } from '../common/tokenizer.ts';
 
 
 /** Refuse a non-empty output directory unless --force was given. */

@@ -13,15 +13,15 @@ import cliProgress from 'cli-progress';
 import type { TensorMap } from '../common/tensor.ts';
 import { writeFileAtomic } from '../common/atomic.ts';
 import { readPeftAdapter, writePeftAdapter } from '../common/peft.ts';
-import { LLAMA_TARGET_MODULES, GPT2_TARGET_MODULES, type LoadedModel, type LoraConfig } from '../worker/engine/config.ts';
+import { LLAMA_TARGET_MODULES, GPT2_TARGET_MODULES, type LoadedModel, type LoraConfig } from '../common/model-config.ts';
 import { Engine } from '../worker/engine/engine.ts';
 import { loadModel, saveModel } from '../worker/engine/model.ts';
-import { loadTokenizer } from '../worker/engine/tokenizer.ts';
-import { AdamW, SCHEDULE_KINDS, loadOptimizerState, saveOptimizerState, type ScheduleKind } from '../worker/engine/optim.ts';
+import { loadTokenizer } from '../common/tokenizer.ts';
+import { AdamW, SCHEDULE_KINDS, loadOptimizerState, saveOptimizerState, type ScheduleKind } from '../common/optim.ts';
 import { trainLoop } from '../worker/engine/train.ts';
 import { makeBatches } from '../worker/data/batching.ts';
 import { prepareDataset } from '../worker/data/prepare.ts';
-import { getTemplate } from '../worker/data/template.ts';
+import { getTemplate } from '../common/data/template.ts';
 
 
 interface TrainOpts {

@@ -10,7 +10,7 @@ import type { TensorMap } from './tensor.ts';
 import { numel } from './tensor.ts';
 import { readSafetensors, serializeSafetensors, toFloat32, type StWriteEntry } from './safetensors.ts';
 import { writeDirAtomic } from './atomic.ts';
-import type { LoraConfig } from '../worker/engine/config.ts';
+import type { LoraConfig } from './model-config.ts';
 
 export const ADAPTER_CONFIG = 'adapter_config.json';
 export const ADAPTER_WEIGHTS = 'adapter_model.safetensors';

@@ -73,3 +73,15 @@ export function createRng(seed: number): Rng {
 function rotl(x: number, k: number): number {
   return ((x << k) | (x >>> (32 - k))) >>> 0;
 }
+
+/** Fisher-Yates shuffle driven by the seeded PRNG of common/random.ts. */
+export function shuffleInPlace<T>(items: T[], seed: number): T[] {
+  const rng = createRng(seed);
+  for (let i = items.length - 1; i > 0; i--) {
+    const j = rng.int(i + 1);
+    const t = items[i]!;
+    items[i] = items[j]!;
+    items[j] = t;
+  }
+  return items;
+}

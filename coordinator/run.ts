@@ -104,6 +104,8 @@ export function trainingSpecOf(cfg: RunConfig): TrainingSpec {
     maxSeqLen: t.max_seq_len,
     template: t.template,
     seed: t.seed,
+    proxMu: 0,
+    freezeLoraA: false,
   };
 }
 
@@ -435,7 +437,7 @@ export class FederatedRun extends RunBase implements RegistryListener {
             taskId: t.taskId,
             round: t.round,
             deadlineUnixMs: deadline,
-            global: { version: this.globalVersion, totalBytes: this.packedGlobal.bytes.byteLength, sha256: this.packedGlobal.sha256 },
+            global: { version: this.globalVersion, totalBytes: this.packedGlobal.bytes.byteLength, sha256: this.packedGlobal.sha256, rank: 0 },
             kind: t.kind === 'train' ? { $case: 'train', value: { spec: this.spec, uploadKind: UpdateKind.UPDATE_KIND_ADAPTER_WEIGHTS } } : { $case: 'eval', value: { spec: this.spec } },
           },
         },

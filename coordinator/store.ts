@@ -16,7 +16,7 @@ import { writeDirAtomic, writeFileAtomic } from '../common/atomic.ts';
 import type { RunConfig } from '../common/config.ts';
 import { readPeftAdapter, writePeftAdapter } from '../common/peft.ts';
 import type { TensorMap } from '../common/tensor.ts';
-import type { LoraConfig } from '../worker/engine/config.ts';
+import type { LoraConfig } from '../common/model-config.ts';
 
 export const STATE_FILE = 'state.json';
 export const SERVER_OPTIMIZER_FILE = 'server_optimizer.safetensors';

@@ -125,8 +125,8 @@ export class CoordinatorConnection {
   }
 
   /** Download a global adapter version; the digest is checked before it is returned. */
-  async downloadAdapter(version: number, maxChunkBytes: number): Promise<{ adapter: TensorMap; bytes: number; sha256: Uint8Array }> {
-    const stream = this.client.download({ target: { $case: 'adapterVersion', value: version } }, this.metadata());
+  async downloadAdapter(version: number, maxChunkBytes: number, rank = 0): Promise<{ adapter: TensorMap; bytes: number; sha256: Uint8Array }> {
+    const stream = this.client.download({ target: { $case: 'adapterVersion', value: version }, adapterRank: rank }, this.metadata());
     let asm: ChunkAssembler | null = null;
     let manifest: TensorSpecEntry[] = [];
     for await (const msg of stream as AsyncIterable<DownloadMessage>) {
@@ -155,7 +155,7 @@ export class CoordinatorConnection {
 
   /** Download a data shard (distributed mode); the digest is checked before it is returned. */
   async downloadShard(shardId: string, maxChunkBytes: number): Promise<{ bytes: Uint8Array; mediaType: string; sha256: Uint8Array }> {
-    const stream = this.client.download({ target: { $case: 'dataShardId', value: shardId } }, this.metadata());
+    const stream = this.client.download({ target: { $case: 'dataShardId', value: shardId }, adapterRank: 0 }, this.metadata());
     let asm: ChunkAssembler | null = null;
     let mediaType = '';
     for await (const msg of stream as AsyncIterable<DownloadMessage>) {
@@ -502,7 +502,7 @@ export class WorkerAgent {
     const g = task.global;
     if (!g) throw new Error(`task ${task.taskId} names no global adapter`);
     if (this.cache && this.cache.version === g.version && bytesEqual(this.cache.sha256, g.sha256)) return this.cache.adapter;
-    const got = await conn.downloadAdapter(g.version, reg.maxChunkBytes);
+    const got = await conn.downloadAdapter(g.version, reg.maxChunkBytes, g.rank);
     if (!bytesEqual(got.sha256, g.sha256)) {
       throw new Error(`global adapter v${g.version}: digest ${hex(got.sha256)} differs from the task's ${hex(g.sha256)}`);
     }

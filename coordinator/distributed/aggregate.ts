@@ -19,8 +19,8 @@
  */
 import { manifestBytes, type TensorSpecEntry } from '../../common/chunks.ts';
 import { numel, type TensorMap } from '../../common/tensor.ts';
-import { clipGradNorm, type AdamW } from '../../worker/engine/optim.ts';
-import type { OuterOptimizer } from '../../worker/engine/outer.ts';
+import { clipGradNorm, type AdamW } from '../../common/optim.ts';
+import type { OuterOptimizer } from '../../common/outer.ts';
 
 export class FlatSum {
   readonly manifest: readonly TensorSpecEntry[];

@@ -16,9 +16,9 @@
  */
 import { createHash } from 'node:crypto';
 import { readFile } from 'node:fs/promises';
-import { shuffleInPlace } from '../../worker/data/batching.ts';
-import { loadRecords, type RecordSource } from '../../worker/data/dataset.ts';
-import { tokenizeRecords, type Example, type Tokenizer } from '../../worker/data/tokenize.ts';
+import { shuffleInPlace } from '../../common/random.ts';
+import { loadRecords, type RecordSource } from '../../common/data/dataset.ts';
+import { tokenizeRecords, type Example, type Tokenizer } from '../../common/data/tokenize.ts';
 import { partition } from '../sharding.ts';
 
 export interface DistributedDataset {

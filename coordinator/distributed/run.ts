@@ -34,9 +34,9 @@ import {
   type TrainingSpec,
   type UploadHeader,
 } from '../../proto/gen/fedtune/v1/coordinator.ts';
-import { encodeShard, toRanges, type Shard } from '../../worker/trainers/step-shard.ts';
-import { lrAt, saveOptimizerState, type AdamW, type Schedule } from '../../worker/engine/optim.ts';
-import { saveOuterState, type OuterOptimizer } from '../../worker/engine/outer.ts';
+import { encodeShard, toRanges, type Shard } from '../../common/shard.ts';
+import { lrAt, saveOptimizerState, type AdamW, type Schedule } from '../../common/optim.ts';
+import { saveOuterState, type OuterOptimizer } from '../../common/outer.ts';
 import type { EventBus } from '../events/bus.ts';
 import { UpdateRejected, trainingSpecOf, type RunResult } from '../run.ts';
 import type { RegistryListener, WorkerRecord, WorkerRegistry } from '../workers.ts';
@@ -500,7 +500,7 @@ export class DistributedRun extends RunBase implements RegistryListener {
             taskId: t.taskId,
             round: 0,
             deadlineUnixMs: deadline,
-            global: { version: this.globalVersion, totalBytes: this.packedGlobal.bytes.byteLength, sha256: this.packedGlobal.sha256 },
+            global: { version: this.globalVersion, totalBytes: this.packedGlobal.bytes.byteLength, sha256: this.packedGlobal.sha256, rank: 0 },
             kind: {
               $case: 'step',
               value: {

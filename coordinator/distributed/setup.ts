@@ -9,11 +9,11 @@ import { existsSync } from 'node:fs';
 import type { RunConfig } from '../../common/config.ts';
 import { logger } from '../../common/log.ts';
 import type { TensorMap } from '../../common/tensor.ts';
-import type { LoadedModel, LoraConfig } from '../../worker/engine/config.ts';
-import { initLoraAdapter, validateAdapter, type LoraTarget } from '../../worker/engine/lora.ts';
-import { AdamW, loadOptimizerState } from '../../worker/engine/optim.ts';
-import { loadOuterState, OuterOptimizer } from '../../worker/engine/outer.ts';
-import { loadTokenizer } from '../../worker/engine/tokenizer.ts';
+import type { LoadedModel, LoraConfig } from '../../common/model-config.ts';
+import { initLoraAdapter, validateAdapter, type LoraTarget } from '../../common/lora.ts';
+import { AdamW, loadOptimizerState } from '../../common/optim.ts';
+import { loadOuterState, OuterOptimizer } from '../../common/outer.ts';
+import { loadTokenizer } from '../../common/tokenizer.ts';
 import { DataOrder, loadDistributedDataset, type DistributedDataset } from './plan.ts';
 import { DistributedStore, OPTIMIZER_FILE, OUTER_OPTIMIZER_FILE, type DataOrderIdentity, type DistributedStateFile } from './store.ts';
 

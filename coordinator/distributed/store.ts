@@ -17,7 +17,7 @@ import { join } from 'node:path';
 import { writeDirAtomic, writeFileAtomic } from '../../common/atomic.ts';
 import { readPeftAdapter, writePeftAdapter } from '../../common/peft.ts';
 import type { TensorMap } from '../../common/tensor.ts';
-import type { LoraConfig } from '../../worker/engine/config.ts';
+import type { LoraConfig } from '../../common/model-config.ts';
 import { completeCheckpoints } from '../store.ts';
 
 export const DIST_STATE_FILE = 'state.json';

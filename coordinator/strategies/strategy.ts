@@ -12,7 +12,7 @@ import type { TensorSpecEntry } from '../../common/chunks.ts';
 import type { RunConfig, StrategyName } from '../../common/config.ts';
 import { createRng } from '../../common/random.ts';
 import type { TensorMap } from '../../common/tensor.ts';
-import { loadOuterState, OuterOptimizer, saveOuterState } from '../../worker/engine/outer.ts';
+import { loadOuterState, OuterOptimizer, saveOuterState } from '../../common/outer.ts';
 import { FedAvgAccumulator } from './fedavg.ts';
 
 export interface CohortCandidate {

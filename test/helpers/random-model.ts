@@ -2,7 +2,7 @@
  * In-memory random models for engine tests (no files): weights N(0, std) with
  * norms around 1, so that gradients are far from zero everywhere.
  */
-import type { LoadedModel, ModelConfig } from '../../worker/engine/config.ts';
+import type { LoadedModel, ModelConfig } from '../../common/model-config.ts';
 import type { TensorMap } from '../../common/tensor.ts';
 import { createRng } from '../../common/random.ts';
 

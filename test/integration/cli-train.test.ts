@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { describe, expect, it } from 'vitest';
 import { readPeftAdapter } from '../../common/peft.ts';
-import { loadOptimizerState } from '../../worker/engine/optim.ts';
+import { loadOptimizerState } from '../../common/optim.ts';
 import { ROOT, tempDir, tinyModel } from './federated-helpers.ts';
 
 const run = promisify(execFile);

@@ -9,7 +9,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import type { RunEvent } from '../../common/events.ts';
 import { readPeftAdapter } from '../../common/peft.ts';
 import { startCoordinator, type CoordinatorHandle } from '../../coordinator/main.ts';
-import { initLoraAdapter, loraTargets } from '../../worker/engine/lora.ts';
+import { initLoraAdapter, loraTargets } from '../../common/lora.ts';
 import { loadModel } from '../../worker/engine/model.ts';
 import { distConfig, distWorker, maxAbsDiff, referenceTraining, tinyLlama, writeDataset } from './distributed-helpers.ts';
 import { events, tempDir, type Proc } from './federated-helpers.ts';

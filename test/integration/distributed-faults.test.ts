@@ -21,7 +21,7 @@ import { CoordinatorConnection, isServiceError, WorkerAgent } from '../../worker
 import { createTrainer } from '../../worker/trainers/index.ts';
 import type { Trainer } from '../../worker/trainers/trainer.ts';
 import { loadModel } from '../../worker/engine/model.ts';
-import { decodeShard } from '../../worker/trainers/step-shard.ts';
+import { decodeShard } from '../../common/shard.ts';
 import { distConfig, distWorker, maxAbsDiff, referenceTraining, tinyLlama, writeDataset } from './distributed-helpers.ts';
 import { events, fedtune, tempDir, waitForEvent, type Proc } from './federated-helpers.ts';
 

@@ -14,8 +14,8 @@ import { prepareDataset } from '../../worker/data/prepare.ts';
 import { Engine } from '../../worker/engine/engine.ts';
 import { initModel } from '../../worker/engine/init.ts';
 import { loadModel } from '../../worker/engine/model.ts';
-import { AdamW } from '../../worker/engine/optim.ts';
-import { loadTokenizer } from '../../worker/engine/tokenizer.ts';
+import { AdamW } from '../../common/optim.ts';
+import { loadTokenizer } from '../../common/tokenizer.ts';
 import { trainLoop } from '../../worker/engine/train.ts';
 import { fedtune, type Proc } from './federated-helpers.ts';
 

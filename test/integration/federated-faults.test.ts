@@ -148,7 +148,7 @@ describe('registration', () => {
   it('refuses calls without a session with UNAUTHENTICATED', async () => {
     const c = new CoordinatorConnection(coord.address);
     const err = await new Promise<grpc.ServiceError>((resolve) => {
-      const s = c.client.download({ target: { $case: 'adapterVersion', value: 0 } });
+      const s = c.client.download({ target: { $case: 'adapterVersion', value: 0 }, adapterRank: 0 });
       s.on('error', resolve);
       s.on('data', () => {});
     });

@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { countTokens, makeBatches, splitEval } from '../../worker/data/batching.ts';
 import { prepareDataset } from '../../worker/data/prepare.ts';
-import type { Example, Tokenizer } from '../../worker/data/tokenize.ts';
+import type { Example, Tokenizer } from '../../common/data/tokenize.ts';
 
 const M = -100;
 function ex(len: number, tag: number, prompt = 1): Example {

@@ -2,7 +2,7 @@ import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { loadRecords } from '../../worker/data/dataset.ts';
+import { loadRecords } from '../../common/data/dataset.ts';
 
 let dir: string;
 beforeAll(async () => {
@@ -92,8 +92,8 @@ describe('loadRecords', () => {
 
 describe('plain-text records', () => {
   it('are read as text records whose every token is trained, under any template', async () => {
-    const { parseRecords } = await import('../../worker/data/dataset.ts');
-    const { renderRecord } = await import('../../worker/data/template.ts');
+    const { parseRecords } = await import('../../common/data/dataset.ts');
+    const { renderRecord } = await import('../../common/data/template.ts');
     const recs = parseRecords('{"text": "hello world", "source": "web"}\n', 'pre.jsonl');
     expect(recs[0]!.kind).toBe('text');
     expect(recs[0]!.meta).toEqual({ source: 'web' });

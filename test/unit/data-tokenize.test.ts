@@ -1,7 +1,7 @@
 import { describe, expect, it } from 'vitest';
-import { parseRecords, type SftRecord } from '../../worker/data/dataset.ts';
-import { getTemplate, renderRecord } from '../../worker/data/template.ts';
-import { countTokens, tokenizeRecord, tokenizeRecords, type Tokenizer } from '../../worker/data/tokenize.ts';
+import { parseRecords, type SftRecord } from '../../common/data/dataset.ts';
+import { getTemplate, renderRecord } from '../../common/data/template.ts';
+import { countTokens, tokenizeRecord, tokenizeRecords, type Tokenizer } from '../../common/data/tokenize.ts';
 
 /** Byte-level tokenizer: id = byte + 3; 0 pad, 1 bos, 2 eos. */
 const bytes: Tokenizer = {

@@ -7,10 +7,10 @@ import type { TensorMap } from '../../common/tensor.ts';
 import { applyGradientStep, applyOuterStep, FlatSum } from '../../coordinator/distributed/aggregate.ts';
 import { assignMicroBatches, DataOrder, loadDistributedDataset, planEpoch } from '../../coordinator/distributed/plan.ts';
 import { makeBatches } from '../../worker/data/batching.ts';
-import type { Example, Tokenizer } from '../../worker/data/tokenize.ts';
-import { AdamW, clipGradNorm } from '../../worker/engine/optim.ts';
-import { OuterOptimizer } from '../../worker/engine/outer.ts';
-import { decodeShard, encodeShard, fromRanges, SHARD_INDEX_MEDIA_TYPE, SHARD_MEDIA_TYPE, toRanges } from '../../worker/trainers/step-shard.ts';
+import type { Example, Tokenizer } from '../../common/data/tokenize.ts';
+import { AdamW, clipGradNorm } from '../../common/optim.ts';
+import { OuterOptimizer } from '../../common/outer.ts';
+import { decodeShard, encodeShard, fromRanges, SHARD_INDEX_MEDIA_TYPE, SHARD_MEDIA_TYPE, toRanges } from '../../common/shard.ts';
 
 const dir = mkdtempSync(join(tmpdir(), 'fedtune-dist-plan-'));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));

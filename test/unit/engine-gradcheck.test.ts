@@ -6,7 +6,7 @@
  */
 import { describe, expect, it } from 'vitest';
 import { Engine } from '../../worker/engine/engine.ts';
-import type { Batch, LoraConfig } from '../../worker/engine/config.ts';
+import type { Batch, LoraConfig } from '../../common/model-config.ts';
 import type { TensorMap } from '../../common/tensor.ts';
 import { createRng } from '../../common/random.ts';
 import { randomConfig, randomModel } from '../helpers/random-model.ts';

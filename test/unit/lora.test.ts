@@ -1,8 +1,8 @@
 import { describe, expect, it } from 'vitest';
 import { normalizeConfig } from '../../worker/engine/model.ts';
-import { initLoraAdapter, loraTargets, peftKey, validateAdapter } from '../../worker/engine/lora.ts';
+import { initLoraAdapter, loraTargets, peftKey, validateAdapter } from '../../common/lora.ts';
 import { createRng } from '../../common/random.ts';
-import type { LoraConfig } from '../../worker/engine/config.ts';
+import type { LoraConfig } from '../../common/model-config.ts';
 
 const llama = normalizeConfig({
   model_type: 'llama',

@@ -6,12 +6,12 @@ import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
 import { initModel } from '../../worker/engine/init.ts';
 import { loadModel } from '../../worker/engine/model.ts';
-import { initLoraAdapter, loraTargets, peftKey } from '../../worker/engine/lora.ts';
+import { initLoraAdapter, loraTargets, peftKey } from '../../common/lora.ts';
 import { mergeAdapter } from '../../worker/engine/merge.ts';
 import { writePeftAdapter } from '../../common/peft.ts';
 import { createRng } from '../../common/random.ts';
 import type { TensorMap } from '../../common/tensor.ts';
-import type { LoadedModel, LoraConfig } from '../../worker/engine/config.ts';
+import type { LoadedModel, LoraConfig } from '../../common/model-config.ts';
 
 const run = promisify(execFile);
 let root: string;

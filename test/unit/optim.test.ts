@@ -12,8 +12,8 @@ import {
   lrAt,
   saveOptimizerState,
   type ScheduleKind,
-} from '../../worker/engine/optim.ts';
-import { loadOuterState, OuterOptimizer, saveOuterState, type OuterKind } from '../../worker/engine/outer.ts';
+} from '../../common/optim.ts';
+import { loadOuterState, OuterOptimizer, saveOuterState, type OuterKind } from '../../common/outer.ts';
 
 let dir: string;
 beforeAll(async () => {

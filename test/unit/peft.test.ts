@@ -5,10 +5,10 @@ import { join } from 'node:path';
 import { readPeftAdapter, writePeftAdapter, ADAPTER_CONFIG, ADAPTER_WEIGHTS } from '../../common/peft.ts';
 import { writeSafetensors, readSafetensors, type StWriteEntry } from '../../common/safetensors.ts';
 import { normalizeConfig } from '../../worker/engine/model.ts';
-import { initLoraAdapter, loraTargets, peftKey, validateAdapter } from '../../worker/engine/lora.ts';
+import { initLoraAdapter, loraTargets, peftKey, validateAdapter } from '../../common/lora.ts';
 import { createRng } from '../../common/random.ts';
 import type { TensorMap } from '../../common/tensor.ts';
-import type { LoraConfig } from '../../worker/engine/config.ts';
+import type { LoraConfig } from '../../common/model-config.ts';
 
 let root: string;
 beforeAll(async () => {

@@ -14,7 +14,7 @@ describe('wire contract encoding', () => {
       taskId: 'r3-train-0-abcd',
       round: 3,
       deadlineUnixMs: 1_900_000_000_000,
-      global: { version: 2, totalBytes: 4096, sha256: new Uint8Array(32).fill(7) },
+      global: { version: 2, totalBytes: 4096, sha256: new Uint8Array(32).fill(7), rank: 0 },
       kind: {
         $case: 'train',
         value: {
@@ -23,7 +23,7 @@ describe('wire contract encoding', () => {
             lora: { r: 8, alpha: 16, dropout: 0.05, targetModules: ['q_proj', 'v_proj'] },
             steps: 20,
             batchSize: 8, gradAccumulation: 1, lr: 0.001, schedule: 'cosine', warmupSteps: 2,
-            weightDecay: 0, maxGradNorm: 1, maxSeqLen: 256, template: 'alpaca', seed: 5,
+            weightDecay: 0, maxGradNorm: 1, maxSeqLen: 256, template: 'alpaca', seed: 5, proxMu: 0, freezeLoraA: false,
           },
         },
       },

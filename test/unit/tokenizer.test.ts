@@ -3,7 +3,7 @@ import { mkdtemp, readFile, rm, unlink, writeFile, cp } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { initModel } from '../../worker/engine/init.ts';
-import { loadTokenizer } from '../../worker/engine/tokenizer.ts';
+import { loadTokenizer } from '../../common/tokenizer.ts';
 
 let root: string;
 beforeAll(async () => {

@@ -5,11 +5,11 @@
  * label -100. A batch's seqLen is its longest example rounded up to a multiple
  * of `padTo` (fewer distinct shapes for the engine), capped at maxSeqLen.
  */
-import { createRng } from '../../common/random.ts';
-import { IGNORE_INDEX, type Batch } from '../engine/config.ts';
-import type { Example } from './tokenize.ts';
+import { shuffleInPlace } from '../../common/random.ts';
+import { IGNORE_INDEX, type Batch } from '../../common/model-config.ts';
+import type { Example } from '../../common/data/tokenize.ts';
 
-export { countTokens } from './tokenize.ts';
+export { countTokens } from '../../common/data/tokenize.ts';
 
 export interface BatchOptions {
   batchSize: number;
@@ -56,18 +56,6 @@ export function makeBatches(examples: readonly Example[], opts: BatchOptions): B
     batches.push({ batchSize: rows.length, seqLen, inputIds, labels });
   }
   return batches;
-}
-
-/** Fisher-Yates shuffle driven by the seeded PRNG of common/random.ts. */
-export function shuffleInPlace<T>(items: T[], seed: number): T[] {
-  const rng = createRng(seed);
-  for (let i = items.length - 1; i > 0; i--) {
-    const j = rng.int(i + 1);
-    const t = items[i]!;
-    items[i] = items[j]!;
-    items[j] = t;
-  }
-  return items;
 }
 
 /**

@@ -5,8 +5,8 @@
  * change with maxSeqLen.
  */
 import { splitEval } from './batching.ts';
-import { loadRecords, type RecordSource, type SftRecord } from './dataset.ts';
-import { tokenizeRecords, type Example, type TokenizeOptions, type Tokenizer } from './tokenize.ts';
+import { loadRecords, type RecordSource, type SftRecord } from '../../common/data/dataset.ts';
+import { tokenizeRecords, type Example, type TokenizeOptions, type Tokenizer } from '../../common/data/tokenize.ts';
 
 export interface PrepareOptions extends TokenizeOptions {
   /** Fraction of records held out for evaluation, in [0, 1). Default 0. */

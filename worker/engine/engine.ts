@@ -10,10 +10,10 @@
  */
 import type { FloatArray, TensorMap } from '../../common/tensor.ts';
 import { createRng } from '../../common/random.ts';
-import { IGNORE_INDEX, type Batch, type LoadedModel, type LoraConfig } from './config.ts';
+import { IGNORE_INDEX, type Batch, type LoadedModel, type LoraConfig } from '../../common/model-config.ts';
 import type { FloatDType } from './graph.ts';
 import { buildCausalLmGraph, type GraphSpec } from './model-graph.ts';
-import { initLoraAdapter, loraTargets, peftKey } from './lora.ts';
+import { initLoraAdapter, loraTargets, peftKey } from '../../common/lora.ts';
 import { createSession, ort, type Device, type RuntimeSession } from './runtime.ts';
 
 export interface EngineOptions {

@@ -11,7 +11,7 @@ import type { TensorMap } from '../../common/tensor.ts';
 import { numel } from '../../common/tensor.ts';
 import { createRng } from '../../common/random.ts';
 import { writeDirAtomic } from '../../common/atomic.ts';
-import type { ModelConfig } from './config.ts';
+import type { ModelConfig } from '../../common/model-config.ts';
 import { expectedWeightShapes, hfConfig, writeModelFiles, type ModelDtype } from './model.ts';
 
 export type InitArch = 'llama' | 'qwen2' | 'mistral' | 'gpt2';

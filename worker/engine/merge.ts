@@ -4,8 +4,8 @@
  * (PEFT's fan_in_fan_out).
  */
 import type { TensorMap } from '../../common/tensor.ts';
-import type { LoadedModel, LoraConfig } from './config.ts';
-import { loraTargets, peftKey, validateAdapter } from './lora.ts';
+import type { LoadedModel, LoraConfig } from '../../common/model-config.ts';
+import { loraTargets, peftKey, validateAdapter } from '../../common/lora.ts';
 
 /**
  * New base weights with the adapter merged in. The input model and adapter are

@@ -11,8 +11,8 @@
  * (forward graphs).
  */
 import { Graph, type FloatDType, type Value } from './graph.ts';
-import type { LoadedModel, LoraConfig, ModelConfig } from './config.ts';
-import { loraTargets, peftKey, type LoraTarget } from './lora.ts';
+import type { LoadedModel, LoraConfig, ModelConfig } from '../../common/model-config.ts';
+import { loraTargets, peftKey, type LoraTarget } from '../../common/lora.ts';
 
 export interface GraphSpec {
   batchSize: number;

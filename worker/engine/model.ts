@@ -12,7 +12,7 @@ import { numel, type Tensor, type TensorMap } from '../../common/tensor.ts';
 import { readSafetensors, serializeSafetensors, toFloat32, type StEntry, type StWriteEntry } from '../../common/safetensors.ts';
 import { writeDirAtomic } from '../../common/atomic.ts';
 import { logger } from '../../common/log.ts';
-import type { LoadedModel, ModelConfig } from './config.ts';
+import type { LoadedModel, ModelConfig } from '../../common/model-config.ts';
 
 const log = logger('model');
 

@@ -9,9 +9,9 @@
  * union would give (and distributed workers reproduce it exactly).
  */
 import type { TensorMap } from '../../common/tensor.ts';
-import type { Batch } from './config.ts';
+import type { Batch } from '../../common/model-config.ts';
 import type { Engine } from './engine.ts';
-import { AdamW, clipGradNorm, lrAt, type Schedule } from './optim.ts';
+import { AdamW, clipGradNorm, lrAt, type Schedule } from '../../common/optim.ts';
 
 export interface StepInfo {
   /** 1-based optimizer step within this loop. */

@@ -9,7 +9,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { createRng } from '../../common/random.ts';
 import type { TensorMap } from '../../common/tensor.ts';
 import { splitEval } from '../data/batching.ts';
-import { loadRecords } from '../data/dataset.ts';
+import { loadRecords } from '../../common/data/dataset.ts';
 import type { EvalOutcome, LocalTrainingSpec, Trainer, TrainerFactoryOptions, TrainArgs, TrainOutcome } from './trainer.ts';
 
 /** Size of the perturbation added to every element. */

@@ -5,16 +5,16 @@
  */
 import type { TensorMap } from '../../common/tensor.ts';
 import { logger } from '../../common/log.ts';
-import type { LoadedModel, LoraConfig } from '../engine/config.ts';
+import type { LoadedModel, LoraConfig } from '../../common/model-config.ts';
 import { Engine } from '../engine/engine.ts';
 import { loadModel } from '../engine/model.ts';
-import { loadTokenizer } from '../engine/tokenizer.ts';
-import { AdamW } from '../engine/optim.ts';
+import { loadTokenizer } from '../../common/tokenizer.ts';
+import { AdamW } from '../../common/optim.ts';
 import { trainLoop } from '../engine/train.ts';
 import { makeBatches } from '../data/batching.ts';
 import { prepareDataset } from '../data/prepare.ts';
-import type { Example } from '../data/tokenize.ts';
-import type { Batch } from '../engine/config.ts';
+import type { Example } from '../../common/data/tokenize.ts';
+import type { Batch } from '../../common/model-config.ts';
 import { localSgd, sumGradients } from './step.ts';
 import type {
   EvalOutcome,

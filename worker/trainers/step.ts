@@ -18,13 +18,13 @@ import type { TensorMap } from '../../common/tensor.ts';
 import { logger } from '../../common/log.ts';
 import { UpdateKind, type StepTask, type TrainingSpec } from '../../proto/gen/fedtune/v1/coordinator.ts';
 import { makeBatches } from '../data/batching.ts';
-import { loadRecords, type SftRecord } from '../data/dataset.ts';
-import { tokenizeRecord, type Example, type Tokenizer } from '../data/tokenize.ts';
-import type { Batch } from '../engine/config.ts';
+import { loadRecords, type SftRecord } from '../../common/data/dataset.ts';
+import { tokenizeRecord, type Example, type Tokenizer } from '../../common/data/tokenize.ts';
+import type { Batch } from '../../common/model-config.ts';
 import type { Engine } from '../engine/engine.ts';
-import { AdamW, clipGradNorm } from '../engine/optim.ts';
+import { AdamW, clipGradNorm } from '../../common/optim.ts';
 import { addInto, scaleInPlace } from '../engine/train.ts';
-import { decodeShard, fromRanges, type Shard } from './step-shard.ts';
+import { decodeShard, fromRanges, type Shard } from '../../common/shard.ts';
 import type { GradientOutcome, LocalStepsOutcome, LocalTrainingSpec, Trainer } from './trainer.ts';
 
 const log = logger('worker.step');
@@ -199,7 +199,7 @@ export class StepRunner {
       this.records = { key, records: await loadRecords(shard.path) };
     }
     const records = this.records.records;
-    this.tokenizer ??= import('../engine/tokenizer.ts').then((m) => m.loadTokenizer(this.opts.modelDir));
+    this.tokenizer ??= import('../../common/tokenizer.ts').then((m) => m.loadTokenizer(this.opts.modelDir));
     const tok = await this.tokenizer;
     return shard.microBatches.map((ranges, k) =>
       fromRanges(ranges).map((i) => {

@@ -5,8 +5,8 @@
  * locally trained one, or evaluates one on the local eval split.
  */
 import type { TensorMap } from '../../common/tensor.ts';
-import type { Batch, LoraConfig } from '../engine/config.ts';
-import type { AdamW } from '../engine/optim.ts';
+import type { Batch, LoraConfig } from '../../common/model-config.ts';
+import type { AdamW } from '../../common/optim.ts';
 
 export interface LocalTrainingSpec {
   lora: LoraConfig;

@@ -101,6 +101,10 @@ export interface TrainingSpec {
   /** prompt template name */
   template: string;
   seed: number;
+  /** FedProx (Li et al. 2020): add mu/2 * ||w - w_global||^2 to the local loss (0 = off). */
+  proxMu: number;
+  /** FFA-LoRA (Sun et al. 2024): keep every lora_A at the value it arrived with; train lora_B only. */
+  freezeLoraA: boolean;
 }
 
 export interface RunInfo {
@@ -199,6 +203,11 @@ export interface AdapterRef {
   version: number;
   totalBytes: number;
   sha256: Uint8Array;
+  /**
+   * LoRA rank of this copy of the global adapter (mixed-rank strategies give each site its own
+   * rank); 0 = the global adapter's own shapes. Pass it back as DownloadRequest.adapter_rank.
+   */
+  rank: number;
 }
 
 /** Federated training: start from the global adapter, train locally, upload the result. */
@@ -295,7 +304,12 @@ export interface CoordinatorMessage {
 }
 
 export interface DownloadRequest {
-  target: { $case: "adapterVersion"; value: number } | { $case: "dataShardId"; value: string } | undefined;
+  target:
+    | { $case: "adapterVersion"; value: number }
+    | { $case: "dataShardId"; value: string }
+    | undefined;
+  /** with adapter_version: AdapterRef.rank of the task (0 = default) */
+  adapterRank: number;
 }
 
 export interface DownloadMessage {
@@ -476,6 +490,8 @@ function createBaseTrainingSpec(): TrainingSpec {
     maxSeqLen: 0,
     template: "",
     seed: 0,
+    proxMu: 0,
+    freezeLoraA: false,
   };
 }
 
@@ -519,6 +535,12 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
     }
     if (message.seed !== 0) {
       writer.uint32(104).uint64(message.seed);
+    }
+    if (message.proxMu !== 0) {
+      writer.uint32(113).double(message.proxMu);
+    }
+    if (message.freezeLoraA !== false) {
+      writer.uint32(120).bool(message.freezeLoraA);
     }
     return writer;
   },
@@ -638,6 +660,22 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
             }
 
             message.seed = longToNumber(reader.uint64());
+            continue;
+          }
+          case 14: {
+            if (tag !== 113) {
+              break;
+            }
+
+            message.proxMu = reader.double();
+            continue;
+          }
+          case 15: {
+            if (tag !== 120) {
+              break;
+            }
+
+            message.freezeLoraA = reader.bool();
             continue;
           }
         }
@@ -1486,7 +1524,7 @@ export const WorkerMessage: MessageFns<WorkerMessage> = {
 };
 
 function createBaseAdapterRef(): AdapterRef {
-  return { version: 0, totalBytes: 0, sha256: new Uint8Array(0) };
+  return { version: 0, totalBytes: 0, sha256: new Uint8Array(0), rank: 0 };
 }
 
 export const AdapterRef: MessageFns<AdapterRef> = {
@@ -1499,6 +1537,9 @@ export const AdapterRef: MessageFns<AdapterRef> = {
     }
     if (message.sha256.length !== 0) {
       writer.uint32(26).bytes(message.sha256);
+    }
+    if (message.rank !== 0) {
+      writer.uint32(32).uint32(message.rank);
     }
     return writer;
   },
@@ -1538,6 +1579,14 @@ export const AdapterRef: MessageFns<AdapterRef> = {
             }
 
             message.sha256 = reader.bytes();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.rank = reader.uint32();
             continue;
           }
         }
@@ -2285,7 +2334,7 @@ export const CoordinatorMessage: MessageFns<CoordinatorMessage> = {
 };
 
 function createBaseDownloadRequest(): DownloadRequest {
-  return { target: undefined };
+  return { target: undefined, adapterRank: 0 };
 }
 
 export const DownloadRequest: MessageFns<DownloadRequest> = {
@@ -2297,6 +2346,9 @@ export const DownloadRequest: MessageFns<DownloadRequest> = {
       case "dataShardId":
         writer.uint32(18).string(message.target.value);
         break;
+    }
+    if (message.adapterRank !== 0) {
+      writer.uint32(24).uint32(message.adapterRank);
     }
     return writer;
   },
@@ -2328,6 +2380,14 @@ export const DownloadRequest: MessageFns<DownloadRequest> = {
             }
 
             message.target = { $case: "dataShardId", value: reader.string() };
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.adapterRank = reader.uint32();
             continue;
           }
         }

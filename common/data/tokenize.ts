@@ -8,7 +8,7 @@
  * and is trained. Sequences longer than maxSeqLen are cut, keeping the start;
  * a record with no trained token left is dropped (null).
  */
-import { IGNORE_INDEX } from '../engine/config.ts';
+import { IGNORE_INDEX } from '../model-config.ts';
 import type { RecordSource, SftRecord } from './dataset.ts';
 import { renderRecord, type PromptTemplate } from './template.ts';
 

@@ -15,7 +15,7 @@
  * Both sides use this module, so what one encodes the other decodes. Every
  * problem names the shard and what was wrong; an empty shard is an error.
  */
-import type { Example } from '../data/tokenize.ts';
+import type { Example } from './data/tokenize.ts';
 
 export const SHARD_MEDIA_TYPE = 'application/x-fedtune-shard+jsonl';
 export const SHARD_INDEX_MEDIA_TYPE = 'application/x-fedtune-shard-index+json';

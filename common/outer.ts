@@ -16,7 +16,7 @@
  * m = 0, v = tau^2. Arithmetic is float64; results and state keep the dtype
  * of the global weights. Written by hand: a few lines of math per kind.
  */
-import type { TensorMap } from '../../common/tensor.ts';
+import type { TensorMap } from './tensor.ts';
 import { checkBeta, checkNumber, checkSameShape, copyMap, listNames, readTensorFile, writeTensorFile, zerosLike } from './optim.ts';
 
 export type OuterKind = 'average' | 'nesterov' | 'fedavgm' | 'fedadam' | 'fedyogi';

@@ -7,9 +7,9 @@
  * Written by hand: the math is a few lines per parameter and no maintained
  * TypeScript library optimizes plain typed arrays keyed by name.
  */
-import type { FloatArray, Tensor, TensorMap } from '../../common/tensor.ts';
-import { numel } from '../../common/tensor.ts';
-import { readSafetensors, toFloat32, toFloat64, writeSafetensors, type StWriteEntry } from '../../common/safetensors.ts';
+import type { FloatArray, Tensor, TensorMap } from './tensor.ts';
+import { numel } from './tensor.ts';
+import { readSafetensors, toFloat32, toFloat64, writeSafetensors, type StWriteEntry } from './safetensors.ts';
 
 // ---------------------------------------------------------------------------
 // AdamW

@@ -2,7 +2,7 @@
  * Shared engine types: the normalized model config every architecture is read
  * into, LoRA settings, and the token batches the engine trains on.
  */
-import type { TensorMap } from '../../common/tensor.ts';
+import type { TensorMap } from './tensor.ts';
 
 /** Graph family. `llama` covers llama, mistral and qwen2 checkpoints. */
 export type ArchFamily = 'llama' | 'gpt2';

@@ -6,9 +6,9 @@
  * `base_model.model.<module>.lora_A.weight` [r, in] and `.lora_B.weight` [out, r],
  * also for gpt2's Conv1D modules (whose base weight is stored [in, out]).
  */
-import { numel, type TensorMap } from '../../common/tensor.ts';
-import { createRng } from '../../common/random.ts';
-import { GPT2_TARGET_MODULES, LLAMA_TARGET_MODULES, type LoraConfig, type ModelConfig } from './config.ts';
+import { numel, type TensorMap } from './tensor.ts';
+import { createRng } from './random.ts';
+import { GPT2_TARGET_MODULES, LLAMA_TARGET_MODULES, type LoraConfig, type ModelConfig } from './model-config.ts';
 
 export interface LoraTarget {
   /** Canonical module path, e.g. `model.layers.3.self_attn.q_proj` or `transformer.h.0.attn.c_attn`. */
