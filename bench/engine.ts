@@ -13,7 +13,7 @@ import { fileURLToPath } from 'node:url';
 import { dirname, join } from 'node:path';
 import { Engine } from '../worker/engine/engine.ts';
 import { byteLevelTokenizer, initConfig, initWeights } from '../worker/engine/init.ts';
-import { computeFingerprint } from '../worker/engine/model.ts';
+import { computeFingerprint } from '../common/hf-model.ts';
 import { AdamW } from '../common/optim.ts';
 import { trainLoop } from '../worker/engine/train.ts';
 import { createRng } from '../common/random.ts';

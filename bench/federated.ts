@@ -17,16 +17,16 @@ import { createServer, connect, type AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import * as grpc from '@grpc/grpc-js';
-import { manifestOf, packTensorMap } from '../common/chunks.ts';
+import { manifestOf, packTensorMap, unpackTensorMap } from '../common/chunks.ts';
 import { parseRunConfig, type RunConfig } from '../common/config.ts';
 import type { RunEvent } from '../common/events.ts';
 import { numel, type TensorMap } from '../common/tensor.ts';
 import { MemoryBus } from '../coordinator/events/memory.ts';
 import { FederatedRun, type RunResult } from '../coordinator/run.ts';
 import { createCoordinatorService } from '../coordinator/service.ts';
-import { FedAvgAccumulator } from '../coordinator/strategies/fedavg.ts';
-import { createStrategy } from '../coordinator/strategies/strategy.ts';
-import { CheckpointStore, newRunState } from '../coordinator/store.ts';
+import { MeanAggregator } from '../coordinator/strategies/fedavg.ts';
+import { createStrategy } from '../coordinator/strategies/index.ts';
+import { federatedStore, newRunState } from '../coordinator/store.ts';
 import { WorkerRegistry } from '../coordinator/workers.ts';
 import { CoordinatorService } from '../proto/gen/fedtune/v1/coordinator.ts';
 import { CoordinatorConnection, WorkerAgent } from '../worker/agent.ts';
@@ -92,9 +92,10 @@ export function benchAggregation(adapter: TensorMap, updates = 4, repeats = 3): 
   const bytes = packed.bytes.byteLength * updates;
   let best = Infinity;
   for (let r = 0; r < repeats; r++) {
-    const acc = new FedAvgAccumulator(manifestOf(adapter));
+    const acc = new MeanAggregator(adapter);
+    const update = unpackTensorMap(packed.manifest, packed.bytes);
     const [, ms] = time(() => {
-      for (let k = 0; k < updates; k++) acc.addFlat(flat, 10 + k);
+      for (let k = 0; k < updates; k++) acc.add({ tensors: update, weight: 10 + k });
     });
     best = Math.min(best, ms);
   }
@@ -184,11 +185,10 @@ async function benchCoordinator(adapter: TensorMap, over: Record<string, unknown
     server: { listen: '127.0.0.1:0', join_token: 'bench', heartbeat_timeout_ms: 120_000 },
     ...over,
   });
-  const lora = { r: 16, alpha: 32, dropout: 0, targetModules: cfg.lora.target_modules };
-  const store = new CheckpointStore({ root: dir, runName: 'bench', lora, baseModel: '(synthetic)', fanInFanOut: false });
+  const store = federatedStore(cfg, false);
   const bus = new MemoryBus({ ringSize: 100_000 });
   const registry = new WorkerRegistry(cfg.server.heartbeat_timeout_ms);
-  const run = new FederatedRun({ cfg, bus, registry, store, strategy: createStrategy(cfg), global: adapter, state: newRunState(cfg, ''), resumed: false });
+  const run = new FederatedRun({ cfg, bus, registry, store, strategy: createStrategy(cfg, []), global: adapter, globalRank: 16, state: newRunState(cfg, ''), resumed: false });
   registry.listener = run;
   const server = new grpc.Server();
   server.addService(CoordinatorService, createCoordinatorService({ cfg, run, registry, modelFingerprint: '' }));

@@ -6,7 +6,8 @@ import { Command, Option } from 'commander';
 import { join, resolve } from 'node:path';
 import { numel, type FloatArray } from '../common/tensor.ts';
 import { parsePeftKey, readPeftAdapter } from '../common/peft.ts';
-import { loadModel, saveModel, type ModelDtype } from '../worker/engine/model.ts';
+import { loadModel, saveModel } from '../worker/engine/model.ts';
+import type { ModelDtype } from '../common/hf-model.ts';
 import { mergeAdapter } from '../worker/engine/merge.ts';
 import { checkOutDir } from './model.ts';
 

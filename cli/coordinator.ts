@@ -5,6 +5,7 @@
 import { join } from 'node:path';
 import { Command } from 'commander';
 import { loadRunConfig, parseHostPort } from '../common/config.ts';
+import { strategyIssues } from '../coordinator/strategies/index.ts';
 import type { RunEvent } from '../common/events.ts';
 import type { EventBus } from '../coordinator/events/bus.ts';
 import { createEventBus, type NatsBusConfig } from '../coordinator/events/index.ts';
@@ -98,7 +99,7 @@ export function register(program: Command): void {
         ...(o.token ? { joinToken: o.token } : {}),
         ...(o.listen ? { listen: o.listen } : {}),
         ...(o.checkpointDir ? { checkpointDir: o.checkpointDir } : {}),
-      });
+      }, strategyIssues);
       const runDir = join(cfg.checkpoint.dir, cfg.name);
       // --nats (and its credential/TLS flags) override events.nats from the config file.
       const fromCli = natsOptionsFrom(o);

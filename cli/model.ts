@@ -6,9 +6,8 @@ import { Command, Option } from 'commander';
 import { intArg } from './args.ts';
 import { readdir } from 'node:fs/promises';
 import { resolve } from 'node:path';
-import { numel } from '../common/tensor.ts';
 import { INIT_ARCHS, initModel, type InitArch } from '../worker/engine/init.ts';
-import { loadModel, type ModelDtype } from '../worker/engine/model.ts';
+import { inspectModel, type ModelDtype } from '../common/hf-model.ts';
 import { loadTokenizer } from '../common/tokenizer.ts';
 
 
@@ -85,9 +84,8 @@ export function register(program: Command): void {
         shards: o.shards,
         overwrite: o.force ?? false,
       });
-      const m = await loadModel(out);
-      let params = 0;
-      for (const t of m.weights.values()) params += numel(t.shape);
+      const m = await inspectModel(out);
+      const params = m.parameterCount;
       const c = m.config;
       console.log(`wrote ${c.modelType} model to ${out}`);
       console.log(
@@ -104,18 +102,18 @@ export function register(program: Command): void {
     .argument('<dir>', 'Hugging Face model directory')
     .option('--json', 'print JSON')
     .action(async (dir: string, o: { json?: boolean }) => {
-      const m = await loadModel(resolve(dir));
+      const m = await inspectModel(resolve(dir));
       const tok = await loadTokenizer(resolve(dir));
-      let params = 0;
-      for (const t of m.weights.values()) params += numel(t.shape);
+      const params = m.parameterCount;
       const info = {
         dir: m.dir,
         modelType: m.config.modelType,
         family: m.config.family,
         config: m.config,
-        torchDtype: m.rawConfig?.torch_dtype ?? null,
+        torchDtype: m.rawConfig.torch_dtype ?? null,
         parameters: params,
-        weights: m.weights.size,
+        weights: m.shapes.size,
+        bytesOnDisk: m.bytesOnDisk,
         tokenizer: { vocabSize: tok.vocabSize, bosId: tok.bosId, eosId: tok.eosId, padId: tok.padId },
         fingerprint: m.fingerprint,
       };
@@ -135,7 +133,7 @@ export function register(program: Command): void {
       else console.log(`  layer norm eps   ${c.normEps}`);
       console.log(`  tied embeddings  ${c.tieWordEmbeddings}`);
       console.log(`  dtype on disk    ${String(info.torchDtype ?? 'unknown')}`);
-      console.log(`  parameters       ${formatCount(params)} (${params}) in ${m.weights.size} tensors`);
+      console.log(`  parameters       ${formatCount(params)} (${params}) in ${m.shapes.size} tensors (${formatCount(m.bytesOnDisk)}B on disk)`);
       console.log(`  fingerprint      ${m.fingerprint}`);
     });
 }

@@ -1,13 +1,18 @@
 /**
  * Single-machine commands on the engine:
- *   fedtune train     train a LoRA adapter (or every weight with --full) on one machine
+ *   fedtune train     train a LoRA adapter (or every weight with --full) on one machine;
+ *                     with --config run.yaml, the centralised baseline of that run: the
+ *                     same model, LoRA and training settings on the union of the data
  *   fedtune generate  continue a prompt with a model and optional adapter
  *   fedtune eval      loss, perplexity and accuracy of a model/adapter on a dataset
  */
 import { existsSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
-import { join } from 'node:path';
+import { extname, join, resolve } from 'node:path';
 import { Command, Option } from 'commander';
+import { parse as parseYaml } from 'yaml';
+import { loadRunConfig, type RunConfig } from '../common/config.ts';
+import type { RecordSource } from '../common/data/dataset.ts';
 import { intArg, numArg } from './args.ts';
 import cliProgress from 'cli-progress';
 import type { TensorMap } from '../common/tensor.ts';
@@ -24,10 +29,15 @@ import { prepareDataset } from '../worker/data/prepare.ts';
 import { getTemplate } from '../common/data/template.ts';
 
 
-interface TrainOpts {
-  model: string;
+/** What commander hands the train action: --model and --out may come from --config instead. */
+interface TrainCliOpts {
+  config?: string;
+  sites?: number;
+  /** Unset: on (commander leaves it unset when both --rounds-equivalent and --no-rounds-equivalent are defined). */
+  roundsEquivalent?: boolean;
+  model?: string;
   data: string;
-  out: string;
+  out?: string;
   evalData?: string;
   evalFraction: number;
   template: string;
@@ -53,10 +63,57 @@ interface TrainOpts {
   initAdapter?: string;
 }
 
+/** Options of one training run, resolved from the command line and (with --config) a run config. */
+interface TrainOpts extends Omit<TrainCliOpts, 'config' | 'sites' | 'roundsEquivalent' | 'model' | 'out'> {
+  model: string;
+  out: string;
+  /** model.fingerprint of the run config: the base model must have it. */
+  fingerprint?: string;
+  /** Where the settings came from, when a run config gave them. */
+  provenance?: Provenance;
+}
+
+/** How a run config became the settings of a centralised run (recorded in trainer_state.json). */
+export interface Provenance {
+  config: string;
+  /** "field=value" for every setting taken from the config. */
+  fromConfig: string[];
+  /** "--flag value (config: field value)" for every command-line option that replaced a config value. */
+  overridden: string[];
+  /** "field=value" for every field of the file a centralised run has no counterpart for. */
+  ignored: string[];
+  /** Sections of the file that only run a federation (server, dashboard, ...). */
+  operational: string[];
+  /** How the number of steps or epochs follows from the config. */
+  length: string;
+}
+
+/** The recipe of a run, as trained. */
+interface TrainSettings {
+  model: string;
+  mode: 'lora' | 'full';
+  lora: LoraConfig | null;
+  steps: number | null;
+  epochs: number | null;
+  batchSize: number;
+  gradAccumulation: number;
+  lr: number;
+  schedule: ScheduleKind;
+  warmupSteps: number;
+  weightDecay: number;
+  maxGradNorm: number;
+  maxSeqLen: number;
+  template: string;
+  seed: number;
+  config: Provenance | null;
+}
+
 interface TrainerState {
   step: number;
   totalSteps: number;
   mode: 'lora' | 'full';
+  /** The settings the run was started with (absent in files written before they were recorded). */
+  settings?: TrainSettings;
   history: Array<{ step: number; loss: number; lr: number }>;
   evals: Array<{ step: number; loss: number; perplexity: number; exactMatch: number }>;
 }
@@ -67,26 +124,243 @@ export function loraFromOptions(model: LoadedModel, o: { loraR: number; loraAlph
   return { r: o.loraR, alpha: o.loraAlpha, dropout: o.loraDropout, targetModules };
 }
 
+/** One `fedtune train` option a run config sets. */
+interface ConfigField {
+  flag: string;
+  key: keyof TrainCliOpts;
+  field: string;
+  take(o: TrainCliOpts, cfg: RunConfig): void;
+}
+
+function field<K extends keyof TrainCliOpts>(flag: string, key: K, path: string, value: (c: RunConfig) => TrainCliOpts[K]): ConfigField {
+  return { flag, key, field: path, take: (o, c) => void (o[key] = value(c)) };
+}
+
+/** Everything `fedtune train --config` takes from a run config, besides the number of steps or epochs. */
+const CONFIG_FIELDS: readonly ConfigField[] = [
+  field('--model', 'model', 'model.path', (c) => c.model.path),
+  field('--lora-r', 'loraR', 'lora.r', (c) => c.lora.r),
+  field('--lora-alpha', 'loraAlpha', 'lora.alpha', (c) => c.lora.alpha),
+  field('--lora-dropout', 'loraDropout', 'lora.dropout', (c) => c.lora.dropout),
+  field('--target-modules', 'targetModules', 'lora.target_modules', (c) => c.lora.target_modules.join(',')),
+  field('--batch-size', 'batchSize', 'training.batch_size', (c) => c.training.batch_size),
+  field('--grad-accum', 'gradAccum', 'training.grad_accumulation', (c) => c.training.grad_accumulation),
+  field('--lr', 'lr', 'training.lr', (c) => c.training.lr),
+  field('--schedule', 'schedule', 'training.schedule', (c) => c.training.schedule),
+  field('--warmup', 'warmup', 'training.warmup_steps', (c) => c.training.warmup_steps),
+  field('--weight-decay', 'weightDecay', 'training.weight_decay', (c) => c.training.weight_decay),
+  field('--max-grad-norm', 'maxGradNorm', 'training.max_grad_norm', (c) => c.training.max_grad_norm),
+  field('--max-seq-len', 'maxSeqLen', 'training.max_seq_len', (c) => c.training.max_seq_len),
+  field('--template', 'template', 'training.template', (c) => c.training.template),
+  field('--seed', 'seed', 'training.seed', (c) => c.training.seed),
+];
+
+/**
+ * Top-level sections that only say how a federation runs (transport, timing,
+ * storage, display, evaluation cadence): nothing a centralised run learns from.
+ */
+const OPERATIONAL_SECTIONS = new Set(['name', 'server', 'dashboard', 'events', 'checkpoint', 'round', 'eval']);
+
+/** `train` serves nothing, so it needs no join token; the schema requires one, so a placeholder stands in. */
+const UNUSED_JOIN_TOKEN = 'unused-by-fedtune-train';
+
+function showValue(v: unknown): string {
+  const s = typeof v === 'string' ? v : JSON.stringify(v);
+  return s.length > 60 ? `${s.slice(0, 57)}...` : s;
+}
+
+/** Every leaf a config file writes (objects flattened to dotted paths; arrays and nulls are leaves), in file order. */
+async function writtenFields(path: string): Promise<Array<[string, unknown]>> {
+  const text = await readFile(path, 'utf8');
+  const raw: unknown = extname(path).toLowerCase() === '.json' ? JSON.parse(text) : parseYaml(text);
+  const out: Array<[string, unknown]> = [];
+  const walk = (v: unknown, at: string): void => {
+    if (typeof v === 'object' && v !== null && !Array.isArray(v)) {
+      for (const [k, x] of Object.entries(v)) walk(x, at ? `${at}.${k}` : k);
+    } else {
+      out.push([at, v]);
+    }
+  };
+  walk(raw, '');
+  return out;
+}
+
+/** Steps or epochs of the centralised run that match the federated run `cfg`, and how they were reached. */
+function lengthFromConfig(cfg: RunConfig, o: { roundsEquivalent: boolean; sites?: number }): { steps?: number; epochs?: number; how: string; usesSites: boolean } {
+  const t = cfg.training;
+  const unit = t.steps !== null ? 'steps' : 'epochs';
+  const per = t.steps ?? t.epochs!;
+  const as = (n: number): { steps?: number; epochs?: number } => (unit === 'steps' ? { steps: n } : { epochs: n });
+  if (cfg.mode === 'distributed') {
+    return { ...as(per), how: `${per} ${unit} = training.${unit} (a distributed run's ${unit} already count global batches over all the data)`, usesSites: false };
+  }
+  if (!o.roundsEquivalent) {
+    return { ...as(per), how: `${per} ${unit} = training.${unit}: one site's local training in one round (--no-rounds-equivalent)`, usesSites: false };
+  }
+  if (unit === 'epochs') {
+    const n = cfg.rounds * per;
+    return {
+      epochs: n,
+      how: `${n} epochs = rounds ${cfg.rounds} × training.epochs ${per}: each round every site passes over its own data training.epochs times, so the union is passed over as often`,
+      usesSites: false,
+    };
+  }
+  const sites = o.sites ?? 1;
+  const n = cfg.rounds * per * sites;
+  return {
+    steps: n,
+    how: `${n} steps = rounds ${cfg.rounds} × training.steps ${per} × sites ${sites}: as many batches of training.batch_size as the federated run trains`,
+    usesSites: true,
+  };
+}
+
+/**
+ * The options of `fedtune train`: without --config the command line as given;
+ * with it, the run config's model, LoRA and training settings, each replaced
+ * by an option given explicitly on the command line. Prints what came from
+ * where and which fields of the config a centralised run cannot honour.
+ */
+async function resolveTrainOptions(cli: TrainCliOpts, explicit: (key: keyof TrainCliOpts) => boolean): Promise<TrainOpts> {
+  const { config, sites, roundsEquivalent, model, out, ...rest } = cli;
+  if (!config) {
+    if (explicit('sites')) throw new Error('--sites only applies with --config run.yaml (it counts the sites of a federated run)');
+    if (explicit('roundsEquivalent')) throw new Error('--rounds-equivalent / --no-rounds-equivalent only apply with --config run.yaml');
+    if (!model) throw new Error('--model <dir> is required (or take it from a run config: --config run.yaml)');
+    if (!out) throw new Error('--out <dir> is required (or give --config run.yaml, which writes to <checkpoint.dir>/<name>-centralised)');
+    return { ...rest, model, out };
+  }
+  if (cli.full) throw new Error('--full trains every weight, but a run config describes a LoRA run: drop --full or --config');
+  const cfg = await loadRunConfig(config, { joinToken: UNUSED_JOIN_TOKEN });
+  const o: TrainCliOpts = { ...cli };
+  const fromConfig: string[] = [];
+  const overridden: string[] = [];
+  const fromFile: TrainCliOpts = { ...cli };
+  for (const f of CONFIG_FIELDS) {
+    f.take(fromFile, cfg);
+    const cfgValue = String(fromFile[f.key]);
+    if (explicit(f.key)) {
+      overridden.push(`${f.flag} ${String(cli[f.key])} (config: ${f.field} ${cfgValue})`);
+    } else {
+      f.take(o, cfg);
+      fromConfig.push(`${f.field}=${cfgValue}`);
+    }
+  }
+
+  const length = lengthFromConfig(cfg, { roundsEquivalent: roundsEquivalent ?? true, sites });
+  const lengthOverride = explicit('steps') || explicit('epochs');
+  let lengthLine = length.how;
+  if (lengthOverride) {
+    const given = [explicit('steps') ? `--steps ${cli.steps}` : '', explicit('epochs') ? `--epochs ${cli.epochs}` : ''].filter(Boolean).join(' ');
+    lengthLine = `${given} (config: ${length.how.split(':')[0]})`;
+    overridden.push(lengthLine);
+  } else {
+    o.steps = length.steps;
+    o.epochs = length.epochs;
+  }
+  const notes: string[] = [];
+  if (sites !== undefined && (lengthOverride || !length.usesSites)) {
+    const why = lengthOverride
+      ? 'the length is given with --steps / --epochs'
+      : cfg.mode === 'distributed'
+        ? 'a distributed run config counts global batches'
+        : roundsEquivalent === false
+          ? 'with --no-rounds-equivalent'
+          : 'a config in epochs is matched by passes over the union';
+    notes.push(`--sites ${sites} does not change the length: ${why}`);
+  }
+  if (cfg.mode === 'distributed') {
+    // A distributed run trains on every record of distributed.dataset: hold nothing out unless asked to.
+    if (!explicit('evalFraction') && !cli.evalData) {
+      o.evalFraction = 0;
+      notes.push('--eval-fraction 0 (a distributed run trains on all of its dataset; give --eval-fraction or --eval-data to hold data out)');
+    }
+    const dataset = cfg.distributed.dataset;
+    if (dataset !== null && resolve(dataset) !== resolve(cli.data)) notes.push(`--data ${cli.data} is not the run's distributed.dataset ${dataset}`);
+  }
+
+  const ignored: string[] = [];
+  const operational = new Set<string>();
+  for (const [path, value] of await writtenFields(config)) {
+    const top = path.split('.')[0]!;
+    if (value === null) continue; // a null sets nothing
+    if (path === 'mode' || path === 'model.path' || path === 'model.fingerprint' || top === 'lora' || top === 'training') continue;
+    if (path === 'rounds' && cfg.mode === 'federated') continue;
+    if (path === 'distributed.dataset' && cfg.mode === 'distributed') continue; // compared with --data above
+    if (OPERATIONAL_SECTIONS.has(top)) operational.add(top);
+    else ignored.push(`${path}=${showValue(value)}`);
+  }
+
+  const outDir = out ?? join(cfg.checkpoint.dir, `${cfg.name}-centralised`);
+  const provenance: Provenance = { config, fromConfig, overridden, ignored, operational: [...operational], length: lengthLine };
+  console.log(`from ${config} (${cfg.mode} run ${cfg.name}): ${fromConfig.join(', ')}`);
+  console.log(`length: ${lengthOverride ? `from the command line, ${lengthLine}` : lengthLine}`);
+  for (const n of notes) console.log(`note: ${n}`);
+  if (overridden.length) console.log(`command line overrides the config: ${overridden.join('; ')}`);
+  console.log(
+    `ignored by design for a centralised baseline: ${ignored.length ? ignored.join(', ') : '(nothing)'}` +
+      (operational.size ? `; sections that only run a federation, not used: ${[...operational].join(', ')}` : ''),
+  );
+  if (!out) console.log(`writing to ${outDir} (--out to choose)`);
+  const { config: _c, sites: _s, roundsEquivalent: _r, model: m, out: _o, ...resolved } = o;
+  return { ...resolved, model: m!, out: outDir, fingerprint: cfg.model.fingerprint ?? undefined, provenance };
+}
+
+/** One warning, the same from `train` and `eval`, for records whose response does not fit in max_seq_len. */
+function warnDropped(sources: readonly RecordSource[], maxSeqLen: number, what: string): void {
+  const n = sources.length;
+  if (n === 0) return;
+  const first = sources.slice(0, 3).map((s) => `${s.file}:${s.line}`).join(', ');
+  console.warn(
+    `warning: ${n} record${n === 1 ? '' : 's'} dropped: the response does not fit in ${what} ${maxSeqLen} tokens (${first}${n > 3 ? ', ...' : ''}); raise ${what} to keep them`,
+  );
+}
+
 async function train(o: TrainOpts): Promise<void> {
   getTemplate(o.template); // unknown template: fail before loading anything
   if (o.steps !== undefined && o.epochs !== undefined) throw new Error('give --steps or --epochs, not both');
   const model = await loadModel(o.model);
+  if (o.fingerprint && model.fingerprint !== o.fingerprint) {
+    throw new Error(`model.fingerprint: ${o.model} has fingerprint ${model.fingerprint}, the config expects ${o.fingerprint}`);
+  }
   const tok = await loadTokenizer(o.model);
   const mode = o.full ? 'full' : 'lora';
   const lora = mode === 'lora' ? loraFromOptions(model, o) : undefined;
   const engine = Engine.create(model, { mode, lora, threads: o.threads, device: o.device, seed: o.seed });
   const data = await prepareDataset(o.data, tok, { template: o.template, maxSeqLen: o.maxSeqLen, evalFraction: o.evalData ? 0 : o.evalFraction, seed: o.seed });
-  const evalSet = o.evalData ? (await prepareDataset(o.evalData, tok, { template: o.template, maxSeqLen: o.maxSeqLen, seed: o.seed })).train : data.eval;
+  const evalData = o.evalData ? await prepareDataset(o.evalData, tok, { template: o.template, maxSeqLen: o.maxSeqLen, seed: o.seed }) : undefined;
+  const evalSet = evalData ? evalData.train : data.eval;
   const batchesPerEpoch = Math.ceil(data.train.length / o.batchSize);
   const totalSteps = o.steps ?? Math.max(1, Math.ceil(((o.epochs ?? 1) * batchesPerEpoch) / o.gradAccum));
+  const seqLenName = o.provenance?.fromConfig.some((f) => f.startsWith('training.max_seq_len=')) ? 'training.max_seq_len' : '--max-seq-len';
+  warnDropped([...data.droppedSources, ...(evalData?.droppedSources ?? [])], o.maxSeqLen, seqLenName);
+  const dropped = data.dropped + (evalData?.dropped ?? 0);
   console.log(
-    `fedtune train: ${model.config.modelType} ${mode === 'lora' ? `LoRA r=${lora!.r} alpha=${lora!.alpha} on ${lora!.targetModules.join(',')}` : 'full fine-tuning'}; ` +
-      `${data.train.length} train / ${evalSet.length} eval examples${data.dropped ? ` (${data.dropped} dropped: too long)` : ''}; ${totalSteps} steps`,
+    `fedtune train: ${model.config.modelType} ${mode === 'lora' ? `LoRA r=${lora!.r} alpha=${lora!.alpha} dropout=${lora!.dropout} on ${lora!.targetModules.join(',')}` : 'full fine-tuning'}; ` +
+      `${data.train.length} train / ${evalSet.length} eval examples${dropped ? ` (${dropped} dropped: too long)` : ''}; ${totalSteps} steps; ` +
+      `lr ${o.lr} ${o.schedule}, warmup ${o.warmup}, batch ${o.batchSize} x ${o.gradAccum}`,
   );
 
   let params: TensorMap;
   const optimizer = new AdamW({ lr: o.lr, weightDecay: o.weightDecay });
-  let state: TrainerState = { step: 0, totalSteps, mode, history: [], evals: [] };
+  const settings: TrainSettings = {
+    model: o.model,
+    mode,
+    lora: lora ?? null,
+    steps: o.steps ?? null,
+    epochs: o.steps === undefined ? (o.epochs ?? 1) : null,
+    batchSize: o.batchSize,
+    gradAccumulation: o.gradAccum,
+    lr: o.lr,
+    schedule: o.schedule,
+    warmupSteps: o.warmup,
+    weightDecay: o.weightDecay,
+    maxGradNorm: o.maxGradNorm,
+    maxSeqLen: o.maxSeqLen,
+    template: o.template,
+    seed: o.seed,
+    config: o.provenance ?? null,
+  };
+  let state: TrainerState = { step: 0, totalSteps, mode, settings, history: [], evals: [] };
   const statePath = join(o.out, 'trainer_state.json');
   if (o.resume && existsSync(statePath)) {
     state = JSON.parse(await readFile(statePath, 'utf8')) as TrainerState;
@@ -168,10 +442,14 @@ async function withAdapter(modelDir: string, adapterDir: string | undefined, thr
 export function register(program: Command): void {
   program
     .command('train')
-    .description('train a LoRA adapter (or the full model) on one machine: the single-machine baseline')
-    .requiredOption('--model <dir>', 'base model directory (Hugging Face layout)')
-    .requiredOption('--data <file>', 'training data: JSON array or JSONL of Alpaca or chat records')
-    .requiredOption('--out <dir>', 'output directory (PEFT adapter, or full model with --full)')
+    .description('train a LoRA adapter (or the full model) on one machine: the single-machine baseline; --config run.yaml takes the recipe of a federated run')
+    .option('--config <file>', "run config (YAML/JSON) of a federated or distributed run: its model, lora and training settings become this run's; options given on the command line still win")
+    .option('--sites <n>', 'with --config: sites that train in each round (steps = rounds x training.steps x sites; default 1)', intArg('--sites', 1))
+    .option('--rounds-equivalent', 'with --config (the default): as many examples as the whole federated run, steps = rounds x training.steps x sites (epochs = rounds x training.epochs)')
+    .option('--no-rounds-equivalent', 'with --config: training.steps (or epochs) once, as one site trains in one round')
+    .option('--model <dir>', 'base model directory (Hugging Face layout); required unless --config gives model.path')
+    .requiredOption('--data <file>', 'training data: JSON array or JSONL of Alpaca or chat records (with --config: the union of the sites\' data)')
+    .option('--out <dir>', 'output directory (PEFT adapter, or full model with --full); required unless --config (default <checkpoint.dir>/<name>-centralised)')
     .option('--eval-data <file>', 'held-out data (default: split off --eval-fraction of --data)')
     .option('--eval-fraction <f>', 'fraction of --data held out for evaluation', numArg('--eval-fraction', 0, 1), 0.1)
     .option('--template <name>', 'prompt template: alpaca, chatml, plain', 'alpaca')
@@ -195,7 +473,7 @@ export function register(program: Command): void {
     .option('--seed <n>', 'seed for initialization, shuffling and dropout', intArg('--seed', 0), 0)
     .option('--init-adapter <dir>', 'start from this PEFT adapter instead of a fresh one')
     .option('--resume', 'continue the run saved in --out (adapter, optimizer state, step)')
-    .action(async (o: TrainOpts) => train(o));
+    .action(async (o: TrainCliOpts, cmd: Command) => train(await resolveTrainOptions(o, (key) => cmd.getOptionValueSource(key) === 'cli')));
 
   program
     .command('generate')
@@ -229,8 +507,10 @@ export function register(program: Command): void {
       const tok = await loadTokenizer(o.model);
       const { engine, params } = await withAdapter(o.model, o.adapter);
       const data = await prepareDataset(o.data, tok, { template: o.template, maxSeqLen: o.maxSeqLen });
+      warnDropped(data.droppedSources, o.maxSeqLen, '--max-seq-len');
       const r = await engine.evaluate(params, makeBatches(data.train, { batchSize: o.batchSize, padId: tok.padId, shuffle: false, seed: 0, maxSeqLen: o.maxSeqLen }));
-      console.log(JSON.stringify(r, null, 2));
+      // dropped: records left out of every number above because their response does not fit in --max-seq-len.
+      console.log(JSON.stringify({ ...r, dropped: data.dropped }, null, 2));
       await engine.close();
     });
 }

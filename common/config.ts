@@ -10,12 +10,11 @@ import { extname } from 'node:path';
 import { LineCounter, parseDocument, isNode } from 'yaml';
 import { z } from 'zod';
 
-export const STRATEGIES = ['fedavg', 'fedavgm', 'fedadam', 'fedyogi'] as const;
 export const SCHEDULES = ['constant', 'linear', 'cosine'] as const;
 export const RUN_MODES = ['federated', 'distributed'] as const;
 /** Outer optimizers of local SGD in distributed mode (sync_every > 1). */
 export const OUTER_OPTIMIZERS = ['average', 'nesterov'] as const;
-export type StrategyName = (typeof STRATEGIES)[number];
+export const WEIGHTING_MODES = ['examples', 'equal'] as const;
 
 const nameRe = /^[A-Za-z0-9][A-Za-z0-9._-]*$/;
 const listenRe = /^(\[[0-9a-fA-F:]+\]|[^\s:[\]]+):\d{1,5}$/;
@@ -84,15 +83,33 @@ export const runConfigSchema = z
         max_retries: int().min(0).default(3),
       })
       .prefault({}),
-    strategy: z.enum(STRATEGIES).default('fedavg'),
-    /** Server optimizer of fedavgm / fedadam / fedyogi (ignored by fedavg). */
-    server_optimizer: z
+    /**
+     * The aggregation strategy: a name (`strategy: fedavg`) or a name with its
+     * parameters (`strategy: { name: fedprox, mu: 0.01 }`). The name and every
+     * parameter are checked by the strategy's own schema (coordinator/strategies/).
+     */
+    strategy: z
+      .union([z.string().min(1), z.looseObject({ name: z.string().min(1) })])
+      .default('fedavg')
+      .transform((s): StrategyConfig => (typeof s === 'string' ? { name: s } : { ...s })),
+    /** How much each accepted update counts in aggregation (every strategy). */
+    weighting: z
       .strictObject({
-        lr: positive().default(1),
-        momentum: z.number().min(0).lt(1).default(0.9),
-        beta1: z.number().min(0).lt(1).default(0.9),
-        beta2: z.number().min(0).lt(1).default(0.99),
-        tau: positive().default(1e-3),
+        /** examples: by training examples (at most what the site registered); equal: every update counts 1. */
+        mode: z.enum(WEIGHTING_MODES).default('examples'),
+        /** Cap on any one site's example count (null: no cap). */
+        max_examples: int().min(1).nullable().default(null),
+      })
+      .prefault({}),
+    /** Checks every update passes before it is aggregated (every strategy); a refused update is logged with its reason. */
+    defence: z
+      .strictObject({
+        /** Refuse an update holding a value larger than this in magnitude (null: off). */
+        max_abs: positive().nullable().default(1e4),
+        /** Refuse an update whose L2 distance from the adapter it started from exceeds this (null: off). */
+        max_norm: positive().nullable().default(null),
+        /** Refuse an update whose distance exceeds norm_factor x the median distance of the last round's accepted updates (null: off). */
+        norm_factor: z.number().gt(1).nullable().default(10),
       })
       .prefault({}),
     eval: z
@@ -226,6 +243,9 @@ export const runConfigSchema = z
     }
   });
 
+/** `strategy:` as the run config gives it: a name and that strategy's parameters. */
+export type StrategyConfig = { name: string } & Record<string, unknown>;
+
 export type RunConfig = z.output<typeof runConfigSchema>;
 export type RunConfigInput = z.input<typeof runConfigSchema>;
 
@@ -238,7 +258,7 @@ export class RunConfigError extends Error {
   }
 }
 
-type Locate = (path: PropertyKey[]) => string;
+export type Locate = (path: PropertyKey[]) => string;
 
 function show(v: unknown): string {
   if (typeof v === 'string') return JSON.stringify(v);
@@ -263,7 +283,7 @@ function keysAt(path: PropertyKey[]): string[] {
   return Object.keys((unwrap(s)._zod.def as { shape?: Record<string, unknown> }).shape ?? {});
 }
 
-function formatIssue(issue: z.core.$ZodIssue, locate: Locate): string {
+export function formatIssue(issue: z.core.$ZodIssue, locate: Locate = () => ''): string {
   const path = issue.path.map(String).join('.') || '(top level)';
   const where = `${path}${locate(issue.path)}`;
   const input = (issue as { input?: unknown }).input;
@@ -291,10 +311,25 @@ function formatIssue(issue: z.core.$ZodIssue, locate: Locate): string {
   }
 }
 
+/** A check beyond the schema (for example a strategy's parameters): issues with the field path they are about. */
+export type ConfigCheck = (cfg: RunConfig) => Array<{ path: PropertyKey[]; message: string }>;
+
+/** Fields that moved, with where they went. */
+const MOVED: Record<string, string> = {
+  server_optimizer:
+    'moved into strategy: give the server optimizer\'s settings with its name, e.g. strategy: { name: fedadam, lr: 0.1, beta1: 0.9, beta2: 0.99, tau: 0.001 }',
+};
+
 /** Validate an already parsed config object. `source` names it in errors (a file path). */
-export function parseRunConfig(raw: unknown, source = 'config', locate: Locate = () => ''): RunConfig {
+export function parseRunConfig(raw: unknown, source = 'config', locate: Locate = () => '', check?: ConfigCheck): RunConfig {
+  const moved =
+    typeof raw === 'object' && raw !== null ? Object.keys(MOVED).filter((k) => k in (raw as Record<string, unknown>)) : [];
   const r = runConfigSchema.safeParse(raw, { reportInput: true });
-  if (!r.success) throw new RunConfigError(source, r.error.issues.map((i) => formatIssue(i, locate)));
+  const issues = moved.map((k) => `${k}${locate([k])}: ${MOVED[k]}`);
+  if (!r.success) issues.push(...r.error.issues.filter((i) => !(i.code === 'unrecognized_keys' && i.path.length === 0 && i.keys.every((k) => k in MOVED))).map((i) => formatIssue(i, locate)));
+  if (issues.length > 0 || !r.success) throw new RunConfigError(source, issues);
+  const extra = check?.(r.data) ?? [];
+  if (extra.length > 0) throw new RunConfigError(source, extra.map((i) => `${i.path.map(String).join('.')}${locate(i.path)}: ${i.message}`));
   return r.data;
 }
 
@@ -308,7 +343,7 @@ export interface ConfigOverrides {
 }
 
 /** Read, parse (YAML or JSON by extension; .yml/.yaml/.json) and validate a run config file. */
-export async function loadRunConfig(path: string, overrides: ConfigOverrides = {}): Promise<RunConfig> {
+export async function loadRunConfig(path: string, overrides: ConfigOverrides = {}, check?: ConfigCheck): Promise<RunConfig> {
   let text: string;
   try {
     text = await readFile(path, 'utf8');
@@ -353,7 +388,7 @@ export async function loadRunConfig(path: string, overrides: ConfigOverrides = {
     const ck = (typeof obj.checkpoint === 'object' && obj.checkpoint !== null ? obj.checkpoint : (obj.checkpoint = {})) as Record<string, unknown>;
     ck.dir = overrides.checkpointDir;
   }
-  return parseRunConfig(obj, path, locate);
+  return parseRunConfig(obj, path, locate, check);
 }
 
 /** Split "HOST:PORT" (IPv6 in brackets) into parts. */

@@ -9,7 +9,7 @@
  * library, skip most of the validation below, or do not write the format.
  * The checks follow the reference implementation (safetensors/src/tensor.rs).
  */
-import { open, readFile } from 'node:fs/promises';
+import { open, readFile, type FileHandle } from 'node:fs/promises';
 import { endianness } from 'node:os';
 import { numel } from './tensor.ts';
 import { writeFileAtomic } from './atomic.ts';
@@ -54,7 +54,8 @@ export const MAX_HEADER_BYTES = 100_000_000;
 
 const LITTLE_ENDIAN = endianness() === 'LE';
 
-interface HeaderEntry {
+/** One tensor in a safetensors header; begin and end are offsets into the data section. */
+export interface SafetensorsHeaderEntry {
   name: string;
   dtype: StDtype;
   shape: number[];
@@ -64,7 +65,7 @@ interface HeaderEntry {
 
 interface ParsedHeader {
   metadata: Record<string, string>;
-  entries: HeaderEntry[];
+  entries: SafetensorsHeaderEntry[];
 }
 
 function fail(source: string, msg: string): never {
@@ -129,7 +130,7 @@ function parseHeader(headerBytes: Uint8Array, dataLength: number, source: string
   }
 
   const metadata: Record<string, string> = {};
-  const entries: HeaderEntry[] = [];
+  const entries: SafetensorsHeaderEntry[] = [];
   for (const [name, raw] of Object.entries(json)) {
     if (name === '__metadata__') {
       if (!isPlainObject(raw)) fail(source, '__metadata__ must be an object mapping strings to strings');
@@ -175,7 +176,7 @@ function parseHeader(headerBytes: Uint8Array, dataLength: number, source: string
   // Offsets must tile the data section exactly: no overlap, no hole, nothing left over.
   const sorted = [...entries].sort((a, b) => a.begin - b.begin || a.end - b.end);
   let pos = 0;
-  let prev: HeaderEntry | null = null;
+  let prev: SafetensorsHeaderEntry | null = null;
   for (const e of sorted) {
     if (e.begin < pos) {
       fail(source, `tensor "${e.name}": data_offsets [${e.begin}, ${e.end}] overlap tensor "${prev!.name}" [${prev!.begin}, ${prev!.end}]`);
@@ -199,6 +200,41 @@ function readHeaderLength(prefix: Uint8Array, fileLength: number, source: string
   const len = Number(n);
   if (8 + len > fileLength) fail(source, `header length ${len} runs past the end of the ${fileLength}-byte file`);
   return len;
+}
+
+export interface SafetensorsHeader {
+  metadata: Record<string, string>;
+  /** File size in bytes. */
+  size: number;
+  /** Byte offset of the data section (8 + header length). */
+  dataStart: number;
+  /** Tensors in header order. */
+  entries: SafetensorsHeaderEntry[];
+}
+
+async function readAt(fh: FileHandle, buf: Uint8Array, position: number, path: string, what: string): Promise<void> {
+  let off = 0;
+  while (off < buf.length) {
+    const { bytesRead } = await fh.read(buf, off, buf.length - off, position + off);
+    if (bytesRead === 0) fail(path, `unexpected end of file reading ${what}`);
+    off += bytesRead;
+  }
+}
+
+/**
+ * Read and validate the header of an open safetensors file against the file
+ * size, without reading tensor data (same checks as parseSafetensors).
+ */
+export async function readSafetensorsHeader(fh: FileHandle, path: string): Promise<SafetensorsHeader> {
+  const size = (await fh.stat()).size;
+  const prefix = new Uint8Array(8);
+  if (size >= 8) await readAt(fh, prefix, 0, path, 'the header length');
+  const hlen = readHeaderLength(prefix, size, path);
+  const hbuf = new Uint8Array(hlen);
+  await readAt(fh, hbuf, 8, path, 'the header');
+  const dataStart = 8 + hlen;
+  const { metadata, entries } = parseHeader(hbuf, size - dataStart, path);
+  return { metadata, size, dataStart, entries };
 }
 
 /** Parse a whole safetensors file held in memory. Tensor bytes are views into `buf`. */
@@ -227,13 +263,8 @@ export async function readSafetensors(path: string, opts: { wholeFileBytes?: num
   try {
     const size = (await fh.stat()).size;
     if (size <= (opts.wholeFileBytes ?? 64 * 1024 * 1024)) return parseSafetensors(new Uint8Array(await readFile(fh)), path);
-    const prefix = new Uint8Array(8);
-    await fh.read(prefix, 0, 8, 0);
-    const hlen = readHeaderLength(prefix, size, path);
-    const hbuf = new Uint8Array(hlen);
-    await fh.read(hbuf, 0, hlen, 8);
-    const dataStart = 8 + hlen;
-    const header = parseHeader(hbuf, size - dataStart, path);
+    const header = await readSafetensorsHeader(fh, path);
+    const dataStart = header.dataStart;
     const tensors = new Map<string, StEntry>();
     for (const e of header.entries) {
       const bytes = new Uint8Array(e.end - e.begin);

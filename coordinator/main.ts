@@ -7,23 +7,27 @@
  *   const result = await c.run;      // the run's outcome
  *   await c.close();
  */
+import { existsSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { loadOuterState } from '../common/outer.ts';
 import * as grpc from '@grpc/grpc-js';
 import { parseHostPort, type RunConfig } from '../common/config.ts';
+import { inspectModel, type ModelInfo } from '../common/hf-model.ts';
 import { logger } from '../common/log.ts';
 import type { TensorMap } from '../common/tensor.ts';
 import { CoordinatorService } from '../proto/gen/fedtune/v1/coordinator.ts';
 import { initLoraAdapter, loraTargets, validateAdapter, type LoraTarget } from '../common/lora.ts';
-import { loadModel } from '../worker/engine/model.ts';
-import type { LoadedModel, LoraConfig } from '../common/model-config.ts';
+import type { LoraConfig } from '../common/model-config.ts';
 import { DistributedRun } from './distributed/run.ts';
 import { setupDistributed } from './distributed/setup.ts';
 import type { EventBus } from './events/bus.ts';
 import { MemoryBus } from './events/memory.ts';
 import { FederatedRun, type RunResult } from './run.ts';
 import { createCoordinatorService, type RunController } from './service.ts';
-import { createStrategy } from './strategies/strategy.ts';
-import { CheckpointStore, newRunState, SERVER_OPTIMIZER_FILE, type RunStateFile } from './store.ts';
+import { createStrategy } from './strategies/index.ts';
+import type { StrategyState } from './strategies/strategy.ts';
+import { federatedStore, LEGACY_SERVER_OPTIMIZER_FILE, newRunState, type RunStateFile } from './store.ts';
 import { WorkerRegistry, type RegistryListener } from './workers.ts';
 
 const log = logger('coordinator');
@@ -67,7 +71,7 @@ async function serverCredentials(cfg: RunConfig): Promise<grpc.ServerCredentials
 
 export async function startCoordinator(cfg: RunConfig, opts: CoordinatorOptions = {}): Promise<CoordinatorHandle> {
   // Base model: the architecture for the adapter's shapes, and the fingerprint workers must match.
-  const model = await loadModel(cfg.model.path);
+  const model = await inspectModel(cfg.model.path);
   if (cfg.model.fingerprint && cfg.model.fingerprint !== model.fingerprint) {
     throw new Error(
       `model.fingerprint: ${cfg.model.path} has fingerprint ${model.fingerprint}, the config expects ${cfg.model.fingerprint}`,
@@ -147,7 +151,7 @@ interface RunSetup {
 }
 
 interface SetupArgs {
-  model: LoadedModel;
+  model: ModelInfo;
   lora: LoraConfig;
   targets: LoraTarget[];
   resume: boolean;
@@ -160,25 +164,22 @@ async function setupDistributedRun(cfg: RunConfig, o: SetupArgs): Promise<RunSet
 
 async function setupFederatedRun(cfg: RunConfig, o: SetupArgs): Promise<RunSetup> {
   const { model, targets } = o;
-  const lora = o.lora;
-  const store = new CheckpointStore({
-    root: cfg.checkpoint.dir,
-    runName: cfg.name,
-    lora,
-    baseModel: cfg.model.path,
-    fanInFanOut: targets.some((t) => t.conv1d),
-  });
+  const store = federatedStore(cfg, targets.some((t) => t.conv1d));
+  if (await store.hasOtherMode()) {
+    throw new Error(`${store.runDir} holds a distributed run's step checkpoints: choose another name or checkpoint.dir for this federated run`);
+  }
   await store.cleanTemp();
-  const strategy = createStrategy(cfg);
+  const strategy = createStrategy(cfg, targets);
 
   // Global adapter: resumed from the last complete round, or fresh (round 0 is checkpointed too).
   let global: TensorMap;
+  let globalRank = cfg.lora.r;
   let state: RunStateFile;
   const latest = await store.latest();
   let resumed = false;
   if (latest && !o.resume) {
     throw new Error(
-      `${store.runDir} already holds checkpoints up to round ${latest.round}: pass --resume to continue that run, or change name / checkpoint.dir to start a new one`,
+      `${store.runDir} already holds checkpoints up to round ${latest.n}: pass --resume to continue that run, or change name / checkpoint.dir to start a new one`,
     );
   }
   if (latest) {
@@ -186,21 +187,44 @@ async function setupFederatedRun(cfg: RunConfig, o: SetupArgs): Promise<RunSetup
       throw new Error(`cannot resume ${store.runDir}: it was trained on base model ${latest.state.modelFingerprint}, ${cfg.model.path} is ${model.fingerprint}`);
     }
     global = await store.loadAdapter(latest.dir);
+    globalRank = global.values().next().value?.shape[0] ?? cfg.lora.r;
     try {
-      validateAdapter(global, targets, cfg.lora.r);
+      validateAdapter(global, targets, globalRank);
     } catch (err) {
       throw new Error(`cannot resume from ${latest.dir}: the adapter does not fit the config's lora section: ${(err as Error).message}`);
     }
-    await strategy.load(`${latest.dir}/${SERVER_OPTIMIZER_FILE}`);
+    const saved = (await store.readStrategyState(latest.dir)) ?? (await legacyServerOptimizerState(latest.dir));
+    if (saved) {
+      try {
+        strategy.load(saved);
+      } catch (err) {
+        throw new Error(`cannot resume from ${latest.dir}: the saved state of the strategy does not fit strategy ${strategy.description}: ${(err as Error).message}`);
+      }
+    }
     state = latest.state;
+    state.updateNorms ??= [];
     resumed = true;
-    log.info({ round: latest.round, dir: latest.dir }, 'resuming after the last complete round');
+    log.info({ round: latest.n, dir: latest.dir, rank: globalRank }, 'resuming after the last complete round');
   } else {
     if (o.resume) log.warn({ runDir: store.runDir }, '--resume given but no checkpoint exists yet: starting the run from round 0');
     global = initLoraAdapter(targets, cfg.lora.r, cfg.training.seed);
     state = newRunState(cfg, model.fingerprint);
-    await store.write(state, global);
+    await store.write(state, global, { r: cfg.lora.r, alpha: cfg.lora.alpha }, { strategy: strategy.state() });
   }
 
-  return { runDir: store.runDir, create: (bus, registry) => new FederatedRun({ cfg, bus, registry, store, strategy, global, state, resumed }) };
+  return {
+    runDir: store.runDir,
+    create: (bus, registry) => new FederatedRun({ cfg, bus, registry, store, strategy, global, globalRank, state, resumed }),
+  };
+}
+
+/** Checkpoints of earlier versions kept a server optimizer's moments in server_optimizer.safetensors. */
+async function legacyServerOptimizerState(dir: string): Promise<StrategyState | null> {
+  const path = join(dir, LEGACY_SERVER_OPTIMIZER_FILE);
+  if (!existsSync(path)) return null;
+  const s = await loadOuterState(path);
+  const tensors: TensorMap = new Map();
+  for (const [k, t] of s.m) tensors.set(`m.${k}`, t);
+  for (const [k, t] of s.v) tensors.set(`v.${k}`, t);
+  return { json: { kind: s.kind, step: s.step }, tensors };
 }

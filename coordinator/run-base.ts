@@ -18,8 +18,12 @@ export abstract class RunBase {
   private global: TensorMap;
   private version: number;
   private packed: PackedTensors;
-  /** Packed adapters that can still be downloaded (the current version and the one before). */
-  private readonly versions = new Map<number, PackedTensors>();
+  /**
+   * Packed adapters that can still be downloaded (the current version and the
+   * one before), keyed `version:rank`; rank 0 is the global adapter itself,
+   * other ranks are the copies a mixed-rank strategy gives sites of that rank.
+   */
+  private readonly versions = new Map<string, PackedTensors>();
 
   protected constructor(
     readonly runId: string,
@@ -30,7 +34,7 @@ export abstract class RunBase {
     this.global = global;
     this.version = version;
     this.packed = packTensorMap(global);
-    this.versions.set(version, this.packed);
+    this.versions.set(`${version}:0`, this.packed);
   }
 
   get globalVersion(): number {
@@ -51,9 +55,20 @@ export abstract class RunBase {
     return this.bus.publish({ ...e, runId: this.runId });
   }
 
-  /** Packed bytes of a downloadable global adapter version. */
-  adapterVersion(version: number): PackedTensors | undefined {
-    return this.versions.get(version);
+  /** Packed bytes of a downloadable global adapter version (rank 0: the global's own shapes). */
+  adapterVersion(version: number, rank = 0): PackedTensors | undefined {
+    return this.versions.get(`${version}:${rank}`);
+  }
+
+  /** Make the current version downloadable at another rank (what a mixed-rank strategy starts such sites from). */
+  protected addVariant(rank: number, adapter: TensorMap): PackedTensors {
+    const key = `${this.version}:${rank}`;
+    let p = this.versions.get(key);
+    if (!p) {
+      p = packTensorMap(adapter);
+      this.versions.set(key, p);
+    }
+    return p;
   }
 
   onSessionOpened(w: WorkerRecord): void {
@@ -81,8 +96,8 @@ export abstract class RunBase {
     this.global = adapter;
     this.version = version;
     this.packed = packTensorMap(adapter);
-    this.versions.set(version, this.packed);
-    for (const v of this.versions.keys()) if (v < version - 1) this.versions.delete(v);
+    this.versions.set(`${version}:0`, this.packed);
+    for (const k of this.versions.keys()) if (Number(k.split(':')[0]) < version - 1) this.versions.delete(k);
   }
 }
 

@@ -1,72 +1,53 @@
 /**
  * The federated round loop. Round k:
  *
- *   wait for cohort.min_workers -> strategy picks the cohort -> a TrainTask goes
- *   down each chosen worker's session -> updates arrive (service.ts validates the
- *   stream, acceptUpdate() checks and folds each into the streaming accumulator)
- *   -> all in, or the deadline passes (stragglers are cancelled) -> at least
- *   round.min_results? aggregate : retry the round (never skipped silently) ->
- *   evaluation-only tasks on workers holding eval data -> checkpoint atomically
- *   -> round.completed.
+ *   wait for cohort.min_workers -> strategy.configureFit picks the cohort and
+ *   each worker's spec -> a TrainTask goes down each chosen worker's session,
+ *   naming the adapter it starts from (strategy.startAdapter) -> updates arrive
+ *   (service.ts checks the stream; beginUpdate/acceptUpdate check the task,
+ *   shapes, values, norm and weight and hand the update to the strategy's
+ *   aggregator) -> all in, or the deadline passes (stragglers are cancelled) ->
+ *   at least round.min_results? strategy.aggregateFit : retry the round (never
+ *   skipped silently) -> checkpoint atomically -> evaluation on the workers
+ *   strategy.configureEvaluate picks -> round.completed.
  *
- * Every step is published on the event bus. The loop never touches sockets:
- * service.ts calls in with what arrived and the registry sends what goes out.
+ * The loop owns timing, quorum, retries, the defences every strategy gets and
+ * checkpoints; the strategy owns every decision about who and how. The loop
+ * never touches sockets: service.ts calls in with what arrived and the
+ * registry sends what goes out.
  */
 import { randomBytes } from 'node:crypto';
-import { findNonFinite, unpackTensorMap, type TensorSpecEntry } from '../common/chunks.ts';
+import { unpackTensorMap, type TensorSpecEntry } from '../common/chunks.ts';
 import type { RunConfig } from '../common/config.ts';
 import type { PhaseTimes } from '../common/events.ts';
 import { logger } from '../common/log.ts';
 import type { TensorMap } from '../common/tensor.ts';
-import {
-  UpdateKind,
-  type EvalResult,
-  type TaskFailed,
-  type TaskProgress,
-  type TrainingSpec,
-  type UploadHeader,
-} from '../proto/gen/fedtune/v1/coordinator.ts';
+import { UpdateKind, type EvalResult, type TaskFailed, type TaskProgress, type UploadHeader } from '../proto/gen/fedtune/v1/coordinator.ts';
 import type { EventBus } from './events/bus.ts';
-import type { FedAvgAccumulator } from './strategies/fedavg.ts';
-import type { Strategy } from './strategies/strategy.ts';
-import { SERVER_OPTIMIZER_FILE, type CheckpointStore, type RoundRecord, type RunStateFile, type WorkerStats } from './store.ts';
-import type { RegistryListener, WorkerRecord, WorkerRegistry } from './workers.ts';
 import { RunBase, manifestMismatch } from './run-base.ts';
+import type { Candidate, EvalReport, FitFailure, FitResult, FitSpec, GlobalAdapter, Strategy } from './strategies/strategy.ts';
+import type { Aggregator } from './strategies/strategy.ts';
+import type { CheckpointStore, RoundRecord, RunStateFile, WorkerStats } from './store.ts';
+import { redactedConfig, TaskBoard, trainingSpecOf, UpdateRejected, type TaskBase } from './tasks.ts';
+import type { RegistryListener, WorkerRecord, WorkerRegistry } from './workers.ts';
+
+export { UpdateRejected } from './tasks.ts';
 
 const log = logger('coordinator.run');
 
-/** gRPC-facing reason an update was refused (service.ts maps `code` onto a status). */
-export class UpdateRejected extends Error {
-  constructor(
-    readonly code: 'INVALID_ARGUMENT' | 'FAILED_PRECONDITION' | 'PERMISSION_DENIED' | 'ALREADY_EXISTS' | 'NOT_FOUND',
-    message: string,
-  ) {
-    super(message);
-    this.name = 'UpdateRejected';
-  }
-}
-
-type TaskStatus = 'running' | 'uploading' | 'done' | 'failed' | 'cancelled';
-
-interface TaskState {
-  taskId: string;
+interface TaskState extends TaskBase {
   kind: 'train' | 'eval';
   round: number;
-  attempt: number;
-  workerId: string;
-  site: string;
-  baseVersion: number;
-  status: TaskStatus;
-  dispatchedAt: number;
+  spec: FitSpec;
+  /** Manifest and flat values of the adapter the task starts from (an upload must match the manifest). */
+  manifest: readonly TensorSpecEntry[];
+  start: TensorMap;
+  startFlat: Float32Array;
   downloadedAt: number | null;
-  uploadStartedAt: number | null;
-  doneAt: number | null;
   numExamples: number;
+  weight: number;
   metrics: Record<string, number>;
   evalResult: EvalResult | null;
-  bytesUp: number;
-  /** Why the task failed, as the worker or the coordinator saw it. */
-  failReason: string | null;
 }
 
 export interface RunResult {
@@ -81,59 +62,43 @@ export interface FederatedRunOptions {
   cfg: RunConfig;
   bus: EventBus;
   registry: WorkerRegistry;
-  store: CheckpointStore;
+  store: CheckpointStore<RunStateFile>;
   strategy: Strategy;
   global: TensorMap;
+  /** LoRA rank of `global` (mixed-rank strategies change it from round to round). */
+  globalRank: number;
   state: RunStateFile;
   resumed: boolean;
 }
 
-export function trainingSpecOf(cfg: RunConfig): TrainingSpec {
-  const t = cfg.training;
-  return {
-    lora: { r: cfg.lora.r, alpha: cfg.lora.alpha, dropout: cfg.lora.dropout, targetModules: [...cfg.lora.target_modules] },
-    ...(t.steps !== null ? { steps: t.steps } : {}),
-    ...(t.epochs !== null ? { epochs: t.epochs } : {}),
-    batchSize: t.batch_size,
-    gradAccumulation: t.grad_accumulation,
-    lr: t.lr,
-    schedule: t.schedule,
-    warmupSteps: t.warmup_steps,
-    weightDecay: t.weight_decay,
-    maxGradNorm: t.max_grad_norm,
-    maxSeqLen: t.max_seq_len,
-    template: t.template,
-    seed: t.seed,
-    proxMu: 0,
-    freezeLoraA: false,
-  };
+function median(xs: readonly number[]): number | null {
+  if (xs.length === 0) return null;
+  const s = [...xs].sort((a, b) => a - b);
+  const m = s.length >> 1;
+  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
 }
 
-
-function mean(pairs: Array<[value: number, weight: number]>): number | null {
-  let s = 0;
-  let w = 0;
-  for (const [v, k] of pairs) {
-    if (Number.isFinite(v) && k > 0) {
-      s += v * k;
-      w += k;
-    }
-  }
-  return w > 0 ? s / w : null;
+/** The open round attempt: its aggregator and what the defences learned so far. */
+interface OpenAttempt {
+  round: number;
+  attempt: number;
+  aggregator: Aggregator;
+  norms: number[];
+  refused: number;
 }
 
 export class FederatedRun extends RunBase implements RegistryListener {
   private readonly cfg: RunConfig;
   private readonly registry: WorkerRegistry;
-  private readonly store: CheckpointStore;
+  private readonly store: CheckpointStore<RunStateFile>;
   private readonly strategy: Strategy;
   private readonly state: RunStateFile;
   private readonly resumed: boolean;
-  private readonly spec: TrainingSpec;
-  private readonly tasks = new Map<string, TaskState>();
-  /** Accumulator of the round attempt now collecting, with its identity. */
-  private open: { round: number; attempt: number; acc: FedAvgAccumulator } | null = null;
+  private readonly board: TaskBoard<TaskState>;
+  private globalRank: number;
+  private open: OpenAttempt | null = null;
   private roundBytesDown = 0;
+  private roundRefused = 0;
 
   constructor(o: FederatedRunOptions) {
     super(o.state.runId, o.bus, o.global, o.state.globalVersion);
@@ -143,34 +108,25 @@ export class FederatedRun extends RunBase implements RegistryListener {
     this.strategy = o.strategy;
     this.state = o.state;
     this.resumed = o.resumed;
-    this.spec = trainingSpecOf(o.cfg);
+    this.globalRank = o.globalRank;
+    this.board = new TaskBoard(o.registry);
   }
 
+  private get current(): GlobalAdapter {
+    return { tensors: this.globalAdapter, rank: this.globalRank };
+  }
 
-
-
-  // ------------------------------------------------------------------ registry events
-
+  // ------------------------------------------------------------------ registry and session events
 
   onWorkerGone(w: WorkerRecord, reason: string): void {
     this.publish({ type: 'worker.left', workerId: w.workerId, site: w.site, reason });
     log.info({ worker: w.workerId, site: w.site, reason }, 'worker left');
-    for (const t of this.tasks.values()) {
-      if (t.workerId === w.workerId && (t.status === 'running' || t.status === 'uploading')) {
-        t.status = 'failed';
-        t.doneAt = Date.now();
-        t.failReason = `worker left (${reason})`;
-        this.stats(t.site).failed++;
-      }
-    }
+    for (const t of this.board.failWorker(w.workerId, `worker left (${reason})`)) this.stats(t.site).failed++;
     this.conditions.notify();
   }
 
-  // ------------------------------------------------------------------ messages from workers
-
-
   onProgress(w: WorkerRecord, p: TaskProgress): void {
-    const t = this.tasks.get(p.taskId);
+    const t = this.board.get(p.taskId);
     if (!t || t.workerId !== w.workerId) return;
     if (t.downloadedAt === null) t.downloadedAt = Date.now();
     this.publish({
@@ -188,35 +144,30 @@ export class FederatedRun extends RunBase implements RegistryListener {
   }
 
   onTaskFailed(w: WorkerRecord, f: TaskFailed): void {
-    const t = this.tasks.get(f.taskId);
-    const message = `task ${f.taskId}: ${f.message}`;
-    this.publish({ type: 'worker.error', workerId: w.workerId, site: w.site, message });
+    const t = this.board.get(f.taskId);
+    this.publish({ type: 'worker.error', workerId: w.workerId, site: w.site, message: `task ${f.taskId}: ${f.message}` });
     log.warn({ worker: w.workerId, site: w.site, task: f.taskId }, f.message);
-    if (t && t.workerId === w.workerId && (t.status === 'running' || t.status === 'uploading')) {
-      t.status = 'failed';
-      t.doneAt = Date.now();
-      t.failReason = f.message;
+    if (t && t.workerId === w.workerId && this.board.fail(t, f.message)) {
       this.stats(t.site).failed++;
       this.conditions.notify();
     }
   }
 
   onEvalResult(w: WorkerRecord, r: EvalResult): void {
-    const t = this.tasks.get(r.taskId);
+    const t = this.board.get(r.taskId);
     if (!t || t.workerId !== w.workerId || t.kind !== 'eval' || t.status !== 'running') {
       log.warn({ worker: w.workerId, task: r.taskId }, 'eval result for a task that is not open; ignored');
       return;
     }
     t.evalResult = r;
-    t.status = 'done';
-    t.doneAt = Date.now();
+    this.board.done(t, 0);
     this.conditions.notify();
   }
 
   onDownloaded(w: WorkerRecord, bytes: number): void {
     this.roundBytesDown += bytes;
     this.stats(w.site).bytesDown += bytes;
-    for (const t of this.tasks.values()) {
+    for (const t of this.board.values()) {
       if (t.workerId === w.workerId && t.status === 'running' && t.downloadedAt === null) t.downloadedAt = Date.now();
     }
   }
@@ -224,23 +175,24 @@ export class FederatedRun extends RunBase implements RegistryListener {
   // ------------------------------------------------------------------ updates
 
   /**
-   * Check an upload's header before any chunk is read: the task must be open, this
-   * worker's, of the current round, and the manifest must be the global adapter's.
+   * Check an upload's header before any chunk is read: the task must be open,
+   * this worker's, of the current attempt, and the manifest must be that of
+   * the adapter the task started from (its rank's shapes).
    */
   beginUpdate(w: WorkerRecord, h: UploadHeader, manifest: TensorSpecEntry[]): TaskState {
-    const t = this.tasks.get(h.taskId);
-    if (!t) throw new UpdateRejected('NOT_FOUND', `task ${h.taskId || '(empty)'} is not known to this coordinator`);
-    if (t.workerId !== w.workerId) throw new UpdateRejected('PERMISSION_DENIED', `task ${h.taskId} was not given to worker ${w.workerId}`);
-    if (t.kind !== 'train') throw new UpdateRejected('INVALID_ARGUMENT', `task ${h.taskId} is an evaluation task and takes no upload`);
-    if (h.round !== t.round) throw new UpdateRejected('INVALID_ARGUMENT', `round ${h.round} in the header, but task ${h.taskId} belongs to round ${t.round}`);
-    if (t.status === 'done') throw new UpdateRejected('ALREADY_EXISTS', `duplicate update: task ${h.taskId} was already received`);
-    if (t.status === 'uploading') throw new UpdateRejected('ALREADY_EXISTS', `duplicate update: an upload for task ${h.taskId} is already in progress`);
-    if (!this.open || this.open.round !== t.round || this.open.attempt !== t.attempt || t.status !== 'running') {
-      throw new UpdateRejected(
-        'FAILED_PRECONDITION',
-        `stale update: task ${h.taskId} of round ${t.round} is closed (${t.status === 'cancelled' ? 'deadline passed or cancelled' : t.status}); the run is at round ${this.open?.round ?? this.state.round}`,
-      );
+    const probe = this.board.get(h.taskId);
+    if (probe && probe.workerId === w.workerId) {
+      if (probe.kind !== 'train') throw new UpdateRejected('INVALID_ARGUMENT', `task ${h.taskId} is an evaluation task and takes no upload`);
+      if (h.round !== probe.round) throw new UpdateRejected('INVALID_ARGUMENT', `round ${h.round} in the header, but task ${h.taskId} belongs to round ${probe.round}`);
     }
+    const open = this.open;
+    const t = this.board.beginUpload(
+      w,
+      h.taskId,
+      (t) => open !== null && open.round === t.round && open.attempt === t.attempt,
+      (t) =>
+        `task ${t.taskId} of round ${t.round} is closed (${t.status === 'cancelled' ? 'deadline passed or cancelled' : t.status}); the run is at round ${open?.round ?? this.state.round}`,
+    );
     if (h.kind !== UpdateKind.UPDATE_KIND_ADAPTER_WEIGHTS) {
       throw new UpdateRejected('INVALID_ARGUMENT', `update kind ${UpdateKind[h.kind] ?? h.kind} is not accepted here (allowed: UPDATE_KIND_ADAPTER_WEIGHTS)`);
     }
@@ -250,40 +202,96 @@ export class FederatedRun extends RunBase implements RegistryListener {
     if (!Number.isSafeInteger(h.numExamples) || h.numExamples < 1) {
       throw new UpdateRejected('INVALID_ARGUMENT', `num_examples must be a positive integer (got ${h.numExamples})`);
     }
+    if (h.numExamples > w.numTrainExamples) {
+      throw new UpdateRejected(
+        'INVALID_ARGUMENT',
+        `num_examples ${h.numExamples} is more than the ${w.numTrainExamples} training examples site ${w.site} registered; an update counts at most the examples it was trained on`,
+      );
+    }
     for (const [k, v] of Object.entries(h.metrics)) {
       if (!Number.isFinite(v)) throw new UpdateRejected('INVALID_ARGUMENT', `metric ${k} is not finite (${v})`);
     }
-    const bad = manifestMismatch(manifest, this.packedGlobal.manifest);
-    if (bad) throw new UpdateRejected('INVALID_ARGUMENT', `update does not match the global adapter: ${bad}`);
-    t.status = 'uploading';
-    t.uploadStartedAt = Date.now();
+    const bad = manifestMismatch(manifest, t.manifest);
+    if (bad) {
+      const rank = t.spec.rank !== this.globalRank || this.strategy.name === 'flora' || this.strategy.name === 'flexlora' ? ` (site ${w.site} was assigned LoRA rank ${t.spec.rank})` : '';
+      throw new UpdateRejected('INVALID_ARGUMENT', `update does not match the adapter task ${t.taskId} started from${rank}: ${bad}`);
+    }
+    this.board.markUploading(t);
     return t;
   }
 
   /** The upload of `t` broke off before it was complete: drop it, the task stays open for a retry. */
   abandonUpdate(t: TaskState): void {
-    if (t.status === 'uploading') t.status = 'running';
+    this.board.reopen(t);
     this.conditions.notify();
   }
 
-  /** Complete bytes of a checked stream: validate values and fold into the round. */
+  /** Why an update's values are refused by the run's defences (null: accepted), and its distance from its start. */
+  private screen(t: TaskState, flat: Float32Array, open: OpenAttempt): { reason: string | null; norm: number } {
+    const d = this.cfg.defence;
+    const maxAbs = d.max_abs ?? Infinity;
+    const s = t.startFlat;
+    let sq = 0;
+    let off = 0;
+    for (const e of t.manifest) {
+      const n = e.shape.reduce((a, b) => a * b, 1);
+      for (let i = off; i < off + n; i++) {
+        const v = flat[i]!;
+        if (!Number.isFinite(v)) return { reason: `tensor ${e.name} has a non-finite value (${v}) at element ${i - off}`, norm: NaN };
+        if (Math.abs(v) > maxAbs) return { reason: `tensor ${e.name} has a value of ${v} at element ${i - off}, beyond defence.max_abs = ${maxAbs}`, norm: NaN };
+        const x = v - s[i]!;
+        sq += x * x;
+      }
+      off += n;
+    }
+    const norm = Math.sqrt(sq);
+    if (d.max_norm !== null && norm > d.max_norm) {
+      return { reason: `its distance from the adapter it started from is ${norm.toPrecision(4)}, beyond defence.max_norm = ${d.max_norm}`, norm };
+    }
+    const ref = median(this.state.updateNorms ?? []);
+    if (d.norm_factor !== null && ref !== null && ref > 0 && (this.state.updateNorms?.length ?? 0) >= 2 && norm > d.norm_factor * ref) {
+      return {
+        reason: `its distance from the adapter it started from is ${norm.toPrecision(4)}, more than defence.norm_factor = ${d.norm_factor} x the median ${ref.toPrecision(4)} of the last round's accepted updates`,
+        norm,
+      };
+    }
+    void open;
+    return { reason: null, norm };
+  }
+
+  /** Aggregation weight of an accepted update: examples (capped) or 1. */
+  private weightOf(numExamples: number): number {
+    if (this.cfg.weighting.mode === 'equal') return 1;
+    return Math.min(numExamples, this.cfg.weighting.max_examples ?? Infinity);
+  }
+
+  /** Complete bytes of a checked stream: screen the values and hand the update to the aggregator. */
   acceptUpdate(w: WorkerRecord, t: TaskState, h: UploadHeader, bytes: Uint8Array): void {
-    if (t.status !== 'uploading' || !this.open || this.open.round !== t.round || this.open.attempt !== t.attempt) {
+    const open = this.open;
+    if (t.status !== 'uploading' || !open || open.round !== t.round || open.attempt !== t.attempt) {
       throw new UpdateRejected('FAILED_PRECONDITION', `stale update: round ${t.round} closed while task ${t.taskId} was uploading`);
     }
-    const update = unpackTensorMap(this.packedGlobal.manifest, bytes);
-    const nf = findNonFinite(update);
-    if (nf) {
-      t.status = 'running';
-      throw new UpdateRejected('INVALID_ARGUMENT', `tensor ${nf.name} has a non-finite value (${nf.value}) at element ${nf.index}`);
-    }
-    const flat = new Float32Array(bytes.buffer, bytes.byteOffset, bytes.byteLength / 4);
-    this.open.acc.addFlat(flat, h.numExamples);
-    t.status = 'done';
-    t.doneAt = Date.now();
+    const aligned = bytes.byteOffset % 4 === 0 ? bytes : bytes.slice();
+    const flat = new Float32Array(aligned.buffer, aligned.byteOffset, aligned.byteLength / 4);
+    const refuse = (reason: string): never => {
+      this.board.reopen(t);
+      open.refused++;
+      this.roundRefused++;
+      throw new UpdateRejected('INVALID_ARGUMENT', reason);
+    };
+    const { reason, norm } = this.screen(t, flat, open);
+    if (reason) refuse(reason);
+    const tensors = unpackTensorMap(t.manifest, aligned.slice());
+    const weight = this.weightOf(h.numExamples);
+    const update = { workerId: w.workerId, site: w.site, spec: t.spec, weight, tensors, start: t.start };
+    const unfit = this.strategy.checkUpdate(update);
+    if (unfit) refuse(unfit);
+    open.aggregator.add(update);
+    open.norms.push(norm);
+    this.board.done(t, bytes.byteLength);
     t.numExamples = h.numExamples;
+    t.weight = weight;
     t.metrics = { ...h.metrics };
-    t.bytesUp = bytes.byteLength;
     const s = this.stats(w.site);
     s.bytesUp += bytes.byteLength;
     s.examples += h.numExamples;
@@ -298,26 +306,18 @@ export class FederatedRun extends RunBase implements RegistryListener {
       bytes: bytes.byteLength,
       metrics: t.metrics,
     });
-    log.info({ round: t.round, site: w.site, examples: h.numExamples, bytes: bytes.byteLength }, 'update received');
+    log.info({ round: t.round, site: w.site, examples: h.numExamples, weight, norm, bytes: bytes.byteLength }, 'update received');
     this.conditions.notify();
   }
 
   rejectUpdate(w: WorkerRecord, h: Pick<UploadHeader, 'taskId' | 'round'> | null, reason: string): void {
-    const t = h ? this.tasks.get(h.taskId) : undefined;
+    const t = h ? this.board.get(h.taskId) : undefined;
     this.stats(w.site).rejected++;
-    this.publish({
-      type: 'update.rejected',
-      round: t?.round ?? h?.round ?? 0,
-      taskId: h?.taskId ?? '',
-      workerId: w.workerId,
-      site: w.site,
-      reason,
-    });
+    this.publish({ type: 'update.rejected', round: t?.round ?? h?.round ?? 0, taskId: h?.taskId ?? '', workerId: w.workerId, site: w.site, reason });
     log.warn({ worker: w.workerId, site: w.site, task: h?.taskId }, `update rejected: ${reason}`);
   }
 
   // ------------------------------------------------------------------ the loop
-
 
   async run(): Promise<RunResult> {
     const cfg = this.cfg;
@@ -325,10 +325,10 @@ export class FederatedRun extends RunBase implements RegistryListener {
       type: 'run.started',
       name: cfg.name,
       mode: cfg.mode,
-      strategy: cfg.strategy,
+      strategy: this.strategy.description,
       totalRounds: cfg.rounds,
       totalSteps: 0,
-      config: JSON.parse(JSON.stringify({ ...cfg, server: { ...cfg.server, join_token: '***' }, dashboard: { ...cfg.dashboard, token: cfg.dashboard.token ? '***' : null } })) as Record<string, unknown>,
+      config: redactedConfig(cfg),
       resumedFromRound: this.resumed ? this.state.round : 0,
     });
     try {
@@ -346,7 +346,7 @@ export class FederatedRun extends RunBase implements RegistryListener {
       }
       for (let round = this.state.round + 1; round <= cfg.rounds; round++) await this.runRound(round);
       const last = this.state.history.at(-1);
-      const finalAdapterPath = this.store.roundDir(this.state.round);
+      const finalAdapterPath = this.store.dir(this.state.round);
       this.publish({
         type: 'run.completed',
         rounds: this.state.round,
@@ -372,7 +372,7 @@ export class FederatedRun extends RunBase implements RegistryListener {
       return {
         state: stopped ? 'stopped' : 'failed',
         rounds: this.state.round,
-        finalAdapterPath: this.state.round > 0 ? this.store.roundDir(this.state.round) : null,
+        finalAdapterPath: this.state.round > 0 ? this.store.dir(this.state.round) : null,
         history: this.state.history,
         error,
       };
@@ -381,29 +381,43 @@ export class FederatedRun extends RunBase implements RegistryListener {
     }
   }
 
-
-  private eligible(kind: 'train' | 'eval'): WorkerRecord[] {
-    const busy = new Set<string>();
-    for (const t of this.tasks.values()) if (t.status === 'running' || t.status === 'uploading') busy.add(t.workerId);
+  private candidates(kind: 'train' | 'eval'): Candidate[] {
+    const busy = this.board.busyWorkers();
     return this.registry
       .connected()
-      .filter((w) => !busy.has(w.workerId) && (kind === 'train' ? w.numTrainExamples > 0 : w.numEvalExamples > 0));
+      .filter((w) => !busy.has(w.workerId) && (kind === 'train' ? w.numTrainExamples > 0 : w.numEvalExamples > 0))
+      .map((w) => ({ workerId: w.workerId, site: w.site, numTrainExamples: w.numTrainExamples, numEvalExamples: w.numEvalExamples }));
   }
 
   private async waitForWorkers(): Promise<void> {
     const need = this.cfg.cohort.min_workers;
-    if (this.eligible('train').length >= need) return;
-    log.info({ need, have: this.eligible('train').length }, 'waiting for workers');
-    const ok = await this.conditions.waitFor(() => this.eligible('train').length >= need, Date.now() + this.cfg.cohort.wait_timeout_sec * 1000);
+    if (this.candidates('train').length >= need) return;
+    log.info({ need, have: this.candidates('train').length }, 'waiting for workers');
+    const ok = await this.conditions.waitFor(() => this.candidates('train').length >= need, Date.now() + this.cfg.cohort.wait_timeout_sec * 1000);
     if (!ok) {
       throw new Error(
-        `only ${this.eligible('train').length} worker(s) with training data connected after ${this.cfg.cohort.wait_timeout_sec} s; cohort.min_workers is ${need}`,
+        `only ${this.candidates('train').length} worker(s) with training data connected after ${this.cfg.cohort.wait_timeout_sec} s; cohort.min_workers is ${need}`,
       );
     }
   }
 
-  private newTask(kind: 'train' | 'eval', round: number, attempt: number, w: WorkerRecord): TaskState {
-    const t: TaskState = {
+  /** The adapter a worker with `spec` starts from, packed for download once per version and rank. */
+  private startFor(spec: FitSpec): { tensors: TensorMap; flat: Float32Array; manifest: readonly TensorSpecEntry[]; ref: { rank: number; totalBytes: number; sha256: Uint8Array } } {
+    if (spec.rank === this.globalRank) {
+      const p = this.packedGlobal;
+      const tensors = this.strategy.startAdapter(this.current, spec);
+      if (tensors !== this.globalAdapter) throw new Error(`strategy ${this.strategy.name}: a worker of the global adapter's rank must start from the global adapter itself`);
+      return { tensors, flat: new Float32Array(p.bytes.buffer, p.bytes.byteOffset, p.bytes.byteLength / 4), manifest: p.manifest, ref: { rank: 0, totalBytes: p.bytes.byteLength, sha256: p.sha256 } };
+    }
+    const cached = this.adapterVersion(this.globalVersion, spec.rank);
+    const tensors = cached ? unpackTensorMap(cached.manifest, cached.bytes) : this.strategy.startAdapter(this.current, spec);
+    const p = cached ?? this.addVariant(spec.rank, tensors);
+    return { tensors, flat: new Float32Array(p.bytes.buffer, p.bytes.byteOffset, p.bytes.byteLength / 4), manifest: p.manifest, ref: { rank: spec.rank, totalBytes: p.bytes.byteLength, sha256: p.sha256 } };
+  }
+
+  private newTask(kind: 'train' | 'eval', round: number, attempt: number, w: Candidate, spec: FitSpec): { t: TaskState; ref: { rank: number; totalBytes: number; sha256: Uint8Array } } {
+    const start = this.startFor(spec);
+    const t = this.board.add({
       taskId: `r${round}-${kind}-${attempt}-${randomBytes(4).toString('hex')}`,
       kind,
       round,
@@ -416,18 +430,23 @@ export class FederatedRun extends RunBase implements RegistryListener {
       downloadedAt: null,
       uploadStartedAt: null,
       doneAt: null,
-      numExamples: 0,
-      metrics: {},
-      evalResult: null,
       bytesUp: 0,
       failReason: null,
-    };
-    this.tasks.set(t.taskId, t);
-    return t;
+      spec,
+      manifest: start.manifest,
+      start: start.tensors,
+      startFlat: start.flat,
+      numExamples: 0,
+      weight: 0,
+      metrics: {},
+      evalResult: null,
+    });
+    return { t, ref: start.ref };
   }
 
-  private dispatch(t: TaskState, deadline: number): boolean {
+  private dispatch(t: TaskState, ref: { rank: number; totalBytes: number; sha256: Uint8Array }, deadline: number): boolean {
     const w = this.registry.get(t.workerId);
+    const spec = trainingSpecOf(this.cfg, t.spec);
     const ok =
       w !== undefined &&
       this.registry.send(w, {
@@ -437,72 +456,74 @@ export class FederatedRun extends RunBase implements RegistryListener {
             taskId: t.taskId,
             round: t.round,
             deadlineUnixMs: deadline,
-            global: { version: this.globalVersion, totalBytes: this.packedGlobal.bytes.byteLength, sha256: this.packedGlobal.sha256, rank: 0 },
-            kind: t.kind === 'train' ? { $case: 'train', value: { spec: this.spec, uploadKind: UpdateKind.UPDATE_KIND_ADAPTER_WEIGHTS } } : { $case: 'eval', value: { spec: this.spec } },
+            global: { version: this.globalVersion, ...ref },
+            kind: t.kind === 'train' ? { $case: 'train', value: { spec, uploadKind: UpdateKind.UPDATE_KIND_ADAPTER_WEIGHTS } } : { $case: 'eval', value: { spec } },
           },
         },
       });
     if (!ok) {
-      t.status = 'failed';
-      t.doneAt = Date.now();
-      t.failReason = 'could not send the task (session closed)';
+      this.board.fail(t, 'could not send the task (session closed)');
       return false;
     }
-    if (t.kind === 'train') {
-      this.publish({ type: 'task.dispatched', round: t.round, taskId: t.taskId, workerId: t.workerId, site: t.site, bytes: this.packedGlobal.bytes.byteLength });
-    }
+    if (t.kind === 'train') this.publish({ type: 'task.dispatched', round: t.round, taskId: t.taskId, workerId: t.workerId, site: t.site, bytes: ref.totalBytes });
     return true;
   }
 
-  /** Cancel tasks of a closing attempt that are still out. */
-  private closeTasks(tasks: TaskState[], reason: string): void {
-    for (const t of tasks) {
-      if (t.status !== 'running' && t.status !== 'uploading') continue;
-      t.status = 'cancelled';
-      t.doneAt = Date.now();
-      const w = this.registry.get(t.workerId);
-      if (w) this.registry.send(w, { body: { $case: 'cancel', value: { taskId: t.taskId, reason } } });
+  /** The cohort and specs of one attempt, checked: known, idle workers, each once, sane specs. */
+  private configureFit(round: number, attempt: number, candidates: Candidate[]): Array<{ c: Candidate; spec: FitSpec }> {
+    const byId = new Map(candidates.map((c) => [c.workerId, c]));
+    const seen = new Set<string>();
+    const out: Array<{ c: Candidate; spec: FitSpec }> = [];
+    for (const { workerId, spec } of this.strategy.configureFit(round, attempt, candidates)) {
+      const c = byId.get(workerId);
+      if (!c) throw new Error(`strategy ${this.strategy.name} chose worker ${workerId}, which is not a candidate of round ${round}`);
+      if (seen.has(workerId)) throw new Error(`strategy ${this.strategy.name} chose worker ${workerId} twice in round ${round}`);
+      if (!Number.isInteger(spec.rank) || spec.rank < 1) throw new Error(`strategy ${this.strategy.name} gave worker ${workerId} LoRA rank ${spec.rank} (an integer >= 1 is needed)`);
+      if (!(spec.proxMu >= 0) || !Number.isFinite(spec.proxMu)) throw new Error(`strategy ${this.strategy.name} gave worker ${workerId} prox_mu ${spec.proxMu}`);
+      seen.add(workerId);
+      out.push({ c, spec });
     }
+    if (out.length === 0) throw new Error(`strategy ${this.strategy.name} chose no worker for round ${round} out of ${candidates.length} candidate(s)`);
+    return out;
   }
 
   private async runRound(round: number): Promise<void> {
     const cfg = this.cfg;
     const started = Date.now();
     this.roundBytesDown = 0;
-    let done: TaskState[] = [];
+    this.roundRefused = 0;
+    let tasks: TaskState[] = [];
     let attempt = 0;
     let phases: PhaseTimes = { dispatchMs: 0, trainMs: 0, uploadMs: 0, aggregateMs: 0 };
     for (; ; attempt++) {
       this.publish({ type: 'run.state', state: 'waiting', message: `round ${round}: waiting for ${cfg.cohort.min_workers} worker(s)` });
       await this.waitForWorkers();
       this.publish({ type: 'run.state', state: 'running', message: `round ${round}${attempt > 0 ? ` (retry ${attempt})` : ''}` });
-      const candidates = this.eligible('train').map((w) => ({ workerId: w.workerId, site: w.site, numTrainExamples: w.numTrainExamples }));
-      const cohort = this.strategy.selectCohort(candidates, round, attempt);
-      this.open = { round, attempt, acc: this.strategy.accumulator(this.packedGlobal.manifest) };
-      this.publish({ type: 'round.started', round, cohort, globalVersion: this.globalVersion });
-      log.info({ round, attempt, cohort: cohort.length }, 'round started');
+      const chosen = this.configureFit(round, attempt, this.candidates('train'));
+      this.open = { round, attempt, aggregator: this.strategy.aggregator(this.current), norms: [], refused: 0 };
+      this.publish({ type: 'round.started', round, cohort: chosen.map((x) => x.c.workerId), globalVersion: this.globalVersion });
+      log.info({ round, attempt, cohort: chosen.length, ranks: [...new Set(chosen.map((x) => x.spec.rank))] }, 'round started');
       const t0 = Date.now();
       const deadline = t0 + cfg.round.deadline_sec * 1000;
-      const tasks = cohort.map((id) => this.newTask('train', round, attempt, this.registry.get(id)!));
-      for (const t of tasks) this.dispatch(t, deadline);
-      const settled = (): boolean => tasks.every((t) => t.status !== 'running' && t.status !== 'uploading');
-      const allIn = await this.conditions.waitFor(settled, deadline);
-      if (!allIn) this.closeTasks(tasks, `round ${round} deadline of ${cfg.round.deadline_sec} s passed`);
-      done = tasks.filter((t) => t.status === 'done');
-      const received = this.open.acc.count;
+      const made = chosen.map((x) => this.newTask('train', round, attempt, x.c, x.spec));
+      tasks = made.map((m) => m.t);
+      for (const m of made) this.dispatch(m.t, m.ref, deadline);
+      const allIn = await this.conditions.waitFor(() => this.board.settled(tasks), deadline);
+      if (!allIn) this.board.cancel(tasks, `round ${round} deadline of ${cfg.round.deadline_sec} s passed`);
+      const done = tasks.filter((t) => t.status === 'done');
+      const received = this.open.aggregator.count;
       const t1 = Date.now();
       // Phases overlap across workers; split the wall time at the last download and the first upload.
       const firstUp = Math.min(t1, ...done.map((t) => t.uploadStartedAt ?? t1));
       const lastUp = Math.max(firstUp, ...done.map((t) => t.doneAt ?? firstUp));
-      const dl = Math.max(0, Math.min(firstUp, ...[Math.max(t0, ...tasks.map((t) => t.downloadedAt ?? t0))]) - t0);
+      const dl = Math.max(0, Math.min(firstUp, Math.max(t0, ...tasks.map((t) => t.downloadedAt ?? t0))) - t0);
       const ul = lastUp - firstUp;
       phases = { dispatchMs: dl, uploadMs: ul, trainMs: Math.max(0, t1 - t0 - dl - ul), aggregateMs: 0 };
       if (received >= cfg.round.min_results) break;
       const why = [...new Set(tasks.filter((t) => t.failReason).map((t) => `${t.site}: ${t.failReason}`))].slice(0, 3);
       const reason =
-        (allIn
-          ? `${received} of ${tasks.length} update(s) arrived`
-          : `deadline of ${cfg.round.deadline_sec} s passed with ${received} of ${tasks.length} update(s)`) +
+        (allIn ? `${received} of ${tasks.length} update(s) arrived` : `deadline of ${cfg.round.deadline_sec} s passed with ${received} of ${tasks.length} update(s)`) +
+        (this.open.refused > 0 ? `, ${this.open.refused} refused by the defences` : '') +
         (why.length > 0 ? ` (failed: ${why.join('; ')})` : '');
       this.publish({ type: 'round.retried', round, reason, received, required: cfg.round.min_results });
       log.warn({ round, attempt, received, required: cfg.round.min_results }, `round retried: ${reason}`);
@@ -510,38 +531,51 @@ export class FederatedRun extends RunBase implements RegistryListener {
         throw new Error(`round ${round} failed ${attempt + 1} time(s) (round.max_retries is ${cfg.round.max_retries}): ${reason}; need round.min_results = ${cfg.round.min_results}`);
       }
     }
-    // Aggregate: the accumulator already holds the weighted sum.
-    const acc = this.open.acc;
+    const open = this.open;
     this.open = null;
+    const done = tasks.filter((t) => t.status === 'done');
+    const results: FitResult[] = done.map((t) => ({ workerId: t.workerId, site: t.site, weight: t.weight, numExamples: t.numExamples, metrics: t.metrics }));
+    const failures: FitFailure[] = tasks.filter((t) => t.status !== 'done').map((t) => ({ workerId: t.workerId, site: t.site, reason: t.failReason ?? t.status }));
     const ta = Date.now();
-    const next = this.strategy.aggregate(this.globalAdapter, acc);
+    const next = this.strategy.aggregateFit(round, this.current, open.aggregator, results, failures);
     phases.aggregateMs = Date.now() - ta;
-    this.setGlobal(next, this.globalVersion + 1);
-    // Evaluate the new global adapter where workers hold eval data.
-    let ev: { evalLoss: number | null; evalAccuracy: number | null } = { evalLoss: null, evalAccuracy: null };
-    if (cfg.eval.every > 0 && (round % cfg.eval.every === 0 || round === cfg.rounds)) ev = await this.evaluate(round);
+    this.checkNext(next, round);
+    this.globalRank = next.rank;
+    this.setGlobal(next.tensors, this.globalVersion + 1);
+
+    // Checkpoint the aggregated round before evaluating it: a crash during evaluation loses no round.
     const record: RoundRecord = {
       round,
       globalVersion: this.globalVersion,
+      rank: this.globalRank,
       participants: done.length,
       examples: done.reduce((s, t) => s + t.numExamples, 0),
-      trainLoss: mean(done.map((t) => [t.metrics.train_loss ?? NaN, t.numExamples])),
-      evalLoss: ev.evalLoss,
-      evalAccuracy: ev.evalAccuracy,
+      trainLoss: weightedMeanOf(done.map((t) => [t.metrics.train_loss ?? NaN, t.numExamples])),
+      evalLoss: null,
+      evalAccuracy: null,
       durationMs: Date.now() - started,
       bytesUp: done.reduce((s, t) => s + t.bytesUp, 0),
       bytesDown: this.roundBytesDown,
       retries: attempt,
+      refused: this.roundRefused,
       completedAt: new Date().toISOString(),
     };
     this.state.round = round;
     this.state.globalVersion = this.globalVersion;
     this.state.history.push(record);
+    this.state.updateNorms = open.norms;
     this.state.updatedAt = record.completedAt;
-    const { path, bytes } = await this.store.write(this.state, this.globalAdapter, (dir) => this.strategy.save(`${dir}/${SERVER_OPTIMIZER_FILE}`));
-    // Settled tasks of earlier rounds are forgotten; this round's stay so that late or repeated uploads get a precise answer.
-    for (const t of this.tasks.values()) if (t.round < round && t.status !== 'running' && t.status !== 'uploading') this.tasks.delete(t.taskId);
+    const { path, bytes } = await this.store.write(this.state, this.globalAdapter, this.loraOf(this.globalRank), { strategy: this.strategy.state() });
+    this.board.forget((t) => t.round < round);
     this.publish({ type: 'checkpoint.written', round, step: 0, path, bytes });
+
+    if (cfg.eval.every > 0 && (round % cfg.eval.every === 0 || round === cfg.rounds)) {
+      const ev = await this.evaluate(round);
+      record.evalLoss = ev.evalLoss;
+      record.evalAccuracy = ev.evalAccuracy;
+      record.durationMs = Date.now() - started;
+      await this.store.updateState(this.state);
+    }
     this.publish({
       type: 'round.completed',
       round,
@@ -556,25 +590,50 @@ export class FederatedRun extends RunBase implements RegistryListener {
       bytesUp: record.bytesUp,
       bytesDown: record.bytesDown,
     });
-    log.info({ round, trainLoss: record.trainLoss, evalLoss: record.evalLoss, evalAccuracy: record.evalAccuracy, path }, 'round completed');
+    log.info({ round, rank: this.globalRank, trainLoss: record.trainLoss, evalLoss: record.evalLoss, evalAccuracy: record.evalAccuracy, path }, 'round completed');
   }
 
+  /** PEFT r and alpha of an adapter of rank r (alpha keeps the run's alpha / r). */
+  private loraOf(rank: number): { r: number; alpha: number } {
+    return { r: rank, alpha: (this.cfg.lora.alpha * rank) / this.cfg.lora.r };
+  }
 
-  /** Evaluation-only tasks on every idle worker holding eval data; weighted means of what comes back. */
+  /** A strategy's next global must be a finite adapter of the run's modules at the rank it claims. */
+  private checkNext(next: GlobalAdapter, round: number): void {
+    const want = this.store.unit === 'round' ? next.rank : this.globalRank;
+    for (const [name, t] of next.tensors) {
+      const r = name.includes('.lora_A.') ? t.shape[0] : t.shape[1];
+      if (r !== want) throw new Error(`strategy ${this.strategy.name}: round ${round} produced tensor ${name} of rank ${r}, but says the rank is ${want}`);
+      for (let i = 0; i < t.data.length; i++) {
+        if (!Number.isFinite(t.data[i]!)) throw new Error(`strategy ${this.strategy.name}: round ${round} produced a non-finite value in ${name}; the global adapter was kept`);
+      }
+    }
+  }
+
+  /** Evaluation-only tasks on the workers the strategy picks; its summary of what comes back. */
   private async evaluate(round: number): Promise<{ evalLoss: number | null; evalAccuracy: number | null }> {
-    const workers = this.eligible('eval');
-    if (workers.length === 0) return { evalLoss: null, evalAccuracy: null };
+    const candidates = this.candidates('eval');
+    const ids = new Set(this.strategy.configureEvaluate(round, candidates));
+    const chosen = candidates.filter((c) => ids.has(c.workerId));
+    if (chosen.length === 0) return { evalLoss: null, evalAccuracy: null };
     const deadline = Date.now() + this.cfg.eval.deadline_sec * 1000;
-    const tasks = workers.map((w) => this.newTask('eval', round, 0, w));
-    for (const t of tasks) this.dispatch(t, deadline);
+    const spec: FitSpec = { rank: this.globalRank, proxMu: 0, freezeLoraA: false };
+    const made = chosen.map((c) => this.newTask('eval', round, 0, c, spec));
+    const tasks = made.map((m) => m.t);
+    for (const m of made) this.dispatch(m.t, m.ref, deadline);
     const allIn = await this.conditions.waitFor(() => tasks.every((t) => t.status !== 'running'), deadline);
-    if (!allIn) this.closeTasks(tasks, `evaluation deadline of ${this.cfg.eval.deadline_sec} s passed`);
-    const results = tasks.map((t) => t.evalResult).filter((r): r is EvalResult => r !== null && r.hasEvalData);
-    for (const t of tasks) this.tasks.delete(t.taskId);
-    const evalLoss = mean(results.map((r) => [r.evalLoss, r.evalTokens > 0 ? r.evalTokens : r.evalExamples]));
-    const evalAccuracy = mean(results.filter((r) => r.evalAccuracy !== undefined).map((r) => [r.evalAccuracy!, r.evalExamples]));
-    log.info({ round, evalLoss, evalAccuracy, workers: results.length }, 'evaluation done');
-    return { evalLoss, evalAccuracy };
+    if (!allIn) this.board.cancel(tasks, `evaluation deadline of ${this.cfg.eval.deadline_sec} s passed`);
+    const reports: EvalReport[] = [];
+    for (const t of tasks) {
+      const r = t.evalResult;
+      if (r && r.hasEvalData) {
+        reports.push({ workerId: t.workerId, site: t.site, evalLoss: r.evalLoss, evalTokens: r.evalTokens, evalExamples: r.evalExamples, evalAccuracy: r.evalAccuracy ?? null });
+      }
+      this.board.delete(t);
+    }
+    const summary = this.strategy.aggregateEvaluate(round, reports);
+    log.info({ round, ...summary, workers: reports.length }, 'evaluation done');
+    return summary;
   }
 
   private stats(site: string): WorkerStats {
@@ -585,4 +644,16 @@ export class FederatedRun extends RunBase implements RegistryListener {
     }
     return s;
   }
+}
+
+function weightedMeanOf(pairs: Array<[number, number]>): number | null {
+  let s = 0;
+  let w = 0;
+  for (const [v, k] of pairs) {
+    if (Number.isFinite(v) && k > 0) {
+      s += v * k;
+      w += k;
+    }
+  }
+  return w > 0 ? s / w : null;
 }

@@ -32,7 +32,7 @@ import {
 import { DType, type StreamHeader, type TensorManifest } from '../proto/gen/fedtune/v1/tensors.ts';
 import type { PackedTensors } from '../common/chunks.ts';
 import type { EvalResult, TaskFailed, TaskProgress } from '../proto/gen/fedtune/v1/coordinator.ts';
-import { UpdateRejected, trainingSpecOf } from './run.ts';
+import { UpdateRejected, trainingSpecOf } from './tasks.ts';
 import type { SessionStream, WorkerRecord, WorkerRegistry } from './workers.ts';
 
 const log = logger('coordinator.service');
@@ -83,7 +83,7 @@ function statusOf(err: unknown): grpc.ServiceError {
 export interface RunController<T = unknown> {
   readonly runId: string;
   readonly globalVersion: number;
-  adapterVersion(version: number): PackedTensors | undefined;
+  adapterVersion(version: number, rank?: number): PackedTensors | undefined;
   /** Distributed mode: a data shard of the current plan (undefined: unknown, or federated mode). */
   dataShard?(shardId: string): { bytes: Uint8Array; sha256: Uint8Array; mediaType: string } | undefined;
   onHeartbeat(w: WorkerRecord, status: string): void;
@@ -259,9 +259,13 @@ export function createCoordinatorService<T>(ctx: ServiceContext<T>): Coordinator
           packed = shard;
           content = { $case: 'blob', value: { name: target.value, mediaType: shard.mediaType } };
         } else if (target?.$case === 'adapterVersion') {
-          const p = ctx.run.adapterVersion(target.value);
+          const rank = call.request.adapterRank;
+          const p = ctx.run.adapterVersion(target.value, rank);
           if (!p) {
-            throw grpcError(grpc.status.NOT_FOUND, `global adapter version ${target.value} is not available (current: ${ctx.run.globalVersion})`);
+            throw grpcError(
+              grpc.status.NOT_FOUND,
+              `global adapter version ${target.value}${rank ? ` at rank ${rank}` : ''} is not available (current: ${ctx.run.globalVersion}; pass the rank of the task's AdapterRef)`,
+            );
           }
           packed = p;
           content = { $case: 'tensors', value: toWireManifest(p.manifest) };

@@ -1,30 +1,40 @@
 /**
- * Checkpoints and resume. Each completed round k is one directory
+ * Checkpoints and resume, for federated rounds and distributed steps alike.
+ * Each checkpoint is one directory
  *
- *   CHECKPOINT_DIR/<run>/round-NNNN/
- *     adapter_config.json  adapter_model.safetensors   (PEFT: loads in Hugging Face PEFT as is)
- *     state.json                                        (round, history, worker stats, run identity)
- *     server_optimizer.safetensors                      (fedavgm / fedadam / fedyogi only)
+ *   CHECKPOINT_DIR/<run>/round-NNNN/   (federated)   or   step-NNNNNN/   (distributed)
+ *     adapter_config.json  adapter_model.safetensors   PEFT: loads in Hugging Face PEFT as is
+ *     strategy_state.safetensors                        server state of the strategy (moments, ranks), when it has any
+ *     optimizer.safetensors / outer_optimizer.safetensors   distributed: AdamW / outer optimizer state
+ *     state.json                                        run state (written last)
  *
- * built in a temporary sibling and renamed into place, so a round directory
- * that exists is complete. round-0000 holds the initial adapter. `--resume`
- * continues after the highest complete round.
+ * built in a temporary sibling and renamed into place, so a directory that
+ * exists is complete. Number 0 holds the initial adapter. `--resume` continues
+ * after the highest complete checkpoint. state.json may be rewritten in place
+ * (atomically) to add what became known after the checkpoint (a round's
+ * evaluation).
  */
-import { readdir, readFile, rm, stat } from 'node:fs/promises';
+import { appendFile, mkdir, readdir, readFile, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { writeDirAtomic, writeFileAtomic } from '../common/atomic.ts';
 import type { RunConfig } from '../common/config.ts';
 import { readPeftAdapter, writePeftAdapter } from '../common/peft.ts';
+import { readSafetensors, toFloat32, toFloat64, writeSafetensors, type StWriteEntry } from '../common/safetensors.ts';
 import type { TensorMap } from '../common/tensor.ts';
-import type { LoraConfig } from '../common/model-config.ts';
+import type { StrategyState } from './strategies/strategy.ts';
 
 export const STATE_FILE = 'state.json';
-export const SERVER_OPTIMIZER_FILE = 'server_optimizer.safetensors';
+export const STRATEGY_STATE_FILE = 'strategy_state.safetensors';
+/** Written by earlier versions for fedavgm / fedadam / fedyogi; read on resume. */
+export const LEGACY_SERVER_OPTIMIZER_FILE = 'server_optimizer.safetensors';
 const STATE_FORMAT = 'fedtune.run-state/1';
+const STRATEGY_FORMAT = 'fedtune.strategy-state/1';
 
 export interface RoundRecord {
   round: number;
   globalVersion: number;
+  /** LoRA rank of the global adapter after the round. */
+  rank?: number;
   participants: number;
   examples: number;
   trainLoss: number | null;
@@ -34,6 +44,8 @@ export interface RoundRecord {
   bytesUp: number;
   bytesDown: number;
   retries: number;
+  /** Updates refused this round (shapes, values, norm, weight), all attempts. */
+  refused?: number;
   completedAt: string;
 }
 
@@ -59,123 +71,210 @@ export interface RunStateFile {
   history: RoundRecord[];
   /** Keyed by site name (worker ids change on every connection). */
   workers: Record<string, WorkerStats>;
+  /** L2 distances of the last round's accepted updates from their start (the defence's reference). */
+  updateNorms?: number[];
   createdAt: string;
   updatedAt: string;
 }
 
-export interface Checkpoint {
-  round: number;
+export interface Checkpoint<S> {
+  /** Round or step number. */
+  n: number;
   dir: string;
-  state: RunStateFile;
+  state: S;
+}
+
+/** What a checkpoint's state.json must hold for the store to trust it. */
+export interface StateShape {
+  format: string;
+}
+
+export interface StoreOptions<S extends StateShape> {
+  root: string;
+  runName: string;
+  /** `round` (round-NNNN) or `step` (step-NNNNNN). */
+  unit: 'round' | 'step';
+  /** The state file's format tag and the number it records (its round or step). */
+  format: string;
+  numberOf: (s: S) => number;
+  baseModel: string;
+  fanInFanOut: boolean;
+  /** LoRA dropout and target modules written to adapter_config.json (r and alpha come with each adapter). */
+  lora: { dropout: number; targetModules: string[] };
 }
 
 export function roundDirName(round: number): string {
   return `round-${String(round).padStart(4, '0')}`;
 }
 
-/**
- * Numbers of the checkpoint directories in runDir whose names match `pattern`
- * (one capture group: the number) and that hold `stateFile`, which is written
- * last, so a directory without it is incomplete. Ascending.
- */
-export async function completeCheckpoints(runDir: string, pattern: RegExp, stateFile: string): Promise<number[]> {
-  let names: string[];
-  try {
-    names = await readdir(runDir);
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return [];
-    throw err;
-  }
-  const out: number[] = [];
-  for (const n of names) {
-    const m = pattern.exec(n);
-    if (m && (await stat(join(runDir, n, stateFile)).catch(() => null))) out.push(Number(m[1]));
-  }
-  return out.sort((a, b) => a - b);
+export function stepDirName(step: number): string {
+  return `step-${String(step).padStart(6, '0')}`;
 }
 
-export class CheckpointStore {
+export class CheckpointStore<S extends StateShape> {
   readonly runDir: string;
-  private readonly lora: LoraConfig;
-  private readonly baseModel: string;
-  private readonly fanInFanOut: boolean;
 
-  constructor(opts: { root: string; runName: string; lora: LoraConfig; baseModel: string; fanInFanOut: boolean }) {
-    this.runDir = join(opts.root, opts.runName);
-    this.lora = opts.lora;
-    this.baseModel = opts.baseModel;
-    this.fanInFanOut = opts.fanInFanOut;
+  constructor(private readonly o: StoreOptions<S>) {
+    this.runDir = join(o.root, o.runName);
   }
 
-  roundDir(round: number): string {
-    return join(this.runDir, roundDirName(round));
+  get unit(): 'round' | 'step' {
+    return this.o.unit;
   }
 
-  /** Complete rounds on disk, ascending. */
-  rounds(): Promise<number[]> {
-    return completeCheckpoints(this.runDir, /^round-(\d{4,})$/, STATE_FILE);
+  dir(n: number): string {
+    return join(this.runDir, this.o.unit === 'round' ? roundDirName(n) : stepDirName(n));
   }
 
-  /** The highest complete round, or null when the run has none. */
-  async latest(): Promise<Checkpoint | null> {
-    const rounds = await this.rounds();
-    const round = rounds.at(-1);
-    if (round === undefined) return null;
-    const dir = this.roundDir(round);
-    const file = join(dir, STATE_FILE);
-    let state: RunStateFile;
+  /** Numbers of the complete checkpoints (their state.json exists: it is written last), ascending. */
+  async list(): Promise<number[]> {
+    return this.listUnit(this.o.unit);
+  }
+
+  private async listUnit(unit: 'round' | 'step'): Promise<number[]> {
+    const pattern = unit === 'round' ? /^round-(\d{4,})$/ : /^step-(\d{6,})$/;
+    let names: string[];
     try {
-      state = JSON.parse(await readFile(file, 'utf8')) as RunStateFile;
+      names = await readdir(this.runDir);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return [];
+      throw err;
+    }
+    const out: number[] = [];
+    for (const n of names) {
+      const m = pattern.exec(n);
+      if (m && (await stat(join(this.runDir, n, STATE_FILE)).catch(() => null))) out.push(Number(m[1]));
+    }
+    return out.sort((a, b) => a - b);
+  }
+
+  /** Whether the run directory holds checkpoints of the other mode (a federated run's rounds in a distributed run's place, or the reverse). */
+  async hasOtherMode(): Promise<boolean> {
+    return (await this.listUnit(this.o.unit === 'round' ? 'step' : 'round')).length > 0;
+  }
+
+  /** The highest complete checkpoint, or null when the run has none. */
+  async latest(): Promise<Checkpoint<S> | null> {
+    const n = (await this.list()).at(-1);
+    if (n === undefined) return null;
+    const dir = this.dir(n);
+    const file = join(dir, STATE_FILE);
+    let state: S;
+    try {
+      state = JSON.parse(await readFile(file, 'utf8')) as S;
     } catch (err) {
       throw new Error(`checkpoint ${file}: cannot read run state (${(err as Error).message})`);
     }
-    if (state.format !== STATE_FORMAT || state.round !== round) {
-      throw new Error(`checkpoint ${file}: not a ${STATE_FORMAT} file for round ${round}`);
+    if (state.format !== this.o.format || this.o.numberOf(state) !== n) {
+      throw new Error(`checkpoint ${file}: not a ${this.o.format} file for ${this.o.unit} ${n}`);
     }
-    return { round, dir, state };
+    return { n, dir, state };
   }
 
   async loadAdapter(dir: string): Promise<TensorMap> {
     return (await readPeftAdapter(dir)).adapter;
   }
 
-  /** Write round `state.round` atomically; returns its directory and size in bytes. */
+  /**
+   * Write checkpoint numberOf(state) atomically: the PEFT adapter (rank r,
+   * alpha), the strategy's state, any extra files, then state.json. Returns its
+   * directory and size in bytes.
+   */
   async write(
-    state: RunStateFile,
+    state: S,
     adapter: TensorMap,
-    saveExtra?: (dir: string) => Promise<unknown>,
+    lora: { r: number; alpha: number },
+    o: { strategy?: StrategyState | null; extra?: (dir: string) => Promise<unknown> } = {},
   ): Promise<{ path: string; bytes: number }> {
-    const dir = this.roundDir(state.round);
+    const n = this.o.numberOf(state);
+    const dir = this.dir(n);
     await writeDirAtomic(
       dir,
       async (tmp) => {
         await writePeftAdapter(tmp, adapter, {
-          lora: this.lora,
-          baseModel: this.baseModel,
-          fanInFanOut: this.fanInFanOut,
-          extra: { fedtune_run: state.name, fedtune_round: state.round },
+          lora: { r: lora.r, alpha: lora.alpha, dropout: this.o.lora.dropout, targetModules: [...this.o.lora.targetModules] },
+          baseModel: this.o.baseModel,
+          fanInFanOut: this.o.fanInFanOut,
         });
-        if (saveExtra) await saveExtra(tmp);
+        if (o.strategy && (o.strategy.tensors.size > 0 || Object.keys(o.strategy.json).length > 0)) {
+          await writeStrategyState(join(tmp, STRATEGY_STATE_FILE), o.strategy);
+        }
+        if (o.extra) await o.extra(tmp);
         await writeFileAtomic(join(tmp, STATE_FILE), `${JSON.stringify(state, null, 2)}\n`);
       },
       { overwrite: true },
     );
     let bytes = 0;
     for (const f of await readdir(dir)) bytes += (await stat(join(dir, f))).size;
-    await writeFileAtomic(join(this.runDir, 'latest.json'), `${JSON.stringify({ round: state.round, path: dir }, null, 2)}\n`);
+    await writeFileAtomic(join(this.runDir, 'latest.json'), `${JSON.stringify({ [this.o.unit]: n, path: dir }, null, 2)}\n`);
     return { path: dir, bytes };
+  }
+
+  /** Replace state.json of an existing checkpoint (atomically), e.g. with the round's evaluation added. */
+  async updateState(state: S): Promise<void> {
+    await writeFileAtomic(join(this.dir(this.o.numberOf(state)), STATE_FILE), `${JSON.stringify(state, null, 2)}\n`);
+  }
+
+  /** The strategy state saved with a checkpoint, or null when it has none. */
+  async readStrategyState(dir: string): Promise<StrategyState | null> {
+    const path = join(dir, STRATEGY_STATE_FILE);
+    if (!(await stat(path).catch(() => null))) return null;
+    return readStrategyState(path);
+  }
+
+  /** Append one JSON line to a log file of the run directory (steps.jsonl). */
+  async appendLog(file: string, record: unknown): Promise<void> {
+    await mkdir(this.runDir, { recursive: true });
+    await appendFile(join(this.runDir, file), `${JSON.stringify(record)}\n`);
   }
 
   /** Remove temporary directories a crash left behind. */
   async cleanTemp(): Promise<void> {
-    let names: string[] = [];
-    try {
-      names = await readdir(this.runDir);
-    } catch {
-      return;
-    }
-    for (const n of names) if (/^\.round-\d+.*\.(tmp|old)-/.test(n)) await rm(join(this.runDir, n), { recursive: true, force: true });
+    const names = await readdir(this.runDir).catch(() => [] as string[]);
+    const re = this.o.unit === 'round' ? /^\.round-\d+.*\.(tmp|old)-/ : /^\.step-\d+.*\.(tmp|old)-/;
+    for (const n of names) if (re.test(n)) await rm(join(this.runDir, n), { recursive: true, force: true });
   }
+}
+
+/** Strategy state as safetensors: tensors as they are (F32 / F64), the JSON part in the metadata. */
+export async function writeStrategyState(path: string, s: StrategyState): Promise<void> {
+  const tensors = new Map<string, StWriteEntry>();
+  for (const [k, t] of s.tensors) tensors.set(k, { dtype: t.data instanceof Float64Array ? 'F64' : 'F32', shape: [...t.shape], data: t.data });
+  await writeSafetensors(path, tensors, { format: STRATEGY_FORMAT, state: JSON.stringify(s.json), order: JSON.stringify([...s.tensors.keys()]) });
+}
+
+export async function readStrategyState(path: string): Promise<StrategyState> {
+  const f = await readSafetensors(path);
+  if (f.metadata.format !== STRATEGY_FORMAT) throw new Error(`${path}: not a strategy state file (metadata "format" is ${JSON.stringify(f.metadata.format ?? null)})`);
+  let json: Record<string, unknown>;
+  let order: string[];
+  try {
+    json = JSON.parse(f.metadata.state ?? '{}') as Record<string, unknown>;
+    order = JSON.parse(f.metadata.order ?? '[]') as string[];
+  } catch {
+    throw new Error(`${path}: metadata "state" or "order" is not valid JSON`);
+  }
+  const tensors: TensorMap = new Map();
+  for (const name of [...order, ...[...f.tensors.keys()].filter((k) => !order.includes(k))]) {
+    const e = f.tensors.get(name);
+    if (!e) throw new Error(`${path}: tensor ${name} is listed in the metadata but missing`);
+    if (e.dtype !== 'F32' && e.dtype !== 'F64') throw new Error(`${path}: tensor ${name} has dtype ${e.dtype}, expected F32 or F64`);
+    tensors.set(name, { shape: [...e.shape], data: e.dtype === 'F64' ? toFloat64(e) : toFloat32(e) });
+  }
+  return { json, tensors };
+}
+
+export function federatedStore(cfg: RunConfig, fanInFanOut: boolean): CheckpointStore<RunStateFile> {
+  return new CheckpointStore<RunStateFile>({
+    root: cfg.checkpoint.dir,
+    runName: cfg.name,
+    unit: 'round',
+    format: STATE_FORMAT,
+    numberOf: (s) => s.round,
+    baseModel: cfg.model.path,
+    fanInFanOut,
+    lora: { dropout: cfg.lora.dropout, targetModules: [...cfg.lora.target_modules] },
+  });
 }
 
 export function newRunState(cfg: RunConfig, modelFingerprint: string): RunStateFile {
@@ -190,6 +289,7 @@ export function newRunState(cfg: RunConfig, modelFingerprint: string): RunStateF
     baseline: null,
     history: [],
     workers: {},
+    updateNorms: [],
     createdAt: now,
     updatedAt: now,
   };

@@ -244,6 +244,8 @@ export function localSpecOf(s: TrainingSpec): LocalTrainingSpec {
     maxSeqLen: s.maxSeqLen,
     template: s.template,
     seed: s.seed,
+    proxMu: s.proxMu ?? 0,
+    freezeLoraA: s.freezeLoraA ?? false,
   };
 }
 

@@ -35,54 +35,40 @@ import {
   type UploadHeader,
 } from '../../proto/gen/fedtune/v1/coordinator.ts';
 import { encodeShard, toRanges, type Shard } from '../../common/shard.ts';
-import { lrAt, saveOptimizerState, type AdamW, type Schedule } from '../../common/optim.ts';
-import { saveOuterState, type OuterOptimizer } from '../../common/outer.ts';
+import { lrAt, type Schedule } from '../../common/optim.ts';
 import type { EventBus } from '../events/bus.ts';
-import { UpdateRejected, trainingSpecOf, type RunResult } from '../run.ts';
-import type { RegistryListener, WorkerRecord, WorkerRegistry } from '../workers.ts';
-import { applyGradientStep, applyOuterStep, FlatSum } from './aggregate.ts';
-import { DataOrder, planEpoch, type DistributedDataset, type EpochPlan } from './plan.ts';
-import { OPTIMIZER_FILE, OUTER_OPTIMIZER_FILE, type DistributedStateFile, type DistributedStore, type StepRecord } from './store.ts';
+import type { RunResult } from '../run.ts';
 import { RunBase, manifestMismatch } from '../run-base.ts';
+import type { CheckpointStore } from '../store.ts';
+import type { FlatSum, StepStrategy } from '../strategies/steps.ts';
+import { redactedConfig, TaskBoard, trainingSpecOf, UpdateRejected, type TaskBase } from '../tasks.ts';
+import type { RegistryListener, WorkerRecord, WorkerRegistry } from '../workers.ts';
+import { DataOrder, planEpoch, type DistributedDataset, type EpochPlan } from './plan.ts';
+import { STEPS_LOG, type DistributedStateFile, type StepRecord } from './store.ts';
 
 const log = logger('coordinator.distributed');
 
-type TaskStatus = 'running' | 'uploading' | 'done' | 'failed' | 'cancelled';
-
-export interface StepTaskState {
-  taskId: string;
-  workerId: string;
-  site: string;
+export interface StepTaskState extends TaskBase {
   /** First global step (0-based) and how many the task covers. */
   step: number;
   span: number;
-  attempt: number;
-  baseVersion: number;
   kind: UpdateKind;
-  status: TaskStatus;
-  dispatchedAt: number;
-  uploadStartedAt: number | null;
-  doneAt: number | null;
   expectedTokens: number;
   expectedExamples: number;
   lossSum: number;
   computeMs: number;
-  bytesUp: number;
-  failReason: string | null;
 }
 
 export interface DistributedRunOptions {
   cfg: RunConfig;
   bus: EventBus;
   registry: WorkerRegistry;
-  store: DistributedStore;
+  store: CheckpointStore<DistributedStateFile>;
   data: DistributedDataset;
   order: DataOrder;
   global: TensorMap;
-  /** Synchronous steps: the AdamW the coordinator steps. Local SGD: null. */
-  optimizer: AdamW | null;
-  /** Local SGD: the outer optimizer. Synchronous steps: null. */
-  outer: OuterOptimizer | null;
+  /** sync-sgd (AdamW on the coordinator) or local-sgd (outer optimizer). */
+  strategy: StepStrategy;
   state: DistributedStateFile;
   resumed: boolean;
 }
@@ -99,23 +85,20 @@ interface ActivePlan extends EpochPlan {
   shardIds: string[];
 }
 
-/** Same names, dtypes, shapes and order as the global adapter; null when so, else what differs. */
-
 export class DistributedRun extends RunBase implements RegistryListener {
   private readonly cfg: RunConfig;
   private readonly registry: WorkerRegistry;
-  private readonly store: DistributedStore;
+  private readonly store: CheckpointStore<DistributedStateFile>;
   private readonly data: DistributedDataset;
   private readonly order: DataOrder;
-  private readonly optimizer: AdamW | null;
-  private readonly outer: OuterOptimizer | null;
+  private readonly strategy: StepStrategy;
   private readonly state: DistributedStateFile;
   private readonly resumed: boolean;
   private readonly spec: TrainingSpec;
   private readonly schedule: Schedule;
   private readonly syncEvery: number;
   private readonly nonce = randomBytes(3).toString('hex');
-  private readonly tasks = new Map<string, StepTaskState>();
+  private readonly board: TaskBoard<StepTaskState>;
   private readonly shards = new Map<string, ShardEntry>();
   private plan: ActivePlan | null = null;
   private planSeq = 0;
@@ -132,8 +115,8 @@ export class DistributedRun extends RunBase implements RegistryListener {
     this.store = o.store;
     this.data = o.data;
     this.order = o.order;
-    this.optimizer = o.optimizer;
-    this.outer = o.outer;
+    this.strategy = o.strategy;
+    this.board = new TaskBoard(o.registry);
     this.state = o.state;
     this.resumed = o.resumed;
     this.spec = trainingSpecOf(o.cfg);
@@ -156,9 +139,7 @@ export class DistributedRun extends RunBase implements RegistryListener {
   onWorkerGone(w: WorkerRecord, reason: string): void {
     this.publish({ type: 'worker.left', workerId: w.workerId, site: w.site, reason });
     log.info({ worker: w.workerId, site: w.site, reason }, 'worker left');
-    for (const t of this.tasks.values()) {
-      if (t.workerId === w.workerId && (t.status === 'running' || t.status === 'uploading')) this.fail(t, `worker left (${reason})`);
-    }
+    this.board.failWorker(w.workerId, `worker left (${reason})`);
     this.conditions.notify();
   }
 
@@ -170,11 +151,10 @@ export class DistributedRun extends RunBase implements RegistryListener {
   }
 
   onTaskFailed(w: WorkerRecord, f: TaskFailed): void {
-    const t = this.tasks.get(f.taskId);
+    const t = this.board.get(f.taskId);
     this.publish({ type: 'worker.error', workerId: w.workerId, site: w.site, message: `task ${f.taskId}: ${f.message}` });
     log.warn({ worker: w.workerId, site: w.site, task: f.taskId }, f.message);
-    if (t && t.workerId === w.workerId && (t.status === 'running' || t.status === 'uploading')) {
-      this.fail(t, f.unsupported ? `the worker cannot run distributed steps (${f.message})` : f.message);
+    if (t && t.workerId === w.workerId && this.board.fail(t, f.unsupported ? `the worker cannot run distributed steps (${f.message})` : f.message)) {
       this.conditions.notify();
     }
   }
@@ -190,17 +170,14 @@ export class DistributedRun extends RunBase implements RegistryListener {
   // ------------------------------------------------------------------ updates
 
   beginUpdate(w: WorkerRecord, h: UploadHeader, manifest: TensorSpecEntry[]): StepTaskState {
-    const t = this.tasks.get(h.taskId);
-    if (!t) throw new UpdateRejected('NOT_FOUND', `task ${h.taskId || '(empty)'} is not known to this coordinator`);
-    if (t.workerId !== w.workerId) throw new UpdateRejected('PERMISSION_DENIED', `task ${h.taskId} was not given to worker ${w.workerId}`);
-    if (t.status === 'done') throw new UpdateRejected('ALREADY_EXISTS', `duplicate update: task ${h.taskId} was already received`);
-    if (t.status === 'uploading') throw new UpdateRejected('ALREADY_EXISTS', `duplicate update: an upload for task ${h.taskId} is already in progress`);
-    if (!this.open || this.open.step !== t.step || this.open.attempt !== t.attempt || t.status !== 'running') {
-      throw new UpdateRejected(
-        'FAILED_PRECONDITION',
-        `stale update: task ${h.taskId} of step ${t.step + 1} is closed (${t.status === 'cancelled' ? 'deadline passed or the step was retried' : t.status}); the run is at step ${(this.open?.step ?? this.state.step) + 1}`,
-      );
-    }
+    const open = this.open;
+    const t = this.board.beginUpload(
+      w,
+      h.taskId,
+      (t) => open !== null && open.step === t.step && open.attempt === t.attempt,
+      (t) =>
+        `task ${t.taskId} of step ${t.step + 1} is closed (${t.status === 'cancelled' ? 'deadline passed or the step was retried' : t.status}); the run is at step ${(open?.step ?? this.state.step) + 1}`,
+    );
     const reject = (message: string): never => {
       this.fail(t, message);
       this.conditions.notify();
@@ -220,13 +197,12 @@ export class DistributedRun extends RunBase implements RegistryListener {
     }
     const lossSum = h.metrics.loss_sum;
     if (lossSum === undefined || !Number.isFinite(lossSum)) reject(`metric loss_sum is ${lossSum ?? 'missing'} (a finite number is required)`);
-    t.status = 'uploading';
-    t.uploadStartedAt = Date.now();
+    this.board.markUploading(t);
     return t;
   }
 
   abandonUpdate(t: StepTaskState): void {
-    if (t.status === 'uploading') t.status = 'running';
+    this.board.reopen(t);
     this.conditions.notify();
   }
 
@@ -243,20 +219,17 @@ export class DistributedRun extends RunBase implements RegistryListener {
     }
     const aligned = bytes.byteOffset % 4 === 0 ? bytes : bytes.slice();
     const flat = new Float32Array(aligned.buffer, aligned.byteOffset, aligned.byteLength / 4);
-    // Gradients are sums over tokens: add them as they are. Deltas: weight by tokens.
-    if (t.kind === UpdateKind.UPDATE_KIND_GRADIENT) this.open.sum.add(flat, 1, t.expectedTokens);
-    else this.open.sum.add(flat, t.expectedTokens, t.expectedTokens);
+    // Gradients are sums over tokens: added as they are. Deltas: weighted by tokens.
+    this.strategy.fold(this.open.sum, flat, t.expectedTokens);
     this.open.tokens += t.expectedTokens;
-    t.status = 'done';
-    t.doneAt = Date.now();
+    this.board.done(t, bytes.byteLength);
     t.lossSum = h.metrics.loss_sum ?? 0;
     t.computeMs = Math.max(0, h.metrics.compute_ms ?? 0);
-    t.bytesUp = bytes.byteLength;
     this.conditions.notify();
   }
 
   rejectUpdate(w: WorkerRecord, h: Pick<UploadHeader, 'taskId' | 'round'> | null, reason: string): void {
-    const t = h ? this.tasks.get(h.taskId) : undefined;
+    const t = h ? this.board.get(h.taskId) : undefined;
     this.publish({ type: 'update.rejected', round: t ? t.step + 1 : 0, taskId: h?.taskId ?? '', workerId: w.workerId, site: w.site, reason });
     log.warn({ worker: w.workerId, site: w.site, task: h?.taskId }, `update rejected: ${reason}`);
   }
@@ -271,15 +244,15 @@ export class DistributedRun extends RunBase implements RegistryListener {
       type: 'run.started',
       name: cfg.name,
       mode: 'distributed',
-      strategy: this.syncEvery > 1 ? `local-sgd (sync every ${this.syncEvery}, outer ${cfg.distributed.outer_optimizer.kind})` : 'sync-sgd',
+      strategy: this.strategy.description,
       totalRounds: 0,
       totalSteps: total,
-      config: JSON.parse(JSON.stringify({ ...cfg, server: { ...cfg.server, join_token: '***' }, dashboard: { ...cfg.dashboard, token: cfg.dashboard.token ? '***' : null } })) as Record<string, unknown>,
+      config: redactedConfig(cfg),
       resumedFromRound: this.resumed ? this.state.step : 0,
     });
     try {
       while (this.state.step < total) await this.runStep(this.state.step);
-      const finalAdapterPath = this.store.stepDir(this.state.step);
+      const finalAdapterPath = this.store.dir(this.state.step);
       const last = this.state.recent.at(-1);
       this.publish({
         type: 'run.completed',
@@ -299,7 +272,7 @@ export class DistributedRun extends RunBase implements RegistryListener {
         this.publish({ type: 'run.failed', error });
         this.publish({ type: 'run.state', state: 'failed', message: error });
       }
-      return { state: stopped ? 'stopped' : 'failed', rounds: this.state.step, finalAdapterPath: this.state.step > 0 ? this.store.stepDir(this.state.step) : null, history: [], error };
+      return { state: stopped ? 'stopped' : 'failed', rounds: this.state.step, finalAdapterPath: this.state.step > 0 ? this.store.dir(this.state.step) : null, history: [], error };
     } finally {
       this.open = null;
     }
@@ -307,10 +280,7 @@ export class DistributedRun extends RunBase implements RegistryListener {
 
 
   private fail(t: StepTaskState, reason: string): void {
-    if (t.status !== 'running' && t.status !== 'uploading') return;
-    t.status = 'failed';
-    t.doneAt = Date.now();
-    t.failReason = reason;
+    this.board.fail(t, reason);
   }
 
   private connectedIds(): string[] {
@@ -403,8 +373,8 @@ export class DistributedRun extends RunBase implements RegistryListener {
     for (let attempt = 0; ; attempt++) {
       await this.ensurePlan(step);
       const plan = this.plan!;
-      const kind = this.syncEvery > 1 ? UpdateKind.UPDATE_KIND_DELTA : UpdateKind.UPDATE_KIND_GRADIENT;
-      this.open = { step, attempt, sum: new FlatSum(this.packedGlobal.manifest), tokens: 0 };
+      const kind = this.strategy.upload === 'delta' ? UpdateKind.UPDATE_KIND_DELTA : UpdateKind.UPDATE_KIND_GRADIENT;
+      this.open = { step, attempt, sum: this.strategy.aggregator(this.packedGlobal.manifest), tokens: 0 };
       const t0 = Date.now();
       const deadline = t0 + cfg.distributed.step_deadline_sec * 1000 * span;
       const tasks: StepTaskState[] = [];
@@ -417,22 +387,13 @@ export class DistributedRun extends RunBase implements RegistryListener {
         tasks.push(t);
         this.dispatch(t, deadline, plan.shardIds[k]!, per[0]!.start, count, per.map((p) => p.count), lrs, plan.epoch);
       }
-      const settled = (): boolean => tasks.every((t) => t.status !== 'running' && t.status !== 'uploading');
-      const allIn = await this.conditions.waitFor(settled, deadline);
-      if (!allIn) {
-        for (const t of tasks) {
-          if (t.status === 'running' || t.status === 'uploading') {
-            this.fail(t, `missed the step deadline of ${cfg.distributed.step_deadline_sec * span} s`);
-            const w = this.registry.get(t.workerId);
-            if (w) this.registry.send(w, { body: { $case: 'cancel', value: { taskId: t.taskId, reason: t.failReason! } } });
-          }
-        }
-      }
+      const allIn = await this.conditions.waitFor(() => this.board.settled(tasks), deadline);
+      if (!allIn) this.board.cancel(tasks, `missed the step deadline of ${cfg.distributed.step_deadline_sec * span} s`, 'failed');
       const failed = tasks.filter((t) => t.status !== 'done');
       if (failed.length === 0) {
         await this.complete(step, span, attempt, tasks, lrs, started, t0);
         // Tasks of earlier steps are forgotten; this step's stay so that a late or repeated upload gets a precise answer.
-        for (const t of this.tasks.values()) if (t.step < step) this.tasks.delete(t.taskId);
+        this.board.forget((t) => t.step < step);
         return;
       }
       // Drop the failed workers for the rest of the epoch; the step is retried without them.
@@ -463,7 +424,7 @@ export class DistributedRun extends RunBase implements RegistryListener {
       examples += mb.length;
       for (const i of mb) tokens += this.data.tokens[i]!;
     }
-    const t: StepTaskState = {
+    return this.board.add({
       taskId: `s${step + 1}-${attempt}-${randomBytes(4).toString('hex')}`,
       workerId,
       site: w?.site ?? workerId,
@@ -482,9 +443,7 @@ export class DistributedRun extends RunBase implements RegistryListener {
       computeMs: 0,
       bytesUp: 0,
       failReason: null,
-    };
-    this.tasks.set(t.taskId, t);
-    return t;
+    });
   }
 
   private dispatch(t: StepTaskState, deadline: number, shardId: string, start: number, count: number, perStep: number[], lrs: number[], epoch: number): void {
@@ -529,16 +488,11 @@ export class DistributedRun extends RunBase implements RegistryListener {
     const lossSum = tasks.reduce((s, t) => s + t.lossSum, 0);
     const examples = tasks.reduce((s, t) => s + t.expectedExamples, 0);
     const ta = Date.now();
-    let gradNorm: number | null = null;
-    if (this.optimizer) {
-      gradNorm = applyGradientStep(this.globalAdapter, open.sum, tokens, { optimizer: this.optimizer, lr: lrs[0]!, maxGradNorm: this.cfg.training.max_grad_norm });
-      if (!Number.isFinite(gradNorm)) {
-        this.publish({ type: 'log', level: 'warn', message: `step ${step + 1}: gradient norm is ${gradNorm}; the update was skipped` });
-      }
-      this.setGlobal(this.globalAdapter, this.globalVersion + 1);
-    } else {
-      this.setGlobal(applyOuterStep(this.globalAdapter, open.sum, this.outer!), this.globalVersion + 1);
+    const { next, gradNorm } = this.strategy.step(this.globalAdapter, open.sum, tokens, lrs[0]!);
+    if (gradNorm !== null && !Number.isFinite(gradNorm)) {
+      this.publish({ type: 'log', level: 'warn', message: `step ${step + 1}: gradient norm is ${gradNorm}; the update was skipped` });
     }
+    this.setGlobal(next, this.globalVersion + 1);
     const aggregateMs = Date.now() - ta;
     const done = step + span;
     const computeMs = Math.max(0, ...tasks.map((t) => t.computeMs));
@@ -589,16 +543,13 @@ export class DistributedRun extends RunBase implements RegistryListener {
       })),
     });
     log.info({ step: done, loss: rec.loss, tokens, workers: tasks.length, ms: durationMs }, 'step completed');
-    await this.store.appendStep(rec).catch((err: unknown) => log.warn({ err }, 'could not append to steps.jsonl'));
+    await this.store.appendLog(STEPS_LOG, rec).catch((err: unknown) => log.warn({ err }, `could not append to ${STEPS_LOG}`));
     const every = this.cfg.distributed.checkpoint_every;
     if (Math.floor(done / every) > Math.floor(step / every) || done === this.state.totalSteps) await this.checkpoint();
   }
 
   private async checkpoint(): Promise<void> {
-    const { path, bytes } = await this.store.write(this.state, this.globalAdapter, async (dir) => {
-      if (this.optimizer) await saveOptimizerState(`${dir}/${OPTIMIZER_FILE}`, this.optimizer.state());
-      if (this.outer) await saveOuterState(`${dir}/${OUTER_OPTIMIZER_FILE}`, this.outer.state());
-    });
+    const { path, bytes } = await this.store.write(this.state, this.globalAdapter, { r: this.cfg.lora.r, alpha: this.cfg.lora.alpha }, { strategy: this.strategy.state() });
     this.publish({ type: 'checkpoint.written', round: 0, step: this.state.step, path, bytes });
     log.info({ step: this.state.step, path }, 'checkpoint written');
   }

@@ -7,32 +7,35 @@
  */
 import { existsSync } from 'node:fs';
 import type { RunConfig } from '../../common/config.ts';
+import type { ModelInfo } from '../../common/hf-model.ts';
 import { logger } from '../../common/log.ts';
 import type { TensorMap } from '../../common/tensor.ts';
-import type { LoadedModel, LoraConfig } from '../../common/model-config.ts';
+import type { LoraConfig } from '../../common/model-config.ts';
 import { initLoraAdapter, validateAdapter, type LoraTarget } from '../../common/lora.ts';
-import { AdamW, loadOptimizerState } from '../../common/optim.ts';
-import { loadOuterState, OuterOptimizer } from '../../common/outer.ts';
+import { loadOptimizerState } from '../../common/optim.ts';
+import { loadOuterState } from '../../common/outer.ts';
 import { loadTokenizer } from '../../common/tokenizer.ts';
 import { DataOrder, loadDistributedDataset, type DistributedDataset } from './plan.ts';
-import { DistributedStore, OPTIMIZER_FILE, OUTER_OPTIMIZER_FILE, type DataOrderIdentity, type DistributedStateFile } from './store.ts';
+import type { CheckpointStore } from '../store.ts';
+import { createStepStrategy, type StepStrategy } from '../strategies/steps.ts';
+import type { StrategyState } from '../strategies/strategy.ts';
+import { DIST_FORMAT, distributedStore, LEGACY_OPTIMIZER_FILE, LEGACY_OUTER_OPTIMIZER_FILE, type DataOrderIdentity, type DistributedStateFile } from './store.ts';
 
 const log = logger('coordinator.distributed');
 
 export interface DistributedSetup {
-  store: DistributedStore;
+  store: CheckpointStore<DistributedStateFile>;
   data: DistributedDataset;
   order: DataOrder;
   global: TensorMap;
-  optimizer: AdamW | null;
-  outer: OuterOptimizer | null;
+  strategy: StepStrategy;
   state: DistributedStateFile;
   resumed: boolean;
 }
 
 export async function setupDistributed(
   cfg: RunConfig,
-  o: { model: LoadedModel; lora: LoraConfig; targets: LoraTarget[]; resume: boolean },
+  o: { model: ModelInfo; lora: LoraConfig; targets: LoraTarget[]; resume: boolean },
 ): Promise<DistributedSetup> {
   const d = cfg.distributed;
   const t = cfg.training;
@@ -53,30 +56,16 @@ export async function setupDistributed(
     seed,
     syncEvery: d.sync_every,
   };
-  const store = new DistributedStore({
-    root: cfg.checkpoint.dir,
-    runName: cfg.name,
-    lora: o.lora,
-    baseModel: cfg.model.path,
-    fanInFanOut: o.targets.some((x) => x.conv1d),
-  });
+  const store = distributedStore(cfg, o.targets.some((x) => x.conv1d));
   await store.cleanTemp();
-  if (await store.hasRounds()) {
+  if (await store.hasOtherMode()) {
     throw new Error(`${store.runDir} holds federated round checkpoints: a distributed run needs its own name or checkpoint.dir`);
   }
-  const local = d.sync_every > 1;
-  const optimizer = local ? null : new AdamW({ lr: t.lr, weightDecay: t.weight_decay });
-  const outer = local
-    ? new OuterOptimizer(
-        d.outer_optimizer.kind === 'average'
-          ? { kind: 'average' }
-          : { kind: 'nesterov', lr: d.outer_optimizer.lr, momentum: d.outer_optimizer.momentum },
-      )
-    : null;
+  const strategy = createStepStrategy(cfg);
 
   const latest = await store.latest();
   if (latest && !o.resume) {
-    throw new Error(`${store.runDir} already holds checkpoints up to step ${latest.step}: pass --resume to continue that run, or change name / checkpoint.dir to start a new one`);
+    throw new Error(`${store.runDir} already holds checkpoints up to step ${latest.n}: pass --resume to continue that run, or change name / checkpoint.dir to start a new one`);
   }
   if (latest) {
     const s = latest.state;
@@ -102,18 +91,18 @@ export async function setupDistributed(
     } catch (err) {
       throw new Error(`cannot resume from ${latest.dir}: the adapter does not fit the config's lora section: ${(err as Error).message}`);
     }
-    if (optimizer && existsSync(`${latest.dir}/${OPTIMIZER_FILE}`)) optimizer.load(await loadOptimizerState(`${latest.dir}/${OPTIMIZER_FILE}`));
-    else if (optimizer && latest.step > 0) throw new Error(`cannot resume from ${latest.dir}: ${OPTIMIZER_FILE} is missing`);
-    if (outer && existsSync(`${latest.dir}/${OUTER_OPTIMIZER_FILE}`)) outer.load(await loadOuterState(`${latest.dir}/${OUTER_OPTIMIZER_FILE}`));
+    const saved = (await store.readStrategyState(latest.dir)) ?? (await legacyStepState(latest.dir, strategy));
+    if (saved) strategy.load(saved);
+    else if (strategy.name === 'sync-sgd' && latest.n > 0) throw new Error(`cannot resume from ${latest.dir}: the optimizer state (strategy_state.safetensors) is missing`);
     const state: DistributedStateFile = { ...s, totalSteps };
-    log.info({ step: latest.step, dir: latest.dir }, 'resuming after the last checkpoint');
-    return { store, data, order, global, optimizer, outer, state, resumed: true };
+    log.info({ step: latest.n, dir: latest.dir }, 'resuming after the last checkpoint');
+    return { store, data, order, global, strategy, state, resumed: true };
   }
   if (o.resume) log.warn({ runDir: store.runDir }, '--resume given but no checkpoint exists yet: starting the run from step 0');
   const global = initLoraAdapter(o.targets, cfg.lora.r, t.seed);
   const now = new Date().toISOString();
   const state: DistributedStateFile = {
-    format: 'fedtune.distributed-state/1',
+    format: DIST_FORMAT,
     runId: cfg.name,
     name: cfg.name,
     mode: 'distributed',
@@ -128,6 +117,17 @@ export async function setupDistributed(
     createdAt: now,
     updatedAt: now,
   };
-  await store.write(state, global);
-  return { store, data, order, global, optimizer, outer, state, resumed: false };
+  await store.write(state, global, { r: cfg.lora.r, alpha: cfg.lora.alpha }, { strategy: strategy.state() });
+  return { store, data, order, global, strategy, state, resumed: false };
+}
+
+/** Checkpoints of earlier versions kept AdamW's or the outer optimizer's state in their own files. */
+async function legacyStepState(dir: string, strategy: StepStrategy): Promise<StrategyState | null> {
+  const file = `${dir}/${strategy.name === 'sync-sgd' ? LEGACY_OPTIMIZER_FILE : LEGACY_OUTER_OPTIMIZER_FILE}`;
+  if (!existsSync(file)) return null;
+  const s = strategy.name === 'sync-sgd' ? await loadOptimizerState(file) : await loadOuterState(file);
+  const tensors: TensorMap = new Map();
+  for (const [k, t] of s.m) tensors.set(`m.${k}`, t);
+  for (const [k, t] of s.v) tensors.set(`v.${k}`, t);
+  return { json: { kind: s.kind, step: s.step }, tensors };
 }

@@ -1,30 +1,25 @@
 /**
- * Checkpoints of a distributed run. After every K optimizer steps (and at the
- * end) one directory
+ * What a distributed run records: its state file (step, data order, dataset
+ * digest, recent steps) and one record per step. Checkpoints themselves are
+ * written by the run's CheckpointStore (coordinator/store.ts), as
  *
  *   CHECKPOINT_DIR/<run>/step-NNNNNN/
  *     adapter_config.json  adapter_model.safetensors   (PEFT: loads in Hugging Face PEFT as is)
- *     optimizer.safetensors                             (AdamW moments and step; synchronous steps)
- *     outer_optimizer.safetensors                       (Nesterov momentum; local SGD)
- *     state.json                                        (step, data order, dataset digest, recent steps)
+ *     strategy_state.safetensors                        (AdamW moments for sync-sgd; outer momentum for local SGD)
+ *     state.json
  *
- * is built in a temporary sibling and renamed into place, so a step directory
- * that exists is complete. step-000000 holds the initial adapter. Every step's
- * record is also appended to CHECKPOINT_DIR/<run>/steps.jsonl.
+ * every distributed.checkpoint_every steps and at the end; step-000000 holds
+ * the initial adapter. Every step's record is also appended to
+ * CHECKPOINT_DIR/<run>/steps.jsonl.
  */
-import { appendFile, mkdir, readdir, readFile, rm, stat } from 'node:fs/promises';
-import { join } from 'node:path';
-import { writeDirAtomic, writeFileAtomic } from '../../common/atomic.ts';
-import { readPeftAdapter, writePeftAdapter } from '../../common/peft.ts';
-import type { TensorMap } from '../../common/tensor.ts';
-import type { LoraConfig } from '../../common/model-config.ts';
-import { completeCheckpoints } from '../store.ts';
+import type { RunConfig } from '../../common/config.ts';
+import { CheckpointStore } from '../store.ts';
 
-export const DIST_STATE_FILE = 'state.json';
-export const OPTIMIZER_FILE = 'optimizer.safetensors';
-export const OUTER_OPTIMIZER_FILE = 'outer_optimizer.safetensors';
+/** Written by earlier versions next to the adapter; read on resume when strategy_state.safetensors is absent. */
+export const LEGACY_OPTIMIZER_FILE = 'optimizer.safetensors';
+export const LEGACY_OUTER_OPTIMIZER_FILE = 'outer_optimizer.safetensors';
 export const STEPS_LOG = 'steps.jsonl';
-const FORMAT = 'fedtune.distributed-state/1';
+export const DIST_FORMAT = 'fedtune.distributed-state/1';
 
 /** One completed step (or local SGD sync) as the run records it. */
 export interface StepRecord {
@@ -61,7 +56,7 @@ export interface DataOrderIdentity {
 }
 
 export interface DistributedStateFile {
-  format: typeof FORMAT;
+  format: typeof DIST_FORMAT;
   runId: string;
   name: string;
   mode: 'distributed';
@@ -79,87 +74,15 @@ export interface DistributedStateFile {
   updatedAt: string;
 }
 
-export interface DistributedCheckpoint {
-  step: number;
-  dir: string;
-  state: DistributedStateFile;
-}
-
-export function stepDirName(step: number): string {
-  return `step-${String(step).padStart(6, '0')}`;
-}
-
-export class DistributedStore {
-  readonly runDir: string;
-
-  constructor(private readonly o: { root: string; runName: string; lora: LoraConfig; baseModel: string; fanInFanOut: boolean }) {
-    this.runDir = join(o.root, o.runName);
-  }
-
-  stepDir(step: number): string {
-    return join(this.runDir, stepDirName(step));
-  }
-
-  /** Complete step checkpoints on disk, ascending. */
-  steps(): Promise<number[]> {
-    return completeCheckpoints(this.runDir, /^step-(\d{6,})$/, DIST_STATE_FILE);
-  }
-
-  /** Whether the run directory holds federated round checkpoints (another mode's run). */
-  async hasRounds(): Promise<boolean> {
-    const names = await readdir(this.runDir).catch(() => [] as string[]);
-    return names.some((n) => /^round-\d{4,}$/.test(n));
-  }
-
-  async latest(): Promise<DistributedCheckpoint | null> {
-    const step = (await this.steps()).at(-1);
-    if (step === undefined) return null;
-    const dir = this.stepDir(step);
-    const file = join(dir, DIST_STATE_FILE);
-    let state: DistributedStateFile;
-    try {
-      state = JSON.parse(await readFile(file, 'utf8')) as DistributedStateFile;
-    } catch (err) {
-      throw new Error(`checkpoint ${file}: cannot read run state (${(err as Error).message})`);
-    }
-    if (state.format !== FORMAT || state.step !== step) throw new Error(`checkpoint ${file}: not a ${FORMAT} file for step ${step}`);
-    return { step, dir, state };
-  }
-
-  async loadAdapter(dir: string): Promise<TensorMap> {
-    return (await readPeftAdapter(dir)).adapter;
-  }
-
-  /** Write step `state.step` atomically; returns its directory and size in bytes. */
-  async write(state: DistributedStateFile, adapter: TensorMap, saveExtra?: (dir: string) => Promise<unknown>): Promise<{ path: string; bytes: number }> {
-    const dir = this.stepDir(state.step);
-    await writeDirAtomic(
-      dir,
-      async (tmp) => {
-        await writePeftAdapter(tmp, adapter, {
-          lora: this.o.lora,
-          baseModel: this.o.baseModel,
-          fanInFanOut: this.o.fanInFanOut,
-          extra: { fedtune_run: state.name, fedtune_step: state.step },
-        });
-        if (saveExtra) await saveExtra(tmp);
-        await writeFileAtomic(join(tmp, DIST_STATE_FILE), `${JSON.stringify(state, null, 2)}\n`);
-      },
-      { overwrite: true },
-    );
-    let bytes = 0;
-    for (const f of await readdir(dir)) bytes += (await stat(join(dir, f))).size;
-    await writeFileAtomic(join(this.runDir, 'latest.json'), `${JSON.stringify({ step: state.step, path: dir }, null, 2)}\n`);
-    return { path: dir, bytes };
-  }
-
-  async appendStep(rec: StepRecord): Promise<void> {
-    await mkdir(this.runDir, { recursive: true });
-    await appendFile(join(this.runDir, STEPS_LOG), `${JSON.stringify(rec)}\n`);
-  }
-
-  async cleanTemp(): Promise<void> {
-    const names = await readdir(this.runDir).catch(() => [] as string[]);
-    for (const n of names) if (/^\.step-\d+.*\.(tmp|old)-/.test(n)) await rm(join(this.runDir, n), { recursive: true, force: true });
-  }
+export function distributedStore(cfg: RunConfig, fanInFanOut: boolean): CheckpointStore<DistributedStateFile> {
+  return new CheckpointStore<DistributedStateFile>({
+    root: cfg.checkpoint.dir,
+    runName: cfg.name,
+    unit: 'step',
+    format: DIST_FORMAT,
+    numberOf: (s) => s.step,
+    baseModel: cfg.model.path,
+    fanInFanOut,
+    lora: { dropout: cfg.lora.dropout, targetModules: [...cfg.lora.target_modules] },
+  });
 }

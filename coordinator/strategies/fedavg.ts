@@ -1,28 +1,33 @@
 /**
- * FedAvg as a streaming accumulator (McMahan et al. 2017):
+ * FedAvg (McMahan et al. 2017, "Communication-Efficient Learning of Deep
+ * Networks from Decentralized Data"):
  *
  *   w_global = sum_k n_k * w_k / sum_k n_k
  *
  * over every tensor independently (LoRA A and B are averaged separately, never
- * their product). Each update is folded into one float64 running sum as it
- * arrives and then dropped, so memory is O(adapter size) whatever the number of
- * workers.
+ * their product). MeanAggregator folds each update into one float64 running
+ * sum as it arrives and drops it, so memory is O(adapter size) whatever the
+ * number of workers. FedProx, FFA-LoRA and the server optimizers reuse it.
  */
-import { manifestBytes, type TensorSpecEntry } from '../../common/chunks.ts';
+import { z } from 'zod';
 import { numel, type TensorMap } from '../../common/tensor.ts';
+import { BaseStrategy, type Aggregator, type FitUpdate, type GlobalAdapter, type StrategyDefinition } from './strategy.ts';
 
-export class FedAvgAccumulator {
-  readonly manifest: readonly TensorSpecEntry[];
+/** Streaming weighted mean of tensor maps with the same names and shapes. */
+export class MeanAggregator implements Aggregator {
+  readonly kind = 'streaming';
+  private readonly names: string[];
+  private readonly shapes: number[][];
   private readonly sum: Float64Array;
   private weight = 0;
   private n = 0;
 
-  constructor(manifest: readonly TensorSpecEntry[]) {
-    this.manifest = manifest.map((e) => ({ ...e, shape: [...e.shape] }));
-    this.sum = new Float64Array(manifestBytes(manifest) / 4);
+  constructor(like: TensorMap) {
+    this.names = [...like.keys()];
+    this.shapes = [...like.values()].map((t) => [...t.shape]);
+    this.sum = new Float64Array(this.shapes.reduce((s, sh) => s + numel(sh), 0));
   }
 
-  /** Updates folded in so far. */
   get count(): number {
     return this.n;
   }
@@ -30,47 +35,62 @@ export class FedAvgAccumulator {
     return this.weight;
   }
 
-  /**
-   * Fold one update given as the flat float32 concatenation of its tensors in
-   * manifest order (exactly what arrives on the wire). The caller has validated it.
-   */
-  addFlat(values: Float32Array, weight: number): void {
-    if (values.length !== this.sum.length) {
-      throw new Error(`FedAvg: update has ${values.length} elements, the adapter has ${this.sum.length}`);
-    }
-    if (!(weight > 0) || !Number.isFinite(weight)) throw new Error(`FedAvg: weight must be a positive number (got ${weight})`);
-    const s = this.sum;
-    for (let i = 0; i < s.length; i++) s[i]! += weight * values[i]!;
-    this.weight += weight;
-    this.n++;
-  }
-
-  /** Fold one update given as a tensor map with the manifest's names and shapes. */
-  add(update: TensorMap, weight: number): void {
-    const flat = new Float32Array(this.sum.length);
+  add(u: Pick<FitUpdate, 'tensors' | 'weight'>): void {
+    const w = u.weight;
+    if (!(w > 0) || !Number.isFinite(w)) throw new Error(`mean: weight must be a positive finite number (got ${w})`);
     let off = 0;
-    for (const e of this.manifest) {
-      const t = update.get(e.name);
-      if (!t) throw new Error(`FedAvg: update lacks tensor ${e.name}`);
-      flat.set(t.data, off);
-      off += numel(e.shape);
+    for (const [i, name] of this.names.entries()) {
+      const t = u.tensors.get(name);
+      const n = numel(this.shapes[i]!);
+      if (!t || t.data.length !== n) throw new Error(`mean: update lacks tensor ${name} of ${n} elements`);
+      const d = t.data;
+      const s = this.sum;
+      for (let j = 0; j < n; j++) s[off + j]! += w * d[j]!;
+      off += n;
     }
-    this.addFlat(flat, weight);
+    this.weight += w;
+    this.n++;
   }
 
   /** The weighted mean as float32 tensors. Throws when nothing was added. */
   mean(): TensorMap {
-    if (this.n === 0) throw new Error('FedAvg: no updates to average');
+    if (this.n === 0) throw new Error('mean: no updates to average');
     const out: TensorMap = new Map();
     const inv = 1 / this.weight;
     let off = 0;
-    for (const e of this.manifest) {
-      const n = numel(e.shape);
+    for (const [i, name] of this.names.entries()) {
+      const shape = this.shapes[i]!;
+      const n = numel(shape);
       const data = new Float32Array(n);
-      for (let i = 0; i < n; i++) data[i] = this.sum[off + i]! * inv;
-      out.set(e.name, { shape: [...e.shape], data });
+      for (let j = 0; j < n; j++) data[j] = this.sum[off + j]! * inv;
+      out.set(name, { shape: [...shape], data });
       off += n;
     }
     return out;
   }
 }
+
+export function meanOf(aggregator: Aggregator, who: string): TensorMap {
+  if (!(aggregator instanceof MeanAggregator)) throw new Error(`${who}: expects the aggregator it created (a MeanAggregator)`);
+  return aggregator.mean();
+}
+
+export class FedAvg extends BaseStrategy {
+  readonly name: string = 'fedavg';
+  readonly description: string = 'fedavg';
+
+  aggregator(global: GlobalAdapter): Aggregator {
+    return new MeanAggregator(global.tensors);
+  }
+
+  aggregateFit(_round: number, global: GlobalAdapter, aggregator: Aggregator): GlobalAdapter {
+    return { tensors: meanOf(aggregator, this.name), rank: global.rank };
+  }
+}
+
+export const fedavg: StrategyDefinition = {
+  name: 'fedavg',
+  summary: 'example-weighted mean of the sites\' adapters',
+  params: z.strictObject({}),
+  create: (_p, ctx) => new FedAvg(ctx),
+};

@@ -131,6 +131,6 @@ describe('bad run config', () => {
     writeFileSync(p, 'name: x\nmodel:\n  path: m\ntraining:\n  steps: 1\nrounds: 1\nstrategy: fedsgd\nserver:\n  join_token: t\n');
     const c = fedtune(['coordinator', '--config', p]);
     expect(await c.exited).toBe(1);
-    expect(c.out()).toMatch(/strategy \(line 7\): must be one of fedavg, fedavgm, fedadam, fedyogi \(got "fedsgd"\)/);
+    expect(c.out()).toMatch(/strategy \(line 7\): must be one of fedavg, fedavgm, fedadam, fedyogi, fedprox, ffa, flora, flexlora, median, trimmed_mean, krum, norm_bounding \(got "fedsgd"\)/);
   });
 });

@@ -1,6 +1,7 @@
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { strategyIssues } from '../../coordinator/strategies/index.ts';
 import { describe, expect, it, onTestFinished } from 'vitest';
 import { loadRunConfig, parseHostPort, parseRunConfig, RunConfigError } from '../../common/config.ts';
 
@@ -21,7 +22,9 @@ describe('run config', () => {
   it('fills defaults for everything optional', () => {
     const c = parseRunConfig(base());
     expect(c.mode).toBe('federated');
-    expect(c.strategy).toBe('fedavg');
+    expect(c.strategy).toEqual({ name: 'fedavg' });
+    expect(c.weighting).toEqual({ mode: 'examples', max_examples: null });
+    expect(c.defence).toEqual({ max_abs: 1e4, max_norm: null, norm_factor: 10 });
     expect(c.lora).toEqual({ r: 8, alpha: 16, dropout: 0, target_modules: ['q_proj', 'v_proj'] });
     expect(c.server.listen).toBe('127.0.0.1:7070');
     expect(c.server.chunk_bytes).toBe(1 << 20);
@@ -31,7 +34,6 @@ describe('run config', () => {
   });
 
   it('names the field and the allowed values for a bad enum', () => {
-    expect(issues({ ...base(), strategy: 'fedsgd' })).toEqual(['strategy: must be one of fedavg, fedavgm, fedadam, fedyogi (got "fedsgd")']);
     expect(issues({ ...base(), training: { steps: 3, schedule: 'step' } })).toEqual([
       'training.schedule: must be one of constant, linear, cosine (got "step")',
     ]);
@@ -84,7 +86,9 @@ describe('run config', () => {
     onTestFinished(() => rmSync(dir, { recursive: true, force: true }));
     const y = join(dir, 'run.yaml');
     writeFileSync(y, 'name: demo\nmodel:\n  path: m\ntraining:\n  steps: 3\nrounds: 2\nstrategy: fedsgd\nserver:\n  join_token: t\n');
-    await expect(loadRunConfig(y)).rejects.toThrow(/strategy \(line 7\): must be one of fedavg, fedavgm, fedadam, fedyogi \(got "fedsgd"\)/);
+    await expect(loadRunConfig(y, {}, strategyIssues)).rejects.toThrow(/strategy \(line 7\): must be one of fedavg, fedavgm, fedadam, fedyogi, fedprox, .* \(got "fedsgd"\)/);
+    writeFileSync(y, 'name: demo\nmodel:\n  path: m\ntraining:\n  steps: 3\nrounds: 2\nstrategy:\n  name: fedprox\n  mu: -1\nserver:\n  join_token: t\n');
+    await expect(loadRunConfig(y, {}, strategyIssues)).rejects.toThrow(/strategy\.mu \(line 9\): must be >0 \(got -1\)/);
     const j = join(dir, 'run.json');
     writeFileSync(j, JSON.stringify({ ...base(), server: undefined }));
     const c = await loadRunConfig(j, { joinToken: 'from-cli', listen: '0.0.0.0:0', checkpointDir: '/ck' });

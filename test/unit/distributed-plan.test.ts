@@ -4,7 +4,8 @@ import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { manifestOf } from '../../common/chunks.ts';
 import type { TensorMap } from '../../common/tensor.ts';
-import { applyGradientStep, applyOuterStep, FlatSum } from '../../coordinator/distributed/aggregate.ts';
+import { parseRunConfig } from '../../common/config.ts';
+import { createStepStrategy } from '../../coordinator/strategies/steps.ts';
 import { assignMicroBatches, DataOrder, loadDistributedDataset, planEpoch } from '../../coordinator/distributed/plan.ts';
 import { makeBatches } from '../../worker/data/batching.ts';
 import type { Example, Tokenizer } from '../../common/data/tokenize.ts';
@@ -118,7 +119,10 @@ describe('shards', () => {
   });
 });
 
-describe('aggregation', () => {
+const stepConfig = (o: Record<string, unknown>) =>
+  parseRunConfig({ name: 't', mode: 'distributed', model: { path: 'm' }, distributed: { dataset: 'd.jsonl' }, server: { join_token: 'x' }, ...o });
+
+describe('step strategies', () => {
   const params = (): TensorMap =>
     new Map([
       ['a', { shape: [2, 2], data: Float32Array.from([0.1, -0.2, 0.3, 0.4]) }],
@@ -129,11 +133,13 @@ describe('aggregation', () => {
   it('a step from summed gradients equals the token-weighted mean gradient, clipped, through AdamW', () => {
     const g1 = Float32Array.from([1, 2, 3, 4, 5, 6, 7]); // summed over 3 tokens
     const g2 = Float32Array.from([-1, 0, 1, 0, 2, 2, 2]); // summed over 5 tokens
-    const sum = new FlatSum(manifestOf(params()));
-    sum.add(g1, 1, 3);
-    sum.add(g2, 1, 5);
+    const sync = createStepStrategy(stepConfig({ training: { steps: 1, lr: 0.1, max_grad_norm: 0.5 } }));
+    expect(sync.name).toBe('sync-sgd');
+    const sum = sync.aggregator(manifestOf(params()));
+    sync.fold(sum, g1, 3);
+    sync.fold(sum, g2, 5);
     const got = params();
-    const norm = applyGradientStep(got, sum, 8, { optimizer: new AdamW({ lr: 0.1 }), lr: 0.05, maxGradNorm: 0.5 });
+    const norm = sync.step(got, sum, 8, 0.05).gradNorm!;
 
     const want = params();
     const mean = g1.map((x, i) => (x + g2[i]!) / 8);
@@ -151,10 +157,12 @@ describe('aggregation', () => {
   it('local SGD: the outer step sees the token-weighted mean delta (Nesterov momentum)', () => {
     const d1 = Float32Array.from([1, 1, 1, 1, 1, 1, 1]);
     const d2 = Float32Array.from([4, 0, 0, 0, 0, 0, -2]);
-    const sum = new FlatSum(manifestOf(params()));
-    sum.add(d1, 1, 1);
-    sum.add(d2, 3, 3);
-    const got = applyOuterStep(params(), sum, new OuterOptimizer({ kind: 'nesterov', lr: 0.7, momentum: 0.9 }));
+    const local = createStepStrategy(stepConfig({ training: { steps: 4 }, distributed: { dataset: 'd.jsonl', sync_every: 2, outer_optimizer: { kind: 'nesterov', lr: 0.7, momentum: 0.9 } } }));
+    expect(local.name).toBe('local-sgd');
+    const sum = local.aggregator(manifestOf(params()));
+    local.fold(sum, d1, 1);
+    local.fold(sum, d2, 3);
+    const got = local.step(params(), sum, 4, 0).next;
     const mean = d1.map((x, i) => (x + 3 * d2[i]!) / 4);
     const delta: TensorMap = new Map([
       ['a', { shape: [2, 2], data: mean.slice(0, 4) }],

@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { normalizeConfig } from '../../worker/engine/model.ts';
+import { normalizeConfig } from '../../common/hf-model.ts';
 import { initLoraAdapter, loraTargets, peftKey, validateAdapter } from '../../common/lora.ts';
 import { createRng } from '../../common/random.ts';
 import type { LoraConfig } from '../../common/model-config.ts';

@@ -5,7 +5,8 @@ import { join, resolve } from 'node:path';
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
 import { initModel } from '../../worker/engine/init.ts';
-import { expectedWeightShapes, loadModel, normalizeConfig, saveModel } from '../../worker/engine/model.ts';
+import { loadModel, saveModel } from '../../worker/engine/model.ts';
+import { expectedWeightShapes, normalizeConfig } from '../../common/hf-model.ts';
 import { f32ToBf16Bits, bf16BitsToF32, f32ToF16Bits, f16BitsToF32, readSafetensors, writeSafetensors, type StWriteEntry } from '../../common/safetensors.ts';
 import type { TensorMap } from '../../common/tensor.ts';
 

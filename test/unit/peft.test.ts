@@ -4,7 +4,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { readPeftAdapter, writePeftAdapter, ADAPTER_CONFIG, ADAPTER_WEIGHTS } from '../../common/peft.ts';
 import { writeSafetensors, readSafetensors, type StWriteEntry } from '../../common/safetensors.ts';
-import { normalizeConfig } from '../../worker/engine/model.ts';
+import { normalizeConfig } from '../../common/hf-model.ts';
 import { initLoraAdapter, loraTargets, peftKey, validateAdapter } from '../../common/lora.ts';
 import { createRng } from '../../common/random.ts';
 import type { TensorMap } from '../../common/tensor.ts';

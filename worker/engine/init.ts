@@ -12,7 +12,8 @@ import { numel } from '../../common/tensor.ts';
 import { createRng } from '../../common/random.ts';
 import { writeDirAtomic } from '../../common/atomic.ts';
 import type { ModelConfig } from '../../common/model-config.ts';
-import { expectedWeightShapes, hfConfig, writeModelFiles, type ModelDtype } from './model.ts';
+import { expectedWeightShapes, hfConfig, type ModelDtype } from '../../common/hf-model.ts';
+import { writeModelFiles } from './model.ts';
 
 export type InitArch = 'llama' | 'qwen2' | 'mistral' | 'gpt2';
 export const INIT_ARCHS: readonly InitArch[] = ['llama', 'qwen2', 'mistral', 'gpt2'];

@@ -7,6 +7,16 @@
  * Gradients are averaged per trained token over the whole accumulated batch,
  * so k micro-batches of accumulation give exactly the step one batch of their
  * union would give (and distributed workers reproduce it exactly).
+ *
+ * Two federated variants of the local objective live here too:
+ * - FedProx (Li et al. 2020): the local objective is the mean token loss plus
+ *   mu/2 * ||w - w_global||^2 over the trained parameters, w_global being the
+ *   adapter the task started from (`proximal.anchor`). Its gradient
+ *   mu * (w - w_global) is a term of the mean loss, so it is added after the
+ *   division by the token count and before clipping.
+ * - FFA-LoRA (Sun et al. 2024) and any other partial training: parameters for
+ *   which `frozen(name)` holds get no gradient, no optimizer state and no
+ *   weight decay; they keep exactly the value they came with.
  */
 import type { TensorMap } from '../../common/tensor.ts';
 import type { Batch } from '../../common/model-config.ts';
@@ -17,8 +27,10 @@ export interface StepInfo {
   /** 1-based optimizer step within this loop. */
   step: number;
   totalSteps: number;
-  /** Mean token loss of this step's micro-batches. */
+  /** Objective of this step: mean token loss of its micro-batches plus proxLoss. */
   loss: number;
+  /** FedProx term mu/2 * ||w - anchor||^2 at the parameters the step started from (0 without proximal). */
+  proxLoss: number;
   lr: number;
   gradNorm: number;
   tokens: number;
@@ -45,12 +57,18 @@ export interface TrainLoopOptions {
   scheduleOffset?: number;
   onStep?: (s: StepInfo) => void;
   signal?: AbortSignal;
+  /** FedProx: add mu/2 * ||w - anchor||^2 over the trained parameters (mu = 0: plain local training). */
+  proximal?: { mu: number; anchor: TensorMap };
+  /** Parameters to keep fixed (FFA-LoRA: every lora_A). They are handed to neither the gradient step nor the optimizer. */
+  frozen?: (name: string) => boolean;
 }
 
 export interface TrainLoopResult {
   steps: number;
-  /** Token-weighted mean loss over every step. */
+  /** Token-weighted mean objective (token loss plus proxLoss) over every step. */
   meanLoss: number;
+  /** Token-weighted mean of the steps' FedProx terms (0 without proximal). */
+  proxLoss: number;
   lastLoss: number;
   tokens: number;
   examples: number;
@@ -62,6 +80,13 @@ export async function trainLoop(o: TrainLoopOptions): Promise<TrainLoopResult> {
   if (!Number.isInteger(o.gradAccumulation) || o.gradAccumulation < 1) {
     throw new Error(`gradAccumulation is ${o.gradAccumulation}, expected an integer >= 1`);
   }
+  const frozen = o.frozen ?? (() => false);
+  const trainable = [...o.params.keys()].filter((name) => !frozen(name));
+  if (trainable.length === 0) {
+    throw new Error(`all ${o.params.size} parameters are frozen, so there is nothing to train; leave at least one trainable (freeze_lora_a needs an adapter with lora_B tensors)`);
+  }
+  const prox = o.proximal ? checkProximal(o.proximal, o.params, trainable) : null;
+
   const t0 = performance.now();
   let epoch = 0;
   let queue = o.epochBatches(epoch);
@@ -77,6 +102,7 @@ export async function trainLoop(o: TrainLoopOptions): Promise<TrainLoopResult> {
   };
 
   let totalLoss = 0;
+  let totalProx = 0;
   let totalTokens = 0;
   let examples = 0;
   let lastLoss = NaN;
@@ -97,18 +123,30 @@ export async function trainLoop(o: TrainLoopOptions): Promise<TrainLoopResult> {
     }
     const grads = sum!;
     if (tokens > 0) scaleInPlace(grads, 1 / tokens);
-    const gradNorm = clipGradNorm(grads, o.maxGradNorm);
+    // Only the trainable parameters reach the step: frozen ones get neither a gradient nor optimizer state.
+    const stepGrads: TensorMap = new Map();
+    for (const name of trainable) {
+      const g = grads.get(name);
+      if (!g) throw new Error(`the engine returned no gradient for trainable parameter ${name}`);
+      stepGrads.set(name, g);
+    }
+    // Measured at the parameters the step starts from, like the token loss.
+    const proxLoss = prox ? proximalLoss(o.params, prox.anchor, prox.mu, trainable) : 0;
+    if (prox) addProximalGrad(stepGrads, o.params, prox.anchor, prox.mu);
+    const gradNorm = clipGradNorm(stepGrads, o.maxGradNorm);
     const lr = lrAt((o.scheduleOffset ?? 0) + step - 1, o.schedule);
-    if (tokens > 0) o.optimizer.step(o.params, grads, lr);
-    const loss = tokens > 0 ? lossSum / tokens : NaN;
+    if (tokens > 0) o.optimizer.step(o.params, stepGrads, lr);
+    const loss = tokens > 0 ? lossSum / tokens + proxLoss : NaN;
     lastLoss = loss;
     totalLoss += lossSum;
+    totalProx += tokens * proxLoss;
     totalTokens += tokens;
     const seconds = (performance.now() - stepStart) / 1000;
     o.onStep?.({
       step,
       totalSteps: o.steps,
       loss,
+      proxLoss,
       lr,
       gradNorm,
       tokens,
@@ -119,12 +157,59 @@ export async function trainLoop(o: TrainLoopOptions): Promise<TrainLoopResult> {
   }
   return {
     steps: o.steps,
-    meanLoss: totalTokens > 0 ? totalLoss / totalTokens : NaN,
+    meanLoss: totalTokens > 0 ? (totalLoss + totalProx) / totalTokens : NaN,
+    proxLoss: totalTokens > 0 ? totalProx / totalTokens : NaN,
     lastLoss,
     tokens: totalTokens,
     examples,
     seconds: (performance.now() - t0) / 1000,
   };
+}
+
+/** FedProx mu must be finite and >= 0; the error names the TrainingSpec field. */
+export function checkProxMu(mu: number): void {
+  if (typeof mu !== 'number' || !Number.isFinite(mu) || mu < 0) {
+    throw new Error(`prox_mu is ${String(mu)}, expected a finite number >= 0 (0 turns FedProx off)`);
+  }
+}
+
+/** Validates mu and that the anchor holds every trainable parameter with its shape. Returns null when mu = 0. */
+function checkProximal(p: { mu: number; anchor: TensorMap }, params: TensorMap, trainable: string[]): { mu: number; anchor: TensorMap } | null {
+  checkProxMu(p.mu);
+  if (p.mu === 0) return null;
+  for (const name of trainable) {
+    const a = p.anchor.get(name);
+    const w = params.get(name)!;
+    if (!a) throw new Error(`FedProx anchor (the global adapter) has no tensor ${name}; it must hold every trained parameter`);
+    if (a.data.length !== w.data.length || a.shape.length !== w.shape.length || a.shape.some((d, i) => d !== w.shape[i])) {
+      throw new Error(`FedProx anchor tensor ${name} has shape [${a.shape.join(', ')}], but the parameter has shape [${w.shape.join(', ')}]`);
+    }
+  }
+  return p;
+}
+
+/** mu/2 * sum over `names` of ||w - anchor||^2, accumulated in float64. */
+export function proximalLoss(params: TensorMap, anchor: TensorMap, mu: number, names: Iterable<string>): number {
+  let sq = 0;
+  for (const name of names) {
+    const w = params.get(name)!.data;
+    const a = anchor.get(name)!.data;
+    for (let i = 0; i < w.length; i++) {
+      const d = w[i]! - a[i]!;
+      sq += d * d;
+    }
+  }
+  return 0.5 * mu * sq;
+}
+
+/** grads += mu * (w - anchor) for every tensor in `grads`, in place. */
+export function addProximalGrad(grads: TensorMap, params: TensorMap, anchor: TensorMap, mu: number): void {
+  for (const [name, g] of grads) {
+    const gd = g.data;
+    const w = params.get(name)!.data;
+    const a = anchor.get(name)!.data;
+    for (let i = 0; i < gd.length; i++) gd[i]! += mu * (w[i]! - a[i]!);
+  }
 }
 
 /** a += b elementwise for every tensor; returns a. */

@@ -2,7 +2,9 @@
  * The noop trainer: no model math. It returns the global adapter plus a small
  * deterministic perturbation, reports simulated progress and counts the local
  * records, so transport, aggregation and fault handling can be exercised (and
- * benchmarked) without training anything.
+ * benchmarked) without training anything. With freeze_lora_a (FFA-LoRA) every
+ * lora_A comes back exactly as it arrived, as a real trainer would leave it;
+ * prox_mu is checked and otherwise has nothing to act on.
  */
 import { createHash } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -10,6 +12,7 @@ import { createRng } from '../../common/random.ts';
 import type { TensorMap } from '../../common/tensor.ts';
 import { splitEval } from '../data/batching.ts';
 import { loadRecords } from '../../common/data/dataset.ts';
+import { checkProxMu } from '../engine/train.ts';
 import type { EvalOutcome, LocalTrainingSpec, Trainer, TrainerFactoryOptions, TrainArgs, TrainOutcome } from './trainer.ts';
 
 /** Size of the perturbation added to every element. */
@@ -48,6 +51,7 @@ export class NoopTrainer implements Trainer {
 
   async train(args: TrainArgs): Promise<TrainOutcome> {
     const { spec, signal } = args;
+    checkProxMu(spec.proxMu);
     const total = this.totalSteps(spec);
     let loss = 0;
     for (let step = 1; step <= total; step++) {
@@ -63,9 +67,13 @@ export class NoopTrainer implements Trainer {
     const rng = createRng(seedOf(spec.seed, args.taskId));
     const adapter: TensorMap = new Map();
     for (const [name, t] of args.globalAdapter) {
-      const data = new Float32Array(t.data.length);
       // One random offset per tensor plus a cheap index pattern: deterministic and O(n).
       const base = (rng.next() - 0.5) * NOOP_PERTURBATION;
+      if (spec.freezeLoraA && name.endsWith('.lora_A.weight')) {
+        adapter.set(name, { shape: [...t.shape], data: Float32Array.from(t.data) });
+        continue;
+      }
+      const data = new Float32Array(t.data.length);
       for (let i = 0; i < data.length; i++) data[i] = t.data[i]! + base + NOOP_PERTURBATION * 1e-3 * (i % 7);
       adapter.set(name, { shape: [...t.shape], data });
     }

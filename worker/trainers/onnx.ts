@@ -10,7 +10,8 @@ import { Engine } from '../engine/engine.ts';
 import { loadModel } from '../engine/model.ts';
 import { loadTokenizer } from '../../common/tokenizer.ts';
 import { AdamW } from '../../common/optim.ts';
-import { trainLoop } from '../engine/train.ts';
+import { checkProxMu, trainLoop } from '../engine/train.ts';
+import { loraTargets, validateAdapter } from '../../common/lora.ts';
 import { makeBatches } from '../data/batching.ts';
 import { prepareDataset } from '../data/prepare.ts';
 import type { Example } from '../../common/data/tokenize.ts';
@@ -88,8 +89,12 @@ class OnnxTrainer implements Trainer {
 
   async train(args: TrainArgs): Promise<TrainOutcome> {
     const { spec } = args;
+    checkProxMu(spec.proxMu);
+    this.checkGlobalAdapter(args.globalAdapter, spec.lora);
     const engine = this.engineFor(spec.lora);
     const params = toFloat32(args.globalAdapter);
+    // FedProx pulls towards the adapter this task started from: a copy, since params change in place.
+    const anchor = spec.proxMu > 0 ? toFloat32(args.globalAdapter) : null;
     const batchesPerEpoch = Math.ceil(this.trainSet.length / spec.batchSize);
     const steps = spec.steps ?? Math.max(1, Math.ceil(((spec.epochs ?? 1) * batchesPerEpoch) / spec.gradAccumulation));
     const seedBase = spec.seed * 1_000_003 + args.round * 7919;
@@ -104,6 +109,8 @@ class OnnxTrainer implements Trainer {
       schedule: { kind: spec.schedule, baseLr: spec.lr, warmupSteps: spec.warmupSteps, totalSteps: steps },
       maxGradNorm: spec.maxGradNorm,
       signal: args.signal,
+      ...(anchor ? { proximal: { mu: spec.proxMu, anchor } } : {}),
+      ...(spec.freezeLoraA ? { frozen: isLoraA } : {}),
       onStep: (s) =>
         args.onProgress({ step: s.step, totalSteps: s.totalSteps, loss: s.loss, tokensPerSec: s.tokensPerSec, examples: s.examples }),
     });
@@ -117,8 +124,31 @@ class OnnxTrainer implements Trainer {
         steps: result.steps,
         train_seconds: result.seconds,
         tokens_per_sec: result.seconds > 0 ? result.tokens / result.seconds : 0,
+        ...(anchor ? { prox_loss: result.proxLoss } : {}),
       },
     };
+  }
+
+  /**
+   * The global adapter must have exactly the keys and shapes of this task's
+   * LoRA settings (in mixed-rank runs each site has its own rank in spec.lora.r).
+   */
+  private checkGlobalAdapter(adapter: TensorMap, lora: LoraConfig): void {
+    const targets = loraTargets(this.model.config, lora);
+    const ranks = new Set<number>();
+    for (const [name, t] of adapter) if (isLoraA(name) && t.shape.length === 2) ranks.add(t.shape[0]!);
+    const got = [...ranks].sort((a, b) => a - b);
+    if (got.length > 0 && (got.length > 1 || got[0] !== lora.r)) {
+      throw new Error(
+        `global adapter has LoRA rank ${got.join(', ')} (first dimension of its lora_A tensors) but this task's lora.r is ${lora.r}; ` +
+          'the coordinator must send an adapter of the rank it assigns to this site',
+      );
+    }
+    try {
+      validateAdapter(adapter, targets, lora.r);
+    } catch (e) {
+      throw new Error(`global adapter received for training: ${(e as Error).message}`);
+    }
   }
 
   async evaluate(args: { globalAdapter: TensorMap; spec: LocalTrainingSpec; signal: AbortSignal }): Promise<EvalOutcome | null> {
@@ -147,6 +177,11 @@ class OnnxTrainer implements Trainer {
     for (const e of this.engines.values()) await e.close();
     this.engines.clear();
   }
+}
+
+/** FFA-LoRA freezes these: PEFT's `<module>.lora_A.weight`. */
+function isLoraA(name: string): boolean {
+  return name.endsWith('.lora_A.weight');
 }
 
 function toFloat32(m: TensorMap): TensorMap {

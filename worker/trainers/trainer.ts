@@ -22,6 +22,10 @@ export interface LocalTrainingSpec {
   maxSeqLen: number;
   template: string; // prompt template name
   seed: number;
+  /** FedProx (Li et al. 2020): mu of the proximal term mu/2 * ||w - w_global||^2 (0 = off). */
+  proxMu: number;
+  /** FFA-LoRA (Sun et al. 2024): every lora_A keeps the value it arrived with; only lora_B trains. */
+  freezeLoraA: boolean;
 }
 export interface TrainProgress {
   step: number;
