@@ -5,11 +5,37 @@
  * on the mode.
  */
 import { packTensorMap, type PackedTensors, type TensorSpecEntry } from '../common/chunks.ts';
+import type { RunConfig } from '../common/config.ts';
 import type { RunEvent, RunEventBody } from '../common/events.ts';
+import { logger } from '../common/log.ts';
 import type { TensorMap } from '../common/tensor.ts';
+import type { TaskFailed } from '../proto/gen/fedtune/v1/coordinator.ts';
 import { Conditions } from './conditions.ts';
 import type { EventBus } from './events/bus.ts';
-import { workerInfo, type WorkerRecord } from './workers.ts';
+import type { RoundRecord } from './store.ts';
+import { redactedConfig } from './tasks.ts';
+import { workerInfo, type WorkerRecord, type WorkerRegistry } from './workers.ts';
+
+const log = logger('coordinator.run');
+
+export interface RunResult {
+  state: 'completed' | 'failed' | 'stopped';
+  /** Rounds (federated) or optimizer steps (distributed) completed. */
+  rounds: number;
+  finalAdapterPath: string | null;
+  history: RoundRecord[];
+  error?: string;
+}
+
+/** What both run loops are built from. */
+export interface RunBaseOptions {
+  cfg: RunConfig;
+  bus: EventBus;
+  registry: WorkerRegistry;
+  global: TensorMap;
+  state: { runId: string; globalVersion: number };
+  resumed: boolean;
+}
 
 export abstract class RunBase {
   protected readonly abort = new AbortController();
@@ -25,12 +51,20 @@ export abstract class RunBase {
    */
   private readonly versions = new Map<string, PackedTensors>();
 
-  protected constructor(
-    readonly runId: string,
-    protected readonly bus: EventBus,
-    global: TensorMap,
-    version: number,
-  ) {
+  readonly runId: string;
+  protected readonly cfg: RunConfig;
+  protected readonly bus: EventBus;
+  protected readonly registry: WorkerRegistry;
+  protected readonly resumed: boolean;
+
+  protected constructor(o: RunBaseOptions) {
+    this.runId = o.state.runId;
+    this.cfg = o.cfg;
+    this.bus = o.bus;
+    this.registry = o.registry;
+    this.resumed = o.resumed;
+    const global = o.global;
+    const version = o.state.globalVersion;
     this.global = global;
     this.version = version;
     this.packed = packTensorMap(global);
@@ -83,6 +117,65 @@ export abstract class RunBase {
     if (!last || last.status !== status || now - last.at > 10_000) {
       this.lastHeartbeatEvent.set(w.workerId, { status, at: now });
       this.publish({ type: 'worker.heartbeat', workerId: w.workerId, site: w.site, status });
+    }
+  }
+
+  /** A worker's session ended: tell the run's consumers. */
+  protected workerLeft(w: WorkerRecord, reason: string): void {
+    this.publish({ type: 'worker.left', workerId: w.workerId, site: w.site, reason });
+    log.info({ worker: w.workerId, site: w.site, reason }, 'worker left');
+  }
+
+  /** A worker reported that it could not do a task. */
+  protected taskFailedEvent(w: WorkerRecord, f: TaskFailed): void {
+    this.publish({ type: 'worker.error', workerId: w.workerId, site: w.site, message: `task ${f.taskId}: ${f.message}` });
+    log.warn({ worker: w.workerId, site: w.site, task: f.taskId }, f.message);
+  }
+
+  /**
+   * The run's lifecycle around its loop: run.started, the loop, then
+   * run.completed, run.failed or (after stop()) a stopped state. Never throws.
+   * `done` says how far the run got and where its adapter is.
+   */
+  protected async lifecycle(
+    start: { strategy: string; totalRounds: number; totalSteps: number; resumedFrom: number },
+    loop: () => Promise<Record<string, number | null | undefined>>,
+    done: () => { n: number; path: string | null; history: RoundRecord[] },
+  ): Promise<RunResult> {
+    const cfg = this.cfg;
+    this.publish({
+      type: 'run.started',
+      name: cfg.name,
+      mode: cfg.mode,
+      strategy: start.strategy,
+      totalRounds: start.totalRounds,
+      totalSteps: start.totalSteps,
+      config: redactedConfig(cfg),
+      resumedFromRound: this.resumed ? start.resumedFrom : 0,
+    });
+    try {
+      const metrics = await loop();
+      const d = done();
+      this.publish({
+        type: 'run.completed',
+        rounds: d.n,
+        finalAdapterPath: d.path ?? '',
+        metrics: Object.fromEntries(Object.entries(metrics).filter((e): e is [string, number] => typeof e[1] === 'number')),
+      });
+      this.publish({ type: 'run.state', state: 'completed' });
+      return { state: 'completed', rounds: d.n, finalAdapterPath: d.path, history: d.history };
+    } catch (err) {
+      const stopped = this.abort.signal.aborted;
+      const error = err instanceof Error ? err.message : String(err);
+      if (stopped) {
+        this.publish({ type: 'run.state', state: 'stopped', message: error });
+      } else {
+        log.error({ err }, 'run failed');
+        this.publish({ type: 'run.failed', error });
+        this.publish({ type: 'run.state', state: 'failed', message: error });
+      }
+      const d = done();
+      return { state: stopped ? 'stopped' : 'failed', rounds: d.n, finalAdapterPath: d.n > 0 ? d.path : null, history: d.history, error };
     }
   }
 

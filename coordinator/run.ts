@@ -18,18 +18,16 @@
  */
 import { randomBytes } from 'node:crypto';
 import { unpackTensorMap, type TensorSpecEntry } from '../common/chunks.ts';
-import type { RunConfig } from '../common/config.ts';
 import type { PhaseTimes } from '../common/events.ts';
 import { logger } from '../common/log.ts';
 import type { TensorMap } from '../common/tensor.ts';
 import { UpdateKind, type EvalResult, type TaskFailed, type TaskProgress, type UploadHeader } from '../proto/gen/fedtune/v1/coordinator.ts';
-import type { EventBus } from './events/bus.ts';
-import { RunBase, manifestMismatch } from './run-base.ts';
+import { RunBase, manifestMismatch, type RunBaseOptions, type RunResult } from './run-base.ts';
 import type { Candidate, EvalReport, FitFailure, FitResult, FitSpec, GlobalAdapter, Strategy } from './strategies/strategy.ts';
 import type { Aggregator } from './strategies/strategy.ts';
 import type { CheckpointStore, RoundRecord, RunStateFile, WorkerStats } from './store.ts';
-import { redactedConfig, TaskBoard, trainingSpecOf, UpdateRejected, type TaskBase } from './tasks.ts';
-import type { RegistryListener, WorkerRecord, WorkerRegistry } from './workers.ts';
+import { TaskBoard, trainingSpecOf, UpdateRejected, type TaskBase } from './tasks.ts';
+import type { RegistryListener, WorkerRecord } from './workers.ts';
 
 export { UpdateRejected } from './tasks.ts';
 
@@ -50,25 +48,14 @@ interface TaskState extends TaskBase {
   evalResult: EvalResult | null;
 }
 
-export interface RunResult {
-  state: 'completed' | 'failed' | 'stopped';
-  rounds: number;
-  finalAdapterPath: string | null;
-  history: RoundRecord[];
-  error?: string;
-}
+export type { RunResult } from './run-base.ts';
 
-export interface FederatedRunOptions {
-  cfg: RunConfig;
-  bus: EventBus;
-  registry: WorkerRegistry;
+export interface FederatedRunOptions extends RunBaseOptions {
   store: CheckpointStore<RunStateFile>;
   strategy: Strategy;
-  global: TensorMap;
   /** LoRA rank of `global` (mixed-rank strategies change it from round to round). */
   globalRank: number;
   state: RunStateFile;
-  resumed: boolean;
 }
 
 function median(xs: readonly number[]): number | null {
@@ -88,12 +75,9 @@ interface OpenAttempt {
 }
 
 export class FederatedRun extends RunBase implements RegistryListener {
-  private readonly cfg: RunConfig;
-  private readonly registry: WorkerRegistry;
   private readonly store: CheckpointStore<RunStateFile>;
   private readonly strategy: Strategy;
   private readonly state: RunStateFile;
-  private readonly resumed: boolean;
   private readonly board: TaskBoard<TaskState>;
   private globalRank: number;
   private open: OpenAttempt | null = null;
@@ -101,13 +85,10 @@ export class FederatedRun extends RunBase implements RegistryListener {
   private roundRefused = 0;
 
   constructor(o: FederatedRunOptions) {
-    super(o.state.runId, o.bus, o.global, o.state.globalVersion);
-    this.cfg = o.cfg;
-    this.registry = o.registry;
+    super(o);
     this.store = o.store;
     this.strategy = o.strategy;
     this.state = o.state;
-    this.resumed = o.resumed;
     this.globalRank = o.globalRank;
     this.board = new TaskBoard(o.registry);
   }
@@ -119,8 +100,7 @@ export class FederatedRun extends RunBase implements RegistryListener {
   // ------------------------------------------------------------------ registry and session events
 
   onWorkerGone(w: WorkerRecord, reason: string): void {
-    this.publish({ type: 'worker.left', workerId: w.workerId, site: w.site, reason });
-    log.info({ worker: w.workerId, site: w.site, reason }, 'worker left');
+    this.workerLeft(w, reason);
     for (const t of this.board.failWorker(w.workerId, `worker left (${reason})`)) this.stats(t.site).failed++;
     this.conditions.notify();
   }
@@ -145,8 +125,7 @@ export class FederatedRun extends RunBase implements RegistryListener {
 
   onTaskFailed(w: WorkerRecord, f: TaskFailed): void {
     const t = this.board.get(f.taskId);
-    this.publish({ type: 'worker.error', workerId: w.workerId, site: w.site, message: `task ${f.taskId}: ${f.message}` });
-    log.warn({ worker: w.workerId, site: w.site, task: f.taskId }, f.message);
+    this.taskFailedEvent(w, f);
     if (t && t.workerId === w.workerId && this.board.fail(t, f.message)) {
       this.stats(t.site).failed++;
       this.conditions.notify();
@@ -321,64 +300,34 @@ export class FederatedRun extends RunBase implements RegistryListener {
 
   async run(): Promise<RunResult> {
     const cfg = this.cfg;
-    this.publish({
-      type: 'run.started',
-      name: cfg.name,
-      mode: cfg.mode,
-      strategy: this.strategy.description,
-      totalRounds: cfg.rounds,
-      totalSteps: 0,
-      config: redactedConfig(cfg),
-      resumedFromRound: this.resumed ? this.state.round : 0,
-    });
     try {
-      if (this.state.round === 0 && cfg.eval.every > 0 && cfg.eval.initial && this.state.baseline === null) {
-        this.publish({ type: 'run.state', state: 'waiting', message: `waiting for ${cfg.cohort.min_workers} worker(s)` });
-        await this.waitForWorkers();
-        this.publish({ type: 'run.state', state: 'running', message: 'evaluating the initial adapter' });
-        const ev = await this.evaluate(0);
-        this.state.baseline = { evalLoss: ev.evalLoss, evalAccuracy: ev.evalAccuracy };
-        this.publish({
-          type: 'log',
-          level: 'info',
-          message: `baseline (round 0): eval loss ${ev.evalLoss?.toFixed(4) ?? 'n/a'}, eval accuracy ${ev.evalAccuracy === null ? 'n/a' : `${(ev.evalAccuracy * 100).toFixed(1)}%`}`,
-        });
-      }
-      for (let round = this.state.round + 1; round <= cfg.rounds; round++) await this.runRound(round);
-      const last = this.state.history.at(-1);
-      const finalAdapterPath = this.store.dir(this.state.round);
-      this.publish({
-        type: 'run.completed',
-        rounds: this.state.round,
-        finalAdapterPath,
-        metrics: Object.fromEntries(
-          Object.entries({ trainLoss: last?.trainLoss, evalLoss: last?.evalLoss, evalAccuracy: last?.evalAccuracy }).filter(
-            (e): e is [string, number] => typeof e[1] === 'number',
-          ),
-        ),
-      });
-      this.publish({ type: 'run.state', state: 'completed' });
-      return { state: 'completed', rounds: this.state.round, finalAdapterPath, history: this.state.history };
-    } catch (err) {
-      const stopped = this.abort.signal.aborted;
-      const error = err instanceof Error ? err.message : String(err);
-      if (stopped) {
-        this.publish({ type: 'run.state', state: 'stopped', message: error });
-      } else {
-        log.error({ err }, 'run failed');
-        this.publish({ type: 'run.failed', error });
-        this.publish({ type: 'run.state', state: 'failed', message: error });
-      }
-      return {
-        state: stopped ? 'stopped' : 'failed',
-        rounds: this.state.round,
-        finalAdapterPath: this.state.round > 0 ? this.store.dir(this.state.round) : null,
-        history: this.state.history,
-        error,
-      };
+      return await this.lifecycle(
+        { strategy: this.strategy.description, totalRounds: cfg.rounds, totalSteps: 0, resumedFrom: this.state.round },
+        async () => {
+          if (this.state.round === 0 && cfg.eval.every > 0 && cfg.eval.initial && this.state.baseline === null) await this.baseline();
+          for (let round = this.state.round + 1; round <= cfg.rounds; round++) await this.runRound(round);
+          const last = this.state.history.at(-1);
+          return { trainLoss: last?.trainLoss, evalLoss: last?.evalLoss, evalAccuracy: last?.evalAccuracy };
+        },
+        () => ({ n: this.state.round, path: this.store.dir(this.state.round), history: this.state.history }),
+      );
     } finally {
       this.open = null;
     }
+  }
+
+  /** Evaluate the initial adapter before round 1. */
+  private async baseline(): Promise<void> {
+    this.publish({ type: 'run.state', state: 'waiting', message: `waiting for ${this.cfg.cohort.min_workers} worker(s)` });
+    await this.waitForWorkers();
+    this.publish({ type: 'run.state', state: 'running', message: 'evaluating the initial adapter' });
+    const ev = await this.evaluate(0);
+    this.state.baseline = { evalLoss: ev.evalLoss, evalAccuracy: ev.evalAccuracy };
+    this.publish({
+      type: 'log',
+      level: 'info',
+      message: `baseline (round 0): eval loss ${ev.evalLoss?.toFixed(4) ?? 'n/a'}, eval accuracy ${ev.evalAccuracy === null ? 'n/a' : `${(ev.evalAccuracy * 100).toFixed(1)}%`}`,
+    });
   }
 
   private candidates(kind: 'train' | 'eval'): Candidate[] {

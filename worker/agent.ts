@@ -22,6 +22,7 @@ import {
   bytesEqual,
   type TensorSpecEntry,
 } from '../common/chunks.ts';
+import { inspectModel } from '../common/hf-model.ts';
 import { logger } from '../common/log.ts';
 import type { TensorMap } from '../common/tensor.ts';
 import {
@@ -378,8 +379,7 @@ export class WorkerAgent {
     const tr = this.trainer!;
     let fingerprint = tr.modelFingerprint;
     if (fingerprint === undefined && this.opts.trainerOptions.modelDir) {
-      const { loadModel } = await import('./engine/model.ts');
-      fingerprint = (await loadModel(this.opts.trainerOptions.modelDir)).fingerprint;
+      fingerprint = (await inspectModel(this.opts.trainerOptions.modelDir)).fingerprint;
     }
     if (info.modelFingerprint && fingerprint && info.modelFingerprint !== fingerprint) {
       log.error({ local: fingerprint, run: info.modelFingerprint }, 'base model fingerprint differs from the run; the coordinator will refuse this worker');

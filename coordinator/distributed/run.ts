@@ -23,9 +23,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import { findNonFinite, sha256, unpackTensorMap, type TensorSpecEntry } from '../../common/chunks.ts';
-import type { RunConfig } from '../../common/config.ts';
 import { logger } from '../../common/log.ts';
-import type { TensorMap } from '../../common/tensor.ts';
 import {
   UpdateKind,
   type EvalResult,
@@ -36,13 +34,12 @@ import {
 } from '../../proto/gen/fedtune/v1/coordinator.ts';
 import { encodeShard, toRanges, type Shard } from '../../common/shard.ts';
 import { lrAt, type Schedule } from '../../common/optim.ts';
-import type { EventBus } from '../events/bus.ts';
-import type { RunResult } from '../run.ts';
-import { RunBase, manifestMismatch } from '../run-base.ts';
+import { RunBase, manifestMismatch, type RunBaseOptions, type RunResult } from '../run-base.ts';
+import type { DistributedSetup } from './setup.ts';
 import type { CheckpointStore } from '../store.ts';
 import type { FlatSum, StepStrategy } from '../strategies/steps.ts';
-import { redactedConfig, TaskBoard, trainingSpecOf, UpdateRejected, type TaskBase } from '../tasks.ts';
-import type { RegistryListener, WorkerRecord, WorkerRegistry } from '../workers.ts';
+import { TaskBoard, trainingSpecOf, UpdateRejected, type TaskBase } from '../tasks.ts';
+import type { RegistryListener, WorkerRecord } from '../workers.ts';
 import { DataOrder, planEpoch, type DistributedDataset, type EpochPlan } from './plan.ts';
 import { STEPS_LOG, type DistributedStateFile, type StepRecord } from './store.ts';
 
@@ -59,19 +56,7 @@ export interface StepTaskState extends TaskBase {
   computeMs: number;
 }
 
-export interface DistributedRunOptions {
-  cfg: RunConfig;
-  bus: EventBus;
-  registry: WorkerRegistry;
-  store: CheckpointStore<DistributedStateFile>;
-  data: DistributedDataset;
-  order: DataOrder;
-  global: TensorMap;
-  /** sync-sgd (AdamW on the coordinator) or local-sgd (outer optimizer). */
-  strategy: StepStrategy;
-  state: DistributedStateFile;
-  resumed: boolean;
-}
+export type DistributedRunOptions = Omit<RunBaseOptions, 'state'> & DistributedSetup;
 
 interface ShardEntry {
   bytes: Uint8Array;
@@ -86,14 +71,11 @@ interface ActivePlan extends EpochPlan {
 }
 
 export class DistributedRun extends RunBase implements RegistryListener {
-  private readonly cfg: RunConfig;
-  private readonly registry: WorkerRegistry;
   private readonly store: CheckpointStore<DistributedStateFile>;
   private readonly data: DistributedDataset;
   private readonly order: DataOrder;
   private readonly strategy: StepStrategy;
   private readonly state: DistributedStateFile;
-  private readonly resumed: boolean;
   private readonly spec: TrainingSpec;
   private readonly schedule: Schedule;
   private readonly syncEvery: number;
@@ -109,16 +91,13 @@ export class DistributedRun extends RunBase implements RegistryListener {
   private stepBytesDown = 0;
 
   constructor(o: DistributedRunOptions) {
-    super(o.state.runId, o.bus, o.global, o.state.globalVersion);
-    this.cfg = o.cfg;
-    this.registry = o.registry;
+    super(o);
     this.store = o.store;
     this.data = o.data;
     this.order = o.order;
     this.strategy = o.strategy;
     this.board = new TaskBoard(o.registry);
     this.state = o.state;
-    this.resumed = o.resumed;
     this.spec = trainingSpecOf(o.cfg);
     const t = o.cfg.training;
     this.schedule = { kind: t.schedule, baseLr: t.lr, warmupSteps: t.warmup_steps, totalSteps: o.state.totalSteps };
@@ -137,8 +116,7 @@ export class DistributedRun extends RunBase implements RegistryListener {
 
 
   onWorkerGone(w: WorkerRecord, reason: string): void {
-    this.publish({ type: 'worker.left', workerId: w.workerId, site: w.site, reason });
-    log.info({ worker: w.workerId, site: w.site, reason }, 'worker left');
+    this.workerLeft(w, reason);
     this.board.failWorker(w.workerId, `worker left (${reason})`);
     this.conditions.notify();
   }
@@ -152,8 +130,7 @@ export class DistributedRun extends RunBase implements RegistryListener {
 
   onTaskFailed(w: WorkerRecord, f: TaskFailed): void {
     const t = this.board.get(f.taskId);
-    this.publish({ type: 'worker.error', workerId: w.workerId, site: w.site, message: `task ${f.taskId}: ${f.message}` });
-    log.warn({ worker: w.workerId, site: w.site, task: f.taskId }, f.message);
+    this.taskFailedEvent(w, f);
     if (t && t.workerId === w.workerId && this.board.fail(t, f.unsupported ? `the worker cannot run distributed steps (${f.message})` : f.message)) {
       this.conditions.notify();
     }
@@ -238,46 +215,20 @@ export class DistributedRun extends RunBase implements RegistryListener {
 
 
   async run(): Promise<RunResult> {
-    const cfg = this.cfg;
     const total = this.state.totalSteps;
-    this.publish({
-      type: 'run.started',
-      name: cfg.name,
-      mode: 'distributed',
-      strategy: this.strategy.description,
-      totalRounds: 0,
-      totalSteps: total,
-      config: redactedConfig(cfg),
-      resumedFromRound: this.resumed ? this.state.step : 0,
-    });
     try {
-      while (this.state.step < total) await this.runStep(this.state.step);
-      const finalAdapterPath = this.store.dir(this.state.step);
-      const last = this.state.recent.at(-1);
-      this.publish({
-        type: 'run.completed',
-        rounds: this.state.step,
-        finalAdapterPath,
-        metrics: { steps: this.state.step, tokens: this.state.tokens, ...(last ? { trainLoss: last.loss } : {}) },
-      });
-      this.publish({ type: 'run.state', state: 'completed' });
-      return { state: 'completed', rounds: this.state.step, finalAdapterPath, history: [] };
-    } catch (err) {
-      const stopped = this.abort.signal.aborted;
-      const error = err instanceof Error ? err.message : String(err);
-      if (stopped) {
-        this.publish({ type: 'run.state', state: 'stopped', message: error });
-      } else {
-        log.error({ err }, 'run failed');
-        this.publish({ type: 'run.failed', error });
-        this.publish({ type: 'run.state', state: 'failed', message: error });
-      }
-      return { state: stopped ? 'stopped' : 'failed', rounds: this.state.step, finalAdapterPath: this.state.step > 0 ? this.store.dir(this.state.step) : null, history: [], error };
+      return await this.lifecycle(
+        { strategy: this.strategy.description, totalRounds: 0, totalSteps: total, resumedFrom: this.state.step },
+        async () => {
+          while (this.state.step < total) await this.runStep(this.state.step);
+          return { steps: this.state.step, tokens: this.state.tokens, trainLoss: this.state.recent.at(-1)?.loss };
+        },
+        () => ({ n: this.state.step, path: this.store.dir(this.state.step), history: [] }),
+      );
     } finally {
       this.open = null;
     }
   }
-
 
   private fail(t: StepTaskState, reason: string): void {
     this.board.fail(t, reason);

@@ -40,12 +40,14 @@ import {
 /** Keeps each site's factors (stacking needs every one of them). */
 class FactorBuffer implements Aggregator {
   readonly kind = 'buffering';
-  readonly parts: Array<{ tensors: TensorMap; rank: number; weight: number }> = [];
+  readonly parts: Array<{ site: string; tensors: TensorMap; rank: number; weight: number }> = [];
   get count(): number {
     return this.parts.length;
   }
   add(u: FitUpdate): void {
-    this.parts.push({ tensors: u.tensors, rank: u.spec.rank, weight: u.weight });
+    this.parts.push({ site: u.site, tensors: u.tensors, rank: u.spec.rank, weight: u.weight });
+    // Stacked in site order, whatever the arrival order: the same round gives the same checkpoint.
+    this.parts.sort((a, b) => (a.site < b.site ? -1 : a.site > b.site ? 1 : 0));
   }
 }
 

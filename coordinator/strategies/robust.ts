@@ -39,9 +39,12 @@ export class BufferAggregator implements Aggregator {
     return this.updates.length;
   }
   add(u: FitUpdate): void {
-    this.updates.push(flatten(u.tensors));
-    this.weights.push(u.weight);
-    this.sites.push(u.site);
+    // Kept in site order, whatever the arrival order, so ties (Krum) and results are reproducible.
+    let i = this.sites.length;
+    while (i > 0 && this.sites[i - 1]! > u.site) i--;
+    this.updates.splice(i, 0, flatten(u.tensors));
+    this.weights.splice(i, 0, u.weight);
+    this.sites.splice(i, 0, u.site);
   }
 }
 

@@ -14,99 +14,14 @@ import { startCoordinator, type CoordinatorHandle } from '../../coordinator/main
 import { readPeftAdapter } from '../../common/peft.ts';
 import { loadModel } from '../../worker/engine/model.ts';
 import { CoordinatorConnection, isServiceError } from '../../worker/agent.ts';
-import { UpdateKind, WorkerStatus, type CoordinatorMessage, type Task, type UploadMessage } from '../../proto/gen/fedtune/v1/coordinator.ts';
+import { UpdateKind, type UploadMessage } from '../../proto/gen/fedtune/v1/coordinator.ts';
 import { DType } from '../../proto/gen/fedtune/v1/tensors.ts';
-import { events, fedtune, runConfig, tempDir, tinyModel, waitForEvent, writeData } from './federated-helpers.ts';
+import { events, fedtune, header, Probe, rawUpload, runConfig, tempDir, tinyModel, updateMessages, waitForEvent, writeData } from './federated-helpers.ts';
 
 let dir: string;
 let modelDir: string;
 let fingerprint: string;
 let coord: CoordinatorHandle;
-
-/** A worker driven by hand: registers, keeps its session alive, collects tasks. */
-class Probe {
-  readonly conn: CoordinatorConnection;
-  readonly tasks: Task[] = [];
-  private waiters: Array<() => void> = [];
-  private call: grpc.ClientDuplexStream<unknown, CoordinatorMessage> | null = null;
-  private timer: NodeJS.Timeout | null = null;
-  chunkBytes = 0;
-
-  constructor(address: string) {
-    this.conn = new CoordinatorConnection(address);
-  }
-
-  async join(site: string, numTrainExamples = 10): Promise<void> {
-    const reg = await this.conn.register({
-      joinToken: 'test-token',
-      site,
-      previousWorkerId: '',
-      capabilities: { device: 'cpu', memoryBytes: 1, backends: ['probe'], modelFingerprint: fingerprint, numTrainExamples, numEvalExamples: 0, client: 'probe', protocolVersion: 1 },
-    });
-    this.chunkBytes = reg.chunkBytes;
-    const call = this.conn.session();
-    this.call = call as unknown as grpc.ClientDuplexStream<unknown, CoordinatorMessage>;
-    call.on('data', (m: CoordinatorMessage) => {
-      if (m.body?.$case === 'task') {
-        this.tasks.push(m.body.value);
-        for (const w of this.waiters.splice(0)) w();
-      }
-    });
-    call.on('error', () => {});
-    const beat = (): void => void call.write({ body: { $case: 'heartbeat', value: { status: WorkerStatus.WORKER_STATUS_IDLE, taskId: '', memoryUsedBytes: 0 } } });
-    beat();
-    this.timer = setInterval(beat, 200);
-  }
-
-  async nextTask(): Promise<Task> {
-    while (this.tasks.length === 0) await new Promise<void>((r) => this.waiters.push(r));
-    return this.tasks.shift()!;
-  }
-
-  close(): void {
-    if (this.timer) clearInterval(this.timer);
-    this.call?.cancel();
-    this.conn.close();
-  }
-}
-
-/** Send raw upload messages; resolves with the status code and message of the reply. */
-function rawUpload(conn: CoordinatorConnection, messages: UploadMessage[]): Promise<{ code: number; details: string }> {
-  return new Promise((resolve) => {
-    const md = (conn as unknown as { metadata(): grpc.Metadata }).metadata();
-    const call = conn.client.upload(md, (err) => resolve(err ? { code: err.code, details: err.details } : { code: grpc.status.OK, details: '' }));
-    for (const m of messages) call.write(m);
-    call.end();
-  });
-}
-
-function header(task: Task, over: Partial<{ round: number; taskId: string; kind: UpdateKind; numExamples: number; baseVersion: number }>, manifest: Array<{ name: string; dtype: DType; shape: number[] }>, totalBytes: number): UploadMessage {
-  return {
-    body: {
-      $case: 'header',
-      value: {
-        taskId: over.taskId ?? task.taskId,
-        round: over.round ?? task.round,
-        kind: over.kind ?? UpdateKind.UPDATE_KIND_ADAPTER_WEIGHTS,
-        baseVersion: over.baseVersion ?? task.global!.version,
-        numExamples: over.numExamples ?? 10,
-        metrics: { train_loss: 1 },
-        stream: { totalBytes, chunkBytes: totalBytes, content: { $case: 'tensors', value: { tensors: manifest } } },
-      },
-    },
-  };
-}
-
-function updateMessages(task: Task, adapter: TensorMap, over: Parameters<typeof header>[1] = {}, chunk = 2048): UploadMessage[] {
-  const p = packTensorMap(adapter);
-  const manifest = p.manifest.map((e) => ({ name: e.name, dtype: DType.DTYPE_F32, shape: e.shape }));
-  const msgs: UploadMessage[] = [header(task, over, manifest, p.bytes.byteLength)];
-  for (let off = 0; off < p.bytes.byteLength; off += chunk) {
-    msgs.push({ body: { $case: 'chunk', value: { offset: off, data: p.bytes.subarray(off, off + chunk) } } });
-  }
-  msgs.push({ body: { $case: 'trailer', value: { totalBytes: p.bytes.byteLength, sha256: p.sha256 } } });
-  return msgs;
-}
 
 function scaled(m: TensorMap, k: number): TensorMap {
   return new Map([...m].map(([n, t]) => [n, { shape: [...t.shape], data: Float32Array.from(t.data, (x, i) => x * k + (i % 5) * 0.01) }]));
@@ -167,8 +82,8 @@ describe('registration', () => {
 
 describe('bad updates', () => {
   it('are each rejected with a clear error, and the global adapter is unchanged', async () => {
-    const a = new Probe(coord.address);
-    const b = new Probe(coord.address);
+    const a = new Probe(coord.address, fingerprint);
+    const b = new Probe(coord.address, fingerprint);
     await a.join('probe-a');
     await b.join('probe-b');
     const [ta, tb] = await Promise.all([a.nextTask(), b.nextTask()]);
@@ -201,6 +116,12 @@ describe('bad updates', () => {
     cases.push(['wrong round', updateMessages(ta, good, { round: 7 }), grpc.status.INVALID_ARGUMENT, /round 7 in the header, but task .* belongs to round 1/]);
     cases.push(['wrong kind', updateMessages(ta, good, { kind: UpdateKind.UPDATE_KIND_GRADIENT }), grpc.status.INVALID_ARGUMENT, /UPDATE_KIND_GRADIENT is not accepted/]);
     cases.push(['zero examples', updateMessages(ta, good, { numExamples: 0 }), grpc.status.INVALID_ARGUMENT, /num_examples must be a positive integer/]);
+    // A site cannot outweigh the others: finite values near 1e38, or more examples than it registered (10)
+    const huge = scaled(g.adapter, 1);
+    huge.get(p.manifest[1]!.name)!.data[2] = 1e38;
+    cases.push(['values near 1e38', updateMessages(ta, huge), grpc.status.INVALID_ARGUMENT, /has a value of 9\.99.*e\+37 at element 2, beyond defence\.max_abs = 10000/]);
+    cases.push(['inflated examples', updateMessages(ta, good, { numExamples: 2 ** 53 - 1 }), grpc.status.INVALID_ARGUMENT, /num_examples 9007199254740991 is more than the 10 training examples site probe-a registered/]);
+    cases.push(['11 of 10 examples', updateMessages(ta, good, { numExamples: 11 }), grpc.status.INVALID_ARGUMENT, /num_examples 11 is more than the 10 training examples/]);
     // oversized chunk (limit 4096), bad digest, chunk before header
     cases.push(['oversized chunk', [header(ta, {}, f32, p.bytes.byteLength), chunk(0, p.bytes.subarray(0, 5000))], grpc.status.RESOURCE_EXHAUSTED, /chunk of 5000 bytes exceeds the limit of 4096 bytes/]);
     const flipped = p.bytes.slice();

@@ -11,6 +11,12 @@ import { afterAll } from 'vitest';
 import { parseRunConfig, type RunConfig } from '../../common/config.ts';
 import type { RunEvent } from '../../common/events.ts';
 import type { EventBus } from '../../coordinator/events/bus.ts';
+import * as grpc from '@grpc/grpc-js';
+import { packTensorMap } from '../../common/chunks.ts';
+import type { TensorMap } from '../../common/tensor.ts';
+import { UpdateKind, WorkerStatus, type CoordinatorMessage, type Task, type UploadMessage } from '../../proto/gen/fedtune/v1/coordinator.ts';
+import { DType } from '../../proto/gen/fedtune/v1/tensors.ts';
+import { CoordinatorConnection } from '../../worker/agent.ts';
 import { initModel } from '../../worker/engine/init.ts';
 
 export const ROOT = join(import.meta.dirname, '..', '..');
@@ -148,4 +154,92 @@ export async function waitForEvent<T extends RunEvent['type']>(
 
 export async function events(bus: EventBus, runId: string): Promise<RunEvent[]> {
   return bus.history(runId, 0);
+}
+
+/** A worker driven by hand: registers, keeps its session alive, collects tasks. */
+export class Probe {
+  readonly conn: CoordinatorConnection;
+  readonly tasks: Task[] = [];
+  private waiters: Array<() => void> = [];
+  private call: grpc.ClientDuplexStream<unknown, CoordinatorMessage> | null = null;
+  private timer: NodeJS.Timeout | null = null;
+  chunkBytes = 0;
+
+  constructor(
+    address: string,
+    private readonly fingerprint: string,
+  ) {
+    this.conn = new CoordinatorConnection(address);
+  }
+
+  async join(site: string, numTrainExamples = 10): Promise<void> {
+    const reg = await this.conn.register({
+      joinToken: 'test-token',
+      site,
+      previousWorkerId: '',
+      capabilities: { device: 'cpu', memoryBytes: 1, backends: ['probe'], modelFingerprint: this.fingerprint, numTrainExamples, numEvalExamples: 0, client: 'probe', protocolVersion: 1 },
+    });
+    this.chunkBytes = reg.chunkBytes;
+    const call = this.conn.session();
+    this.call = call as unknown as grpc.ClientDuplexStream<unknown, CoordinatorMessage>;
+    call.on('data', (m: CoordinatorMessage) => {
+      if (m.body?.$case === 'task') {
+        this.tasks.push(m.body.value);
+        for (const w of this.waiters.splice(0)) w();
+      }
+    });
+    call.on('error', () => {});
+    const beat = (): void => void call.write({ body: { $case: 'heartbeat', value: { status: WorkerStatus.WORKER_STATUS_IDLE, taskId: '', memoryUsedBytes: 0 } } });
+    beat();
+    this.timer = setInterval(beat, 200);
+  }
+
+  async nextTask(): Promise<Task> {
+    while (this.tasks.length === 0) await new Promise<void>((r) => this.waiters.push(r));
+    return this.tasks.shift()!;
+  }
+
+  close(): void {
+    if (this.timer) clearInterval(this.timer);
+    this.call?.cancel();
+    this.conn.close();
+  }
+}
+
+/** Send raw upload messages; resolves with the status code and message of the reply. */
+export function rawUpload(conn: CoordinatorConnection, messages: UploadMessage[]): Promise<{ code: number; details: string }> {
+  return new Promise((resolve) => {
+    const md = (conn as unknown as { metadata(): grpc.Metadata }).metadata();
+    const call = conn.client.upload(md, (err) => resolve(err ? { code: err.code, details: err.details } : { code: grpc.status.OK, details: '' }));
+    for (const m of messages) call.write(m);
+    call.end();
+  });
+}
+
+export function header(task: Task, over: Partial<{ round: number; taskId: string; kind: UpdateKind; numExamples: number; baseVersion: number }>, manifest: Array<{ name: string; dtype: DType; shape: number[] }>, totalBytes: number): UploadMessage {
+  return {
+    body: {
+      $case: 'header',
+      value: {
+        taskId: over.taskId ?? task.taskId,
+        round: over.round ?? task.round,
+        kind: over.kind ?? UpdateKind.UPDATE_KIND_ADAPTER_WEIGHTS,
+        baseVersion: over.baseVersion ?? task.global!.version,
+        numExamples: over.numExamples ?? 10,
+        metrics: { train_loss: 1 },
+        stream: { totalBytes, chunkBytes: totalBytes, content: { $case: 'tensors', value: { tensors: manifest } } },
+      },
+    },
+  };
+}
+
+export function updateMessages(task: Task, adapter: TensorMap, over: Parameters<typeof header>[1] = {}, chunk = 2048): UploadMessage[] {
+  const p = packTensorMap(adapter);
+  const manifest = p.manifest.map((e) => ({ name: e.name, dtype: DType.DTYPE_F32, shape: e.shape }));
+  const msgs: UploadMessage[] = [header(task, over, manifest, p.bytes.byteLength)];
+  for (let off = 0; off < p.bytes.byteLength; off += chunk) {
+    msgs.push({ body: { $case: 'chunk', value: { offset: off, data: p.bytes.subarray(off, off + chunk) } } });
+  }
+  msgs.push({ body: { $case: 'trailer', value: { totalBytes: p.bytes.byteLength, sha256: p.sha256 } } });
+  return msgs;
 }

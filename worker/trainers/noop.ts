@@ -1,6 +1,7 @@
 /**
  * The noop trainer: no model math. It returns the global adapter plus a small
- * deterministic perturbation, reports simulated progress and counts the local
+ * deterministic perturbation (the same for every site given the same adapter
+ * in the same round), reports simulated progress and counts the local
  * records, so transport, aggregation and fault handling can be exercised (and
  * benchmarked) without training anything. With freeze_lora_a (FFA-LoRA) every
  * lora_A comes back exactly as it arrived, as a real trainer would leave it;
@@ -8,6 +9,7 @@
  */
 import { createHash } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { inspectModel } from '../../common/hf-model.ts';
 import { createRng } from '../../common/random.ts';
 import type { TensorMap } from '../../common/tensor.ts';
 import { splitEval } from '../data/batching.ts';
@@ -20,6 +22,13 @@ export const NOOP_PERTURBATION = 1e-3;
 
 function seedOf(...parts: Array<string | number>): number {
   return createHash('sha256').update(parts.join('\0')).digest().readUInt32LE(0);
+}
+
+/** A cheap digest of an adapter: the first 256 elements of every tensor, as text. */
+function checksum(m: TensorMap): string {
+  const parts: string[] = [];
+  for (const [name, t] of m) parts.push(name, t.shape.join('x'), Array.from(t.data.subarray(0, 256)).join(','));
+  return createHash('sha256').update(parts.join('|')).digest('hex');
 }
 
 export class NoopTrainer implements Trainer {
@@ -64,7 +73,9 @@ export class NoopTrainer implements Trainer {
     signal.throwIfAborted();
     const metrics = { train_loss: loss, steps: total, tokens: 0 };
     if (!this.perturb) return { adapter: args.globalAdapter, numExamples: this.numTrainExamples, metrics };
-    const rng = createRng(seedOf(spec.seed, args.taskId));
+    // Seeded by the run seed, the round and the adapter it starts from: every site given the same
+    // global in the same round returns the same update (tests check aggregation rules on it).
+    const rng = createRng(seedOf(spec.seed, args.round, checksum(args.globalAdapter)));
     const adapter: TensorMap = new Map();
     for (const [name, t] of args.globalAdapter) {
       // One random offset per tensor plus a cheap index pattern: deterministic and O(n).
@@ -113,8 +124,7 @@ export async function createNoopTrainer(opts: TrainerFactoryOptions): Promise<No
   let modelFingerprint: string | undefined;
   if (opts.modelDir) {
     // Only to identify the base model at registration; the noop trainer computes nothing with it.
-    const { loadModel } = (await import('../engine/model.ts')) as { loadModel(dir: string): Promise<{ fingerprint: string }> };
-    modelFingerprint = (await loadModel(opts.modelDir)).fingerprint;
+    modelFingerprint = (await inspectModel(opts.modelDir)).fingerprint;
   }
   return new NoopTrainer({
     numTrainExamples: train,
