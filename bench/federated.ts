@@ -17,7 +17,7 @@ import { createServer, connect, type AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import * as grpc from '@grpc/grpc-js';
-import { manifestOf, packTensorMap, unpackTensorMap } from '../common/chunks.ts';
+import { packTensorMap, unpackTensorMap } from '../common/chunks.ts';
 import { parseRunConfig, type RunConfig } from '../common/config.ts';
 import type { RunEvent } from '../common/events.ts';
 import { numel, type TensorMap } from '../common/tensor.ts';
