@@ -11,9 +11,9 @@ import {
   chunkSlices,
   manifestBytes,
   type TensorSpecEntry,
-  type WireDType,
 } from '../common/chunks.ts';
 import type { RunConfig } from '../common/config.ts';
+import { fromWireManifest, PROTOCOL_VERSION, SESSION_KEY_HEADER, toWireManifest, WORKER_ID_HEADER } from '../common/wire.ts';
 import { logger } from '../common/log.ts';
 import {
   WorkerStatus,
@@ -29,7 +29,7 @@ import {
   type UploadMessage,
   type WorkerMessage,
 } from '../proto/gen/fedtune/v1/coordinator.ts';
-import { DType, type StreamHeader, type TensorManifest } from '../proto/gen/fedtune/v1/tensors.ts';
+import type { StreamHeader } from '../proto/gen/fedtune/v1/tensors.ts';
 import type { PackedTensors } from '../common/chunks.ts';
 import type { EvalResult, TaskFailed, TaskProgress } from '../proto/gen/fedtune/v1/coordinator.ts';
 import { UpdateRejected, trainingSpecOf } from './tasks.ts';
@@ -37,29 +37,7 @@ import type { SessionStream, WorkerRecord, WorkerRegistry } from './workers.ts';
 
 const log = logger('coordinator.service');
 
-export const PROTOCOL_VERSION = 1;
-export const WORKER_ID_HEADER = 'fedtune-worker-id';
-export const SESSION_KEY_HEADER = 'fedtune-session-key';
-
-export const DTYPE_NAMES: Record<number, WireDType | undefined> = {
-  [DType.DTYPE_F32]: 'F32',
-  [DType.DTYPE_F16]: 'F16',
-  [DType.DTYPE_BF16]: 'BF16',
-  [DType.DTYPE_F64]: 'F64',
-};
-export const DTYPE_OF: Record<WireDType, DType> = { F32: DType.DTYPE_F32, F16: DType.DTYPE_F16, BF16: DType.DTYPE_BF16, F64: DType.DTYPE_F64 };
-
-export function toWireManifest(m: readonly TensorSpecEntry[]): TensorManifest {
-  return { tensors: m.map((e) => ({ name: e.name, dtype: DTYPE_OF[e.dtype], shape: [...e.shape] })) };
-}
-
-export function fromWireManifest(m: TensorManifest): TensorSpecEntry[] {
-  return m.tensors.map((t, i) => {
-    const dtype = DTYPE_NAMES[t.dtype];
-    if (!dtype) throw new UpdateRejected('INVALID_ARGUMENT', `tensor ${t.name || `#${i}`}: unknown dtype ${t.dtype} (allowed: DTYPE_F32)`);
-    return { name: t.name, dtype, shape: t.shape.map(Number) };
-  });
-}
+export { PROTOCOL_VERSION, SESSION_KEY_HEADER, WORKER_ID_HEADER } from '../common/wire.ts';
 
 /** A gRPC error with a status code and a message the peer sees. */
 export function grpcError(code: grpc.status, details: string): grpc.ServiceError {
@@ -332,7 +310,7 @@ export function createCoordinatorService<T>(ctx: ServiceContext<T>): Coordinator
               header = b.value;
               const s = header.stream;
               if (!s || s.content?.$case !== 'tensors') throw new UpdateRejected('INVALID_ARGUMENT', 'upload header: stream must describe tensors (stream.tensors)');
-              const manifest = fromWireManifest(s.content.value);
+              const manifest = fromWireManifest(s.content.value, (m) => new UpdateRejected('INVALID_ARGUMENT', m));
               task = ctx.run.beginUpdate(w, header, manifest);
               const want = manifestBytes(manifest);
               if (s.totalBytes !== want) throw new UpdateRejected('INVALID_ARGUMENT', `stream.total_bytes is ${s.totalBytes}, the manifest needs ${want}`);

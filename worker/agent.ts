@@ -23,6 +23,7 @@ import {
   type TensorSpecEntry,
 } from '../common/chunks.ts';
 import { inspectModel } from '../common/hf-model.ts';
+import { DTYPE_NAMES, DTYPE_OF, PROTOCOL_VERSION, SESSION_KEY_HEADER, WORKER_ID_HEADER } from '../common/wire.ts';
 import { logger } from '../common/log.ts';
 import type { TensorMap } from '../common/tensor.ts';
 import {
@@ -40,25 +41,14 @@ import {
   type UploadMessage,
   type WorkerMessage,
 } from '../proto/gen/fedtune/v1/coordinator.ts';
-import { DType } from '../proto/gen/fedtune/v1/tensors.ts';
 import { createTrainer } from './trainers/index.ts';
 import { StepRunner } from './trainers/step.ts';
 import type { LocalTrainingSpec, Trainer, TrainerFactoryOptions } from './trainers/trainer.ts';
 
 const log = logger('worker');
 
-export const PROTOCOL_VERSION = 1;
+export { PROTOCOL_VERSION } from '../common/wire.ts';
 export const CLIENT_NAME = 'fedtune-ts/0.1.0';
-const WORKER_ID_HEADER = 'fedtune-worker-id';
-const SESSION_KEY_HEADER = 'fedtune-session-key';
-
-const DTYPE_NAME: Record<number, TensorSpecEntry['dtype'] | undefined> = {
-  [DType.DTYPE_F32]: 'F32',
-  [DType.DTYPE_F16]: 'F16',
-  [DType.DTYPE_BF16]: 'BF16',
-  [DType.DTYPE_F64]: 'F64',
-};
-const DTYPE_OF: Record<TensorSpecEntry['dtype'], DType> = { F32: DType.DTYPE_F32, F16: DType.DTYPE_F16, BF16: DType.DTYPE_BF16, F64: DType.DTYPE_F64 };
 
 /** A gRPC failure that retrying will not fix (bad token, wrong base model, bad arguments). */
 export class FatalWorkerError extends Error {
@@ -137,7 +127,7 @@ export class CoordinatorConnection {
         const h = b.value;
         if (h.content?.$case !== 'tensors') throw new Error('download: header does not describe tensors');
         manifest = h.content.value.tensors.map((t) => {
-          const dtype = DTYPE_NAME[t.dtype];
+          const dtype = DTYPE_NAMES[t.dtype];
           if (!dtype) throw new Error(`download: tensor ${t.name} has unknown dtype ${t.dtype}`);
           return { name: t.name, dtype, shape: t.shape.map(Number) };
         });
