@@ -172,12 +172,12 @@ export class Probe {
     this.conn = new CoordinatorConnection(address);
   }
 
-  async join(site: string, numTrainExamples = 10): Promise<void> {
+  async join(site: string, numTrainExamples = 10, numEvalExamples = 0): Promise<void> {
     const reg = await this.conn.register({
       joinToken: 'test-token',
       site,
       previousWorkerId: '',
-      capabilities: { device: 'cpu', memoryBytes: 1, backends: ['probe'], modelFingerprint: this.fingerprint, numTrainExamples, numEvalExamples: 0, client: 'probe', protocolVersion: 1 },
+      capabilities: { device: 'cpu', memoryBytes: 1, backends: ['probe'], modelFingerprint: this.fingerprint, numTrainExamples, numEvalExamples, client: 'probe', protocolVersion: 1 },
     });
     this.chunkBytes = reg.chunkBytes;
     const call = this.conn.session();

@@ -214,3 +214,41 @@ describe('bad strategy config', () => {
     expect(existsSync(join(dir, 'checkpoints', 'x'))).toBe(false);
   });
 });
+
+describe('checkpoint before evaluation', () => {
+  it('an aggregated round is on disk before its evaluation ends; a coordinator stopped during evaluation resumes after that round', async () => {
+    const cfg = runConfig(dir, modelDir, {
+      name: 'eval-crash',
+      rounds: 2,
+      cohort: { min_workers: 1 },
+      round: { min_results: 1, deadline_sec: 60 },
+      eval: { every: 1, initial: false, deadline_sec: 60 },
+    } as Record<string, unknown>);
+    const coord = await startCoordinator(cfg);
+    const p = new Probe(coord.address, fingerprint);
+    await p.join('probe-a', 10, 5);
+    const task = await p.nextTask();
+    const got = await p.conn.downloadAdapter(task.global!.version, 1 << 20);
+    expect(grpc.status[(await rawUpload(p.conn, updateMessages(task, got.adapter))).code]).toBe('OK');
+    const evalTask = await p.nextTask();
+    expect(evalTask.kind?.$case).toBe('eval');
+    // The probe never answers the evaluation: round 1 is checkpointed all the same, not yet completed.
+    await waitForEvent(coord.bus, coord.runId, 'checkpoint.written', (e) => e.round === 1);
+    expect(existsSync(join(coord.runDir, 'round-0001', 'state.json'))).toBe(true);
+    expect((await events(coord.bus, coord.runId)).some((e) => e.type === 'round.completed')).toBe(false);
+    p.close();
+    await coord.close();
+
+    const again = await startCoordinator(cfg, { resume: true });
+    const q = new Probe(again.address, fingerprint);
+    try {
+      await q.join('probe-a', 10, 0);
+      const next = await q.nextTask();
+      expect(next.round).toBe(2);
+      expect(next.global!.version).toBe(1);
+    } finally {
+      q.close();
+      await again.close();
+    }
+  });
+});
