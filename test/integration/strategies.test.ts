@@ -47,7 +47,7 @@ async function run(o: RunOpts): Promise<{ runDir: string; state: string; error?:
     rounds: o.rounds,
     strategy: o.strategy,
     lora: { r: 4, alpha: 8 },
-    cohort: { min_workers: sites.length },
+    cohort: { min_workers: sites.length, wait_timeout_sec: 60 },
     round: { min_results: sites.length, deadline_sec: 60 },
     eval: { every: 0 },
     ...(o.over ?? {}),
