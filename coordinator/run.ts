@@ -19,6 +19,7 @@
 import { randomBytes } from 'node:crypto';
 import { unpackTensorMap, type TensorSpecEntry } from '../common/chunks.ts';
 import type { PhaseTimes } from '../common/events.ts';
+import { faultPoint } from '../common/faults.ts';
 import { logger } from '../common/log.ts';
 import type { TensorMap } from '../common/tensor.ts';
 import { UpdateKind, type EvalResult, type TaskFailed, type TaskProgress, type UploadHeader } from '../proto/gen/fedtune/v1/coordinator.ts';
@@ -304,6 +305,7 @@ export class FederatedRun extends RunBase implements RegistryListener {
       return await this.lifecycle(
         { strategy: this.strategy.description, totalRounds: cfg.rounds, totalSteps: 0, resumedFrom: this.state.round },
         async () => {
+          await this.reconcileEvents();
           if (this.state.round === 0 && cfg.eval.every > 0 && cfg.eval.initial && this.state.baseline === null) await this.baseline();
           for (let round = this.state.round + 1; round <= cfg.rounds; round++) await this.runRound(round);
           const last = this.state.history.at(-1);
@@ -313,6 +315,38 @@ export class FederatedRun extends RunBase implements RegistryListener {
       );
     } finally {
       this.open = null;
+    }
+  }
+
+  /**
+   * A resumed run publishes checkpoint.written and round.completed for every
+   * checkpointed round whose events a crash lost (the checkpoint is durable
+   * before its events are published), once: after this, checkpoints and events
+   * agree.
+   */
+  private async reconcileEvents(): Promise<void> {
+    if (!this.resumed) return;
+    const logged = new Set<number>();
+    for (const e of await this.bus.history(this.runId, 0)) if (e.type === 'round.completed') logged.add(e.round);
+    for (const r of this.state.history) {
+      if (logged.has(r.round)) continue;
+      const path = this.store.dir(r.round);
+      this.publish({ type: 'checkpoint.written', round: r.round, step: 0, path, bytes: await this.store.sizeOf(r.round) });
+      this.publish({
+        type: 'round.completed',
+        round: r.round,
+        globalVersion: r.globalVersion,
+        participants: r.participants,
+        examples: r.examples,
+        trainLoss: r.trainLoss,
+        evalLoss: r.evalLoss,
+        evalAccuracy: r.evalAccuracy,
+        durationMs: r.durationMs,
+        phases: r.phases ?? { dispatchMs: 0, trainMs: 0, uploadMs: 0, aggregateMs: 0 },
+        bytesUp: r.bytesUp,
+        bytesDown: r.bytesDown,
+      });
+      log.info({ round: r.round }, 'round.completed republished: the checkpoint was on disk, its events were not');
     }
   }
 
@@ -507,6 +541,7 @@ export class FederatedRun extends RunBase implements RegistryListener {
       bytesDown: this.roundBytesDown,
       retries: attempt,
       refused: this.roundRefused,
+      phases,
       completedAt: new Date().toISOString(),
     };
     this.state.round = round;
@@ -516,6 +551,7 @@ export class FederatedRun extends RunBase implements RegistryListener {
     this.state.updatedAt = record.completedAt;
     const { path, bytes } = await this.store.write(this.state, this.globalAdapter, this.loraOf(this.globalRank), { strategy: this.strategy.state() });
     this.board.forget((t) => t.round < round);
+    faultPoint('round.before-events', round);
     this.publish({ type: 'checkpoint.written', round, step: 0, path, bytes });
 
     if (cfg.eval.every > 0 && (round % cfg.eval.every === 0 || round === cfg.rounds)) {
@@ -525,6 +561,7 @@ export class FederatedRun extends RunBase implements RegistryListener {
       record.durationMs = Date.now() - started;
       await this.store.updateState(this.state);
     }
+    faultPoint('round.before-completed', round);
     this.publish({
       type: 'round.completed',
       round,

@@ -16,12 +16,15 @@
  */
 import { appendFile, mkdir, readdir, readFile, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
-import { writeDirAtomic, writeFileAtomic } from '../common/atomic.ts';
+import { isTempName, writeDirAtomic, writeFileAtomic } from '../common/atomic.ts';
 import type { RunConfig } from '../common/config.ts';
+import type { PhaseTimes } from '../common/events.ts';
+import { faultPoint } from '../common/faults.ts';
 import { readPeftAdapter, writePeftAdapter } from '../common/peft.ts';
 import { readSafetensors, toFloat32, toFloat64, writeSafetensors, type StWriteEntry } from '../common/safetensors.ts';
 import type { TensorMap } from '../common/tensor.ts';
 import type { StrategyState } from './strategies/strategy.ts';
+import { checkpointWriteError } from './checkpoint-errors.ts';
 
 export const STATE_FILE = 'state.json';
 export const STRATEGY_STATE_FILE = 'strategy_state.safetensors';
@@ -46,6 +49,7 @@ export interface RoundRecord {
   retries: number;
   /** Updates refused this round (shapes, values, norm, weight), all attempts. */
   refused?: number;
+  phases?: PhaseTimes;
   completedAt: string;
 }
 
@@ -75,6 +79,14 @@ export interface RunStateFile {
   updateNorms?: number[];
   createdAt: string;
   updatedAt: string;
+}
+
+/** `--resume` of a run that has done all its rounds (or steps): nothing was changed. */
+export class RunAlreadyComplete extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'RunAlreadyComplete';
+  }
 }
 
 export interface Checkpoint<S> {
@@ -178,9 +190,23 @@ export class CheckpointStore<S extends StateShape> {
   /**
    * Write checkpoint numberOf(state) atomically: the PEFT adapter (rank r,
    * alpha), the strategy's state, any extra files, then state.json. Returns its
-   * directory and size in bytes.
+   * directory and size in bytes. A failure says which checkpoint, why, what
+   * is on disk and what to do (checkpoint-errors.ts).
    */
   async write(
+    state: S,
+    adapter: TensorMap,
+    lora: { r: number; alpha: number },
+    o: { strategy?: StrategyState | null; extra?: (dir: string) => Promise<unknown> } = {},
+  ): Promise<{ path: string; bytes: number }> {
+    try {
+      return await this.writeCheckpoint(state, adapter, lora, o);
+    } catch (err) {
+      throw await checkpointWriteError(this, this.o.numberOf(state), err);
+    }
+  }
+
+  private async writeCheckpoint(
     state: S,
     adapter: TensorMap,
     lora: { r: number; alpha: number },
@@ -200,19 +226,32 @@ export class CheckpointStore<S extends StateShape> {
           await writeStrategyState(join(tmp, STRATEGY_STATE_FILE), o.strategy);
         }
         if (o.extra) await o.extra(tmp);
+        faultPoint('checkpoint.before-state', n);
         await writeFileAtomic(join(tmp, STATE_FILE), `${JSON.stringify(state, null, 2)}\n`);
+        faultPoint('checkpoint.before-rename', n);
       },
       { overwrite: true },
     );
-    let bytes = 0;
-    for (const f of await readdir(dir)) bytes += (await stat(join(dir, f))).size;
-    await writeFileAtomic(join(this.runDir, 'latest.json'), `${JSON.stringify({ [this.o.unit]: n, path: dir }, null, 2)}\n`);
+    faultPoint('checkpoint.before-latest', n);
+    const bytes = await this.sizeOf(n);
+    await writeFileAtomic(join(this.runDir, 'latest.json'), `${JSON.stringify({ [this.o.unit]: n, path: dir }, null, 2)}\n`).catch(async (err: unknown) => {
+      throw await checkpointWriteError(this, n, err, 'latest.json');
+    });
     return { path: dir, bytes };
+  }
+
+  /** Bytes of checkpoint n on disk. */
+  async sizeOf(n: number): Promise<number> {
+    let bytes = 0;
+    for (const f of await readdir(this.dir(n))) bytes += (await stat(join(this.dir(n), f))).size;
+    return bytes;
   }
 
   /** Replace state.json of an existing checkpoint (atomically), e.g. with the round's evaluation added. */
   async updateState(state: S): Promise<void> {
-    await writeFileAtomic(join(this.dir(this.o.numberOf(state)), STATE_FILE), `${JSON.stringify(state, null, 2)}\n`);
+    await writeFileAtomic(join(this.dir(this.o.numberOf(state)), STATE_FILE), `${JSON.stringify(state, null, 2)}\n`).catch(async (err: unknown) => {
+      throw await checkpointWriteError(this, this.o.numberOf(state), err, STATE_FILE);
+    });
   }
 
   /** The strategy state saved with a checkpoint, or null when it has none. */
@@ -228,11 +267,17 @@ export class CheckpointStore<S extends StateShape> {
     await appendFile(join(this.runDir, file), `${JSON.stringify(record)}\n`);
   }
 
-  /** Remove temporary directories a crash left behind. */
-  async cleanTemp(): Promise<void> {
+  /**
+   * Remove every temporary entry a crash left behind (checkpoint directories
+   * being built or moved aside, latest.json being replaced). Only the holder of
+   * the run directory's lock may call this: a live coordinator's temporaries
+   * look the same.
+   */
+  async cleanTemp(): Promise<string[]> {
     const names = await readdir(this.runDir).catch(() => [] as string[]);
-    const re = this.o.unit === 'round' ? /^\.round-\d+.*\.(tmp|old)-/ : /^\.step-\d+.*\.(tmp|old)-/;
-    for (const n of names) if (re.test(n)) await rm(join(this.runDir, n), { recursive: true, force: true });
+    const removed = names.filter(isTempName);
+    for (const n of removed) await rm(join(this.runDir, n), { recursive: true, force: true });
+    return removed;
   }
 }
 

@@ -89,6 +89,8 @@ export class DistributedRun extends RunBase implements RegistryListener {
   /** Sum of the open attempt's uploads, with its identity. */
   private open: { step: number; attempt: number; sum: FlatSum; tokens: number } | null = null;
   private stepBytesDown = 0;
+  /** Highest step whose step.completed event the log holds (a resumed run recomputes steps after its checkpoint). */
+  private loggedSteps = 0;
 
   constructor(o: DistributedRunOptions) {
     super(o);
@@ -220,6 +222,10 @@ export class DistributedRun extends RunBase implements RegistryListener {
       return await this.lifecycle(
         { strategy: this.strategy.description, totalRounds: 0, totalSteps: total, resumedFrom: this.state.step },
         async () => {
+          if (this.resumed) {
+            // Steps after the last checkpoint are computed again; their step.completed events are already logged.
+            for (const e of await this.bus.history(this.runId, 0)) if (e.type === 'step.completed') this.loggedSteps = Math.max(this.loggedSteps, e.step);
+          }
           while (this.state.step < total) await this.runStep(this.state.step);
           return { steps: this.state.step, tokens: this.state.tokens, trainLoss: this.state.recent.at(-1)?.loss };
         },
@@ -474,7 +480,7 @@ export class DistributedRun extends RunBase implements RegistryListener {
     this.state.recent.push(rec);
     if (this.state.recent.length > 20) this.state.recent.splice(0, this.state.recent.length - 20);
     this.state.updatedAt = rec.completedAt;
-    this.publish({
+    if (done > this.loggedSteps) this.publish({
       type: 'step.completed',
       step: done,
       epoch: rec.epoch,
@@ -494,7 +500,7 @@ export class DistributedRun extends RunBase implements RegistryListener {
       })),
     });
     log.info({ step: done, loss: rec.loss, tokens, workers: tasks.length, ms: durationMs }, 'step completed');
-    await this.store.appendLog(STEPS_LOG, rec).catch((err: unknown) => log.warn({ err }, `could not append to ${STEPS_LOG}`));
+    if (done > this.loggedSteps) await this.store.appendLog(STEPS_LOG, rec).catch((err: unknown) => log.warn({ err }, `could not append to ${STEPS_LOG}`));
     const every = this.cfg.distributed.checkpoint_every;
     if (Math.floor(done / every) > Math.floor(step / every) || done === this.state.totalSteps) await this.checkpoint();
   }

@@ -57,7 +57,8 @@ export async function setupDistributed(
     syncEvery: d.sync_every,
   };
   const store = distributedStore(cfg, o.targets.some((x) => x.conv1d));
-  await store.cleanTemp();
+  const removed = await store.cleanTemp();
+  if (removed.length > 0) log.info({ removed }, 'removed temporary files a crash left behind');
   if (await store.hasOtherMode()) {
     throw new Error(`${store.runDir} holds federated round checkpoints: a distributed run needs its own name or checkpoint.dir`);
   }

@@ -1,0 +1,11 @@
+/**
+ * Crash points for fault-injection tests: with FEDTUNE_FAULT_POINT=name@n in
+ * the environment, the process kills itself (SIGKILL: no cleanup, as a power
+ * cut or the OOM killer would) the moment it reaches point `name` for round or
+ * step n. Unset, a fault point costs one property read.
+ */
+export function faultPoint(name: string, n: number): void {
+  const want = process.env.FEDTUNE_FAULT_POINT;
+  if (want === undefined || want !== `${name}@${n}`) return;
+  process.kill(process.pid, 'SIGKILL');
+}
