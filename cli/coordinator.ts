@@ -5,13 +5,16 @@
 import { join } from 'node:path';
 import { Command } from 'commander';
 import { loadRunConfig, parseHostPort } from '../common/config.ts';
+import { redactUrl } from '../common/redact.ts';
 import { strategyIssues } from '../coordinator/strategies/index.ts';
+import { RunDirLock } from '../coordinator/lock.ts';
+import { ensureRunDir } from '../coordinator/checkpoint-errors.ts';
 import type { RunEvent } from '../common/events.ts';
 import type { EventBus } from '../coordinator/events/bus.ts';
 import { createEventBus, type NatsBusConfig } from '../coordinator/events/index.ts';
 import { addNatsOptions, natsOptionsFrom, type NatsCliOptions } from './dashboard.ts';
 import { startDashboardServer, type DashboardServer } from '../coordinator/http/server.ts';
-import { startCoordinator } from '../coordinator/main.ts';
+import { RunAlreadyComplete, startCoordinator } from '../coordinator/main.ts';
 
 export function formatBytes(n: number): string {
   if (n >= 1e9) return `${(n / 1e9).toFixed(2)} GB`;
@@ -101,6 +104,9 @@ export function register(program: Command): void {
         ...(o.checkpointDir ? { checkpointDir: o.checkpointDir } : {}),
       }, strategyIssues);
       const runDir = join(cfg.checkpoint.dir, cfg.name);
+      // The run directory's lock comes first: before the event log there is opened.
+      await ensureRunDir(runDir); // read-only or misplaced checkpoint.dir: refused naming it
+      const lock = await RunDirLock.acquire(runDir);
       // --nats (and its credential/TLS flags) override events.nats from the config file.
       const fromCli = natsOptionsFrom(o);
       const fromFile = cfg.events.nats;
@@ -124,15 +130,23 @@ export function register(program: Command): void {
       const bus = await createEventBus({
         ...(nats ? { nats } : {}),
         memory: { ringSize: cfg.events.ring_size, ...(cfg.events.log ? { logDir: runDir } : {}) },
+      }).catch(async (err: unknown) => {
+        await lock.release();
+        throw err;
       });
-      if (nats) console.log(`events: publishing to NATS ${nats.servers} (stream ${nats.stream ?? 'FEDTUNE_EVENTS'})`);
+      if (nats) console.log(`events: publishing to NATS ${redactUrl(nats.servers)} (stream ${nats.stream ?? 'FEDTUNE_EVENTS'})`);
       const afterSeq = (await bus.history(cfg.name)).at(-1)?.seq ?? 0;
       const printing = printEvents(bus, cfg.name, afterSeq, cfg.rounds);
       let handle;
       try {
-        handle = await startCoordinator(cfg, { resume: o.resume ?? false, bus });
+        handle = await startCoordinator(cfg, { resume: o.resume ?? false, bus, lock });
       } catch (err) {
         await bus.close();
+        await printing.catch(() => {});
+        if (err instanceof RunAlreadyComplete) {
+          console.log(err.message);
+          return;
+        }
         throw err;
       }
       console.log(`fedtune coordinator: listening on ${handle.address} (run ${handle.runId}, checkpoints in ${handle.runDir})`);
@@ -141,7 +155,8 @@ export function register(program: Command): void {
         const { host, port, token } = cfg.dashboard;
         try {
           dashboard = await startDashboardServer({ bus, host, port, ...(token ? { token } : {}) });
-          console.log(`dashboard: ${dashboard.openUrl}`);
+          // Never the token itself: the page asks for it.
+          console.log(`dashboard: open ${dashboard.url}${token ? ' and give the dashboard token (dashboard.token of the run config)' : ''}`);
         } catch (err) {
           // The run goes on without it: a busy port must not cost a training run.
           console.log(`dashboard not started: ${(err as Error).message} (set dashboard.port, or dashboard.enabled: false)`);
@@ -160,6 +175,9 @@ export function register(program: Command): void {
       await printing;
       process.off('SIGINT', stop);
       process.off('SIGTERM', stop);
-      if (result.state !== 'completed') process.exitCode = 1;
+      if (result.state === 'stopped') {
+        // A planned stop: workers keep reconnecting; the run goes on after a restart.
+        console.log(`stopped after ${cfg.mode === 'distributed' ? 'step' : 'round'} ${result.rounds}: the workers keep reconnecting; continue with --resume`);
+      } else if (result.state !== 'completed') process.exitCode = 1;
     });
 }

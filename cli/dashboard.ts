@@ -11,7 +11,8 @@
 import { Command, Option } from 'commander';
 import { intArg } from './args.ts';
 import { createConsumerBus } from '../coordinator/events/index.ts';
-import type { NatsConnectOptions } from '../coordinator/events/nats-common.ts';
+import { withUrlCredentials, type NatsConnectOptions } from '../coordinator/events/nats-common.ts';
+import { redactUrl } from '../common/redact.ts';
 import { startDashboardServer } from '../coordinator/http/server.ts';
 import { listWorkers, type PresenceAnnouncement } from '../worker/presence.ts';
 
@@ -41,7 +42,11 @@ export function addNatsOptions(cmd: Command, required: boolean): Command {
     .addOption(new Option('--nats-tls-key <file>', 'client private key (PEM) for mutual TLS'));
 }
 
-/** Connection options from parsed CLI options (undefined when --nats was not given). */
+/**
+ * Connection options from parsed CLI options (undefined when --nats was not
+ * given). Credentials written into the URL (nats://USER:PASS@HOST:PORT) move
+ * to user/pass (or token), so that `servers` is safe to print.
+ */
 export function natsOptionsFrom(o: NatsCliOptions): NatsConnectOptions | undefined {
   if (o.nats === undefined) {
     // User, password and token may come from the environment; files only make sense with a server.
@@ -55,14 +60,14 @@ export function natsOptionsFrom(o: NatsCliOptions): NatsConnectOptions | undefin
     o.natsTlsCa !== undefined || o.natsTlsCert !== undefined || o.natsTlsKey !== undefined
       ? { ca: o.natsTlsCa, cert: o.natsTlsCert, key: o.natsTlsKey }
       : undefined;
-  return {
+  return withUrlCredentials('--nats', {
     servers: o.nats,
     user: o.natsUser,
     pass: o.natsPass,
     token: o.natsToken,
     credsFile: o.natsCreds,
     tls,
-  };
+  });
 }
 
 
@@ -74,6 +79,10 @@ interface DashboardOpts extends NatsCliOptions {
   stream: string;
   subjectRoot: string;
   staticDir?: string;
+  tlsCert?: string;
+  tlsKey?: string;
+  behindTlsProxy?: boolean;
+  allowOrigin?: string[];
 }
 
 async function runDashboard(o: DashboardOpts): Promise<void> {
@@ -81,14 +90,26 @@ async function runDashboard(o: DashboardOpts): Promise<void> {
   const bus = await createConsumerBus({ nats: { ...nats, stream: o.stream, subjectRoot: o.subjectRoot } });
   let server;
   try {
-    server = await startDashboardServer({ bus, host: o.host, port: o.port, token: o.token, staticDir: o.staticDir });
+    if ((o.tlsCert === undefined) !== (o.tlsKey === undefined)) throw new Error('--tls-cert and --tls-key go together (PEM certificate and key of the dashboard)');
+    server = await startDashboardServer({
+      bus,
+      host: o.host,
+      port: o.port,
+      token: o.token,
+      staticDir: o.staticDir,
+      ...(o.tlsCert && o.tlsKey ? { tls: { certFile: o.tlsCert, keyFile: o.tlsKey } } : {}),
+      ...(o.behindTlsProxy ? { behindTlsProxy: true } : {}),
+      ...(o.allowOrigin ? { allowedOrigins: o.allowOrigin } : {}),
+    });
   } catch (err) {
     await bus.close();
     throw err;
   }
   const runs = bus.runs().length;
+  // The token is never printed: the page asks for it (or open URL?token=TOKEN yourself).
   console.log(
-    `fedtune dashboard: ${runs} run${runs === 1 ? '' : 's'} on NATS ${nats.servers} (stream ${o.stream}); open ${server.openUrl}`,
+    `fedtune dashboard: ${runs} run${runs === 1 ? '' : 's'} on NATS ${redactUrl(nats.servers)} (stream ${o.stream}); open ${server.url}` +
+      (o.token ? ' and give the dashboard token (--token / FEDTUNE_DASHBOARD_TOKEN)' : ''),
   );
   await new Promise<void>((resolve) => {
     const stop = (): void => {
@@ -138,7 +159,11 @@ export function register(program: Command): void {
     .addOption(new Option('--token <token>', 'access token the browser must present').env('FEDTUNE_DASHBOARD_TOKEN'))
     .option('--stream <name>', 'JetStream stream holding the run events', 'FEDTUNE_EVENTS')
     .option('--subject-root <root>', 'subject root the coordinators publish under (<root>.runs.<run>.<type>)', 'fedtune')
-    .option('--static-dir <dir>', 'directory of the built dashboard app (default dashboard/dist)');
+    .option('--static-dir <dir>', 'directory of the built dashboard app (default dashboard/dist)')
+    .option('--tls-cert <file>', 'serve HTTPS with this PEM certificate (with --tls-key)')
+    .option('--tls-key <file>', 'PEM private key of --tls-cert')
+    .option('--behind-tls-proxy', 'a TLS-terminating proxy serves this dashboard as https:// (Secure cookie, https WebSocket origins)')
+    .option('--allow-origin <origin...>', 'further page origins (scheme://host[:port]) that may open the WebSocket, e.g. behind a proxy that rewrites Host');
   addNatsOptions(dashboard, true).action((o: DashboardOpts) => runDashboard(o));
 
   const workers = program
@@ -150,7 +175,7 @@ export function register(program: Command): void {
   addNatsOptions(workers, true).action(async (o: NatsCliOptions & { wait: number; json?: boolean; subjectRoot: string }) => {
     const list = await listWorkers({ nats: natsOptionsFrom(o)!, waitMs: o.wait, subjectRoot: o.subjectRoot });
     if (o.json) console.log(JSON.stringify(list, null, 2));
-    else if (list.length === 0) console.log(`no workers announced themselves on NATS ${o.nats} within ${o.wait} ms`);
+    else if (list.length === 0) console.log(`no workers announced themselves on NATS ${redactUrl(o.nats ?? '')} within ${o.wait} ms`);
     else console.log(formatWorkers(list));
   });
 }

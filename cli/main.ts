@@ -26,5 +26,8 @@ try {
   await program.parseAsync(process.argv);
 } catch (err) {
   console.error(`fedtune: ${err instanceof Error ? err.message : String(err)}`);
-  process.exitCode = 1;
+  // Exit now: a command that failed half-way may still hold a timer or a socket (a progress bar,
+  // a connection) that would keep the process alive after its error. The command has cleaned up
+  // what it owns by the time its error gets here, and stderr is written synchronously.
+  process.exit(1);
 }

@@ -27,6 +27,10 @@ import { trainLoop } from '../worker/engine/train.ts';
 import { makeBatches } from '../worker/data/batching.ts';
 import { prepareDataset } from '../worker/data/prepare.ts';
 import { getTemplate } from '../common/data/template.ts';
+import { droppedWhere } from '../common/data/tokenize.ts';
+import { loraTargets, validateAdapter } from '../common/lora.ts';
+import { rankIssue, seqLenIssue } from '../common/limits.ts';
+import { errnoCode, fsRemedy } from '../common/fs-errors.ts';
 
 
 /** What commander hands the train action: --model and --out may come from --config instead. */
@@ -309,9 +313,8 @@ async function resolveTrainOptions(cli: TrainCliOpts, explicit: (key: keyof Trai
 function warnDropped(sources: readonly RecordSource[], maxSeqLen: number, what: string): void {
   const n = sources.length;
   if (n === 0) return;
-  const first = sources.slice(0, 3).map((s) => `${s.file}:${s.line}`).join(', ');
   console.warn(
-    `warning: ${n} record${n === 1 ? '' : 's'} dropped: the response does not fit in ${what} ${maxSeqLen} tokens (${first}${n > 3 ? ', ...' : ''}); raise ${what} to keep them`,
+    `warning: ${n} record${n === 1 ? '' : 's'} dropped: the response does not fit in ${what} ${maxSeqLen} tokens (${droppedWhere(sources)}); raise ${what} to keep them`,
   );
 }
 
@@ -322,16 +325,24 @@ async function train(o: TrainOpts): Promise<void> {
   if (o.fingerprint && model.fingerprint !== o.fingerprint) {
     throw new Error(`model.fingerprint: ${o.model} has fingerprint ${model.fingerprint}, the config expects ${o.fingerprint}`);
   }
+  // How the user spelled a setting: the run config's field when --config gave it, else the option.
+  const named = (field: string, flag: string): string => (o.provenance?.fromConfig.some((f) => f.startsWith(`${field}=`)) ? field : flag);
+  const seqLenName = named('training.max_seq_len', '--max-seq-len');
+  const tooLong = seqLenIssue(o.maxSeqLen, model.config.maxPositions, o.model);
+  if (tooLong) throw new Error(`${seqLenName}: ${tooLong}`);
   const tok = await loadTokenizer(o.model);
   const mode = o.full ? 'full' : 'lora';
   const lora = mode === 'lora' ? loraFromOptions(model, o) : undefined;
+  const targets = lora ? loraTargets(model.config, lora) : [];
+  const tooHigh = lora ? rankIssue(lora.r, targets, { r: named('lora.r', '--lora-r'), modules: named('lora.target_modules', '--target-modules') }) : null;
+  if (tooHigh) throw new Error(`${named('lora.r', '--lora-r')}: ${tooHigh}`);
   const engine = Engine.create(model, { mode, lora, threads: o.threads, device: o.device, seed: o.seed });
-  const data = await prepareDataset(o.data, tok, { template: o.template, maxSeqLen: o.maxSeqLen, evalFraction: o.evalData ? 0 : o.evalFraction, seed: o.seed });
-  const evalData = o.evalData ? await prepareDataset(o.evalData, tok, { template: o.template, maxSeqLen: o.maxSeqLen, seed: o.seed }) : undefined;
+  // This command prints its own warning about dropped records (warnDropped), so prepareDataset stays quiet.
+  const data = await prepareDataset(o.data, tok, { template: o.template, maxSeqLen: o.maxSeqLen, evalFraction: o.evalData ? 0 : o.evalFraction, seed: o.seed, reportDropped: false });
+  const evalData = o.evalData ? await prepareDataset(o.evalData, tok, { template: o.template, maxSeqLen: o.maxSeqLen, seed: o.seed, reportDropped: false }) : undefined;
   const evalSet = evalData ? evalData.train : data.eval;
   const batchesPerEpoch = Math.ceil(data.train.length / o.batchSize);
   const totalSteps = o.steps ?? Math.max(1, Math.ceil(((o.epochs ?? 1) * batchesPerEpoch) / o.gradAccum));
-  const seqLenName = o.provenance?.fromConfig.some((f) => f.startsWith('training.max_seq_len=')) ? 'training.max_seq_len' : '--max-seq-len';
   warnDropped([...data.droppedSources, ...(evalData?.droppedSources ?? [])], o.maxSeqLen, seqLenName);
   const dropped = data.dropped + (evalData?.dropped ?? 0);
   console.log(
@@ -370,7 +381,20 @@ async function train(o: TrainOpts): Promise<void> {
     console.log(`resuming at step ${state.step} of ${state.totalSteps}`);
   } else if (o.initAdapter) {
     if (mode !== 'lora') throw new Error('--init-adapter applies to LoRA training, not --full');
-    params = (await readPeftAdapter(o.initAdapter)).adapter;
+    const init = await readPeftAdapter(o.initAdapter);
+    const same = (a: string[], b: string[]): boolean => [...a].sort().join() === [...b].sort().join();
+    if (init.config.r !== lora!.r || !same(init.config.targetModules, lora!.targetModules)) {
+      throw new Error(
+        `--init-adapter ${o.initAdapter} was trained with r ${init.config.r} on ${init.config.targetModules.join(',')}, this run has r ${lora!.r} on ${lora!.targetModules.join(',')}: ` +
+          `give --lora-r ${init.config.r} --target-modules ${init.config.targetModules.join(',')}, or another adapter`,
+      );
+    }
+    params = init.adapter;
+    try {
+      validateAdapter(params, targets, lora!.r);
+    } catch (err) {
+      throw new Error(`--init-adapter ${o.initAdapter} does not fit the model ${o.model}: ${(err as Error).message}`);
+    }
   } else {
     params = engine.initParams(o.seed);
   }
@@ -398,6 +422,7 @@ async function train(o: TrainOpts): Promise<void> {
     await writeFileAtomic(statePath, JSON.stringify(state, null, 2));
   };
   const startStep = state.step;
+  // The bar's timer keeps the process alive: it is stopped whatever happens in the loop.
   const result = await trainLoop({
     engine,
     params,
@@ -413,14 +438,17 @@ async function train(o: TrainOpts): Promise<void> {
       state.history.push({ step: state.step, loss: s.loss, lr: s.lr });
       bar.update(state.step, { loss: s.loss.toFixed(4), lr: s.lr.toExponential(2), tps: Math.round(s.tokensPerSec) });
     },
-  });
-  bar.stop();
+  }).finally(() => bar.stop());
   if (evalBatches.length) {
     const r = await engine.evaluate(params, evalBatches);
     state.evals.push({ step: state.step, loss: r.loss, perplexity: r.perplexity, exactMatch: r.exactMatch });
     console.log(`eval: loss ${r.loss.toFixed(4)}  perplexity ${r.perplexity.toFixed(2)}  exact match ${(100 * r.exactMatch).toFixed(1)}%  (${r.examples} examples)`);
   }
-  await save();
+  await save().catch((err: unknown) => {
+    const code = errnoCode(err);
+    if (code === undefined) throw err;
+    throw new Error(`${(err as Error).message}; the ${result.steps} steps just trained are not saved: ${fsRemedy(code, o.out)} (or choose another --out) and run the command again`, { cause: err });
+  });
   console.log(
     `trained ${result.steps} steps in ${result.seconds.toFixed(1)} s (${Math.round(result.tokens / result.seconds)} tok/s); ` +
       `mean loss ${result.meanLoss.toFixed(4)}, last ${result.lastLoss.toFixed(4)}; wrote ${o.out}`,
@@ -506,7 +534,7 @@ export function register(program: Command): void {
     .action(async (o: { model: string; adapter?: string; data: string; template: string; maxSeqLen: number; batchSize: number }) => {
       const tok = await loadTokenizer(o.model);
       const { engine, params } = await withAdapter(o.model, o.adapter);
-      const data = await prepareDataset(o.data, tok, { template: o.template, maxSeqLen: o.maxSeqLen });
+      const data = await prepareDataset(o.data, tok, { template: o.template, maxSeqLen: o.maxSeqLen, reportDropped: false });
       warnDropped(data.droppedSources, o.maxSeqLen, '--max-seq-len');
       const r = await engine.evaluate(params, makeBatches(data.train, { batchSize: o.batchSize, padId: tok.padId, shuffle: false, seed: 0, maxSeqLen: o.maxSeqLen }));
       // dropped: records left out of every number above because their response does not fit in --max-seq-len.

@@ -2,13 +2,16 @@
  * `fedtune worker --coordinator HOST:PORT --data FILE --name SITE --token T --model DIR`:
  * one site of a federated run.
  */
-import { Command, Option } from 'commander';
+import { Command, InvalidArgumentError, Option } from 'commander';
 import { intArg, numArg } from './args.ts';
 import { parseHostPort } from '../common/config.ts';
 import { FatalWorkerError, WorkerAgent } from '../worker/agent.ts';
 import { startPresence } from '../worker/presence.ts';
 import { totalmem } from 'node:os';
-import { TRAINER_BACKENDS } from '../worker/trainers/index.ts';
+import { TRAINER_BACKENDS, type TrainerBackendOptions, type TrainerFaults } from '../worker/trainers/index.ts';
+import { DEFAULT_EXEC_GRACE_SEC, splitCommand } from '../worker/trainers/exec.ts';
+import { parseByzantine, type ByzantineOptions } from '../worker/trainers/byzantine.ts';
+import type { TrainerFactoryOptions } from '../worker/trainers/trainer.ts';
 
 
 
@@ -36,6 +39,38 @@ interface WorkerCliOpts {
   progress?: 'bar' | 'log' | 'none';
   noopStepMs?: number;
   fault?: string;
+  faultByzantine?: ByzantineOptions;
+  exec?: string;
+  execWorkdir?: string;
+  execKeep?: boolean;
+  execGraceSec?: number;
+  execNoEval?: boolean;
+}
+
+/** --exec and its companions go with --trainer exec, and --trainer exec needs --exec. */
+function checkExecOptions(o: WorkerCliOpts): void {
+  if (o.trainer === 'exec') {
+    if (o.exec === undefined) throw new Error('--trainer exec needs --exec CMD, the command that trains one task (e.g. --exec "python3 train.py")');
+    splitCommand(o.exec, '--exec');
+    return;
+  }
+  const given: Array<[string, boolean]> = [
+    ['--exec', o.exec !== undefined],
+    ['--exec-workdir', o.execWorkdir !== undefined],
+    ['--exec-keep', o.execKeep === true],
+    ['--exec-grace-sec', o.execGraceSec !== undefined],
+    ['--exec-no-eval', o.execNoEval === true],
+  ];
+  const stray = given.find(([, on]) => on);
+  if (stray) throw new Error(`${stray[0]} is an option of the exec trainer: add --trainer exec (the trainer is ${o.trainer})`);
+}
+
+function byzantineArg(v: string): ByzantineOptions {
+  try {
+    return parseByzantine(v);
+  } catch (err) {
+    throw new InvalidArgumentError((err as Error).message);
+  }
 }
 
 export function register(program: Command): void {
@@ -49,7 +84,12 @@ export function register(program: Command): void {
     .option('--token <token>', 'join token of the run (or set FEDTUNE_JOIN_TOKEN)')
     .option('--eval-data <file>', 'local eval data (default: hold out --eval-fraction of --data)')
     .option('--eval-fraction <f>', 'fraction of --data held out for evaluation when --eval-data is not given', numArg('--eval-fraction', 0, 1), 0.1)
-    .addOption(new Option('--trainer <backend>', 'training backend').choices([...TRAINER_BACKENDS]).default('onnx'))
+    .addOption(new Option('--trainer <backend>', 'training backend (exec: run your own training command per task, see --exec)').choices([...TRAINER_BACKENDS]).default('onnx'))
+    .option('--exec <cmd>', 'with --trainer exec: the command that trains one task, split into arguments without a shell; it gets --task-dir DIR (see docs/federated.md, "Exec trainer")')
+    .option('--exec-workdir <dir>', 'with --trainer exec: where task directories are made (default: a temporary directory)')
+    .option('--exec-keep', 'with --trainer exec: keep each task directory after the task (for debugging the command)')
+    .option('--exec-grace-sec <sec>', `with --trainer exec: seconds between SIGTERM and SIGKILL when a task is cancelled (default ${DEFAULT_EXEC_GRACE_SEC})`, numArg('--exec-grace-sec', 0))
+    .option('--exec-no-eval', 'with --trainer exec: do not run the command for evaluation (the worker registers no eval data)')
     .addOption(new Option('--device <device>', 'where to train').choices(['cpu', 'cuda']).default('cpu'))
     .option('--threads <n>', 'CPU threads for training', intArg('--threads', 1))
     .option('--template <name>', "prompt template (default: the run's training.template)")
@@ -64,13 +104,21 @@ export function register(program: Command): void {
     .option('--presence-nats <url>', 'announce this worker (idle/training) on NATS subject fedtune.workers.<site>; list them with `fedtune workers --nats URL`')
     .addOption(new Option('--progress <mode>', 'progress display (default: bar on a terminal, log lines otherwise)').choices(['bar', 'log', 'none']))
     .addOption(new Option('--noop-step-ms <ms>', 'noop trainer: duration of a simulated step').argParser(intArg('--noop-step-ms', 0)).hideHelp())
-    .addOption(new Option('--fault <kind>', 'fault injection for tests').choices(['kill-mid-upload']).hideHelp())
+    .addOption(new Option('--fault <kind>', 'fault injection for tests').choices(['kill-mid-upload', 'corrupt-upload']).hideHelp())
+    .addOption(
+      new Option(
+        '--fault-byzantine <scale,factor>',
+        'fault injection for testing robust aggregation: send global + SCALE * (local - global) as this site\'s update ' +
+          'and claim FACTOR times its example counts (e.g. -10,100: sign-flipped x10, 100x the examples); never use in a real run',
+      ).argParser(byzantineArg),
+    )
     .action(async (o: WorkerCliOpts) => {
       parseHostPort(o.coordinator, '--coordinator');
       const token = o.token ?? process.env.FEDTUNE_JOIN_TOKEN;
       if (!token) throw new Error('--token is required (or set FEDTUNE_JOIN_TOKEN)');
       const useTls = o.tls || o.tlsCa || o.tlsCert || o.tlsServerName;
       if ((o.tlsCert === undefined) !== (o.tlsKey === undefined)) throw new Error('--tls-cert and --tls-key go together');
+      checkExecOptions(o);
       const presence = o.presenceNats
         ? startPresence({
             nats: { servers: o.presenceNats },
@@ -80,24 +128,41 @@ export function register(program: Command): void {
             memoryBytes: totalmem(),
           })
         : null;
+      // The agent hands these options, faults included, to createTrainer (worker/trainers/index.ts).
+      const trainerOptions: Omit<TrainerFactoryOptions, 'template' | 'maxSeqLen'> & { template?: string; maxSeqLen?: number } & TrainerFaults & TrainerBackendOptions = {
+        modelDir: o.model,
+        dataPath: o.data ?? '',
+        ...(o.evalData ? { evalPath: o.evalData } : {}),
+        evalFraction: o.evalFraction,
+        ...(o.template ? { template: o.template } : {}),
+        ...(o.maxSeqLen ? { maxSeqLen: o.maxSeqLen } : {}),
+        ...(o.threads ? { threads: o.threads } : {}),
+        device: o.device,
+        seed: o.seed,
+        ...(o.noopStepMs !== undefined ? { noopStepMs: o.noopStepMs } : {}),
+        ...(o.faultByzantine ? { faultByzantine: o.faultByzantine } : {}),
+        ...(o.trainer === 'exec' && o.exec !== undefined
+          ? {
+              exec: {
+                command: o.exec,
+                ...(o.execWorkdir !== undefined ? { workDir: o.execWorkdir } : {}),
+                keep: o.execKeep === true,
+                graceSec: o.execGraceSec ?? DEFAULT_EXEC_GRACE_SEC,
+                noEval: o.execNoEval === true,
+              },
+            }
+          : {}),
+      };
+      if (o.faultByzantine) {
+        console.error(`fedtune worker ${o.name}: FAULT INJECTION: Byzantine updates (scale ${o.faultByzantine.scale}, example counts x${o.faultByzantine.factor})`);
+      }
       const agent = new WorkerAgent({
         ...(presence ? { onActivity: (a: 'idle' | 'training', runId: string) => presence.update(a, runId) } : {}),
         coordinator: o.coordinator,
         token,
         site: o.name,
         trainer: o.trainer,
-        trainerOptions: {
-          modelDir: o.model,
-          dataPath: o.data ?? '',
-          ...(o.evalData ? { evalPath: o.evalData } : {}),
-          evalFraction: o.evalFraction,
-          ...(o.template ? { template: o.template } : {}),
-          ...(o.maxSeqLen ? { maxSeqLen: o.maxSeqLen } : {}),
-          ...(o.threads ? { threads: o.threads } : {}),
-          device: o.device,
-          seed: o.seed,
-          ...(o.noopStepMs !== undefined ? { noopStepMs: o.noopStepMs } : {}),
-        },
+        trainerOptions,
         tls: useTls
           ? {
               ...(o.tlsCa ? { caFile: o.tlsCa } : {}),
@@ -108,6 +173,7 @@ export function register(program: Command): void {
         reconnect: { giveUpAfterMs: o.giveUpAfter * 1000 },
         ...(o.progress ? { progress: o.progress } : {}),
         faultKillMidUpload: o.fault === 'kill-mid-upload',
+        faultCorruptUpload: o.fault === 'corrupt-upload',
       });
       const ac = new AbortController();
       const stop = (): void => ac.abort(new Error('interrupted'));

@@ -6,9 +6,10 @@
  * in code alike, so what you read in a config is what the code uses.
  */
 import { readFile } from 'node:fs/promises';
-import { extname } from 'node:path';
+import { dirname, extname, isAbsolute, resolve } from 'node:path';
 import { LineCounter, parseDocument, isNode } from 'yaml';
 import { z } from 'zod';
+import { natsUrlIssue, templateIssue } from './limits.ts';
 
 export const SCHEDULES = ['constant', 'linear', 'cosine'] as const;
 export const RUN_MODES = ['federated', 'distributed'] as const;
@@ -20,6 +21,11 @@ const nameRe = /^[A-Za-z0-9][A-Za-z0-9._-]*$/;
 const listenRe = /^(\[[0-9a-fA-F:]+\]|[^\s:[\]]+):\d{1,5}$/;
 
 const positive = () => z.number().positive();
+/** A zod refinement from a check that returns null (fine) or the message (common/limits.ts). */
+const refuse = (issue: (v: string) => string | null) => (v: string, ctx: z.RefinementCtx) => {
+  const message = issue(v);
+  if (message !== null) ctx.addIssue({ code: 'custom', message });
+};
 const int = () => z.number().int();
 
 const trainingSchema = z
@@ -34,7 +40,7 @@ const trainingSchema = z
     weight_decay: z.number().min(0).default(0),
     max_grad_norm: z.number().min(0).default(1),
     max_seq_len: int().min(8).max(1 << 20).default(256),
-    template: z.string().min(1).default('alpaca'),
+    template: z.string().min(1).superRefine(refuse(templateIssue)).default('alpaca'),
     seed: int().min(0).default(0),
   })
   .superRefine((t, ctx) => {
@@ -158,15 +164,16 @@ export const runConfigSchema = z
     server: z
       .strictObject({
         listen: z.string().regex(listenRe, 'must be HOST:PORT, e.g. 127.0.0.1:7070 or 0.0.0.0:7070').default('127.0.0.1:7070'),
-        join_token: z.string().min(1, 'must not be empty'),
+        join_token: z.string().min(1, 'must not be empty: set server.join_token, pass --token or set FEDTUNE_JOIN_TOKEN'),
         tls: z
           .strictObject({ cert: z.string().min(1), key: z.string().min(1), client_ca: z.string().min(1).nullable().default(null) })
           .nullable()
           .default(null),
         heartbeat_interval_ms: int().min(50).default(2000),
         heartbeat_timeout_ms: int().min(100).default(15000),
-        chunk_bytes: int().min(1024).max(4 << 20).default(1 << 20),
-        max_chunk_bytes: int().min(1024).max(4 << 20).default(2 << 20),
+        /** At most 4 MiB - 64 KiB: a chunk message (data plus framing) must stay under gRPC's 4 MiB message limit. */
+        chunk_bytes: int().min(1024).max((4 << 20) - (64 << 10)).default(1 << 20),
+        max_chunk_bytes: int().min(1024).max((4 << 20) - (64 << 10)).default(2 << 20),
         max_concurrent_uploads: int().min(1).default(8),
       }),
     dashboard: z
@@ -185,7 +192,7 @@ export const runConfigSchema = z
         /** Publish events to NATS JetStream too (credentials and TLS files come from the command line). */
         nats: z
           .strictObject({
-            url: z.string().min(1),
+            url: z.string().min(1).superRefine(refuse(natsUrlIssue)),
             stream: z.string().min(1).optional(),
             subject_root: z.string().min(1).optional(),
             max_age_sec: z.number().positive().optional(),
@@ -204,6 +211,13 @@ export const runConfigSchema = z
         code: 'custom',
         path: ['rounds'],
         message: `is required in federated mode (an integer >= 1)${c.rounds === 0 ? '' : ` (got ${c.rounds})`}`,
+      });
+    }
+    if (c.mode === 'federated' && c.training.epochs !== null && !Number.isInteger(c.training.epochs)) {
+      ctx.addIssue({
+        code: 'custom',
+        path: ['training', 'epochs'],
+        message: `must be a whole number in federated mode (tasks carry whole local epochs); use training.steps for part of an epoch (got ${c.training.epochs})`,
       });
     }
     if (c.mode === 'distributed' && c.distributed.dataset === null) {
@@ -301,8 +315,9 @@ export function formatIssue(issue: z.core.$ZodIssue, locate: Locate = () => ''):
       return `${where}: must be ${issue.expected === 'int' ? 'an integer' : `a ${issue.expected}`} (got ${show(input)})`;
     case 'too_small':
     case 'too_big': {
-      const m = issue.message.replace(/^Too (small|big): expected \w+ to /, '');
-      return `${where}: must ${m} (got ${show(input)})`;
+      // zod's own wording ("Too small: expected string to have >=1 characters") or a message of ours, which says "must" itself.
+      const m = issue.message.replace(/^Too (small|big): expected \w+ to /, '').replace(/^(?!must )/, 'must ');
+      return `${where}: ${m} (got ${show(input)})`;
     }
     case 'custom':
       return `${where}: ${issue.message}`;
@@ -342,7 +357,39 @@ export interface ConfigOverrides {
   checkpointDir?: string;
 }
 
-/** Read, parse (YAML or JSON by extension; .yml/.yaml/.json) and validate a run config file. */
+/** Path fields of a run config file that are resolved against the file's directory (see resolveConfigPaths). */
+export const CONFIG_FILE_PATHS: ReadonlyArray<readonly string[]> = [
+  ['model', 'path'],
+  ['checkpoint', 'dir'],
+  ['distributed', 'dataset'],
+  ['server', 'tls', 'cert'],
+  ['server', 'tls', 'key'],
+  ['server', 'tls', 'client_ca'],
+];
+
+/**
+ * Make the relative paths written in a config file absolute against `baseDir`
+ * (the file's directory), in place; absolute paths, defaults and values of the
+ * wrong type (left for the schema to report) are not touched.
+ * distributed.worker_dataset_path is the path as the workers see it and stays as written.
+ */
+export function resolveConfigPaths(raw: Record<string, unknown>, baseDir: string): void {
+  for (const path of CONFIG_FILE_PATHS) {
+    let o: unknown = raw;
+    for (const k of path.slice(0, -1)) o = typeof o === 'object' && o !== null && !Array.isArray(o) ? (o as Record<string, unknown>)[k] : undefined;
+    if (typeof o !== 'object' || o === null || Array.isArray(o)) continue;
+    const rec = o as Record<string, unknown>;
+    const key = path[path.length - 1]!;
+    const v = rec[key];
+    if (typeof v === 'string' && v !== '' && !isAbsolute(v)) rec[key] = resolve(baseDir, v);
+  }
+}
+
+/**
+ * Read, parse (YAML or JSON by extension; .yml/.yaml/.json) and validate a run config file.
+ * Relative paths in the file resolve against the file's directory (resolveConfigPaths);
+ * `overrides` come from the command line and stay relative to the working directory.
+ */
 export async function loadRunConfig(path: string, overrides: ConfigOverrides = {}, check?: ConfigCheck): Promise<RunConfig> {
   let text: string;
   try {
@@ -380,6 +427,7 @@ export async function loadRunConfig(path: string, overrides: ConfigOverrides = {
     throw new RunConfigError(path, ['(top level): must be a mapping of fields (name, model, lora, training, rounds, ...)']);
   }
   const obj = raw as Record<string, unknown>;
+  resolveConfigPaths(obj, dirname(resolve(path)));
   const server = (typeof obj.server === 'object' && obj.server !== null ? obj.server : (obj.server = {})) as Record<string, unknown>;
   const token = overrides.joinToken ?? (server.join_token === undefined ? process.env.FEDTUNE_JOIN_TOKEN : undefined);
   if (token !== undefined) server.join_token = token;

@@ -27,14 +27,23 @@ import { FederatedRun, type RunResult } from './run.ts';
 import { createCoordinatorService, type RunController } from './service.ts';
 import { createStrategy } from './strategies/index.ts';
 import type { StrategyState } from './strategies/strategy.ts';
-import { federatedStore, LEGACY_SERVER_OPTIMIZER_FILE, newRunState, type RunStateFile } from './store.ts';
+import { RunDirLock } from './lock.ts';
+import { ensureRunDir } from './checkpoint-errors.ts';
+import { rankIssue, seqLenIssue } from '../common/limits.ts';
+import { checkServerTls } from '../common/pem.ts';
+import { federatedStore, LEGACY_SERVER_OPTIMIZER_FILE, newRunState, RunAlreadyComplete, type RunStateFile } from './store.ts';
+
+export { RunAlreadyComplete } from './store.ts';
 import { WorkerRegistry, type RegistryListener } from './workers.ts';
+import { logRefusedHandshakes } from './handshake-log.ts';
 
 const log = logger('coordinator');
 
 export interface CoordinatorOptions {
   /** Continue after the last complete round in CHECKPOINT_DIR/<name>. */
   resume?: boolean;
+  /** The run directory's lock, when the caller took it already (before opening the event log there). */
+  lock?: RunDirLock;
   /** Event bus to publish to (default: a MemoryBus logging to the run directory). */
   bus?: EventBus;
 }
@@ -66,10 +75,28 @@ async function serverCredentials(cfg: RunConfig): Promise<grpc.ServerCredentials
   const cert = await read('cert', tls.cert);
   const key = await read('key', tls.key);
   const ca = tls.client_ca ? await read('client_ca', tls.client_ca) : null;
-  return grpc.ServerCredentials.createSsl(ca, [{ cert_chain: cert, private_key: key }], ca !== null);
+  // Not PEM, or a key of another certificate: refused here naming the field, not at bind time as server.listen.
+  checkServerTls({ field: 'server.tls.cert', path: tls.cert, bytes: cert }, { field: 'server.tls.key', path: tls.key, bytes: key }, ca && { field: 'server.tls.client_ca', path: tls.client_ca!, bytes: ca });
+  try {
+    return grpc.ServerCredentials.createSsl(ca, [{ cert_chain: cert, private_key: key }], ca !== null);
+  } catch (err) {
+    throw new Error(`server.tls: gRPC refused the TLS files (${(err as Error).message}); check server.tls.cert ${tls.cert}, server.tls.key ${tls.key}${tls.client_ca ? ` and server.tls.client_ca ${tls.client_ca}` : ''}`);
+  }
 }
 
 export async function startCoordinator(cfg: RunConfig, opts: CoordinatorOptions = {}): Promise<CoordinatorHandle> {
+  // One owner per run directory, before anything in it is touched.
+  if (!opts.lock) await ensureRunDir(join(cfg.checkpoint.dir, cfg.name));
+  const lock = opts.lock ?? (await RunDirLock.acquire(join(cfg.checkpoint.dir, cfg.name)));
+  try {
+    return await start(cfg, opts, lock);
+  } catch (err) {
+    await lock.release();
+    throw err;
+  }
+}
+
+async function start(cfg: RunConfig, opts: CoordinatorOptions, lock: RunDirLock): Promise<CoordinatorHandle> {
   // Base model: the architecture for the adapter's shapes, and the fingerprint workers must match.
   const model = await inspectModel(cfg.model.path);
   if (cfg.model.fingerprint && cfg.model.fingerprint !== model.fingerprint) {
@@ -84,6 +111,12 @@ export async function startCoordinator(cfg: RunConfig, opts: CoordinatorOptions 
   } catch (err) {
     throw new Error(`lora: ${(err as Error).message}`);
   }
+  const tooLong = seqLenIssue(cfg.training.max_seq_len, model.config.maxPositions, cfg.model.path);
+  if (tooLong) throw new Error(`training.max_seq_len: ${tooLong}`);
+  const tooHigh = rankIssue(cfg.lora.r, targets);
+  if (tooHigh) throw new Error(`lora.r: ${tooHigh}`);
+  // TLS files before anything is written: a bad PEM must not leave a round-0 checkpoint behind.
+  const creds = await serverCredentials(cfg);
   const setup =
     cfg.mode === 'distributed'
       ? await setupDistributedRun(cfg, { model, lora, targets, resume: opts.resume ?? false })
@@ -91,6 +124,15 @@ export async function startCoordinator(cfg: RunConfig, opts: CoordinatorOptions 
 
   const ownBus = opts.bus === undefined;
   const bus = opts.bus ?? new MemoryBus({ ringSize: cfg.events.ring_size, ...(cfg.events.log ? { logDir: setup.runDir } : {}) });
+  if (setup.complete !== null) {
+    // Every round (or step) is checkpointed. With run.completed in the log too, the run is finished and
+    // consistent: change nothing. Without it, a crash came between the last checkpoint and its events:
+    // run on, so that the missing events are published (once) and the run completes.
+    if ((await bus.history(cfg.name, 0)).some((e) => e.type === 'run.completed')) {
+      if (ownBus) await bus.close();
+      throw new RunAlreadyComplete(setup.complete);
+    }
+  }
   const registry = new WorkerRegistry(cfg.server.heartbeat_timeout_ms);
   const run = setup.create(bus, registry);
   registry.listener = run;
@@ -98,19 +140,21 @@ export async function startCoordinator(cfg: RunConfig, opts: CoordinatorOptions 
   const server = new grpc.Server({ 'grpc.keepalive_permit_without_calls': 1, 'grpc.http2.min_ping_interval_without_data_ms': 5000 });
   server.addService(CoordinatorService, createCoordinatorService({ cfg, run, registry, modelFingerprint: model.fingerprint }));
   const { host } = parseHostPort(cfg.server.listen, 'server.listen');
-  const creds = await serverCredentials(cfg);
   const port = await new Promise<number>((resolve, reject) =>
     server.bindAsync(cfg.server.listen, creds, (err, p) =>
       err ? reject(new Error(`server.listen: cannot listen on ${cfg.server.listen}: ${err.message}`)) : resolve(p),
     ),
   );
+  if (cfg.server.tls) logRefusedHandshakes(server, { mutual: cfg.server.tls.client_ca !== null });
   registry.startSweeper(Math.min(1000, cfg.server.heartbeat_interval_ms));
   const address = `${host.includes(':') ? `[${host}]` : host}:${port}`;
   log.info({ address, run: cfg.name, mode: cfg.mode, tls: cfg.server.tls !== null, fingerprint: model.fingerprint }, 'coordinator listening');
 
   let closed = false;
   const runPromise = run.run().then((result) => {
-    registry.close({ body: { $case: 'finished', value: { state: result.state, message: result.error ?? '' } } }, `run ${result.state}`);
+    // stopped: a planned stop (SIGTERM / SIGINT) or restart; the run is not over, so workers keep reconnecting.
+    const message = result.state === 'stopped' ? 'the coordinator stopped (planned stop or restart); the run is not over: reconnect until it is back' : (result.error ?? '');
+    registry.close({ body: { $case: 'finished', value: { state: result.state, message } } }, `run ${result.state}`);
     return result;
   });
 
@@ -137,6 +181,7 @@ export async function startCoordinator(cfg: RunConfig, opts: CoordinatorOptions 
         });
       });
       if (ownBus) await bus.close();
+      await lock.release();
     },
   };
 }
@@ -147,6 +192,8 @@ type AnyRun = RunController & RegistryListener & { readonly runId: string; run()
 interface RunSetup {
   /** CHECKPOINT_DIR/<name> */
   runDir: string;
+  /** Set when the last checkpoint is the run's last round or step: what to tell the operator. */
+  complete: string | null;
   create(bus: EventBus, registry: WorkerRegistry): AnyRun;
 }
 
@@ -159,7 +206,11 @@ interface SetupArgs {
 
 async function setupDistributedRun(cfg: RunConfig, o: SetupArgs): Promise<RunSetup> {
   const d = await setupDistributed(cfg, o);
-  return { runDir: d.store.runDir, create: (bus, registry) => new DistributedRun({ cfg, bus, registry, ...d }) };
+  const complete =
+    d.resumed && d.state.step >= d.state.totalSteps
+      ? `run ${cfg.name} has completed all ${d.state.totalSteps} step(s) (last checkpoint ${d.store.dir(d.state.step)}); nothing to resume and nothing was changed. Raise training.steps / epochs to train further.`
+      : null;
+  return { runDir: d.store.runDir, complete, create: (bus, registry) => new DistributedRun({ cfg, bus, registry, ...d }) };
 }
 
 async function setupFederatedRun(cfg: RunConfig, o: SetupArgs): Promise<RunSetup> {
@@ -168,7 +219,8 @@ async function setupFederatedRun(cfg: RunConfig, o: SetupArgs): Promise<RunSetup
   if (await store.hasOtherMode()) {
     throw new Error(`${store.runDir} holds a distributed run's step checkpoints: choose another name or checkpoint.dir for this federated run`);
   }
-  await store.cleanTemp();
+  const removed = await store.cleanTemp();
+  if (removed.length > 0) log.info({ removed }, 'removed temporary files a crash left behind');
   const strategy = createStrategy(cfg, targets);
 
   // Global adapter: resumed from the last complete round, or fresh (round 0 is checkpointed too).
@@ -177,6 +229,7 @@ async function setupFederatedRun(cfg: RunConfig, o: SetupArgs): Promise<RunSetup
   let state: RunStateFile;
   const latest = await store.latest();
   let resumed = false;
+  let complete: string | null = null;
   if (latest && !o.resume) {
     throw new Error(
       `${store.runDir} already holds checkpoints up to round ${latest.n}: pass --resume to continue that run, or change name / checkpoint.dir to start a new one`,
@@ -185,6 +238,9 @@ async function setupFederatedRun(cfg: RunConfig, o: SetupArgs): Promise<RunSetup
   if (latest) {
     if (latest.state.modelFingerprint !== model.fingerprint) {
       throw new Error(`cannot resume ${store.runDir}: it was trained on base model ${latest.state.modelFingerprint}, ${cfg.model.path} is ${model.fingerprint}`);
+    }
+    if (latest.n >= cfg.rounds) {
+      complete = `run ${cfg.name} has completed all ${cfg.rounds} round(s) (last checkpoint ${latest.dir}); nothing to resume and nothing was changed. Raise rounds to train further.`;
     }
     global = await store.loadAdapter(latest.dir);
     globalRank = global.values().next().value?.shape[0] ?? cfg.lora.r;
@@ -214,6 +270,7 @@ async function setupFederatedRun(cfg: RunConfig, o: SetupArgs): Promise<RunSetup
 
   return {
     runDir: store.runDir,
+    complete,
     create: (bus, registry) => new FederatedRun({ cfg, bus, registry, store, strategy, global, globalRank, state, resumed }),
   };
 }

@@ -156,12 +156,32 @@ export function createCoordinatorService<T>(ctx: ServiceContext<T>): Coordinator
       const caps = req.capabilities;
       if (!req.site.trim()) return cb(grpcError(grpc.status.INVALID_ARGUMENT, 'site: must not be empty (pass --name SITE)'));
       if (!caps) return cb(grpcError(grpc.status.INVALID_ARGUMENT, 'capabilities: missing'));
+      if (caps.protocolVersion !== PROTOCOL_VERSION) {
+        const msg =
+          `protocol version mismatch: worker "${req.site}" (${caps.client || 'unnamed client'}) speaks fedtune protocol version ${caps.protocolVersion || '0 (unset)'}, ` +
+          `this coordinator speaks version ${PROTOCOL_VERSION}; use a worker built for protocol version ${PROTOCOL_VERSION} (docs/protocol.md)`;
+        log.warn({ peer, site: req.site }, msg);
+        return cb(grpcError(grpc.status.FAILED_PRECONDITION, msg));
+      }
       if (ctx.modelFingerprint && caps.modelFingerprint !== ctx.modelFingerprint) {
         const msg =
           `base model fingerprint mismatch: worker "${req.site}" has ${caps.modelFingerprint || '(none)'}, ` +
           `run "${cfg.name}" expects ${ctx.modelFingerprint}; the worker must load the same base model (same config and weights)`;
         log.warn({ peer, site: req.site }, msg);
         return cb(grpcError(grpc.status.FAILED_PRECONDITION, msg));
+      }
+      // One live session per site: a second worker for the same site would be averaged twice.
+      const live = registry.all().find((x) => x.alive && x.site === req.site.trim());
+      if (live) {
+        if (req.previousWorkerId === live.workerId) {
+          registry.detach(live, 'replaced by a new registration of the same worker');
+        } else {
+          const msg =
+            `site "${live.site}" already has a live session (worker ${live.workerId}, registered ${new Date(live.registeredAt).toISOString()}): ` +
+            `one site must not be averaged twice; stop the other worker of this site, or wait until its session ends (server.heartbeat_timeout_ms = ${cfg.server.heartbeat_timeout_ms})`;
+          log.warn({ peer, site: live.site, live: live.workerId }, 'registration refused: the site already has a live session');
+          return cb(grpcError(grpc.status.ALREADY_EXISTS, msg));
+        }
       }
       const w = registry.add({
         site: req.site.trim(),

@@ -13,6 +13,7 @@
  * into the wrong round or step.
  */
 import type { RunConfig } from '../common/config.ts';
+import { redactUrl } from '../common/redact.ts';
 import type { TrainingSpec } from '../proto/gen/fedtune/v1/coordinator.ts';
 import type { WorkerRecord, WorkerRegistry } from './workers.ts';
 
@@ -181,9 +182,15 @@ export function trainingSpecOf(cfg: RunConfig, o?: SpecOverrides): TrainingSpec 
   };
 }
 
-/** The run config as events and API answers may show it: secrets replaced by ***. */
+/** The run config as events and API answers may show it: secrets (tokens, credentials in URLs) replaced by ***. */
 export function redactedConfig(cfg: RunConfig): Record<string, unknown> {
+  const nats = cfg.events.nats ? { ...cfg.events.nats, url: redactUrl(cfg.events.nats.url) } : null;
   return JSON.parse(
-    JSON.stringify({ ...cfg, server: { ...cfg.server, join_token: '***' }, dashboard: { ...cfg.dashboard, token: cfg.dashboard.token ? '***' : null } }),
+    JSON.stringify({
+      ...cfg,
+      server: { ...cfg.server, join_token: '***' },
+      dashboard: { ...cfg.dashboard, token: cfg.dashboard.token ? '***' : null },
+      events: { ...cfg.events, nats },
+    }),
   ) as Record<string, unknown>;
 }

@@ -77,9 +77,17 @@ export class WorkerRegistry {
     return [...this.workers.values()];
   }
 
+  /** The worker's session stream; a second Session call of the same registration replaces the first (closed, the registration kept). */
   attach(w: WorkerRecord, stream: SessionStream): void {
-    if (w.stream && w.stream !== stream) this.detach(w, 'replaced by a new session');
+    const old = w.stream;
     w.stream = stream;
+    if (old && old !== stream && !old.destroyed) {
+      try {
+        old.end();
+      } catch {
+        /* already broken */
+      }
+    }
     w.lastSeen = Date.now();
     w.status = 'idle';
     this.listener?.onSessionOpened(w);

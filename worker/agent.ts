@@ -43,6 +43,8 @@ import {
 } from '../proto/gen/fedtune/v1/coordinator.ts';
 import { createTrainer } from './trainers/index.ts';
 import { StepRunner } from './trainers/step.ts';
+import { diagnoseTlsFailure } from './tls-errors.ts';
+import { seqLenMismatch } from '../common/limits.ts';
 import type { LocalTrainingSpec, Trainer, TrainerFactoryOptions } from './trainers/trainer.ts';
 
 const log = logger('worker');
@@ -174,7 +176,7 @@ export class CoordinatorConnection {
   upload(
     header: { taskId: string; round: number; kind: UpdateKind; baseVersion: number; numExamples: number; metrics: Record<string, number> },
     tensors: TensorMap,
-    opts: { chunkBytes?: number; onChunk?: (index: number, total: number) => void } = {},
+    opts: { chunkBytes?: number; onChunk?: (index: number, total: number) => void; corrupt?: boolean } = {},
   ): Promise<UploadAck> {
     const stream = streamTensorMap(tensors, opts.chunkBytes ?? DEFAULT_CHUNK_BYTES);
     const chunkBytes = opts.chunkBytes ?? DEFAULT_CHUNK_BYTES;
@@ -202,7 +204,9 @@ export class CoordinatorConnection {
         const total = Math.ceil(stream.totalBytes / chunkBytes);
         let i = 0;
         for (const c of stream.chunks()) {
-          await write({ body: { $case: 'chunk', value: { offset: c.offset, data: c.data } } });
+          // Fault injection (tests): one flipped byte in the first chunk, as a bad link would; the digest then differs.
+          const data = opts.corrupt && i === 0 ? Uint8Array.from(c.data, (b, k) => (k === 0 ? b ^ 0xff : b)) : c.data;
+          await write({ body: { $case: 'chunk', value: { offset: c.offset, data } } });
           opts.onChunk?.(i++, total);
         }
         await write({ body: { $case: 'trailer', value: { totalBytes: stream.totalBytes, sha256: stream.sha256() } } });
@@ -257,6 +261,8 @@ export interface WorkerAgentOptions {
   progress?: 'bar' | 'log' | 'none';
   /** Test hook: kill this process (SIGKILL) after sending half of an upload's chunks. */
   faultKillMidUpload?: boolean;
+  /** Test hook: corrupt one byte of the first upload attempt of every task (the retry is clean). */
+  faultCorruptUpload?: boolean;
   /** Use an existing trainer instead of creating one (in-process benchmarks). */
   trainerInstance?: Trainer;
   /** Called when the worker starts or stops working on a task of run `runId` (presence announcements). */
@@ -297,12 +303,21 @@ export class WorkerAgent {
         const conn = new CoordinatorConnection(this.opts.coordinator, this.opts.tls ?? null);
         try {
           const info = await conn.getRunInfo(this.opts.token);
+          if (info.protocolVersion !== PROTOCOL_VERSION) {
+            throw new FatalWorkerError(
+              `coordinator ${this.opts.coordinator} speaks fedtune protocol version ${info.protocolVersion || '0 (unset)'}, this worker (${CLIENT_NAME}) speaks version ${PROTOCOL_VERSION}: use a worker built for the coordinator's version (docs/protocol.md)`,
+            );
+          }
           await this.ensureTrainer(info);
           const reg = await this.register(conn, info, previousId);
           previousId = reg.workerId;
           delay = initial;
           downSince = null;
           const end = await this.session(conn, reg, signal);
+          if (end.kind === 'finished' && end.state === 'stopped' && !signal?.aborted) {
+            // A planned stop or restart of the coordinator: the run is not over. Reconnect with backoff.
+            throw new Error(`coordinator stopped the run for now${end.message ? ` (${end.message})` : ''}`);
+          }
           if (end.kind === 'finished') {
             log.info({ state: end.state }, `run ${end.state}${end.message ? `: ${end.message}` : ''}; worker exiting`);
             return { state: end.state, message: end.message, tasksDone: this.tasksDone };
@@ -312,6 +327,11 @@ export class WorkerAgent {
           if (signal?.aborted) throw signal.reason;
           if (err instanceof FatalWorkerError) throw err;
           if (isServiceError(err) && FATAL_CODES.has(err.code)) throw new FatalWorkerError(err.details || err.message);
+          // Never connected yet: a TLS or certificate failure is fatal (worker/tls-errors.ts); after one, a restart may be under way.
+          if (previousId === '' && isServiceError(err) && err.code === grpc.status.UNAVAILABLE) {
+            const tlsFailure = await diagnoseTlsFailure(this.opts.coordinator, this.opts.tls ?? null, err);
+            if (tlsFailure) throw new FatalWorkerError(tlsFailure.message);
+          }
           downSince ??= Date.now();
           if (Date.now() - downSince > giveUp) {
             throw new Error(`coordinator ${this.opts.coordinator} unreachable for ${Math.round(giveUp / 1000)} s, giving up (last error: ${(err as Error).message})`);
@@ -348,6 +368,8 @@ export class WorkerAgent {
     }
     const t = info.training;
     const o = this.opts.trainerOptions;
+    const mismatch = seqLenMismatch(o.maxSeqLen, t?.maxSeqLen);
+    if (mismatch) throw new FatalWorkerError(`run ${info.runName}: ${mismatch}`);
     const factory: TrainerFactoryOptions = {
       ...o,
       template: o.template ?? t?.template ?? 'alpaca',
@@ -446,7 +468,10 @@ export class WorkerAgent {
               await this.handleTask(conn, reg, task, ctl.signal, setStatus, send);
               this.tasksDone++;
             } catch (err) {
-              const message = ctl.signal.aborted ? `cancelled: ${(ctl.signal.reason as Error)?.message ?? 'by the coordinator'}` : (err as Error).message;
+              const reason = (ctl.signal.reason as Error)?.message ?? 'by the coordinator';
+              // A trainer that says more than the reason (e.g. the exec trainer's stderr) keeps its words.
+              const detail = err !== ctl.signal.reason && (err as Error)?.message && !(err as Error).message.startsWith(reason) ? `; ${(err as Error).message}` : '';
+              const message = ctl.signal.aborted ? `cancelled: ${reason}${detail}` : (err as Error).message;
               if (!ended) {
                 log.warn({ task: task.taskId }, `task failed: ${message}`);
                 send({ body: { $case: 'taskFailed', value: { taskId: task.taskId, message, unsupported: false } } });
@@ -514,6 +539,11 @@ export class WorkerAgent {
     const tr = this.trainer!;
     const kind = task.kind;
     if (kind?.$case === 'step') {
+      if (!tr.computeGradients && !tr.localSteps) {
+        const message = `the ${tr.backend} trainer supports federated rounds only: it can neither compute gradients nor take local steps, which distributed runs need (use --trainer onnx)`;
+        send({ body: { $case: 'taskFailed', value: { taskId: task.taskId, message, unsupported: true } } });
+        return;
+      }
       await this.handleStep(conn, reg, task, kind.value, signal, setStatus);
       return;
     }
@@ -583,7 +613,7 @@ export class WorkerAgent {
       : undefined;
     let ack: UploadAck;
     try {
-      ack = await conn.upload(header, outcome.adapter, { chunkBytes, ...(onChunk ? { onChunk } : {}) });
+      ack = await conn.upload(header, outcome.adapter, { chunkBytes, ...(onChunk ? { onChunk } : {}), corrupt: this.opts.faultCorruptUpload === true });
     } catch (err) {
       // One retry for corruption in transit; anything else is reported as a task failure.
       if (isServiceError(err) && err.code === grpc.status.DATA_LOSS) ack = await conn.upload(header, outcome.adapter, { chunkBytes });

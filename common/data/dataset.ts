@@ -7,9 +7,11 @@
  *   text    {"text": "..."}  plain text, every token trained (pre-training, domain adaptation)
  * Any other field (a `label`, a `site`, an `id`) is kept in `meta` for
  * partitioning and evaluation. Every problem is reported with the file and the
- * line (JSONL) or array index (JSON) it is at.
+ * line (JSONL) or array index (JSON) it is at; bytes that are not UTF-8 too
+ * (utf8.ts), rather than trained on as replacement characters.
  */
 import { readFile } from 'node:fs/promises';
+import { decodeUtf8 } from './utf8.ts';
 
 export type ChatRole = 'system' | 'user' | 'assistant';
 export const CHAT_ROLES: readonly ChatRole[] = ['system', 'user', 'assistant'];
@@ -50,16 +52,16 @@ export type SftRecord =
 
 /** Reads every record of a JSON array or JSONL file (format chosen by the first non-blank character). */
 export async function loadRecords(path: string): Promise<SftRecord[]> {
-  let text: string;
+  let bytes: Buffer;
   try {
-    text = await readFile(path, 'utf8');
+    bytes = await readFile(path);
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code;
     if (code === 'ENOENT') throw new Error(`${path}: dataset file not found`);
     if (code === 'EISDIR') throw new Error(`${path}: is a directory, expected a .json or .jsonl dataset file`);
     throw err;
   }
-  return parseRecords(text, path);
+  return parseRecords(decodeUtf8(bytes, path), path);
 }
 
 /** Parses dataset text; `file` is used in error messages and record sources. */

@@ -7,6 +7,15 @@
  * predicts labels[t + 1] from position t). EOS follows every trained segment
  * and is trained. Sequences longer than maxSeqLen are cut, keeping the start;
  * a record with no trained token left is dropped (null).
+ *
+ * The cut comes before the tokenizer sees a whole field: a segment is first
+ * encoded only up to CHARS_PER_TOKEN_BOUND characters per token still free
+ * (encodeWithin), so a 50 MB record costs what max_seq_len tokens cost, not
+ * 50 MB of token ids. The prefix is accepted only when it already yields
+ * CUT_GUARD tokens more than can be kept, so the kept tokens lie well before
+ * the cut and are the ones encoding the whole field gives; otherwise the prefix
+ * grows (x4) until it does or the field is encoded whole. A record that fits
+ * in maxSeqLen is therefore never changed by the cut.
  */
 import { IGNORE_INDEX } from '../model-config.ts';
 import type { RecordSource, SftRecord } from './dataset.ts';
@@ -36,6 +45,29 @@ export interface TokenizeOptions {
   addEos?: boolean;
 }
 
+/** Characters (UTF-16 code units) per token that the first prefix allows for; tokens of common tokenizers average 3-5. */
+export const CHARS_PER_TOKEN_BOUND = 16;
+/** Tokens a prefix must yield beyond what is kept before it is trusted (the tokenizer may split the cut word differently). */
+export const CUT_GUARD = 64;
+
+/**
+ * encode(text), of which only the first `keep` ids will be used: a long text is
+ * encoded from a prefix that yields at least keep + CUT_GUARD ids (so its first
+ * `keep` ids are those of the whole text), growing the prefix until one does.
+ */
+export function encodeWithin(tok: Pick<Tokenizer, 'encode'>, text: string, keep: number): number[] {
+  let cap = Math.max(1, keep) * CHARS_PER_TOKEN_BOUND;
+  while (text.length > cap) {
+    let end = cap;
+    const c = text.charCodeAt(end - 1);
+    if (c >= 0xd800 && c <= 0xdbff) end--; // a surrogate pair stays whole
+    const ids = tok.encode(text.slice(0, end));
+    if (ids.length >= keep + CUT_GUARD) return ids;
+    cap *= 4;
+  }
+  return tok.encode(text);
+}
+
 function checkOptions(tok: Tokenizer, opts: TokenizeOptions): { addBos: boolean; addEos: boolean } {
   if (!Number.isInteger(opts.maxSeqLen) || opts.maxSeqLen < 2) {
     throw new Error(`maxSeqLen is ${opts.maxSeqLen}, expected an integer >= 2`);
@@ -62,7 +94,7 @@ function tokenizeChecked(tok: Tokenizer, rec: SftRecord, opts: TokenizeOptions, 
   }
   for (const seg of renderRecord(rec, opts.template)) {
     if (inputIds.length >= opts.maxSeqLen) break;
-    const ids = tok.encode(seg.text);
+    const ids = encodeWithin(tok, seg.text, opts.maxSeqLen - inputIds.length);
     if (seg.train && addEos) ids.push(tok.eosId!);
     for (const id of ids) {
       inputIds.push(id);
@@ -97,6 +129,12 @@ export function tokenizeRecords(tok: Tokenizer, records: readonly SftRecord[], o
     else droppedSources.push(rec.source);
   }
   return { examples, dropped: droppedSources.length, droppedSources };
+}
+
+/** Where the first dropped records are, "a.jsonl:4, a.jsonl:9, a.jsonl:12, ..." (file:line of each). */
+export function droppedWhere(sources: readonly RecordSource[], first = 3): string {
+  const shown = sources.slice(0, first).map((s) => `${s.file}:${s.line}`).join(', ');
+  return sources.length > first ? `${shown}, ...` : shown;
 }
 
 /** Number of trained tokens (labels other than -100). */

@@ -15,13 +15,14 @@
  * WebSocket layer turns this into a `resync` message). publish() never waits
  * on a subscriber or on the disk.
  */
-import { appendFileSync, closeSync, createReadStream, existsSync, mkdirSync, openSync, readFileSync, truncateSync, writeSync } from 'node:fs';
+import { appendFileSync, closeSync, createReadStream, existsSync, openSync, readFileSync, truncateSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { isRunEvent, RUN_EVENT_TYPES, type NewRunEvent, type RunEvent } from '../../common/events.ts';
 import { logger } from '../../common/log.ts';
 import type { EventBus, EventSubscription } from './bus.ts';
 import { positiveIntOption } from '../../common/options.ts';
+import { asWriteError, fsReason, mkdirpSync } from '../../common/fs-errors.ts';
 
 const log = logger('events.memory');
 
@@ -105,10 +106,14 @@ export class MemoryBus implements EventBus {
     this.ringSize = positiveIntOption('MemoryBus', 'ringSize', opts.ringSize, 10_000);
     this.subscriberQueue = positiveIntOption('MemoryBus', 'subscriberQueue', opts.subscriberQueue, 10_000);
     if (opts.logDir !== undefined) {
-      mkdirSync(opts.logDir, { recursive: true });
+      mkdirpSync(opts.logDir);
       this.logPath = join(opts.logDir, EVENT_LOG_FILE);
       if (existsSync(this.logPath)) this.reload(this.logPath);
-      this.fd = openSync(this.logPath, 'a');
+      try {
+        this.fd = openSync(this.logPath, 'a');
+      } catch (err) {
+        throw asWriteError(this.logPath, err, 'open the event log');
+      }
     }
   }
 
@@ -197,7 +202,7 @@ export class MemoryBus implements EventBus {
       } catch (err) {
         // Keep the run going: the dashboard history is not worth failing a run for.
         this.writeError = err as Error;
-        log.error({ err, file: this.logPath }, 'event log write failed; events are kept in memory only from now on');
+        log.error({ err, file: this.logPath }, `event log ${this.logPath}: cannot append (${fsReason(err)}); events are kept in memory only from now on`);
       }
     }
     for (const s of this.subs) s.offer(full);

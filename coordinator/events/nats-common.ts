@@ -27,6 +27,7 @@ import {
   type StoredMsg,
 } from 'nats';
 import type { RunEvent } from '../../common/events.ts';
+import { redactText, redactUrl } from '../../common/redact.ts';
 
 export const DEFAULT_SUBJECT_ROOT = 'fedtune';
 export const DEFAULT_STREAM = 'FEDTUNE_EVENTS';
@@ -167,19 +168,70 @@ export function parseServers(where: string, servers: string): string[] {
   }
   const list = servers.split(',').map((s) => s.trim()).filter((s) => s !== '');
   for (const s of list) {
+    // Error messages quote the entry with any credentials in it hidden.
+    const shown = JSON.stringify(redactUrl(s));
     const withScheme = /^[a-z]+:\/\//i.test(s) ? s : `nats://${s}`;
     let url: URL;
     try {
       url = new URL(withScheme);
     } catch {
-      throw new Error(`${where}: ${JSON.stringify(s)} is not a NATS URL; expected nats://HOST:PORT (or tls://HOST:PORT)`);
+      throw new Error(`${where}: ${shown} is not a NATS URL; expected nats://HOST:PORT (or tls://HOST:PORT)`);
     }
     if (!['nats:', 'tls:'].includes(url.protocol)) {
-      throw new Error(`${where}: ${JSON.stringify(s)} has scheme ${url.protocol.replace(':', '')}; allowed: nats, tls`);
+      throw new Error(`${where}: ${shown} has scheme ${url.protocol.replace(':', '')}; allowed: nats, tls`);
     }
-    if (url.hostname === '') throw new Error(`${where}: ${JSON.stringify(s)} has no host; expected nats://HOST:PORT`);
+    if (url.hostname === '') throw new Error(`${where}: ${shown} has no host; expected nats://HOST:PORT`);
   }
   return list;
+}
+
+/** One server entry split into the entry without its user part and the user part (percent-decoded). */
+function splitUserinfo(entry: string): { server: string; user?: string; pass?: string } {
+  const scheme = /^([a-z][a-z0-9+.-]*:\/\/)/i.exec(entry)?.[1] ?? '';
+  const rest = entry.slice(scheme.length);
+  const end = rest.search(/[/?#]/);
+  const authority = end < 0 ? rest : rest.slice(0, end);
+  const at = authority.lastIndexOf('@');
+  if (at < 0) return { server: entry };
+  const userinfo = authority.slice(0, at);
+  const server = `${scheme}${rest.slice(at + 1)}`;
+  const decode = (x: string): string => {
+    try {
+      return decodeURIComponent(x);
+    } catch {
+      return x;
+    }
+  };
+  const colon = userinfo.indexOf(':');
+  return colon < 0 ? { server, user: decode(userinfo) } : { server, user: decode(userinfo.slice(0, colon)), pass: decode(userinfo.slice(colon + 1)) };
+}
+
+/**
+ * Credentials written into the server URLs (nats://USER:PASS@host:4222, or
+ * nats://TOKEN@host:4222, the NATS convention) moved into user/pass/token,
+ * and the URLs without them: nats.js does not read credentials from URLs,
+ * and URLs are what logs and error messages show. Idempotent; throws when the
+ * URLs and the other options (or two URLs) give different credentials.
+ */
+export function withUrlCredentials(where: string, o: NatsConnectOptions): NatsConnectOptions {
+  if (typeof o.servers !== 'string' || !o.servers.includes('@')) return o;
+  const parts = o.servers.split(',').map((s) => splitUserinfo(s.trim()));
+  const found = parts.filter((p) => p.user !== undefined);
+  if (found.length === 0) return o;
+  const first = found[0]!;
+  if (found.some((p) => p.user !== first.user || p.pass !== first.pass)) {
+    throw new Error(`${where}: the server URLs carry different credentials (${redactUrl(o.servers)}); give one user:password (or token) for all of them`);
+  }
+  if (o.user !== undefined || o.pass !== undefined || o.token !== undefined || o.credsFile !== undefined) {
+    throw new Error(
+      `${where}: the server URL carries credentials (${redactUrl(o.servers)}) and user/pass, token or a credentials file are given too; give one way to authenticate`,
+    );
+  }
+  if (first.user === '') {
+    throw new Error(`${where}: the server URL has an empty user part (${redactUrl(o.servers)}); write nats://USER:PASS@HOST:PORT or nats://TOKEN@HOST:PORT`);
+  }
+  const servers = parts.map((p) => p.server).join(',');
+  return first.pass === undefined ? { ...o, servers, token: first.user } : { ...o, servers, user: first.user, pass: first.pass };
 }
 
 function readableFile(where: string, field: string, path: string): void {
@@ -188,9 +240,12 @@ function readableFile(where: string, field: string, path: string): void {
 
 /**
  * nats.js connection options from ours; validates first (URLs, files exist,
- * credentials not mixed) and throws an error naming the field.
+ * credentials not mixed) and throws an error naming the field. Credentials in
+ * the URLs become user/pass or token (see withUrlCredentials), so the
+ * returned servers never carry a secret.
  */
-export function toConnectionOptions(where: string, o: NatsConnectOptions): ConnectionOptions {
+export function toConnectionOptions(where: string, given: NatsConnectOptions): ConnectionOptions {
+  const o = withUrlCredentials(where, given);
   const servers = parseServers(where, o.servers);
   const out: ConnectionOptions = { servers };
   const modes = [o.user !== undefined || o.pass !== undefined, o.token !== undefined, o.credsFile !== undefined];
@@ -256,6 +311,10 @@ export function directGet(jsm: JetStreamManager): DirectGet {
 
 /** One-line description of a NATS/JetStream error for logs and events. */
 export function describeNatsError(err: unknown): string {
+  return redactText(describeNatsErrorRaw(err));
+}
+
+function describeNatsErrorRaw(err: unknown): string {
   if (err instanceof NatsError) {
     const api = err.api_error;
     if (api) return `${api.description} (JetStream error ${api.err_code}, status ${api.code})`;

@@ -19,6 +19,7 @@
 import { connect, DeliverPolicy, type ConsumerMessages, type JetStreamManager, type NatsConnection, type Subscription } from 'nats';
 import type { NewRunEvent, RunEvent } from '../../common/events.ts';
 import { logger } from '../../common/log.ts';
+import { redactUrl } from '../../common/redact.ts';
 import type { EventBus, EventSubscription } from './bus.ts';
 import {
   DEFAULT_STREAM,
@@ -88,7 +89,7 @@ export class NatsConsumerBus implements EventBus {
         pingInterval: 10_000,
       });
     } catch (err) {
-      throw new Error(`cannot connect to NATS at ${opts.connection.servers}: ${describeNatsError(err)}`);
+      throw new Error(`cannot connect to NATS at ${redactUrl(opts.connection.servers)}: ${describeNatsError(err)}`);
     }
     try {
       const jsm = await nc.jetstreamManager({ timeout: 2000 });
@@ -115,7 +116,7 @@ export class NatsConsumerBus implements EventBus {
       return bus;
     } catch (err) {
       await nc.close().catch(() => undefined);
-      throw new Error(`NATS at ${opts.connection.servers}: ${describeNatsError(err)}`);
+      throw new Error(`NATS at ${redactUrl(opts.connection.servers)}: ${describeNatsError(err)}`);
     }
   }
 

@@ -9,14 +9,25 @@
  *   GET /metrics                   Prometheus text format
  *   WS  /ws                        see protocol.ts
  *
+ * Access: with a token, every request needs it (?token=, Authorization:
+ * Bearer, or the HttpOnly cookie set when ?token= was given). The cookie is
+ * Secure when the page is served over TLS (the tls option), when the option
+ * behindTlsProxy says a TLS-terminating proxy is in front, or when the request
+ * says so (X-Forwarded-Proto: https). A WebSocket upgrade whose Origin header
+ * names another origin than the dashboard's own (the scheme it is served with
+ * and the Host header; or one of allowedOrigins) is refused with 403, so that
+ * no other web page the operator opens can read the event stream; requests
+ * without Origin (non-browser clients) only need the token.
+ *
  * A slow or stalled WebSocket client never slows the run: each client reads its
  * own bus subscription; while the socket's send buffer is above
  * maxBufferedBytes the server stops reading for that client; if it does not
  * drain within stallTimeoutMs (or the bus cuts the subscription off), the
  * subscription is dropped and the client is told to resync from its last seq.
  */
-import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
-import { existsSync } from 'node:fs';
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import { createServer as createHttpsServer } from 'node:https';
+import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Duplex } from 'node:stream';
 import { timingSafeEqual, createHash } from 'node:crypto';
@@ -24,13 +35,14 @@ import { fileURLToPath } from 'node:url';
 import sirv from 'sirv';
 import { WebSocketServer, WebSocket, type RawData } from 'ws';
 import type { RunEvent } from '../../common/events.ts';
-import { logger } from '../../common/log.ts';
+import { logger, type Logger } from '../../common/log.ts';
+import { PerKeyLimit } from '../../common/rate-limit.ts';
 import type { EventBus, EventSubscription } from '../events/bus.ts';
 import { HeaderFold, type RunHeader } from '../../dashboard/src/model.ts';
 import { createRunMetrics, type RunMetrics } from './metrics.ts';
 import { ClientMessage, type ServerMessage } from './protocol.ts';
 
-const log = logger('dashboard');
+const defaultLog = logger('dashboard');
 
 export const DEFAULT_STATIC_DIR = fileURLToPath(new URL('../../dashboard/dist', import.meta.url));
 export const TOKEN_COOKIE = 'fedtune_token';
@@ -51,12 +63,20 @@ export interface DashboardServerOptions {
   stallTimeoutMs?: number;
   /** Interval of WebSocket pings; a client that misses one is disconnected (default 30000 ms). */
   pingIntervalMs?: number;
+  /** Serve HTTPS (and wss://) with this PEM certificate and key. */
+  tls?: { certFile: string; keyFile: string };
+  /** A TLS-terminating proxy serves this dashboard as https://: the cookie gets Secure and WebSocket origins must be https. */
+  behindTlsProxy?: boolean;
+  /** Further origins (scheme://host[:port]) whose pages may open the WebSocket, e.g. a proxy that rewrites Host. */
+  allowedOrigins?: string[];
+  /** Where warnings go (default: the "dashboard" component logger). */
+  log?: Pick<Logger, 'warn' | 'error' | 'debug'>;
 }
 
 export interface DashboardServer {
-  /** http://HOST:PORT/ */
+  /** http://HOST:PORT/ (https:// with the tls option) */
   url: string;
-  /** url with ?token=... when a token is set: what to open in a browser. */
+  /** url with ?token=... when a token is set: what to open in a browser. It holds the token: never print or log it. */
   openUrl: string;
   port: number;
   metrics: RunMetrics;
@@ -79,6 +99,41 @@ function checkOptions(o: DashboardServerOptions): void {
   intOpt('pingIntervalMs', 1);
   if (o.token !== undefined && o.token.length === 0) {
     throw new Error('startDashboardServer: token must not be empty (leave it out to serve without a token)');
+  }
+  if (o.tls !== undefined && (!o.tls.certFile || !o.tls.keyFile)) {
+    throw new Error('startDashboardServer: tls needs both certFile and keyFile (PEM files)');
+  }
+  for (const origin of o.allowedOrigins ?? []) {
+    if (normalizeOrigin(origin) === null) {
+      throw new Error(`startDashboardServer: allowedOrigins: ${JSON.stringify(origin)} is not an origin; write scheme://host[:port], e.g. https://dash.example.com`);
+    }
+  }
+}
+
+/** scheme://host[:port] in canonical form (lower case, default port dropped); null when it is not an http(s) origin. */
+function normalizeOrigin(origin: string): string | null {
+  try {
+    const u = new URL(origin);
+    if (u.protocol !== 'http:' && u.protocol !== 'https:') return null;
+    if (u.username || u.password || (u.pathname !== '/' && u.pathname !== '') || u.search || u.hash) return null;
+    return `${u.protocol}//${u.host}`;
+  } catch {
+    return null;
+  }
+}
+
+/** Whether the request came through a TLS-terminating proxy that says so. */
+function forwardedHttps(req: IncomingMessage): boolean {
+  const h = req.headers['x-forwarded-proto'];
+  const v = Array.isArray(h) ? h[0] : h;
+  return v !== undefined && v.split(',')[0]!.trim().toLowerCase() === 'https';
+}
+
+function readPem(what: string, path: string): Buffer {
+  try {
+    return readFileSync(path);
+  } catch (err) {
+    throw new Error(`dashboard: cannot read the TLS ${what} ${path} (${(err as NodeJS.ErrnoException).code ?? String(err)}); give a PEM file`);
   }
 }
 
@@ -109,6 +164,15 @@ const UNAUTHORIZED =
   'fedtune dashboard: 401 unauthorized: this server needs its access token. ' +
   'Open the URL with ?token=TOKEN or send the header "Authorization: Bearer TOKEN".\n';
 
+/** The 401 answer to a browser opening a page: the same words, and a field to give the token in. */
+const UNAUTHORIZED_PAGE =
+  '<!doctype html><meta charset="utf-8"><title>fedtune dashboard: access token</title>' +
+  '<style>body{font:16px system-ui,sans-serif;max-width:34em;margin:4em auto;padding:0 1em}input{font:inherit;padding:.3em}</style>' +
+  '<h1>fedtune dashboard</h1><p>fedtune dashboard: 401 unauthorized: this server needs its access token ' +
+  '(<code>dashboard.token</code> of the run config, or <code>--token</code> of <code>fedtune dashboard</code>).</p>' +
+  '<form method="get" action="/"><label>Access token <input type="password" name="token" autocomplete="current-password" autofocus required></label> ' +
+  '<button>Open</button></form>';
+
 function sendJson(res: ServerResponse, status: number, body: unknown): void {
   const text = JSON.stringify(body);
   res.writeHead(status, {
@@ -133,6 +197,11 @@ export async function startDashboardServer(opts: DashboardServerOptions): Promis
   const stallTimeoutMs = opts.stallTimeoutMs ?? 5000;
   const pingIntervalMs = opts.pingIntervalMs ?? 30_000;
   const metrics = createRunMetrics();
+  const tlsOptions = opts.tls ? { cert: readPem('certificate', opts.tls.certFile), key: readPem('key', opts.tls.keyFile) } : null;
+  const servedHttps = tlsOptions !== null || opts.behindTlsProxy === true;
+  const extraOrigins = new Set((opts.allowedOrigins ?? []).map((o) => normalizeOrigin(o)!));
+  const refusedOrigins = new PerKeyLimit(60_000);
+  const log = opts.log ?? defaultLog;
 
   // ---- run headers and metrics, folded from one subscription to every run ----
   const headers = new Map<string, HeaderFold>();
@@ -177,12 +246,20 @@ export async function startDashboardServer(opts: DashboardServerOptions): Promis
     if (token !== undefined) {
       const given = requestToken(req, url);
       if (given === undefined || !sameSecret(given, token)) {
-        sendText(res, 401, UNAUTHORIZED, { 'WWW-Authenticate': 'Bearer realm="fedtune"' });
+        const browser = (req.headers.accept ?? '').includes('text/html') && !url.pathname.startsWith('/api/') && url.pathname !== '/metrics';
+        if (browser) {
+          res.writeHead(401, { 'Content-Type': 'text/html; charset=utf-8', 'Content-Length': Buffer.byteLength(UNAUTHORIZED_PAGE), 'WWW-Authenticate': 'Bearer realm="fedtune"', 'Cache-Control': 'no-store' });
+          res.end(req.method === 'HEAD' ? undefined : UNAUTHORIZED_PAGE);
+        } else {
+          sendText(res, 401, UNAUTHORIZED, { 'WWW-Authenticate': 'Bearer realm="fedtune"' });
+        }
         return;
       }
       if (url.searchParams.has('token')) {
         // Let the page's own asset, API and WebSocket requests through without repeating the token.
-        res.setHeader('Set-Cookie', `${TOKEN_COOKIE}=${encodeURIComponent(token)}; Path=/; HttpOnly; SameSite=Strict`);
+        // Secure whenever the browser reached us over https, so the cookie never travels in clear text.
+        const secure = servedHttps || forwardedHttps(req) ? '; Secure' : '';
+        res.setHeader('Set-Cookie', `${TOKEN_COOKIE}=${encodeURIComponent(token)}; Path=/; HttpOnly; SameSite=Strict${secure}`);
       }
     }
     if (req.method !== 'GET' && req.method !== 'HEAD') {
@@ -227,13 +304,33 @@ export async function startDashboardServer(opts: DashboardServerOptions): Promis
     serveStatic(req, res, () => sendText(res, 404, `fedtune dashboard: no such page ${path}\n`));
   };
 
-  const server = createServer((req, res) => {
+  const onRequest = (req: IncomingMessage, res: ServerResponse): void => {
     handle(req, res).catch((err: unknown) => {
-      log.error({ err, url: req.url }, 'dashboard request failed');
+      log.error({ err, path: new URL(req.url ?? '/', 'http://localhost').pathname }, 'dashboard request failed');
       if (!res.headersSent) sendJson(res, 500, { error: `internal error: ${(err as Error).message}` });
       else res.destroy();
     });
-  });
+  };
+  const server: Server = tlsOptions ? createHttpsServer(tlsOptions, onRequest) : createServer(onRequest);
+  if (tlsOptions) {
+    server.on('tlsClientError', (err: Error, socket: Duplex & { remoteAddress?: string }) => {
+      log.debug({ err: err.message, peer: socket.remoteAddress }, 'dashboard TLS handshake failed');
+      socket.destroy();
+    });
+  }
+
+  /** Origin header allowed for a WebSocket: absent (not a browser), the dashboard's own origin, or one of allowedOrigins. */
+  const originAllowed = (req: IncomingMessage): boolean => {
+    const origin = req.headers.origin;
+    if (origin === undefined) return true;
+    const given = normalizeOrigin(origin);
+    if (given === null) return false;
+    if (extraOrigins.has(given)) return true;
+    const host = req.headers.host;
+    if (!host) return false;
+    const schemes = servedHttps || forwardedHttps(req) ? ['https:'] : ['http:'];
+    return schemes.some((scheme) => normalizeOrigin(`${scheme}//${host}`) === given);
+  };
 
   // ---- WebSocket ----
   const wss = new WebSocketServer({ noServer: true, maxPayload: 64 * 1024 });
@@ -366,6 +463,21 @@ export async function startDashboardServer(opts: DashboardServerOptions): Promis
     const refuse = (status: string, text: string): void => {
       socket.end(`HTTP/1.1 ${status}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: ${Buffer.byteLength(text)}\r\nConnection: close\r\n\r\n${text}`);
     };
+    if (!originAllowed(req)) {
+      const origin = String(req.headers.origin).slice(0, 200);
+      const r = refusedOrigins.take(origin);
+      if (r.ok) {
+        log.warn(
+          { origin, host: req.headers.host, peer: req.socket.remoteAddress, ...(r.suppressed ? { suppressed: r.suppressed } : {}) },
+          `refused a dashboard WebSocket opened by a page of another origin (${origin}); only the dashboard's own pages may read the event stream (allowedOrigins adds origins)`,
+        );
+      }
+      refuse(
+        '403 Forbidden',
+        `fedtune dashboard: 403 forbidden: WebSocket from origin ${origin} refused; only pages of this dashboard (${servedHttps ? 'https' : 'http'}://${req.headers.host ?? 'HOST'}) may open /ws\n`,
+      );
+      return;
+    }
     if (token !== undefined) {
       const given = requestToken(req, url);
       if (given === undefined || !sameSecret(given, token)) {
@@ -400,7 +512,7 @@ export async function startDashboardServer(opts: DashboardServerOptions): Promis
   const addr = server.address();
   const port = typeof addr === 'object' && addr ? addr.port : (opts.port ?? 8080);
   const hostInUrl = host.includes(':') ? `[${host}]` : host;
-  const url = `http://${hostInUrl}:${port}/`;
+  const url = `${tlsOptions ? 'https' : 'http'}://${hostInUrl}:${port}/`;
   if (!hasApp()) log.warn({ staticDir }, 'dashboard app is not built; pages answer 503 until "npm run build:dashboard" is run');
 
   return {

@@ -1,9 +1,13 @@
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { get as httpsGet } from 'node:https';
 import type { Socket } from 'node:net';
+import { Writable } from 'node:stream';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it, vi } from 'vitest';
 import WebSocket from 'ws';
+import { pino } from 'pino';
 import type { NewRunEvent, RunEvent } from '../../common/events.ts';
 import { MemoryBus } from '../../coordinator/events/memory.ts';
 import { startDashboardServer, type DashboardServer, type DashboardServerOptions } from '../../coordinator/http/server.ts';
@@ -316,3 +320,146 @@ describe('dashboard server', () => {
     await expect(startDashboardServer({ bus, port: srv.port, staticDir: staticDir() })).rejects.toThrow(/already in use/);
   });
 });
+
+/** A logger that keeps its records in memory, to check what the server logs. */
+function memoryLog(): { log: NonNullable<DashboardServerOptions['log']>; records: Array<{ level: number; msg: string } & Record<string, unknown>> } {
+  const records: Array<{ level: number; msg: string } & Record<string, unknown>> = [];
+  const sink = new Writable({
+    write(chunk: Buffer, _enc, cb) {
+      for (const line of chunk.toString().split('\n')) if (line) records.push(JSON.parse(line));
+      cb();
+    },
+  });
+  return { log: pino({ level: 'debug' }, sink), records };
+}
+
+/** Status of a WebSocket upgrade: 101 when it opened, else the HTTP status of the refusal. */
+function upgradeStatus(url: string, headers: Record<string, string>, extra: WebSocket.ClientOptions = {}): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const ws = new WebSocket(url, { headers, ...extra });
+    ws.on('unexpected-response', (_req, res) => {
+      resolve(res.statusCode ?? 0);
+      ws.terminate();
+    });
+    ws.on('open', () => {
+      resolve(101);
+      ws.close();
+    });
+    ws.on('error', (err) => reject(err));
+  });
+}
+
+const cookieOf = async (url: string, headers: Record<string, string> = {}): Promise<string> =>
+  (await fetch(url, { headers })).headers.get('set-cookie') ?? '';
+
+describe('dashboard server: WebSocket origin and cookie', () => {
+  it('refuses a WebSocket opened by a page of another origin (403, logged), accepts its own origin and clients without Origin', async () => {
+    const bus = newBus();
+    bus.publish(logEv('r', 'x'));
+    const { log, records } = memoryLog();
+    const srv = await start({ bus, token: 's3cret', log, allowedOrigins: ['https://dash.example.com'] });
+    const auth = { Authorization: 'Bearer s3cret' };
+    const own = `http://127.0.0.1:${srv.port}`;
+
+    // Another web page the operator has open, even one that has the token (e.g. through the cookie).
+    expect(await upgradeStatus(wsUrl(srv), { ...auth, Origin: 'http://evil.example' })).toBe(403);
+    expect(await upgradeStatus(wsUrl(srv), { ...auth, Origin: `http://localhost:${srv.port}` })).toBe(403); // not the Host it dialled
+    expect(await upgradeStatus(wsUrl(srv), { ...auth, Origin: `http://127.0.0.1:${srv.port + 1}` })).toBe(403); // another port is another origin
+    expect(await upgradeStatus(wsUrl(srv), { ...auth, Origin: `https://127.0.0.1:${srv.port}` })).toBe(403); // another scheme
+    expect(await upgradeStatus(wsUrl(srv), { ...auth, Origin: 'null' })).toBe(403); // sandboxed frames, file:// pages
+    const refusal = await new Promise<string>((resolve) => {
+      const ws = new WebSocket(wsUrl(srv), { headers: { ...auth, Origin: 'http://evil.example' } });
+      ws.on('unexpected-response', (_req, res) => {
+        let body = '';
+        res.on('data', (d: Buffer) => (body += d.toString()));
+        res.on('end', () => resolve(body));
+      });
+      ws.on('error', () => undefined);
+    });
+    expect(refusal).toMatch(/403 forbidden: WebSocket from origin http:\/\/evil\.example refused/);
+
+    // The dashboard's own page, an origin allowed by option, and non-browser clients (no Origin) with the token.
+    expect(await upgradeStatus(wsUrl(srv), { ...auth, Origin: own })).toBe(101);
+    expect(await upgradeStatus(wsUrl(srv), { ...auth, Origin: 'https://dash.example.com' })).toBe(101);
+    const c = await TestClient.open(wsUrl(srv), auth);
+    c.send({ type: 'subscribe', runId: 'r', afterSeq: 0 });
+    await c.until((x) => x.events().length === 1, 'event without Origin');
+    // The origin check does not replace the token: the own origin without it is still 401.
+    expect(await upgradeStatus(wsUrl(srv), { Origin: own })).toBe(401);
+
+    // Logged with origin and peer, once per origin per minute (the two refusals of evil.example give one line).
+    const refused = records.filter((r) => r.level === 40 && /refused a dashboard WebSocket/.test(r.msg));
+    expect(refused.map((r) => r.origin).sort()).toEqual(
+      ['http://evil.example', `http://127.0.0.1:${srv.port + 1}`, `http://localhost:${srv.port}`, `https://127.0.0.1:${srv.port}`, 'null'].sort(),
+    );
+    expect(refused.every((r) => r.peer === '127.0.0.1')).toBe(true);
+  });
+
+  it('behind a TLS-terminating proxy: Secure cookie and https origins', async () => {
+    const bus = newBus();
+    const srv = await start({ bus, token: 'tok', behindTlsProxy: true });
+    expect(await cookieOf(`${srv.url}?token=tok`)).toMatch(/^fedtune_token=tok; Path=\/; HttpOnly; SameSite=Strict; Secure$/);
+    expect(await upgradeStatus(wsUrl(srv), { Authorization: 'Bearer tok', Origin: `https://127.0.0.1:${srv.port}` })).toBe(101);
+    expect(await upgradeStatus(wsUrl(srv), { Authorization: 'Bearer tok', Origin: `http://127.0.0.1:${srv.port}` })).toBe(403);
+
+    // Without the option: no Secure over plain http, Secure when the proxy says the browser used https.
+    const plain = await start({ bus, token: 'tok' });
+    const c = await cookieOf(`${plain.url}?token=tok`);
+    expect(c).toMatch(/^fedtune_token=tok; /);
+    expect(c).not.toMatch(/Secure/);
+    expect(await cookieOf(`${plain.url}?token=tok`, { 'X-Forwarded-Proto': 'https' })).toMatch(/; Secure$/);
+    expect(await upgradeStatus(wsUrl(plain), { Authorization: 'Bearer tok', Origin: `https://127.0.0.1:${plain.port}`, 'X-Forwarded-Proto': 'https' })).toBe(101);
+  });
+
+  it('asks a browser for the token on a form; API clients get the plain-text 401', async () => {
+    const bus = newBus();
+    const srv = await start({ bus, token: 'tok' });
+    const page = await fetch(srv.url, { headers: { Accept: 'text/html,application/xhtml+xml' } });
+    expect(page.status).toBe(401);
+    expect(page.headers.get('content-type')).toMatch(/^text\/html/);
+    const html = await page.text();
+    expect(html).toMatch(/needs its access token/);
+    expect(html).toMatch(/<input type="password" name="token"/);
+    const api = await fetch(`${srv.url}api/runs`, { headers: { Accept: 'text/html' } });
+    expect(api.headers.get('content-type')).toMatch(/^text\/plain/);
+  });
+
+  it.skipIf(!hasOpenssl())('serves HTTPS and wss:// with the tls option; the cookie is Secure (skipped without openssl)', async () => {
+    const d = tempDir();
+    const cert = join(d, 'cert.pem');
+    const key = join(d, 'key.pem');
+    execFileSync('openssl', ['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', key, '-out', cert, '-days', '1', '-subj', '/CN=localhost', '-addext', 'subjectAltName=DNS:localhost,IP:127.0.0.1'], { stdio: 'ignore' });
+    const bus = newBus();
+    bus.publish(logEv('r', 'over tls'));
+    const srv = await start({ bus, token: 'tok', tls: { certFile: cert, keyFile: key } });
+    expect(srv.url).toBe(`https://127.0.0.1:${srv.port}/`);
+    const ca = readFileSync(cert);
+    const res = await new Promise<{ status: number; cookie: string }>((resolve, reject) => {
+      httpsGet(`${srv.url}?token=tok`, { ca }, (r) => {
+        r.resume();
+        resolve({ status: r.statusCode ?? 0, cookie: String(r.headers['set-cookie'] ?? '') });
+      }).on('error', reject);
+    });
+    expect(res.status).toBe(200);
+    expect(res.cookie).toMatch(/^fedtune_token=tok; Path=\/; HttpOnly; SameSite=Strict; Secure$/);
+    const wss = wsUrl(srv);
+    expect(wss.startsWith('wss://')).toBe(true);
+    expect(await upgradeStatus(wss, { Authorization: 'Bearer tok', Origin: `https://127.0.0.1:${srv.port}` }, { ca })).toBe(101);
+    expect(await upgradeStatus(wss, { Authorization: 'Bearer tok', Origin: `http://127.0.0.1:${srv.port}` }, { ca })).toBe(403);
+    await expect(startDashboardServer({ bus, port: 0, tls: { certFile: join(d, 'missing.pem'), keyFile: key } })).rejects.toThrow(/cannot read the TLS certificate .*missing\.pem/);
+  });
+
+  it('validates allowedOrigins', async () => {
+    const bus = newBus();
+    await expect(startDashboardServer({ bus, port: 0, allowedOrigins: ['dash.example.com'] })).rejects.toThrow(/allowedOrigins: "dash.example.com" is not an origin; write scheme:\/\/host\[:port\]/);
+  });
+});
+
+function hasOpenssl(): boolean {
+  try {
+    execFileSync('openssl', ['version'], { stdio: 'ignore' });
+    return true;
+  } catch {
+    return false;
+  }
+}

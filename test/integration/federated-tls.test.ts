@@ -1,13 +1,17 @@
 /**
  * TLS on the coordinator's gRPC port: a worker that trusts the CA gets in, a
- * plaintext client does not.
+ * plaintext client does not; every TLS mistake makes a worker process exit at
+ * once (status 2) with a message naming it, and the coordinator logs the
+ * refused handshake with the peer's address.
  */
 import { execFileSync } from 'node:child_process';
+import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { afterAll, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, describe, expect, it } from 'vitest';
+import { stringify } from 'yaml';
 import { startCoordinator, type CoordinatorHandle } from '../../coordinator/main.ts';
 import { CoordinatorConnection } from '../../worker/agent.ts';
-import { runConfig, tempDir, tinyModel } from './federated-helpers.ts';
+import { fedtune, runConfig, tempDir, tinyModel, worker, writeData, type Proc } from './federated-helpers.ts';
 
 let coord: CoordinatorHandle | null = null;
 afterAll(async () => {
@@ -46,5 +50,160 @@ describe.skipIf(!hasOpenssl())('coordinator with TLS (skipped without the openss
     const untrusting = new CoordinatorConnection(coord.address, {});
     await expect(untrusting.getRunInfo('test-token')).rejects.toThrow();
     untrusting.close();
+  });
+});
+
+/** A CA, a second (wrong) CA, a server certificate for localhost / 127.0.0.1 and client certificates signed by each CA. */
+function makePki(dir: string): Record<'ca' | 'otherCa' | 'serverCert' | 'serverKey' | 'clientCert' | 'clientKey' | 'rogueCert' | 'rogueKey', string> {
+  const p = (name: string): string => join(dir, name);
+  const ssl = (...args: string[]): void => void execFileSync('openssl', args, { stdio: 'ignore' });
+  for (const ca of ['ca', 'other-ca']) ssl('req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', p(`${ca}-key.pem`), '-out', p(`${ca}.pem`), '-days', '1', '-subj', `/CN=fedtune test ${ca}`);
+  const leaf = (name: string, ca: string, cn: string, ext: string | null): void => {
+    ssl('req', '-newkey', 'rsa:2048', '-nodes', '-keyout', p(`${name}-key.pem`), '-out', p(`${name}.csr`), '-subj', `/CN=${cn}`);
+    const extArgs: string[] = [];
+    if (ext) {
+      writeFileSync(p(`${name}.ext`), `${ext}\n`);
+      extArgs.push('-extfile', p(`${name}.ext`));
+    }
+    ssl('x509', '-req', '-in', p(`${name}.csr`), '-CA', p(`${ca}.pem`), '-CAkey', p(`${ca}-key.pem`), '-CAcreateserial', '-out', p(`${name}.pem`), '-days', '1', ...extArgs);
+  };
+  leaf('server', 'ca', 'localhost', 'subjectAltName=DNS:localhost,IP:127.0.0.1');
+  leaf('client', 'ca', 'site-a', null);
+  leaf('rogue', 'other-ca', 'site-rogue', null);
+  return {
+    ca: p('ca.pem'), otherCa: p('other-ca.pem'),
+    serverCert: p('server.pem'), serverKey: p('server-key.pem'),
+    clientCert: p('client.pem'), clientKey: p('client-key.pem'),
+    rogueCert: p('rogue.pem'), rogueKey: p('rogue-key.pem'),
+  };
+}
+
+describe.skipIf(!hasOpenssl())('TLS mistakes are named at once (skipped without the openssl binary)', () => {
+  const procs: Proc[] = [];
+  afterEach(() => {
+    for (const p of procs.splice(0)) p.kill();
+  });
+  let shared: { dir: string; model: string; pki: ReturnType<typeof makePki>; data: string } | null = null;
+  const setup = async (): Promise<NonNullable<typeof shared>> => {
+    if (shared) return shared;
+    const dir = tempDir('tls-errors');
+    shared = { dir, model: await tinyModel(join(dir, 'model')), pki: makePki(dir), data: writeData(join(dir, 'site.jsonl'), 8, 'site') };
+    return shared;
+  };
+
+  /** A `fedtune coordinator` process (its log is what the checks read); resolves with its address. */
+  async function cliCoordinator(
+    name: string,
+    tls: { cert: string; key: string; client_ca: string | null } | null,
+    o: { minWorkers?: number; args?: string[] } = {},
+  ): Promise<{ proc: Proc; address: string }> {
+    const { dir, model } = await setup();
+    const cfg = runConfig(dir, model, { name, rounds: 1, cohort: { min_workers: o.minWorkers ?? 1 }, server: { tls } });
+    const path = join(dir, `${name}.yaml`);
+    writeFileSync(path, stringify({ ...cfg, dashboard: { enabled: false } }));
+    const proc = fedtune(['coordinator', '--config', path, ...(o.args ?? [])]);
+    procs.push(proc);
+    const [, address] = await proc.waitFor(/listening on (\S+)/);
+    return { proc, address: address! };
+  }
+
+  /** Start a worker with these TLS flags; it must exit by itself with status 2 long before --give-up-after (600 s). */
+  async function failingWorker(address: string, tlsArgs: string[]): Promise<string> {
+    const { model, data } = await setup();
+    const w = worker({ address, site: 'site-a', data, model, extra: ['--give-up-after', '600', ...tlsArgs] });
+    procs.push(w);
+    const code = await Promise.race([w.exited, new Promise<'still running'>((r) => setTimeout(() => r('still running'), 45_000))]);
+    expect(code, `worker output:\n${w.out()}`).toBe(2);
+    expect(w.out()).not.toMatch(/connection to the coordinator lost or refused/); // it did not retry
+    return w.out();
+  }
+
+  it('a CA that did not sign the coordinator certificate', async () => {
+    const { pki } = await setup();
+    const c = await cliCoordinator('tls-wrong-ca', { cert: pki.serverCert, key: pki.serverKey, client_ca: null });
+    const out = await failingWorker(c.address, ['--tls-ca', pki.otherCa]);
+    expect(out).toContain(`cannot connect to the coordinator at ${c.address}: the coordinator's certificate is not signed by the CA you gave (--tls-ca ${pki.otherCa})`);
+    await c.proc.waitFor(/refused a TLS handshake from 127\.0\.0\.1: the client hung up during the handshake \(it may not trust this coordinator's certificate/, 10_000);
+  });
+
+  it('a plaintext worker against a TLS coordinator', async () => {
+    const { pki } = await setup();
+    const c = await cliCoordinator('tls-plain-worker', { cert: pki.serverCert, key: pki.serverKey, client_ca: null });
+    const out = await failingWorker(c.address, []);
+    expect(out).toContain('the coordinator requires TLS (start the worker with --tls / --tls-ca FILE)');
+    await c.proc.waitFor(/refused a TLS handshake from 127\.0\.0\.1: the client does not use TLS/, 10_000);
+  });
+
+  it('a TLS worker against a plaintext coordinator', async () => {
+    const { pki } = await setup();
+    const c = await cliCoordinator('tls-plain-coordinator', null);
+    const out = await failingWorker(c.address, ['--tls-ca', pki.ca]);
+    expect(out).toContain('the coordinator does not speak TLS (drop --tls');
+  });
+
+  it('mutual TLS: no client certificate, and one signed by another CA', async () => {
+    const { pki } = await setup();
+    const mutual = { cert: pki.serverCert, key: pki.serverKey, client_ca: pki.ca };
+    const c1 = await cliCoordinator('mtls-no-cert', mutual);
+    const out1 = await failingWorker(c1.address, ['--tls-ca', pki.ca]);
+    expect(out1).toContain('the coordinator requires a client certificate (mutual TLS, server.tls.client_ca): start the worker with --tls-cert FILE --tls-key FILE');
+    await c1.proc.waitFor(/refused a TLS handshake from 127\.0\.0\.1: the client sent no certificate/, 10_000);
+
+    const c2 = await cliCoordinator('mtls-rogue-cert', mutual);
+    const out2 = await failingWorker(c2.address, ['--tls-ca', pki.ca, '--tls-cert', pki.rogueCert, '--tls-key', pki.rogueKey]);
+    expect(out2).toContain(`the coordinator refused the client certificate --tls-cert ${pki.rogueCert} (mutual TLS)`);
+    await c2.proc.waitFor(/refused a TLS handshake from 127\.0\.0\.1: the client certificate is not accepted/, 10_000);
+  });
+
+  it('a server name the certificate does not hold (--tls-server-name)', async () => {
+    const { pki } = await setup();
+    const c = await cliCoordinator('tls-name', { cert: pki.serverCert, key: pki.serverKey, client_ca: null });
+    const out = await failingWorker(c.address, ['--tls-ca', pki.ca, '--tls-server-name', 'coordinator.example']);
+    expect(out).toMatch(/the coordinator's certificate \(CN=localhost, issued by CN=fedtune test ca\)|the coordinator's certificate does not name the address dialled/);
+    expect(out).toContain('coordinator.example');
+    expect(out).toContain('--tls-server-name NAME');
+  });
+
+  it('a worker that was connected keeps retrying through a TLS mismatch (the coordinator may be restarting)', async () => {
+    const { pki, model, data } = await setup();
+    const tls = { cert: pki.serverCert, key: pki.serverKey, client_ca: null };
+    // min_workers 2: the run waits, so the worker stays connected until the coordinator goes.
+    const c1 = await cliCoordinator('tls-restart', tls, { minWorkers: 2 });
+    const w = worker({ address: c1.address, site: 'site-a', data, model, extra: ['--tls-ca', pki.ca] });
+    procs.push(w);
+    await c1.proc.waitFor(/\+ site-a joined/);
+    c1.proc.kill('SIGKILL');
+    await c1.proc.exited;
+    // A plaintext coordinator on the same address: the worker sees "not TLS" but has connected before, so it retries.
+    const c2 = await cliCoordinator('tls-restart-plain', null, { args: ['--listen', c1.address] });
+    const before = w.out().length;
+    await new Promise<void>((resolve, reject) => {
+      const t = setInterval(() => {
+        if (/connection to the coordinator lost or refused: .*wrong version number/.test(w.out().slice(before))) {
+          clearInterval(t);
+          resolve();
+        } else if (w.child.exitCode !== null) {
+          clearInterval(t);
+          reject(new Error(`worker exited (${w.child.exitCode}):\n${w.out()}`));
+        }
+      }, 100);
+    });
+    expect(w.child.exitCode).toBeNull();
+    c2.proc.kill('SIGKILL');
+    await c2.proc.exited;
+    // The TLS coordinator is back (resumed): the same worker joins it again.
+    const c3 = await cliCoordinator('tls-restart', tls, { minWorkers: 2, args: ['--resume', '--listen', c1.address] });
+    await c3.proc.waitFor(/\+ site-a joined/);
+    expect(w.out()).not.toMatch(/does not speak TLS/);
+  });
+
+  it('with the right CA and client certificate the worker joins the mutual-TLS run', async () => {
+    const { pki, model, data } = await setup();
+    const c = await cliCoordinator('mtls-ok', { cert: pki.serverCert, key: pki.serverKey, client_ca: pki.ca });
+    const w = worker({ address: c.address, site: 'site-a', data, model, extra: ['--tls-ca', pki.ca, '--tls-cert', pki.clientCert, '--tls-key', pki.clientKey] });
+    procs.push(w);
+    await c.proc.waitFor(/\+ site-a joined/);
+    expect(await w.exited).toBe(0);
+    expect(c.proc.out()).not.toMatch(/refused a TLS handshake/);
   });
 });

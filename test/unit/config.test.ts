@@ -1,4 +1,4 @@
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { strategyIssues } from '../../coordinator/strategies/index.ts';
@@ -107,5 +107,50 @@ describe('run config', () => {
     expect(parseHostPort('[::1]:0')).toEqual({ host: '::1', port: 0 });
     expect(() => parseHostPort('host', '--coordinator')).toThrow(/--coordinator: must be HOST:PORT/);
     expect(() => parseHostPort('h:70000')).toThrow(/port 0-65535/);
+  });
+
+  it('resolves relative paths in a config file against its directory; absolute paths, defaults and command-line overrides are kept', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'fedtune-config-paths-'));
+    onTestFinished(() => rmSync(dir, { recursive: true, force: true }));
+    mkdirSync(join(dir, 'sub'));
+    const y = join(dir, 'sub', 'run.yaml');
+    writeFileSync(
+      y,
+      [
+        'name: demo',
+        'model:',
+        '  path: models/base',
+        'training:',
+        '  steps: 3',
+        'rounds: 2',
+        'checkpoint:',
+        '  dir: ../ck',
+        'distributed:',
+        '  dataset: ./data/train.jsonl',
+        '  worker_dataset_path: data/train.jsonl',
+        'server:',
+        '  join_token: t',
+        '  tls:',
+        '    cert: tls/cert.pem',
+        '    key: /etc/fedtune/key.pem',
+        '',
+      ].join('\n'),
+    );
+    // The process's working directory is the repository root, not the config's directory.
+    expect(process.cwd()).not.toBe(join(dir, 'sub'));
+    const c = await loadRunConfig(y);
+    expect(c.model.path).toBe(join(dir, 'sub', 'models', 'base'));
+    expect(c.checkpoint.dir).toBe(join(dir, 'ck'));
+    expect(c.distributed.dataset).toBe(join(dir, 'sub', 'data', 'train.jsonl'));
+    expect(c.distributed.worker_dataset_path).toBe('data/train.jsonl');
+    expect(c.server.tls).toEqual({ cert: join(dir, 'sub', 'tls', 'cert.pem'), key: '/etc/fedtune/key.pem', client_ca: null });
+
+    const over = await loadRunConfig(y, { checkpointDir: 'from-cli/ck' });
+    expect(over.checkpoint.dir).toBe('from-cli/ck');
+    const j = join(dir, 'sub', 'run.json');
+    writeFileSync(j, JSON.stringify(base()));
+    const d = await loadRunConfig(j);
+    expect(d.model.path).toBe(join(dir, 'sub', 'm'));
+    expect(d.checkpoint.dir).toBe('checkpoints');
   });
 });

@@ -2,11 +2,15 @@
  * One call from a dataset file to tokenized train and eval examples:
  * load -> split records (seeded) -> render with the template -> tokenize.
  * The split is made on records, before tokenization, so the eval set does not
- * change with maxSeqLen.
+ * change with maxSeqLen. Records dropped because their response does not fit
+ * are logged with where the first of them are (file:line), not only counted.
  */
 import { splitEval } from './batching.ts';
 import { loadRecords, type RecordSource, type SftRecord } from '../../common/data/dataset.ts';
-import { tokenizeRecords, type Example, type TokenizeOptions, type Tokenizer } from '../../common/data/tokenize.ts';
+import { droppedWhere, tokenizeRecords, type Example, type TokenizeOptions, type Tokenizer } from '../../common/data/tokenize.ts';
+import { logger } from '../../common/log.ts';
+
+const log = logger('data');
 
 export interface PrepareOptions extends TokenizeOptions {
   /** Fraction of records held out for evaluation, in [0, 1). Default 0. */
@@ -15,6 +19,8 @@ export interface PrepareOptions extends TokenizeOptions {
   seed?: number;
   /** Keep only these records (e.g. one shard from coordinator/sharding.ts). */
   filter?: (rec: SftRecord) => boolean;
+  /** Log a warning naming the first dropped records (default true; off for callers that print their own). */
+  reportDropped?: boolean;
 }
 
 export interface PreparedDataset {
@@ -41,11 +47,19 @@ export async function prepareDataset(path: string, tok: Tokenizer, opts: Prepare
       `${path}: every training record was dropped because its response does not fit in maxSeqLen ${opts.maxSeqLen}; raise maxSeqLen`,
     );
   }
+  const droppedSources = [...train.droppedSources, ...evalSet.droppedSources];
+  if (droppedSources.length > 0 && opts.reportDropped !== false) {
+    const n = droppedSources.length;
+    log.warn(
+      { dropped: n, first: droppedSources.slice(0, 3).map((s) => `${s.file}:${s.line}`) },
+      `${n} record${n === 1 ? '' : 's'} dropped: the response does not fit in max_seq_len ${opts.maxSeqLen} tokens (${droppedWhere(droppedSources)}); raise max_seq_len to keep them`,
+    );
+  }
   return {
     train: train.examples,
     eval: evalSet.examples,
     dropped: train.dropped + evalSet.dropped,
-    droppedSources: [...train.droppedSources, ...evalSet.droppedSources],
+    droppedSources,
     records: records.length,
   };
 }

@@ -141,7 +141,7 @@ export interface RegisterRequest {
   capabilities:
     | Capabilities
     | undefined;
-  /** set when reconnecting; informative only */
+  /** set when reconnecting: replaces this worker's own session if it is still live */
   previousWorkerId: string;
 }
 
