@@ -154,7 +154,16 @@ export function register(program: Command): void {
       if (cfg.dashboard.enabled) {
         const { host, port, token } = cfg.dashboard;
         try {
-          dashboard = await startDashboardServer({ bus, host, port, ...(token ? { token } : {}) });
+          const d = cfg.dashboard;
+          dashboard = await startDashboardServer({
+            bus,
+            host,
+            port,
+            ...(token ? { token } : {}),
+            ...(d.tls ? { tls: { certFile: d.tls.cert, keyFile: d.tls.key } } : {}),
+            behindTlsProxy: d.behind_tls_proxy,
+            allowedOrigins: d.allowed_origins,
+          });
           // Never the token itself: the page asks for it.
           console.log(`dashboard: open ${dashboard.url}${token ? ' and give the dashboard token (dashboard.token of the run config)' : ''}`);
         } catch (err) {

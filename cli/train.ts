@@ -73,6 +73,8 @@ interface TrainOpts extends Omit<TrainCliOpts, 'config' | 'sites' | 'roundsEquiv
   out: string;
   /** model.fingerprint of the run config: the base model must have it. */
   fingerprint?: string;
+  /** --max-seq-len was left at its default (then a model with fewer positions lowers it instead of refusing it). */
+  maxSeqLenIsDefault?: boolean;
   /** Where the settings came from, when a run config gave them. */
   provenance?: Provenance;
 }
@@ -231,7 +233,7 @@ async function resolveTrainOptions(cli: TrainCliOpts, explicit: (key: keyof Trai
     if (explicit('roundsEquivalent')) throw new Error('--rounds-equivalent / --no-rounds-equivalent only apply with --config run.yaml');
     if (!model) throw new Error('--model <dir> is required (or take it from a run config: --config run.yaml)');
     if (!out) throw new Error('--out <dir> is required (or give --config run.yaml, which writes to <checkpoint.dir>/<name>-centralised)');
-    return { ...rest, model, out };
+    return { ...rest, model, out, maxSeqLenIsDefault: !explicit('maxSeqLen') };
   }
   if (cli.full) throw new Error('--full trains every weight, but a run config describes a LoRA run: drop --full or --config');
   const cfg = await loadRunConfig(config, { joinToken: UNUSED_JOIN_TOKEN });
@@ -329,7 +331,12 @@ async function train(o: TrainOpts): Promise<void> {
   const named = (field: string, flag: string): string => (o.provenance?.fromConfig.some((f) => f.startsWith(`${field}=`)) ? field : flag);
   const seqLenName = named('training.max_seq_len', '--max-seq-len');
   const tooLong = seqLenIssue(o.maxSeqLen, model.config.maxPositions, o.model);
-  if (tooLong) throw new Error(`${seqLenName}: ${tooLong}`);
+  if (tooLong && o.maxSeqLenIsDefault) {
+    console.log(`note: --max-seq-len defaults to ${o.maxSeqLen}, more than the ${model.config.maxPositions} positions of ${o.model}: using ${model.config.maxPositions}`);
+    o.maxSeqLen = model.config.maxPositions;
+  } else if (tooLong) {
+    throw new Error(`${seqLenName}: ${tooLong}`);
+  }
   const tok = await loadTokenizer(o.model);
   const mode = o.full ? 'full' : 'lora';
   const lora = mode === 'lora' ? loraFromOptions(model, o) : undefined;

@@ -182,6 +182,12 @@ export const runConfigSchema = z
         host: z.string().min(1).default('127.0.0.1'),
         port: int().min(0).max(65535).default(8080),
         token: z.string().min(1).nullable().default(null),
+        /** Serve the dashboard over HTTPS (PEM files); its cookie is then Secure. */
+        tls: z.strictObject({ cert: z.string().min(1), key: z.string().min(1) }).nullable().default(null),
+        /** Behind a TLS-terminating proxy: mark the cookie Secure although this server speaks HTTP. */
+        behind_tls_proxy: z.boolean().default(false),
+        /** Origins besides the dashboard's own whose pages may open its WebSocket (e.g. https://ops.example.org). */
+        allowed_origins: z.array(z.string().url()).default([]),
       })
       .prefault({}),
     events: z
@@ -365,6 +371,8 @@ export const CONFIG_FILE_PATHS: ReadonlyArray<readonly string[]> = [
   ['server', 'tls', 'cert'],
   ['server', 'tls', 'key'],
   ['server', 'tls', 'client_ca'],
+  ['dashboard', 'tls', 'cert'],
+  ['dashboard', 'tls', 'key'],
 ];
 
 /**

@@ -25,7 +25,7 @@ export function firstInvalidUtf8(b: Uint8Array): number {
     if (c >= 0xc2 && c <= 0xdf) need = 1;
     else if (c >= 0xe0 && c <= 0xef) {
       need = 2;
-
+      if (c === 0xe0) lo = 0xa0; // overlong
       if (c === 0xed) hi = 0x9f; // surrogates
     } else if (c >= 0xf0 && c <= 0xf4) {
       need = 3;

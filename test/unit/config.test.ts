@@ -28,7 +28,7 @@ describe('run config', () => {
     expect(c.lora).toEqual({ r: 8, alpha: 16, dropout: 0, target_modules: ['q_proj', 'v_proj'] });
     expect(c.server.listen).toBe('127.0.0.1:7070');
     expect(c.server.chunk_bytes).toBe(1 << 20);
-    expect(c.dashboard).toEqual({ enabled: true, host: '127.0.0.1', port: 8080, token: null });
+    expect(c.dashboard).toEqual({ enabled: true, host: '127.0.0.1', port: 8080, token: null, tls: null, behind_tls_proxy: false, allowed_origins: [] });
     expect(c.events).toEqual({ ring_size: 10000, log: true, nats: null });
     expect(c.cohort.min_workers).toBe(1);
   });
