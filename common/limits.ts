@@ -44,11 +44,11 @@ export function natsUrlIssue(servers: string): string | null {
     if (m && !(NATS_SCHEMES as readonly string[]).includes(scheme)) {
       return `${JSON.stringify(s)} has scheme ${JSON.stringify(m[1])}; allowed: ${NATS_SCHEMES.map((x) => `${x}://`).join(', ')} (e.g. nats://127.0.0.1:4222)`;
     }
-    let rest = m ? m[2]! : s;
-    rest = rest.replace(/\/$/, '');
-    if (/[/?#]/.test(rest)) return `${JSON.stringify(s)} is not a NATS URL: expected ${scheme}://HOST:PORT with nothing after the port`;
+    const rest = m ? m[2]! : s;
+    // user:password@ may hold any character; what follows it is HOST[:PORT][/].
     const at = rest.lastIndexOf('@');
-    const hostPort = at >= 0 ? rest.slice(at + 1) : rest;
+    const hostPort = (at >= 0 ? rest.slice(at + 1) : rest).replace(/\/$/, '');
+    if (/[/?#]/.test(hostPort)) return `${JSON.stringify(s)} is not a NATS URL: expected ${scheme}://HOST:PORT with nothing after the port`;
     const hp = /^(\[[^\]]*\]|[^:]*)(?::(\d+))?$/.exec(hostPort);
     if (!hp) return `${JSON.stringify(s)} is not a NATS URL: expected ${scheme}://HOST:PORT`;
     const host = hp[1]!;

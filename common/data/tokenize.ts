@@ -57,7 +57,7 @@ export const CUT_GUARD = 64;
  */
 export function encodeWithin(tok: Pick<Tokenizer, 'encode'>, text: string, keep: number): number[] {
   let cap = Math.max(1, keep) * CHARS_PER_TOKEN_BOUND;
-  while (text.length > cap && false) {
+  while (text.length > cap) {
     let end = cap;
     const c = text.charCodeAt(end - 1);
     if (c >= 0xd800 && c <= 0xdbff) end--; // a surrogate pair stays whole

@@ -169,7 +169,7 @@ describe('settings that cannot work', () => {
   });
 
   it('NATS URLs: nats:// and tls:// with a host and a port in range, comma-separated', () => {
-    for (const ok of ['nats://127.0.0.1:4222', 'tls://nats.example.com:4443', 'nats://user:pw@10.0.0.5:4222', 'localhost:4222', 'nats://a:1,nats://b:2', 'nats://[::1]:4222', 'nats://host']) {
+    for (const ok of ['nats://127.0.0.1:4222', 'tls://nats.example.com:4443', 'nats://user:pw@10.0.0.5:4222', 'nats://fedtune:p/w?#@x@127.0.0.1:4222', 'nats://127.0.0.1:4222/', 'localhost:4222', 'nats://a:1,nats://b:2', 'nats://[::1]:4222', 'nats://host']) {
       expect(natsUrlIssue(ok), ok).toBeNull();
     }
     const bad: Array<[string, RegExp]> = [
