@@ -309,17 +309,24 @@ export async function readStrategyState(path: string): Promise<StrategyState> {
   return { json, tensors };
 }
 
-export function federatedStore(cfg: RunConfig, fanInFanOut: boolean): CheckpointStore<RunStateFile> {
-  return new CheckpointStore<RunStateFile>({
+/** The checkpoint store of a run: its directory, unit, state format and the LoRA fields of its adapters. */
+export function storeFor<S extends StateShape>(
+  cfg: RunConfig,
+  fanInFanOut: boolean,
+  kind: { unit: 'round' | 'step'; format: string; numberOf: (s: S) => number },
+): CheckpointStore<S> {
+  return new CheckpointStore<S>({
     root: cfg.checkpoint.dir,
     runName: cfg.name,
-    unit: 'round',
-    format: STATE_FORMAT,
-    numberOf: (s) => s.round,
+    ...kind,
     baseModel: cfg.model.path,
     fanInFanOut,
     lora: { dropout: cfg.lora.dropout, targetModules: [...cfg.lora.target_modules] },
   });
+}
+
+export function federatedStore(cfg: RunConfig, fanInFanOut: boolean): CheckpointStore<RunStateFile> {
+  return storeFor<RunStateFile>(cfg, fanInFanOut, { unit: 'round', format: STATE_FORMAT, numberOf: (s) => s.round });
 }
 
 export function newRunState(cfg: RunConfig, modelFingerprint: string): RunStateFile {

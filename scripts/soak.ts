@@ -115,7 +115,8 @@ export async function checkRun(runDir: string, rounds: number): Promise<RunCheck
   return { roundsCompleted, roundsLost, corruptCheckpoints, eventsMissing, eventsDoubled, seqBreaks, tempFilesLeft: temps.length, problems };
 }
 
-function freePort(): Promise<number> {
+/** A TCP port free on 127.0.0.1 right now. */
+export function freePort(): Promise<number> {
   return new Promise((res, rej) => {
     const s = createServer();
     s.listen(0, '127.0.0.1', () => {

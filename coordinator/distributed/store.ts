@@ -13,7 +13,7 @@
  * CHECKPOINT_DIR/<run>/steps.jsonl.
  */
 import type { RunConfig } from '../../common/config.ts';
-import { CheckpointStore } from '../store.ts';
+import { storeFor, type CheckpointStore } from '../store.ts';
 
 /** Written by earlier versions next to the adapter; read on resume when strategy_state.safetensors is absent. */
 export const LEGACY_OPTIMIZER_FILE = 'optimizer.safetensors';
@@ -75,14 +75,5 @@ export interface DistributedStateFile {
 }
 
 export function distributedStore(cfg: RunConfig, fanInFanOut: boolean): CheckpointStore<DistributedStateFile> {
-  return new CheckpointStore<DistributedStateFile>({
-    root: cfg.checkpoint.dir,
-    runName: cfg.name,
-    unit: 'step',
-    format: DIST_FORMAT,
-    numberOf: (s) => s.step,
-    baseModel: cfg.model.path,
-    fanInFanOut,
-    lora: { dropout: cfg.lora.dropout, targetModules: [...cfg.lora.target_modules] },
-  });
+  return storeFor<DistributedStateFile>(cfg, fanInFanOut, { unit: 'step', format: DIST_FORMAT, numberOf: (s) => s.step });
 }

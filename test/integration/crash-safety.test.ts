@@ -6,14 +6,13 @@
  */
 import { spawn } from 'node:child_process';
 import { existsSync, readFileSync, readdirSync, writeFileSync } from 'node:fs';
-import { createServer } from 'node:net';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { isTempName } from '../../common/atomic.ts';
 import type { RunEvent } from '../../common/events.ts';
 import { LOCK_FILE } from '../../coordinator/lock.ts';
-import { checkRun } from '../../scripts/soak.ts';
+import { checkRun, freePort } from '../../scripts/soak.ts';
 import { fedtune, tempDir, tinyModel, worker, writeData, type Proc } from './federated-helpers.ts';
 
 let dir: string;
@@ -25,17 +24,6 @@ beforeAll(async () => {
   modelDir = await tinyModel(join(dir, 'model'));
   for (const s of ['site-a', 'site-b', 'site-c']) data[s] = writeData(join(dir, `${s}.jsonl`), 10, s);
 });
-
-function freePort(): Promise<number> {
-  return new Promise((res, rej) => {
-    const s = createServer();
-    s.listen(0, '127.0.0.1', () => {
-      const port = (s.address() as { port: number }).port;
-      s.close(() => res(port));
-    });
-    s.on('error', rej);
-  });
-}
 
 /** A run config file for `name`, listening on a fixed port so that workers can reconnect to a restarted coordinator. */
 function config(name: string, port: number, rounds: number, extra = ''): string {

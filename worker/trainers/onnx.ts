@@ -46,8 +46,7 @@ export async function createOnnxTrainer(opts: TrainerFactoryOptions): Promise<Tr
   if (opts.evalPath) {
     evalSet = (await prepareDataset(opts.evalPath, tok, { template: opts.template, maxSeqLen: opts.maxSeqLen, seed: opts.seed })).train;
   }
-  if (data.dropped > 0) log.warn({ dropped: data.dropped }, 'records dropped: their response does not fit in max_seq_len');
-  log.info({ train: data.train.length, eval: evalSet.length, model: model.config.modelType }, 'local data loaded');
+  log.info({ train: data.train.length, eval: evalSet.length, dropped: data.dropped, model: model.config.modelType }, 'local data loaded');
   return new OnnxTrainer(model, data.train, evalSet, tok.padId, opts);
 }
 
