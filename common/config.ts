@@ -175,6 +175,8 @@ export const runConfigSchema = z
         chunk_bytes: int().min(1024).max((4 << 20) - (64 << 10)).default(1 << 20),
         max_chunk_bytes: int().min(1024).max((4 << 20) - (64 << 10)).default(2 << 20),
         max_concurrent_uploads: int().min(1).default(8),
+        /** An upload stream that sends nothing for this long is closed (its slot freed). */
+        upload_idle_timeout_sec: positive().default(60),
       }),
     dashboard: z
       .strictObject({

@@ -91,7 +91,7 @@ export class FederatedRun extends RunBase implements RegistryListener {
     this.strategy = o.strategy;
     this.state = o.state;
     this.globalRank = o.globalRank;
-    this.board = new TaskBoard(o.registry);
+    this.board = new TaskBoard<TaskState>(o.registry, (t) => `of round ${t.round}`);
   }
 
   private get current(): GlobalAdapter {

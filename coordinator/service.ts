@@ -295,18 +295,34 @@ export function createCoordinatorService<T>(ctx: ServiceContext<T>): Coordinator
         } catch (err) {
           return cb(statusOf(err));
         }
-        const release = await uploads.acquire();
+        // An upload slot is taken only once a header for an open task of this worker has been accepted,
+        // and a stream that goes quiet is closed: streams that send nothing cannot hold the slots.
+        let release: (() => void) | null = null;
         let header: UploadHeader | null = null;
         let task: T | null = null;
         let asm: ChunkAssembler | null = null;
         let replied = false;
+        const idleMs = cfg.server.upload_idle_timeout_sec * 1000;
+        let idle: NodeJS.Timeout | null = null;
         const reply = (err: grpc.ServiceError | null, ack?: UploadAck): void => {
           if (replied) return;
           replied = true;
-          release();
+          if (idle) clearTimeout(idle);
+          release?.();
           if (err) cb(err);
           else cb(null, ack);
         };
+        const touch = (): void => {
+          if (idle) clearTimeout(idle);
+          idle = setTimeout(() => {
+            if (replied) return;
+            log.warn({ worker: w.workerId, task: header?.taskId, received: asm?.receivedBytes ?? 0 }, 'upload idle; closed');
+            if (task !== null) ctx.run.abandonUpdate(task);
+            reply(grpcError(grpc.status.DEADLINE_EXCEEDED, `upload sent nothing for ${cfg.server.upload_idle_timeout_sec} s (server.upload_idle_timeout_sec); nothing of it was used`));
+          }, idleMs);
+          idle.unref();
+        };
+        touch();
         const reject = (err: unknown): void => {
           const status = statusOf(err);
           if (task !== null) ctx.run.abandonUpdate(task);
@@ -318,11 +334,14 @@ export function createCoordinatorService<T>(ctx: ServiceContext<T>): Coordinator
             log.warn({ worker: w.workerId, task: header?.taskId, received: asm?.receivedBytes ?? 0 }, 'upload broke off; partial update discarded');
             if (task !== null) ctx.run.abandonUpdate(task);
             replied = true;
-            release();
+            if (idle) clearTimeout(idle);
+            release?.();
           }
         });
         try {
           for await (const msg of call as AsyncIterable<UploadMessage>) {
+            if (replied) return;
+            touch();
             const b = msg.body;
             if (!b) throw new UpdateRejected('INVALID_ARGUMENT', 'empty upload message');
             if (b.$case === 'header') {
@@ -335,6 +354,11 @@ export function createCoordinatorService<T>(ctx: ServiceContext<T>): Coordinator
               const want = manifestBytes(manifest);
               if (s.totalBytes !== want) throw new UpdateRejected('INVALID_ARGUMENT', `stream.total_bytes is ${s.totalBytes}, the manifest needs ${want}`);
               asm = new ChunkAssembler({ totalBytes: want, maxChunkBytes: cfg.server.max_chunk_bytes, what: `upload of task ${header.taskId}` });
+              release = await uploads.acquire();
+              if (replied) {
+                release();
+                return;
+              }
             } else if (!header || !asm || task === null) {
               throw new UpdateRejected('INVALID_ARGUMENT', `upload must start with a header (got ${b.$case})`);
             } else if (b.$case === 'chunk') {

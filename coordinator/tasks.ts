@@ -50,10 +50,19 @@ export function isOpenTask(t: TaskBase): boolean {
   return t.status === 'running' || t.status === 'uploading';
 }
 
+/** How many forgotten tasks the board still recognises (a late upload for one is stale, not unknown). */
+const RETIRED_LIMIT = 10_000;
+
 export class TaskBoard<T extends TaskBase> {
   private readonly tasks = new Map<string, T>();
+  /** Tasks of earlier rounds or steps, forgotten: their worker and what they were, for precise answers to late uploads. */
+  private readonly retired = new Map<string, { workerId: string; what: string }>();
 
-  constructor(private readonly registry: WorkerRegistry) {}
+  /** `describe` names a task for late-upload answers, e.g. "of round 3". */
+  constructor(
+    private readonly registry: WorkerRegistry,
+    private readonly describe: (t: T) => string = () => '',
+  ) {}
 
   add(t: T): T {
     this.tasks.set(t.taskId, t);
@@ -82,7 +91,11 @@ export class TaskBoard<T extends TaskBase> {
    */
   beginUpload(w: WorkerRecord, taskId: string, isOpen: (t: T) => boolean, closed: (t: T) => string): T {
     const t = this.tasks.get(taskId);
-    if (!t) throw new UpdateRejected('NOT_FOUND', `task ${taskId || '(empty)'} is not known to this coordinator`);
+    if (!t) {
+      const old = this.retired.get(taskId);
+      if (old && old.workerId === w.workerId) throw new UpdateRejected('FAILED_PRECONDITION', `stale update: task ${taskId} ${old.what} is closed; the run has moved on`);
+      throw new UpdateRejected('NOT_FOUND', `task ${taskId || '(empty)'} is not known to this coordinator`);
+    }
     if (t.workerId !== w.workerId) throw new UpdateRejected('PERMISSION_DENIED', `task ${taskId} was not given to worker ${w.workerId}`);
     if (t.status === 'done') throw new UpdateRejected('ALREADY_EXISTS', `duplicate update: task ${taskId} was already received`);
     if (t.status === 'uploading') throw new UpdateRejected('ALREADY_EXISTS', `duplicate update: an upload for task ${taskId} is already in progress`);
@@ -140,7 +153,15 @@ export class TaskBoard<T extends TaskBase> {
 
   /** Forget settled tasks for which `pred` holds (earlier rounds or steps). */
   forget(pred: (t: T) => boolean): void {
-    for (const t of this.tasks.values()) if (!isOpenTask(t) && pred(t)) this.tasks.delete(t.taskId);
+    for (const t of this.tasks.values()) {
+      if (isOpenTask(t) || !pred(t)) continue;
+      this.tasks.delete(t.taskId);
+      this.retired.set(t.taskId, { workerId: t.workerId, what: this.describe(t) });
+    }
+    for (const id of this.retired.keys()) {
+      if (this.retired.size <= RETIRED_LIMIT) break;
+      this.retired.delete(id);
+    }
   }
 
   delete(t: T): void {

@@ -98,7 +98,7 @@ export class DistributedRun extends RunBase implements RegistryListener {
     this.data = o.data;
     this.order = o.order;
     this.strategy = o.strategy;
-    this.board = new TaskBoard(o.registry);
+    this.board = new TaskBoard<StepTaskState>(o.registry, (t) => `of step ${t.step + 1}`);
     this.state = o.state;
     this.spec = trainingSpecOf(o.cfg);
     const t = o.cfg.training;

@@ -1,0 +1,100 @@
+/**
+ * The wire holds against clients that misbehave at the stream level: upload
+ * streams that send nothing cannot take the upload slots, and a late upload
+ * for a task of a finished round is answered as stale.
+ */
+import { join } from 'node:path';
+import * as grpc from '@grpc/grpc-js';
+import { beforeAll, describe, expect, it } from 'vitest';
+import { startCoordinator } from '../../coordinator/main.ts';
+import { loadModel } from '../../worker/engine/model.ts';
+import type { UploadMessage } from '../../proto/gen/fedtune/v1/coordinator.ts';
+import { Probe, rawUpload, runConfig, tempDir, tinyModel, updateMessages, waitForEvent } from './federated-helpers.ts';
+
+let dir: string;
+let modelDir: string;
+let fingerprint: string;
+
+beforeAll(async () => {
+  dir = tempDir('wire');
+  modelDir = await tinyModel(join(dir, 'model'));
+  fingerprint = (await loadModel(modelDir)).fingerprint;
+});
+
+/** An upload stream that sends only what it is given and then nothing more; resolves with its final status. */
+function stalledUpload(p: Probe, first: UploadMessage[] = []): Promise<{ code: number; details: string }> {
+  return new Promise((resolve) => {
+    const md = (p.conn as unknown as { metadata(): grpc.Metadata }).metadata();
+    const call = p.conn.client.upload(md, (err) => resolve(err ? { code: err.code, details: err.details } : { code: grpc.status.OK, details: '' }));
+    for (const m of first) call.write(m);
+  });
+}
+
+describe('upload slots', () => {
+  it('streams that send nothing hold no slot and are closed when idle; a real upload goes through meanwhile', async () => {
+    const cfg = runConfig(dir, modelDir, {
+      name: 'stalled',
+      rounds: 1,
+      cohort: { min_workers: 1 },
+      round: { min_results: 1, deadline_sec: 60 },
+      eval: { every: 0 },
+      server: { max_concurrent_uploads: 2, upload_idle_timeout_sec: 1.5 },
+    } as Record<string, unknown>);
+    const coord = await startCoordinator(cfg);
+    const p = new Probe(coord.address, fingerprint);
+    try {
+      await p.join('probe-a');
+      const task = await p.nextTask();
+      // Eight silent streams, four times the slots there are.
+      const silent = Array.from({ length: 8 }, () => stalledUpload(p));
+      await new Promise((r) => setTimeout(r, 200));
+      const g = await p.conn.downloadAdapter(task.global!.version, 1 << 20);
+      const ok = await rawUpload(p.conn, updateMessages(task, g.adapter));
+      expect(grpc.status[ok.code]).toBe('OK');
+      const done = await Promise.all(silent);
+      for (const d of done) {
+        expect(grpc.status[d.code]).toBe('DEADLINE_EXCEEDED');
+        expect(d.details).toMatch(/upload sent nothing for 1\.5 s \(server\.upload_idle_timeout_sec\)/);
+      }
+      await waitForEvent(coord.bus, coord.runId, 'round.completed', (e) => e.round === 1);
+    } finally {
+      p.close();
+      await coord.close();
+    }
+  });
+});
+
+describe('late uploads', () => {
+  it('an upload for a task of a finished round is stale (FAILED_PRECONDITION), not unknown', async () => {
+    const cfg = runConfig(dir, modelDir, {
+      name: 'late',
+      rounds: 3,
+      cohort: { min_workers: 1 },
+      round: { min_results: 1, deadline_sec: 60 },
+      eval: { every: 0 },
+    } as Record<string, unknown>);
+    const coord = await startCoordinator(cfg);
+    const p = new Probe(coord.address, fingerprint);
+    try {
+      await p.join('probe-a');
+      const first = await p.nextTask();
+      let task = first;
+      for (let round = 1; round <= 2; round++) {
+        const g = await p.conn.downloadAdapter(task.global!.version, 1 << 20);
+        expect(grpc.status[(await rawUpload(p.conn, updateMessages(task, g.adapter))).code]).toBe('OK');
+        await waitForEvent(coord.bus, coord.runId, 'round.completed', (e) => e.round === round);
+        task = await p.nextTask();
+      }
+      // Round 1's task has been forgotten by now (round 2 completed); its late upload is stale.
+      const g = await p.conn.downloadAdapter(task.global!.version, 1 << 20);
+      const late = await rawUpload(p.conn, updateMessages(first, g.adapter));
+      expect(grpc.status[late.code]).toBe('FAILED_PRECONDITION');
+      expect(late.details).toMatch(new RegExp(`stale update: task ${first.taskId} of round 1 is closed`));
+      const unknown = await rawUpload(p.conn, updateMessages({ ...first, taskId: 'r1-train-0-00000000' }, g.adapter));
+      expect(grpc.status[unknown.code]).toBe('NOT_FOUND');
+    } finally {
+      p.close();
+      await coord.close();
+    }
+  });
+});
