@@ -5,7 +5,7 @@
 import { Command, Option } from 'commander';
 import { join, resolve } from 'node:path';
 import { numel, type FloatArray } from '../common/tensor.ts';
-import { parsePeftKey, readPeftAdapter } from '../common/peft.ts';
+import { loraScale, parsePeftKey, readPeftAdapter } from '../common/peft.ts';
 import { loadModel, saveModel } from '../worker/engine/model.ts';
 import type { ModelDtype } from '../common/hf-model.ts';
 import { mergeAdapter } from '../worker/engine/merge.ts';
@@ -75,8 +75,8 @@ export function register(program: Command): void {
       if (m.config.family !== 'gpt2' && a.config.fanInFanOut) {
         throw new Error(`${o.adapter}: fan_in_fan_out is true but ${m.config.modelType} uses nn.Linear weights ([out, in]); this adapter is not for this model`);
       }
-      const lora = { r: a.config.r, alpha: a.config.alpha, dropout: a.config.dropout, targetModules: a.config.targetModules };
-      process.stderr.write(`merging ${a.adapter.size / 2} modules (scale ${a.config.alpha / a.config.r})\n`);
+      const lora = { r: a.config.r, alpha: a.config.alpha, dropout: a.config.dropout, targetModules: a.config.targetModules, ...(a.config.useRslora ? { useRslora: true } : {}) };
+      process.stderr.write(`merging ${a.adapter.size / 2} modules (scale ${loraScale(lora)}${lora.useRslora ? ', rsLoRA' : ''})\n`);
       const weights = mergeAdapter(m, a.adapter, lora);
       process.stderr.write(`writing ${out}\n`);
       const rawConfig = m.rawConfig ? { ...m.rawConfig } : undefined;

@@ -17,16 +17,16 @@ import { intArg, numArg } from './args.ts';
 import cliProgress from 'cli-progress';
 import type { TensorMap } from '../common/tensor.ts';
 import { writeFileAtomic } from '../common/atomic.ts';
-import { readPeftAdapter, writePeftAdapter } from '../common/peft.ts';
+import { readPeftAdapter, writePeftAdapter, type PeftLoraConfig } from '../common/peft.ts';
 import { LLAMA_TARGET_MODULES, GPT2_TARGET_MODULES, type LoadedModel, type LoraConfig } from '../common/model-config.ts';
 import { Engine } from '../worker/engine/engine.ts';
 import { loadModel, saveModel } from '../worker/engine/model.ts';
 import { loadTokenizer } from '../common/tokenizer.ts';
-import { AdamW, SCHEDULE_KINDS, loadOptimizerState, saveOptimizerState, type ScheduleKind } from '../common/optim.ts';
+import { AdamW, SCHEDULE_KINDS, loadOptimizerState, loraPlusGroups, saveOptimizerState, type ScheduleKind } from '../common/optim.ts';
 import { trainLoop } from '../worker/engine/train.ts';
 import { makeBatches } from '../worker/data/batching.ts';
 import { prepareDataset } from '../worker/data/prepare.ts';
-import { getTemplate } from '../common/data/template.ts';
+import { AUTO_TEMPLATE, getTemplate, loadChatTemplate, modelChatTemplate, type PromptTemplate } from '../common/data/template.ts';
 import { droppedWhere } from '../common/data/tokenize.ts';
 import { loraTargets, validateAdapter } from '../common/lora.ts';
 import { rankIssue, seqLenIssue } from '../common/limits.ts';
@@ -50,6 +50,10 @@ interface TrainCliOpts {
   loraAlpha: number;
   loraDropout: number;
   targetModules?: string;
+  /** rsLoRA: scale alpha / sqrt(r). */
+  useRslora?: boolean;
+  /** LoRA+: lora_B learns at this multiple of --lr. */
+  loraPlusRatio: number;
   steps?: number;
   epochs?: number;
   batchSize: number;
@@ -98,7 +102,9 @@ export interface Provenance {
 interface TrainSettings {
   model: string;
   mode: 'lora' | 'full';
-  lora: LoraConfig | null;
+  lora: PeftLoraConfig | null;
+  /** LoRA+ learning-rate ratio of lora_B (1: plain LoRA). */
+  loraPlusRatio: number;
   steps: number | null;
   epochs: number | null;
   batchSize: number;
@@ -124,10 +130,13 @@ interface TrainerState {
   evals: Array<{ step: number; loss: number; perplexity: number; exactMatch: number }>;
 }
 
-export function loraFromOptions(model: LoadedModel, o: { loraR: number; loraAlpha: number; loraDropout: number; targetModules?: string }): LoraConfig {
+export function loraFromOptions(
+  model: LoadedModel,
+  o: { loraR: number; loraAlpha: number; loraDropout: number; targetModules?: string; useRslora?: boolean },
+): PeftLoraConfig {
   const all = model.config.family === 'gpt2' ? GPT2_TARGET_MODULES : LLAMA_TARGET_MODULES;
   const targetModules = o.targetModules ? o.targetModules.split(',').map((s) => s.trim()).filter(Boolean) : [...all];
-  return { r: o.loraR, alpha: o.loraAlpha, dropout: o.loraDropout, targetModules };
+  return { r: o.loraR, alpha: o.loraAlpha, dropout: o.loraDropout, targetModules, useRslora: o.useRslora ?? false };
 }
 
 /** One `fedtune train` option a run config sets. */
@@ -320,8 +329,13 @@ function warnDropped(sources: readonly RecordSource[], maxSeqLen: number, what: 
   );
 }
 
+/** A built-in template by name, or with `auto` the model's own chat_template (tokenizer_config.json). */
+async function templateFor(name: string, modelDir: string): Promise<PromptTemplate> {
+  return name === AUTO_TEMPLATE ? modelChatTemplate(await loadChatTemplate(modelDir)) : getTemplate(name);
+}
+
 async function train(o: TrainOpts): Promise<void> {
-  getTemplate(o.template); // unknown template: fail before loading anything
+  const template = await templateFor(o.template, o.model); // unknown template: fail before loading anything
   if (o.steps !== undefined && o.epochs !== undefined) throw new Error('give --steps or --epochs, not both');
   const model = await loadModel(o.model);
   if (o.fingerprint && model.fingerprint !== o.fingerprint) {
@@ -339,31 +353,34 @@ async function train(o: TrainOpts): Promise<void> {
   }
   const tok = await loadTokenizer(o.model);
   const mode = o.full ? 'full' : 'lora';
+  if (mode === 'full' && o.useRslora) throw new Error('--use-rslora applies to LoRA training, not --full');
+  if (mode === 'full' && o.loraPlusRatio !== 1) throw new Error('--lora-plus-ratio applies to LoRA training (it scales the learning rate of lora_B), not --full');
   const lora = mode === 'lora' ? loraFromOptions(model, o) : undefined;
   const targets = lora ? loraTargets(model.config, lora) : [];
   const tooHigh = lora ? rankIssue(lora.r, targets, { r: named('lora.r', '--lora-r'), modules: named('lora.target_modules', '--target-modules') }) : null;
   if (tooHigh) throw new Error(`${named('lora.r', '--lora-r')}: ${tooHigh}`);
   const engine = Engine.create(model, { mode, lora, threads: o.threads, device: o.device, seed: o.seed });
   // This command prints its own warning about dropped records (warnDropped), so prepareDataset stays quiet.
-  const data = await prepareDataset(o.data, tok, { template: o.template, maxSeqLen: o.maxSeqLen, evalFraction: o.evalData ? 0 : o.evalFraction, seed: o.seed, reportDropped: false });
-  const evalData = o.evalData ? await prepareDataset(o.evalData, tok, { template: o.template, maxSeqLen: o.maxSeqLen, seed: o.seed, reportDropped: false }) : undefined;
+  const data = await prepareDataset(o.data, tok, { template, maxSeqLen: o.maxSeqLen, evalFraction: o.evalData ? 0 : o.evalFraction, seed: o.seed, reportDropped: false });
+  const evalData = o.evalData ? await prepareDataset(o.evalData, tok, { template, maxSeqLen: o.maxSeqLen, seed: o.seed, reportDropped: false }) : undefined;
   const evalSet = evalData ? evalData.train : data.eval;
   const batchesPerEpoch = Math.ceil(data.train.length / o.batchSize);
   const totalSteps = o.steps ?? Math.max(1, Math.ceil(((o.epochs ?? 1) * batchesPerEpoch) / o.gradAccum));
   warnDropped([...data.droppedSources, ...(evalData?.droppedSources ?? [])], o.maxSeqLen, seqLenName);
   const dropped = data.dropped + (evalData?.dropped ?? 0);
   console.log(
-    `fedtune train: ${model.config.modelType} ${mode === 'lora' ? `LoRA r=${lora!.r} alpha=${lora!.alpha} dropout=${lora!.dropout} on ${lora!.targetModules.join(',')}` : 'full fine-tuning'}; ` +
+    `fedtune train: ${model.config.modelType} ${mode === 'lora' ? `${lora!.useRslora ? 'rsLoRA' : 'LoRA'} r=${lora!.r} alpha=${lora!.alpha} dropout=${lora!.dropout} on ${lora!.targetModules.join(',')}${o.loraPlusRatio !== 1 ? `, LoRA+ ratio ${o.loraPlusRatio}` : ''}` : 'full fine-tuning'}; ` +
       `${data.train.length} train / ${evalSet.length} eval examples${dropped ? ` (${dropped} dropped: too long)` : ''}; ${totalSteps} steps; ` +
       `lr ${o.lr} ${o.schedule}, warmup ${o.warmup}, batch ${o.batchSize} x ${o.gradAccum}`,
   );
 
   let params: TensorMap;
-  const optimizer = new AdamW({ lr: o.lr, weightDecay: o.weightDecay });
+  const optimizer = new AdamW({ lr: o.lr, weightDecay: o.weightDecay, groups: mode === 'lora' ? loraPlusGroups(o.loraPlusRatio) : [] });
   const settings: TrainSettings = {
     model: o.model,
     mode,
     lora: lora ?? null,
+    loraPlusRatio: o.loraPlusRatio,
     steps: o.steps ?? null,
     epochs: o.steps === undefined ? (o.epochs ?? 1) : null,
     batchSize: o.batchSize,
@@ -383,7 +400,15 @@ async function train(o: TrainOpts): Promise<void> {
   if (o.resume && existsSync(statePath)) {
     state = JSON.parse(await readFile(statePath, 'utf8')) as TrainerState;
     if (state.mode !== mode) throw new Error(`--resume: ${o.out} holds a ${state.mode} run, not ${mode}`);
-    params = mode === 'lora' ? (await readPeftAdapter(o.out)).adapter : (await loadModel(o.out)).weights;
+    if (mode === 'lora') {
+      const saved = await readPeftAdapter(o.out);
+      if (saved.config.useRslora !== (lora!.useRslora ?? false)) {
+        throw new Error(`--resume: ${o.out} was trained with use_rslora ${saved.config.useRslora}: ${saved.config.useRslora ? 'add' : 'drop'} --use-rslora to continue it`);
+      }
+      params = saved.adapter;
+    } else {
+      params = (await loadModel(o.out)).weights;
+    }
     optimizer.load(await loadOptimizerState(join(o.out, 'optimizer.safetensors')));
     console.log(`resuming at step ${state.step} of ${state.totalSteps}`);
   } else if (o.initAdapter) {
@@ -394,6 +419,12 @@ async function train(o: TrainOpts): Promise<void> {
       throw new Error(
         `--init-adapter ${o.initAdapter} was trained with r ${init.config.r} on ${init.config.targetModules.join(',')}, this run has r ${lora!.r} on ${lora!.targetModules.join(',')}: ` +
           `give --lora-r ${init.config.r} --target-modules ${init.config.targetModules.join(',')}, or another adapter`,
+      );
+    }
+    if (init.config.useRslora !== (lora!.useRslora ?? false)) {
+      throw new Error(
+        `--init-adapter ${o.initAdapter} has use_rslora ${init.config.useRslora}, this run ${lora!.useRslora ? 'uses' : 'does not use'} rsLoRA scaling: ` +
+          `${init.config.useRslora ? 'add' : 'drop'} --use-rslora so the adapter keeps its scale`,
       );
     }
     params = init.adapter;
@@ -487,12 +518,14 @@ export function register(program: Command): void {
     .option('--out <dir>', 'output directory (PEFT adapter, or full model with --full); required unless --config (default <checkpoint.dir>/<name>-centralised)')
     .option('--eval-data <file>', 'held-out data (default: split off --eval-fraction of --data)')
     .option('--eval-fraction <f>', 'fraction of --data held out for evaluation', numArg('--eval-fraction', 0, 1), 0.1)
-    .option('--template <name>', 'prompt template: alpaca, chatml, plain', 'alpaca')
+    .option('--template <name>', "prompt template: alpaca, chatml, plain, or auto (the model's chat_template from tokenizer_config.json; assistant turns trained)", 'alpaca')
     .option('--full', 'train every weight (full fine-tuning or pre-training) instead of LoRA')
     .option('--lora-r <n>', 'LoRA rank', intArg('--lora-r', 1), 8)
     .option('--lora-alpha <n>', 'LoRA alpha (scale alpha/r)', numArg('--lora-alpha', 0), 16)
     .option('--lora-dropout <p>', 'dropout on the LoRA input', numArg('--lora-dropout', 0, 1), 0.05)
     .option('--target-modules <list>', 'comma-separated modules (default: all of the architecture)')
+    .option('--use-rslora', 'rsLoRA (Kalajdzievski 2023): scale the adapter by alpha/sqrt(r) instead of alpha/r (PEFT use_rslora)')
+    .option('--lora-plus-ratio <k>', 'LoRA+ (Hayou et al. 2024): lora_B learns at k x --lr (1: plain LoRA; the paper suggests 16)', numArg('--lora-plus-ratio', 0), 1)
     .option('--steps <n>', 'optimizer steps', intArg('--steps', 1))
     .option('--epochs <n>', 'epochs over the training data (default 1 when --steps is not given)', numArg('--epochs', 0))
     .option('--batch-size <n>', 'sequences per micro-batch', intArg('--batch-size', 1), 8)
@@ -535,13 +568,13 @@ export function register(program: Command): void {
     .requiredOption('--model <dir>', 'base model directory')
     .option('--adapter <dir>', 'PEFT adapter directory')
     .requiredOption('--data <file>', 'JSON array or JSONL of Alpaca or chat records')
-    .option('--template <name>', 'prompt template', 'alpaca')
+    .option('--template <name>', 'prompt template: alpaca, chatml, plain, or auto (the model\'s chat_template)', 'alpaca')
     .option('--max-seq-len <n>', 'truncate sequences to this many tokens', intArg('--max-seq-len', 1), 256)
     .option('--batch-size <n>', 'sequences per batch', intArg('--batch-size', 1), 8)
     .action(async (o: { model: string; adapter?: string; data: string; template: string; maxSeqLen: number; batchSize: number }) => {
       const tok = await loadTokenizer(o.model);
       const { engine, params } = await withAdapter(o.model, o.adapter);
-      const data = await prepareDataset(o.data, tok, { template: o.template, maxSeqLen: o.maxSeqLen, reportDropped: false });
+      const data = await prepareDataset(o.data, tok, { template: await templateFor(o.template, o.model), maxSeqLen: o.maxSeqLen, reportDropped: false });
       warnDropped(data.droppedSources, o.maxSeqLen, '--max-seq-len');
       const r = await engine.evaluate(params, makeBatches(data.train, { batchSize: o.batchSize, padId: tok.padId, shuffle: false, seed: 0, maxSeqLen: o.maxSeqLen }));
       // dropped: records left out of every number above because their response does not fit in --max-seq-len.

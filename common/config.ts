@@ -41,6 +41,8 @@ const trainingSchema = z
     max_grad_norm: z.number().min(0).default(1),
     max_seq_len: int().min(8).max(1 << 20).default(256),
     template: z.string().min(1).superRefine(refuse(templateIssue)).default('alpaca'),
+    /** LoRA+ learning-rate ratio of lora_B to lora_A; refused below (other than 1) until workers and the distributed optimizer carry it. */
+    lora_plus_ratio: positive().optional(),
     seed: int().min(0).default(0),
   })
   .superRefine((t, ctx) => {
@@ -69,6 +71,8 @@ export const runConfigSchema = z
         alpha: positive().default(16),
         dropout: z.number().min(0).lt(1).default(0),
         target_modules: z.array(z.string().min(1)).min(1).default(['q_proj', 'v_proj']),
+        /** rsLoRA scale alpha / sqrt(r) (PEFT use_rslora); refused below until the wire LoraSpec carries it. */
+        use_rslora: z.boolean().optional(),
       })
       .prefault({}),
     training: trainingSchema,
@@ -114,8 +118,12 @@ export const runConfigSchema = z
         max_abs: positive().nullable().default(1e4),
         /** Refuse an update whose L2 distance from the adapter it started from exceeds this (null: off). */
         max_norm: positive().nullable().default(null),
-        /** Refuse an update whose distance exceeds norm_factor x the median distance of the last round's accepted updates (null: off). */
-        norm_factor: z.number().gt(1).nullable().default(10),
+        /**
+         * Refuse an update whose distance exceeds norm_factor x the median distance of the last round's
+         * accepted updates (null: off). Off by default: it assumes rounds alike (same local steps and
+         * learning rate); when it refuses every update of an attempt, its reference is reset for the retry.
+         */
+        norm_factor: z.number().gt(1).nullable().default(null),
       })
       .prefault({}),
     eval: z
@@ -214,6 +222,24 @@ export const runConfigSchema = z
       .prefault({}),
   })
   .superRefine((c, ctx) => {
+    if (c.lora.use_rslora === true) {
+      ctx.addIssue({
+        code: 'custom',
+        path: ['lora', 'use_rslora'],
+        message:
+          'true is not supported in federated or distributed runs yet: the wire LoraSpec (proto/fedtune/v1) has no use_rslora field, so workers would scale by alpha / r; ' +
+          'set it to false, or train on one machine with `fedtune train --use-rslora`',
+      });
+    }
+    if (c.training.lora_plus_ratio !== undefined && c.training.lora_plus_ratio !== 1) {
+      ctx.addIssue({
+        code: 'custom',
+        path: ['training', 'lora_plus_ratio'],
+        message:
+          `${c.training.lora_plus_ratio} is not supported in federated or distributed runs yet: the wire TrainingSpec has no LoRA+ ratio, so workers would train lora_B at the base learning rate; ` +
+          'leave it at 1, or train on one machine with `fedtune train --lora-plus-ratio`',
+      });
+    }
     if (c.mode === 'federated' && c.rounds < 1) {
       ctx.addIssue({
         code: 'custom',

@@ -24,6 +24,29 @@ export interface AdamWOptions {
   eps?: number;
   /** Decoupled weight decay. Default 0. */
   weightDecay?: number;
+  /**
+   * Parameter groups (torch's param_groups, by name): a parameter takes the
+   * learning rate lr x lrScale of the first group whose `match` accepts its
+   * name (decoupled weight decay uses that rate too); others take lr.
+   */
+  groups?: readonly ParamGroup[];
+}
+
+export interface ParamGroup {
+  /** Named in errors and logs. */
+  name: string;
+  match: (param: string) => boolean;
+  lrScale: number;
+}
+
+/**
+ * LoRA+ (Hayou, Ghosh and Yu 2024): lora_B learns at `ratio` times the rate of
+ * lora_A. A ratio of 1 is plain LoRA (no groups).
+ */
+export function loraPlusGroups(ratio: number): ParamGroup[] {
+  checkNumber('LoRA+ ratio', ratio, Number.MIN_VALUE, Infinity, 'a finite number > 0 (1 is plain LoRA; the paper suggests 16)');
+  if (ratio === 1) return [];
+  return [{ name: 'lora_B', match: (n) => /\.lora_B(?:\.[A-Za-z0-9_-]+)?\.weight$/.test(n), lrScale: ratio }];
 }
 
 /** m and v are keyed by parameter name, with the parameter's shape and dtype. */
@@ -35,6 +58,7 @@ export class AdamW {
   readonly beta2: number;
   readonly eps: number;
   readonly weightDecay: number;
+  readonly groups: readonly ParamGroup[];
   private t = 0;
   private m: TensorMap = new Map();
   private v: TensorMap = new Map();
@@ -52,6 +76,13 @@ export class AdamW {
     checkBeta('AdamW beta2', this.beta2);
     checkNumber('AdamW eps', this.eps, 0, Infinity, 'a finite number >= 0');
     checkNumber('AdamW weightDecay', this.weightDecay, 0, Infinity, 'a finite number >= 0');
+    this.groups = [...(opts.groups ?? [])];
+    for (const g of this.groups) checkNumber(`AdamW group "${g.name}" lrScale`, g.lrScale, 0, Infinity, 'a finite number >= 0');
+  }
+
+  /** The learning-rate multiplier of a parameter: its group's lrScale, or 1. */
+  lrScaleOf(name: string): number {
+    return this.groups.find((g) => g.match(name))?.lrScale ?? 1;
   }
 
   /** Number of steps taken (restored by load). */
@@ -80,10 +111,11 @@ export class AdamW {
     const { beta1, beta2, eps, weightDecay } = this;
     const bias1 = 1 - beta1 ** this.t;
     const bias2Sqrt = Math.sqrt(1 - beta2 ** this.t);
-    const stepSize = lr / bias1;
-    const decay = 1 - lr * weightDecay;
 
     for (const [name, g] of grads) {
+      const lrP = lr * this.lrScaleOf(name);
+      const stepSize = lrP / bias1;
+      const decay = 1 - lrP * weightDecay;
       const p = params.get(name)!;
       let m = this.m.get(name);
       let v = this.v.get(name);

@@ -11,6 +11,7 @@ import { numel } from './tensor.ts';
 import { readSafetensors, serializeSafetensors, toFloat32, type StWriteEntry } from './safetensors.ts';
 import { writeDirAtomic } from './atomic.ts';
 import type { LoraConfig } from './model-config.ts';
+import { checkReadKeys, disallowedWrittenKeys } from './peft-keys.ts';
 
 export const ADAPTER_CONFIG = 'adapter_config.json';
 export const ADAPTER_WEIGHTS = 'adapter_model.safetensors';
@@ -21,18 +22,27 @@ const CONV1D_MODULES = ['c_attn', 'c_proj', 'c_fc'];
 /** `base_model.model.<module>.lora_A.weight`, optionally with PEFT's adapter-name infix (`lora_A.default.weight`). */
 const LORA_KEY = /^base_model\.model\.(.+)\.lora_([AB])(?:\.([A-Za-z0-9_-]+))?\.weight$/;
 
+/** A LoRA config with PEFT's variants fedtune implements. */
+export type PeftLoraConfig = LoraConfig & {
+  /** rsLoRA (Kalajdzievski 2023): scale alpha / sqrt(r) instead of alpha / r. PEFT's `use_rslora`. */
+  useRslora?: boolean;
+};
+
+/** The factor on B A: alpha / sqrt(r) with rsLoRA, else alpha / r (PEFT LoraLayer.update_layer). */
+export function loraScale(lora: PeftLoraConfig): number {
+  return lora.useRslora ? lora.alpha / Math.sqrt(lora.r) : lora.alpha / lora.r;
+}
+
 export interface PeftWriteConfig {
-  lora: LoraConfig;
+  lora: PeftLoraConfig;
   /** Written as base_model_name_or_path. */
   baseModel: string;
   /** true for gpt2 Conv1D targets (weights stored [in, out]); default: true when every target is c_attn / c_proj / c_fc. */
   fanInFanOut?: boolean;
-  /** Extra fields merged into adapter_config.json (e.g. fedtune run metadata). */
-  extra?: Record<string, unknown>;
 }
 
 export interface PeftAdapter {
-  config: LoraConfig & { baseModel: string; fanInFanOut: boolean };
+  config: LoraConfig & { useRslora: boolean; baseModel: string; fanInFanOut: boolean };
   /** adapter_config.json as read. */
   raw: Record<string, unknown>;
   /** Float32 tensors under plain PEFT keys (no adapter-name infix). */
@@ -96,9 +106,13 @@ function checkLora(lora: LoraConfig, where: string): void {
   }
 }
 
-/** The adapter_config.json that PEFT writes for a LoRA adapter. */
+/**
+ * The adapter_config.json fedtune writes: only fields of PEFT 0.6's LoraConfig
+ * (common/peft-keys.ts), so every PEFT from 0.6 on loads it, plus
+ * `use_rslora: true` for rsLoRA adapters (PEFT >= 0.7.0).
+ */
 export function peftConfigJson(cfg: PeftWriteConfig): Record<string, unknown> {
-  return {
+  const json: Record<string, unknown> = {
     alpha_pattern: {},
     auto_mapping: null,
     base_model_name_or_path: cfg.baseModel,
@@ -106,14 +120,10 @@ export function peftConfigJson(cfg: PeftWriteConfig): Record<string, unknown> {
     fan_in_fan_out: cfg.fanInFanOut ?? cfg.lora.targetModules.every((m) => CONV1D_MODULES.includes(m)),
     inference_mode: true,
     init_lora_weights: true,
-    layer_replication: null,
     layers_pattern: null,
     layers_to_transform: null,
-    loftq_config: {},
     lora_alpha: cfg.lora.alpha,
     lora_dropout: cfg.lora.dropout,
-    megatron_config: null,
-    megatron_core: 'megatron.core',
     modules_to_save: null,
     peft_type: 'LORA',
     r: cfg.lora.r,
@@ -121,10 +131,9 @@ export function peftConfigJson(cfg: PeftWriteConfig): Record<string, unknown> {
     revision: null,
     target_modules: [...cfg.lora.targetModules],
     task_type: 'CAUSAL_LM',
-    use_dora: false,
-    use_rslora: false,
-    ...(cfg.extra ?? {}),
   };
+  if (cfg.lora.useRslora) json.use_rslora = true;
+  return json;
 }
 
 /**
@@ -135,11 +144,17 @@ export function peftConfigJson(cfg: PeftWriteConfig): Record<string, unknown> {
 export async function writePeftAdapter(dir: string, adapter: TensorMap, cfg: PeftWriteConfig): Promise<void> {
   const where = `writePeftAdapter(${dir})`;
   checkLora(cfg.lora, where);
+  if (cfg.lora.useRslora !== undefined && typeof cfg.lora.useRslora !== 'boolean') {
+    throw new Error(`${where}: useRslora must be true or false, got ${JSON.stringify(cfg.lora.useRslora)}`);
+  }
   checkAdapterStructure(adapter, cfg.lora, where);
+  const config = peftConfigJson(cfg);
+  const bad = disallowedWrittenKeys(config);
+  if (bad.length) throw new Error(`${where}: adapter_config.json would hold ${bad.join(', ')}, which PEFT 0.6 does not define`);
   const tensors = new Map<string, StWriteEntry>();
   for (const [k, t] of adapter) tensors.set(k, { dtype: 'F32', shape: t.shape, data: t.data });
   const bytes = serializeSafetensors(tensors, { format: 'pt' });
-  const json = `${JSON.stringify(peftConfigJson(cfg), null, 2)}\n`;
+  const json = `${JSON.stringify(config, null, 2)}\n`;
   await writeDirAtomic(
     dir,
     async (tmp) => {
@@ -195,17 +210,18 @@ export async function readPeftAdapter(dir: string): Promise<PeftAdapter> {
   if (base !== undefined && base !== null && typeof base !== 'string') {
     throw new Error(`${cfgPath}: field "base_model_name_or_path" is ${JSON.stringify(base)}; expected a string or null`);
   }
-  const unsupported: Array<[string, (v: unknown) => boolean, string]> = [
-    ['bias', (v) => v === undefined || v === 'none', 'only bias "none" is supported'],
-    ['use_dora', (v) => v === undefined || v === false, 'DoRA adapters are not supported'],
-    ['use_rslora', (v) => v === undefined || v === false, 'rsLoRA scaling is not supported'],
-    ['modules_to_save', (v) => v === undefined || v === null || (Array.isArray(v) && v.length === 0), 'modules_to_save is not supported'],
-    ['rank_pattern', (v) => v === undefined || v === null || (typeof v === 'object' && Object.keys(v).length === 0), 'per-module ranks are not supported'],
-    ['alpha_pattern', (v) => v === undefined || v === null || (typeof v === 'object' && Object.keys(v).length === 0), 'per-module alphas are not supported'],
-  ];
-  for (const [name, ok, why] of unsupported) {
-    if (!ok(raw[name])) throw new Error(`${cfgPath}: field "${name}" is ${JSON.stringify(raw[name])}; ${why}`);
+  if (raw.bias !== undefined && raw.bias !== 'none') {
+    throw new Error(`${cfgPath}: field "bias" is ${JSON.stringify(raw.bias)}; fedtune supports only bias "none" (LoRA without trained biases)`);
   }
+  const useRslora = field<boolean>(raw, 'use_rslora', cfgPath, (v) => typeof v === 'boolean', 'true or false', false);
+  const init = raw.init_lora_weights;
+  if (init !== undefined && typeof init !== 'boolean' && init !== 'gaussian') {
+    throw new Error(
+      `${cfgPath}: field "init_lora_weights" is ${JSON.stringify(init)}; fedtune loads adapters initialized with true, false or "gaussian" ` +
+        '(PiSSA / OLoRA / LoftQ style adapters change the base weights: convert them to plain LoRA in PEFT first)',
+    );
+  }
+  checkReadKeys(raw, cfgPath);
 
   const wPath = join(dir, ADAPTER_WEIGHTS);
   try {
@@ -235,7 +251,7 @@ export async function readPeftAdapter(dir: string): Promise<PeftAdapter> {
   const lora: LoraConfig = { r, alpha, dropout, targetModules: [...targetModules] };
   checkAdapterStructure(adapter, lora, wPath);
   return {
-    config: { ...lora, baseModel: typeof base === 'string' ? base : '', fanInFanOut },
+    config: { ...lora, useRslora, baseModel: typeof base === 'string' ? base : '', fanInFanOut },
     raw,
     adapter,
   };

@@ -73,6 +73,8 @@ interface OpenAttempt {
   aggregator: Aggregator;
   norms: number[];
   refused: number;
+  /** Refusals by defence.norm_factor (the learned bound). */
+  refusedByNorm: number;
 }
 
 export class FederatedRun extends RunBase implements RegistryListener {
@@ -229,13 +231,13 @@ export class FederatedRun extends RunBase implements RegistryListener {
       return { reason: `its distance from the adapter it started from is ${norm.toPrecision(4)}, beyond defence.max_norm = ${d.max_norm}`, norm };
     }
     const ref = median(this.state.updateNorms ?? []);
-    if (d.norm_factor !== null && ref !== null && ref > 0 && (this.state.updateNorms?.length ?? 0) >= 2 && norm > d.norm_factor * ref) {
+    if (d.norm_factor !== null && ref !== null && ref > 0 && norm > d.norm_factor * ref) {
+      open.refusedByNorm++;
       return {
         reason: `its distance from the adapter it started from is ${norm.toPrecision(4)}, more than defence.norm_factor = ${d.norm_factor} x the median ${ref.toPrecision(4)} of the last round's accepted updates`,
         norm,
       };
     }
-    void open;
     return { reason: null, norm };
   }
 
@@ -483,7 +485,7 @@ export class FederatedRun extends RunBase implements RegistryListener {
       await this.waitForWorkers();
       this.publish({ type: 'run.state', state: 'running', message: `round ${round}${attempt > 0 ? ` (retry ${attempt})` : ''}` });
       const chosen = this.configureFit(round, attempt, this.candidates('train'));
-      this.open = { round, attempt, aggregator: this.strategy.aggregator(this.current), norms: [], refused: 0 };
+      this.open = { round, attempt, aggregator: this.strategy.aggregator(this.current), norms: [], refused: 0, refusedByNorm: 0 };
       this.publish({ type: 'round.started', round, cohort: chosen.map((x) => x.c.workerId), globalVersion: this.globalVersion });
       log.info({ round, attempt, cohort: chosen.length, ranks: [...new Set(chosen.map((x) => x.spec.rank))] }, 'round started');
       const t0 = Date.now();
@@ -508,7 +510,12 @@ export class FederatedRun extends RunBase implements RegistryListener {
         (allIn ? `${received} of ${tasks.length} update(s) arrived` : `deadline of ${cfg.round.deadline_sec} s passed with ${received} of ${tasks.length} update(s)`) +
         (this.open.refused > 0 ? `, ${this.open.refused} refused by the defences` : '') +
         (why.length > 0 ? ` (failed: ${why.join('; ')})` : '');
-      this.publish({ type: 'round.retried', round, reason, received, required: cfg.round.min_results });
+      if (received === 0 && this.open.refusedByNorm > 0) {
+        // The learned bound refused every update that came: the scale moved between rounds, not one site. Reset it.
+        this.state.updateNorms = [];
+        this.publish({ type: 'log', level: 'warn', message: `round ${round}: defence.norm_factor refused every update of attempt ${attempt + 1}; its reference (the last round's median distance) is reset for the retry` });
+      }
+            this.publish({ type: 'round.retried', round, reason, received, required: cfg.round.min_results });
       log.warn({ round, attempt, received, required: cfg.round.min_results }, `round retried: ${reason}`);
       if (attempt >= cfg.round.max_retries) {
         throw new Error(`round ${round} failed ${attempt + 1} time(s) (round.max_retries is ${cfg.round.max_retries}): ${reason}; need round.min_results = ${cfg.round.min_results}`);

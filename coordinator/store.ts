@@ -111,8 +111,8 @@ export interface StoreOptions<S extends StateShape> {
   numberOf: (s: S) => number;
   baseModel: string;
   fanInFanOut: boolean;
-  /** LoRA dropout and target modules written to adapter_config.json (r and alpha come with each adapter). */
-  lora: { dropout: number; targetModules: string[] };
+  /** LoRA dropout, target modules and rsLoRA scaling written to adapter_config.json (r and alpha come with each adapter). */
+  lora: { dropout: number; targetModules: string[]; useRslora?: boolean };
 }
 
 export function roundDirName(round: number): string {
@@ -218,7 +218,7 @@ export class CheckpointStore<S extends StateShape> {
       dir,
       async (tmp) => {
         await writePeftAdapter(tmp, adapter, {
-          lora: { r: lora.r, alpha: lora.alpha, dropout: this.o.lora.dropout, targetModules: [...this.o.lora.targetModules] },
+          lora: { r: lora.r, alpha: lora.alpha, dropout: this.o.lora.dropout, targetModules: [...this.o.lora.targetModules], useRslora: this.o.lora.useRslora ?? false },
           baseModel: this.o.baseModel,
           fanInFanOut: this.o.fanInFanOut,
         });
@@ -321,7 +321,7 @@ export function storeFor<S extends StateShape>(
     ...kind,
     baseModel: cfg.model.path,
     fanInFanOut,
-    lora: { dropout: cfg.lora.dropout, targetModules: [...cfg.lora.target_modules] },
+    lora: { dropout: cfg.lora.dropout, targetModules: [...cfg.lora.target_modules], useRslora: cfg.lora.use_rslora ?? false },
   });
 }
 

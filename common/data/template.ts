@@ -6,12 +6,17 @@
  *   alpaca  the Stanford Alpaca prompt (with and without input)
  *   chatml  <|im_start|>role\n...<|im_end|>\n  (the assistant's <|im_end|> is trained)
  *   plain   ### Instruction:\n...\n### Response:\n...
+ *   auto    the model's own `chat_template` (tokenizer_config.json), rendered
+ *           with @huggingface/jinja: see modelChatTemplate()
  *
  * Alpaca records under chatml become one user turn (instruction, then a blank
  * line and the input when there is one) and one assistant turn. Chat records
  * under alpaca/plain become one Instruction/Response pair per exchange; a
  * system message replaces the alpaca preamble (plain: it is written first).
  */
+import { readFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { Template } from '@huggingface/jinja';
 import type { ChatMessage, SftRecord } from './dataset.ts';
 
 export interface Segment {
@@ -22,6 +27,11 @@ export interface Segment {
 export interface PromptTemplate {
   name: string;
   render(rec: SftRecord): Segment[];
+  /**
+   * The rendered text already holds the model's BOS and end-of-turn tokens
+   * (chat templates): tokenize.ts then adds no BOS and no EOS unless asked to.
+   */
+  ownsSpecialTokens?: boolean;
 }
 
 const ALPACA_PREAMBLE_INPUT =
@@ -143,6 +153,9 @@ export const TEMPLATES: Readonly<Record<string, PromptTemplate>> = { alpaca, cha
 
 /** A built-in template by name; an unknown name is an error listing the known ones. */
 export function getTemplate(name: string): PromptTemplate {
+  if (name === AUTO_TEMPLATE) {
+    throw new Error(`prompt template "auto" renders the model's own chat_template: build it with loadChatTemplate(modelDir) and modelChatTemplate()`);
+  }
   const t = Object.hasOwn(TEMPLATES, name) ? TEMPLATES[name] : undefined;
   if (!t) throw new Error(`prompt template "${name}" is not known; use one of ${Object.keys(TEMPLATES).join(', ')}`);
   return t;
@@ -154,4 +167,121 @@ export function renderRecord(rec: SftRecord, template: PromptTemplate | string):
   // Plain-text records carry no prompt: the whole text is trained, under any template.
   if (rec.kind === 'text') return [{ text: rec.text, train: true }];
   return t.render(rec);
+}
+
+// ---------------------------------------------------------------------------
+// The model's own chat template
+
+/** Template name that selects the model's chat_template from tokenizer_config.json. */
+export const AUTO_TEMPLATE = 'auto';
+
+export interface ChatTemplateSource {
+  /** The Jinja source of chat_template. */
+  template: string;
+  /** bos_token / eos_token as tokenizer_config.json gives them ('' when absent). */
+  bosToken: string;
+  eosToken: string;
+  /** Where the template came from, for errors. */
+  where: string;
+}
+
+function tokenText(v: unknown): string {
+  if (typeof v === 'string') return v;
+  if (v && typeof v === 'object' && typeof (v as { content?: unknown }).content === 'string') return (v as { content: string }).content;
+  return '';
+}
+
+/**
+ * The chat template of a parsed tokenizer_config.json. `chat_template` is a
+ * string, or a list of {name, template} (the one named "default" is used).
+ */
+export function chatTemplateFromConfig(config: Record<string, unknown>, where: string): ChatTemplateSource {
+  let t = config.chat_template;
+  if (Array.isArray(t)) {
+    const named = t.find((x: unknown) => x && typeof x === 'object' && (x as { name?: unknown }).name === 'default') as { template?: unknown } | undefined;
+    if (!named) throw new Error(`${where}: chat_template is a list without an entry named "default"; fedtune uses the default template`);
+    t = named.template;
+  }
+  if (typeof t !== 'string' || t.trim() === '') {
+    throw new Error(`${where}: has no chat_template, so --template auto has nothing to render; use --template chatml, alpaca or plain`);
+  }
+  return { template: t, bosToken: tokenText(config.bos_token), eosToken: tokenText(config.eos_token), where };
+}
+
+/** The chat template of a model directory's tokenizer_config.json (or chat_template.jinja beside it, as newer transformers save it). */
+export async function loadChatTemplate(modelDir: string): Promise<ChatTemplateSource> {
+  const path = join(modelDir, 'tokenizer_config.json');
+  let config: Record<string, unknown> = {};
+  try {
+    const parsed: unknown = JSON.parse(await readFile(path, 'utf8'));
+    if (parsed && typeof parsed === 'object' && !Array.isArray(parsed)) config = parsed as Record<string, unknown>;
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw new Error(`${path}: cannot read it (${(err as Error).message})`);
+  }
+  if (config.chat_template === undefined) {
+    try {
+      config = { ...config, chat_template: await readFile(join(modelDir, 'chat_template.jinja'), 'utf8') };
+    } catch {
+      /* neither: chatTemplateFromConfig says so */
+    }
+  }
+  return chatTemplateFromConfig(config, path);
+}
+
+/**
+ * A PromptTemplate that renders a model's chat_template, training only the
+ * assistant turns.
+ *
+ * Method (prefix by prefix): with R(m, g) the template rendered for messages m
+ * with add_generation_prompt g, the text of assistant turn i is what
+ * R(m[0..i], false) adds to R(m[0..i-1], true): the reply and the template's
+ * end-of-turn token (e.g. <|eot_id|>, <|im_end|>), without trailing
+ * whitespace, which stays untrained like the text around it. This needs no
+ * marker in the template and works for any template whose rendering of a
+ * conversation starts with its rendering of every shorter prefix; a template
+ * that rewrites earlier turns (e.g. one that drops earlier reasoning) is
+ * refused with the turn it changes.
+ */
+export function modelChatTemplate(src: ChatTemplateSource): PromptTemplate {
+  let tpl: Template;
+  try {
+    tpl = new Template(src.template);
+  } catch (err) {
+    throw new Error(`${src.where}: chat_template is not a template @huggingface/jinja can parse (${(err as Error).message}); use --template chatml, alpaca or plain`);
+  }
+  const render = (messages: ChatMessage[], addGenerationPrompt: boolean): string => {
+    try {
+      return tpl.render({ messages, add_generation_prompt: addGenerationPrompt, bos_token: src.bosToken, eos_token: src.eosToken });
+    } catch (err) {
+      throw new Error(`${src.where}: chat_template failed on a ${messages.length}-message conversation: ${(err as Error).message}`);
+    }
+  };
+  return {
+    name: AUTO_TEMPLATE,
+    ownsSpecialTokens: true,
+    render(rec) {
+      const messages = toMessages(rec);
+      const full = render(messages, false);
+      const out: Segment[] = [];
+      let pos = 0;
+      for (let i = 0; i < messages.length; i++) {
+        if (messages[i]!.role !== 'assistant') continue;
+        const before = render(messages.slice(0, i), true);
+        const through = render(messages.slice(0, i + 1), false);
+        if (!through.startsWith(before) || !full.startsWith(through) || before.length < pos) {
+          throw new Error(
+            `${src.where}: chat_template does not render conversations prefix by prefix (message ${i + 1}, an assistant turn, changes the text around it), ` +
+              'so the assistant turns cannot be found; use --template chatml, alpaca or plain',
+          );
+        }
+        const body = through.slice(before.length);
+        const reply = body.replace(/\s+$/u, '');
+        out.push({ text: full.slice(pos, before.length), train: false });
+        out.push({ text: reply, train: true });
+        out.push({ text: body.slice(reply.length), train: false });
+        pos = through.length;
+      }
+      return tidy(out);
+    },
+  };
 }

@@ -39,9 +39,9 @@ export interface TokenizeOptions {
   /** A template object or a built-in name (alpaca, chatml, plain). */
   template: PromptTemplate | string;
   maxSeqLen: number;
-  /** Prepend BOS (not trained). Default: true when the tokenizer has a BOS token. */
+  /** Prepend BOS (not trained). Default: true when the tokenizer has a BOS token, false for a chat template (it writes its own). */
   addBos?: boolean;
-  /** Append EOS after each trained segment, trained. Default true. */
+  /** Append EOS after each trained segment, trained. Default true, false for a chat template (its end-of-turn token is trained instead). */
   addEos?: boolean;
 }
 
@@ -72,8 +72,10 @@ function checkOptions(tok: Tokenizer, opts: TokenizeOptions): { addBos: boolean;
   if (!Number.isInteger(opts.maxSeqLen) || opts.maxSeqLen < 2) {
     throw new Error(`maxSeqLen is ${opts.maxSeqLen}, expected an integer >= 2`);
   }
-  const addBos = opts.addBos ?? tok.bosId !== null;
-  const addEos = opts.addEos ?? true;
+  // A chat template writes BOS and end-of-turn tokens itself.
+  const owns = typeof opts.template !== 'string' && opts.template.ownsSpecialTokens === true;
+  const addBos = opts.addBos ?? (!owns && tok.bosId !== null);
+  const addEos = opts.addEos ?? !owns;
   if (addBos && tok.bosId === null) throw new Error('addBos is set but the tokenizer has no BOS token; set addBos to false');
   if (addEos && tok.eosId === null) throw new Error('the tokenizer has no EOS token, so responses cannot be terminated; set addEos to false');
   return { addBos, addEos };

@@ -252,3 +252,57 @@ describe('checkpoint before evaluation', () => {
     }
   });
 });
+
+describe('the learned norm bound (defence.norm_factor)', () => {
+  it('refuses an update far beyond the last round\'s median distance, and resets itself when it refused a whole attempt', async () => {
+    const cfg = runConfig(dir, modelDir, {
+      name: 'norm-factor',
+      rounds: 3,
+      cohort: { min_workers: 2 },
+      round: { min_results: 1, deadline_sec: 6, max_retries: 3 },
+      eval: { every: 0 },
+      defence: { norm_factor: 10 },
+    } as Record<string, unknown>);
+    const coord = await startCoordinator(cfg);
+    const a = new Probe(coord.address, fingerprint);
+    const b = new Probe(coord.address, fingerprint);
+    /** The task's start adapter plus `k` times a fixed direction. */
+    const moved = async (p: Probe, task: Awaited<ReturnType<Probe['nextTask']>>, k: number): Promise<TensorMap> => {
+      const g = (await p.conn.downloadAdapter(task.global!.version, 1 << 20, task.global!.rank)).adapter;
+      return new Map([...g].map(([n, t]) => [n, { shape: [...t.shape], data: Float32Array.from(t.data, (x, i) => x + k * 1e-3 * ((i % 3) - 1)) }]));
+    };
+    try {
+      await a.join('probe-a');
+      await b.join('probe-b');
+      // Round 1: both move by about the same distance; that is the reference.
+      for (const p of [a, b]) {
+        const t = await p.nextTask();
+        expect(grpc.status[(await rawUpload(p.conn, updateMessages(t, await moved(p, t, p === a ? 1 : 1.2)))).code]).toBe('OK');
+      }
+      await waitForEvent(coord.bus, coord.runId, 'round.completed', (e) => e.round === 1);
+      // Round 2: probe-b moves 100 times as far: refused, naming the rule; probe-a's normal update carries the round.
+      const [ta, tb] = [await a.nextTask(), await b.nextTask()];
+      const far = await rawUpload(b.conn, updateMessages(tb, await moved(b, tb, 100)));
+      expect(grpc.status[far.code]).toBe('INVALID_ARGUMENT');
+      expect(far.details).toMatch(/more than defence\.norm_factor = 10 x the median .* of the last round's accepted updates/);
+      expect(grpc.status[(await rawUpload(a.conn, updateMessages(ta, await moved(a, ta, 1)))).code]).toBe('OK');
+      await waitForEvent(coord.bus, coord.runId, 'round.completed', (e) => e.round === 2);
+      // Round 3: everybody moves 100 times as far (the scale changed, not one site): all refused, the bound resets, the retry passes.
+      for (const p of [a, b]) {
+        const t = await p.nextTask();
+        expect(grpc.status[(await rawUpload(p.conn, updateMessages(t, await moved(p, t, 100)))).code]).toBe('INVALID_ARGUMENT');
+      }
+      await waitForEvent(coord.bus, coord.runId, 'round.retried', (e) => e.round === 3, 40_000);
+      expect((await events(coord.bus, coord.runId)).some((e) => e.type === 'log' && /defence\.norm_factor refused every update of attempt 1; its reference .* is reset/.test(e.message))).toBe(true);
+      for (const p of [a, b]) {
+        const t = await p.nextTask();
+        expect(grpc.status[(await rawUpload(p.conn, updateMessages(t, await moved(p, t, 100)))).code]).toBe('OK');
+      }
+      await waitForEvent(coord.bus, coord.runId, 'round.completed', (e) => e.round === 3);
+    } finally {
+      a.close();
+      b.close();
+      await coord.close();
+    }
+  }, 90_000);
+});

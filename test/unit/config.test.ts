@@ -24,7 +24,7 @@ describe('run config', () => {
     expect(c.mode).toBe('federated');
     expect(c.strategy).toEqual({ name: 'fedavg' });
     expect(c.weighting).toEqual({ mode: 'examples', max_examples: null });
-    expect(c.defence).toEqual({ max_abs: 1e4, max_norm: null, norm_factor: 10 });
+    expect(c.defence).toEqual({ max_abs: 1e4, max_norm: null, norm_factor: null });
     expect(c.lora).toEqual({ r: 8, alpha: 16, dropout: 0, target_modules: ['q_proj', 'v_proj'] });
     expect(c.server.listen).toBe('127.0.0.1:7070');
     expect(c.server.chunk_bytes).toBe(1 << 20);

@@ -1,22 +1,24 @@
 /**
- * Fold a LoRA adapter into the base weights: W' = W + (alpha / r) * B A.
- * gpt2 Conv1D weights are stored [in, out], so there W' = W + (alpha / r) * (B A)^T
+ * Fold a LoRA adapter into the base weights: W' = W + s * B A with
+ * s = alpha / r (alpha / sqrt(r) for rsLoRA, `useRslora`).
+ * gpt2 Conv1D weights are stored [in, out], so there W' = W + s * (B A)^T
  * (PEFT's fan_in_fan_out).
  */
 import type { TensorMap } from '../../common/tensor.ts';
-import type { LoadedModel, LoraConfig } from '../../common/model-config.ts';
+import type { LoadedModel } from '../../common/model-config.ts';
 import { loraTargets, peftKey, validateAdapter } from '../../common/lora.ts';
+import { loraScale, type PeftLoraConfig } from '../../common/peft.ts';
 
 /**
  * New base weights with the adapter merged in. The input model and adapter are
  * not modified: merged tensors are fresh arrays, the others are shared with
  * `model.weights` (treat them as read-only).
  */
-export function mergeAdapter(model: LoadedModel, adapter: TensorMap, lora: LoraConfig): TensorMap {
+export function mergeAdapter(model: LoadedModel, adapter: TensorMap, lora: PeftLoraConfig): TensorMap {
   const targets = loraTargets(model.config, lora);
   validateAdapter(adapter, targets, lora.r);
   const r = lora.r;
-  const scale = lora.alpha / r;
+  const scale = loraScale(lora);
   const out: TensorMap = new Map(model.weights);
   for (const t of targets) {
     const base = model.weights.get(t.weight);
