@@ -24,7 +24,7 @@ import { logger } from '../common/log.ts';
 import type { TensorMap } from '../common/tensor.ts';
 import { UpdateKind, type EvalResult, type TaskFailed, type TaskProgress, type UploadHeader } from '../proto/gen/fedtune/v1/coordinator.ts';
 import { RunBase, manifestMismatch, type RunBaseOptions, type RunResult } from './run-base.ts';
-import type { Candidate, EvalReport, FitFailure, FitResult, FitSpec, GlobalAdapter, Strategy } from './strategies/strategy.ts';
+import { weightedMean, type Candidate, type EvalReport, type FitFailure, type FitResult, type FitSpec, type GlobalAdapter, type Strategy } from './strategies/strategy.ts';
 import type { Aggregator } from './strategies/strategy.ts';
 import type { CheckpointStore, RoundRecord, RunStateFile, WorkerStats } from './store.ts';
 import { TaskBoard, trainingSpecOf, UpdateRejected, type TaskBase } from './tasks.ts';
@@ -540,7 +540,7 @@ export class FederatedRun extends RunBase implements RegistryListener {
       rank: this.globalRank,
       participants: done.length,
       examples: done.reduce((s, t) => s + t.numExamples, 0),
-      trainLoss: weightedMeanOf(done.map((t) => [t.metrics.train_loss ?? NaN, t.numExamples])),
+      trainLoss: weightedMean(done.map((t) => [t.metrics.train_loss ?? NaN, t.numExamples] as const)),
       evalLoss: null,
       evalAccuracy: null,
       durationMs: Date.now() - started,
@@ -637,16 +637,4 @@ export class FederatedRun extends RunBase implements RegistryListener {
     }
     return s;
   }
-}
-
-function weightedMeanOf(pairs: Array<[number, number]>): number | null {
-  let s = 0;
-  let w = 0;
-  for (const [v, k] of pairs) {
-    if (Number.isFinite(v) && k > 0) {
-      s += v * k;
-      w += k;
-    }
-  }
-  return w > 0 ? s / w : null;
 }
