@@ -18,7 +18,7 @@ import cliProgress from 'cli-progress';
 import type { TensorMap } from '../common/tensor.ts';
 import { writeFileAtomic } from '../common/atomic.ts';
 import { readPeftAdapter, writePeftAdapter, type PeftLoraConfig } from '../common/peft.ts';
-import { LLAMA_TARGET_MODULES, GPT2_TARGET_MODULES, type LoadedModel, type LoraConfig } from '../common/model-config.ts';
+import type { LoadedModel } from '../common/model-config.ts';
 import { Engine } from '../worker/engine/engine.ts';
 import { loadModel, saveModel } from '../worker/engine/model.ts';
 import { loadTokenizer } from '../common/tokenizer.ts';
@@ -28,7 +28,7 @@ import { makeBatches } from '../worker/data/batching.ts';
 import { prepareDataset } from '../worker/data/prepare.ts';
 import { AUTO_TEMPLATE, getTemplate, loadChatTemplate, modelChatTemplate, type PromptTemplate } from '../common/data/template.ts';
 import { droppedWhere } from '../common/data/tokenize.ts';
-import { loraTargets, validateAdapter } from '../common/lora.ts';
+import { loraTargets, validateAdapter, validTargetModules } from '../common/lora.ts';
 import { rankIssue, seqLenIssue } from '../common/limits.ts';
 import { errnoCode, fsRemedy } from '../common/fs-errors.ts';
 
@@ -134,7 +134,7 @@ export function loraFromOptions(
   model: LoadedModel,
   o: { loraR: number; loraAlpha: number; loraDropout: number; targetModules?: string; useRslora?: boolean },
 ): PeftLoraConfig {
-  const all = model.config.family === 'gpt2' ? GPT2_TARGET_MODULES : LLAMA_TARGET_MODULES;
+  const all = validTargetModules(model.config);
   const targetModules = o.targetModules ? o.targetModules.split(',').map((s) => s.trim()).filter(Boolean) : [...all];
   return { r: o.loraR, alpha: o.loraAlpha, dropout: o.loraDropout, targetModules, useRslora: o.useRslora ?? false };
 }

@@ -11,19 +11,16 @@
  * base model on a host without a GPU or 32 GB of RAM. Loading weights into
  * memory and saving model directories live in worker/engine/model.ts.
  *
- * Supported model_type: llama, mistral, qwen2 (family `llama`) and gpt2.
+ * Supported model_type: llama, mistral, qwen2, qwen3, gemma2, phi3 (family `llama`) and gpt2.
  */
 import { createHash, type Hash } from 'node:crypto';
 import { access, open, readFile, type FileHandle } from 'node:fs/promises';
 import { basename, join } from 'node:path';
 import { numel, type TensorMap } from './tensor.ts';
 import { DTYPE_SIZE, f16BitsToF32, readSafetensorsHeader, type StDtype } from './safetensors.ts';
-import { logger } from './log.ts';
-import type { ModelConfig } from './model-config.ts';
+import type { ModelConfig, RopeScaling } from './model-config.ts';
 
-const log = logger('model');
-
-export const SUPPORTED_MODEL_TYPES = ['llama', 'mistral', 'qwen2', 'gpt2'] as const;
+export const SUPPORTED_MODEL_TYPES = ['llama', 'mistral', 'qwen2', 'gpt2', 'qwen3', 'gemma2', 'phi3'] as const;
 export type SupportedModelType = (typeof SUPPORTED_MODEL_TYPES)[number];
 
 export type ModelDtype = 'float32' | 'float16' | 'bfloat16';
@@ -32,6 +29,9 @@ const HF_ARCHITECTURE: Record<SupportedModelType, string> = {
   llama: 'LlamaForCausalLM',
   mistral: 'MistralForCausalLM',
   qwen2: 'Qwen2ForCausalLM',
+  qwen3: 'Qwen3ForCausalLM',
+  gemma2: 'Gemma2ForCausalLM',
+  phi3: 'Phi3ForCausalLM',
   gpt2: 'GPT2LMHeadModel',
 };
 
@@ -72,6 +72,140 @@ function tokenId(raw: Raw, field: string, source: string): number | null {
   return v;
 }
 
+const ROPE_FIELDS: Record<RopeScaling['type'], readonly string[]> = {
+  linear: ['factor'],
+  dynamic: ['factor', 'original_max_position_embeddings'],
+  llama3: ['factor', 'low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings'],
+  yarn: ['factor', 'original_max_position_embeddings', 'beta_fast', 'beta_slow', 'attention_factor', 'mscale', 'mscale_all_dim', 'truncate'],
+  longrope: ['short_factor', 'long_factor', 'factor', 'attention_factor'],
+};
+
+/**
+ * `rope_scaling` of the llama family: null, type "default", or one of linear,
+ * dynamic, llama3, yarn with the parameters transformers reads for it. Any
+ * other type or an unknown parameter is refused by name.
+ */
+function parseRopeScaling(raw: Raw, maxPositions: number, source: string): RopeScaling | undefined {
+  const rs = raw.rope_scaling;
+  if (rs === undefined || rs === null) return undefined;
+  if (typeof rs !== 'object' || Array.isArray(rs)) cfgError(source, 'rope_scaling', `must be an object or null, got ${JSON.stringify(rs)}`);
+  const r = rs as Raw;
+  const kind = r.rope_type ?? r.type;
+  if (kind === 'default') return undefined;
+  if (typeof kind !== 'string' || !(kind in ROPE_FIELDS)) {
+    cfgError(source, 'rope_scaling', `has type ${JSON.stringify(kind)}; supported: default, ${Object.keys(ROPE_FIELDS).join(', ')}`);
+  }
+  const type = kind as RopeScaling['type'];
+  const known = new Set(['rope_type', 'type', ...ROPE_FIELDS[type]]);
+  const unknown = Object.keys(r).filter((k) => !known.has(k));
+  if (unknown.length) cfgError(source, 'rope_scaling', `of type ${type} has unsupported parameter${unknown.length > 1 ? 's' : ''} ${unknown.join(', ')}; known: ${ROPE_FIELDS[type].join(', ')}`);
+  const num = (k: string, fallback?: number): number => {
+    const v = r[k] ?? fallback;
+    if (v === undefined || v === null) cfgError(source, 'rope_scaling', `${JSON.stringify(r)} is not supported: type ${type} requires ${k} (a positive number)`);
+    if (typeof v !== 'number' || !Number.isFinite(v) || v <= 0) cfgError(source, `rope_scaling.${k}`, `must be a positive number, got ${JSON.stringify(r[k])}`);
+    return v;
+  };
+  if (type === 'longrope') return parseLongrope(raw, r, maxPositions, source, num);
+  const factor = num('factor');
+  if (type === 'linear') return { type, factor };
+  if (type === 'dynamic') {
+    if (factor < 1) cfgError(source, 'rope_scaling.factor', `must be at least 1 for dynamic scaling, got ${factor}`);
+    const original = num('original_max_position_embeddings', maxPositions);
+    if (original !== maxPositions) {
+      cfgError(source, 'rope_scaling.original_max_position_embeddings', `(${original}) differs from max_position_embeddings (${maxPositions}); dynamic scaling is supported only with the two equal`);
+    }
+    return { type, factor, originalMaxPositions: original };
+  }
+  if (type === 'llama3') {
+    const lowFreqFactor = num('low_freq_factor');
+    const highFreqFactor = num('high_freq_factor');
+    if (!(highFreqFactor > lowFreqFactor)) cfgError(source, 'rope_scaling.high_freq_factor', `(${highFreqFactor}) must be greater than low_freq_factor (${lowFreqFactor})`);
+    return { type, factor, lowFreqFactor, highFreqFactor, originalMaxPositions: num('original_max_position_embeddings') };
+  }
+  // yarn
+  const originalMaxPositions = num('original_max_position_embeddings', maxPositions);
+  if (r.original_max_position_embeddings !== undefined && Math.abs(maxPositions / originalMaxPositions - factor) > 1e-9 * factor) {
+    // transformers versions disagree on which factor applies when these differ.
+    cfgError(
+      source,
+      'rope_scaling.factor',
+      `(${factor}) must equal max_position_embeddings / original_max_position_embeddings (${maxPositions} / ${originalMaxPositions}) for yarn`,
+    );
+  }
+  const mscale = (scale: number, m: number): number => (scale <= 1 ? 1 : 0.1 * m * Math.log(scale) + 1);
+  let attentionFactor: number;
+  if (r.attention_factor !== undefined && r.attention_factor !== null) attentionFactor = num('attention_factor');
+  else if (r.mscale && r.mscale_all_dim) attentionFactor = mscale(factor, num('mscale')) / mscale(factor, num('mscale_all_dim'));
+  else attentionFactor = mscale(factor, 1);
+  const truncate = r.truncate ?? true;
+  if (typeof truncate !== 'boolean') cfgError(source, 'rope_scaling.truncate', `must be true or false, got ${JSON.stringify(truncate)}`);
+  return { type, factor, originalMaxPositions, betaFast: num('beta_fast', 32), betaSlow: num('beta_slow', 1), attentionFactor, truncate };
+}
+
+/**
+ * Phi-3 LongRoPE: short_factor / long_factor (head_dim / 2 positive numbers
+ * each), the pretraining context from the top-level
+ * `original_max_position_embeddings`, attention factor given or
+ * sqrt(1 + ln(max / orig) / ln(orig)) (1 when max <= orig).
+ */
+function parseLongrope(raw: Raw, r: Raw, maxPositions: number, source: string, num: (k: string, fallback?: number) => number): RopeScaling {
+  const original = posInt(raw, 'original_max_position_embeddings', source);
+  const factor = maxPositions / original;
+  if (r.factor !== undefined && r.factor !== null && Math.abs(num('factor') - factor) > 1e-9 * factor) {
+    cfgError(source, 'rope_scaling.factor', `(${String(r.factor)}) must equal max_position_embeddings / original_max_position_embeddings (${maxPositions} / ${original}) for longrope`);
+  }
+  const hd = raw.head_dim ?? (raw.hidden_size as number) / (raw.num_attention_heads as number);
+  const list = (k: string): number[] => {
+    const v = r[k];
+    if (!Array.isArray(v) || v.length !== (hd as number) / 2 || v.some((x) => typeof x !== 'number' || !Number.isFinite(x) || x <= 0)) {
+      cfgError(source, `rope_scaling.${k}`, `must list head_dim / 2 = ${(hd as number) / 2} positive numbers`);
+    }
+    return [...(v as number[])];
+  };
+  const attentionFactor =
+    r.attention_factor !== undefined && r.attention_factor !== null ? num('attention_factor') : factor <= 1 ? 1 : Math.sqrt(1 + Math.log(factor) / Math.log(original));
+  return { type: 'longrope', shortFactor: list('short_factor'), longFactor: list('long_factor'), originalMaxPositions: original, attentionFactor };
+}
+
+/**
+ * Sliding-window layers, following transformers' rule: mistral and phi3 apply
+ * `sliding_window` to every layer; qwen2 / qwen3 only with `use_sliding_window: true`,
+ * then to the layers whose `layer_types` entry is "sliding_attention" or,
+ * without `layer_types`, to layers l >= `max_window_layers`; gemma2 (window
+ * default 4096) to the `layer_types` sliding layers or else the even layers. A window of at
+ * least max_position_embeddings can never exclude a key and is left out.
+ */
+function parseSlidingWindow(raw: Raw, modelType: string, numLayers: number, maxPositions: number, source: string): ModelConfig['slidingWindow'] {
+  if (modelType !== 'mistral' && modelType !== 'phi3' && modelType !== 'qwen2' && modelType !== 'qwen3' && modelType !== 'gemma2') return undefined;
+  const w = modelType === 'gemma2' ? (raw.sliding_window === undefined ? 4096 : raw.sliding_window) : raw.sliding_window;
+  if ((modelType === 'qwen2' || modelType === 'qwen3') && !bool(raw, 'use_sliding_window', source, false)) return undefined;
+  if (w === undefined || w === null) return undefined;
+  const size = posInt(raw, 'sliding_window', source, modelType === 'gemma2' ? 4096 : undefined);
+  let layers = Array.from({ length: numLayers }, (_, l) => l);
+  if (modelType !== 'mistral' && modelType !== 'phi3') {
+    const types = raw.layer_types;
+    if (types !== undefined && types !== null) {
+      if (!Array.isArray(types) || types.length !== numLayers || types.some((t) => t !== 'full_attention' && t !== 'sliding_attention')) {
+        cfgError(source, 'layer_types', `must list "full_attention" or "sliding_attention" for each of the ${numLayers} layers`);
+      }
+      layers = layers.filter((l) => types[l] === 'sliding_attention');
+    } else if (modelType === 'gemma2') {
+      layers = layers.filter((l) => l % 2 === 0); // even layers slide, odd layers attend globally
+    } else {
+      const from = raw.max_window_layers === undefined || raw.max_window_layers === null ? 28 : posIntOrZero(raw, 'max_window_layers', source);
+      layers = layers.filter((l) => l >= from);
+    }
+  }
+  if (size >= maxPositions || layers.length === 0) return undefined;
+  return { size, layers };
+}
+
+function posIntOrZero(raw: Raw, field: string, source: string): number {
+  const v = raw[field];
+  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 0) cfgError(source, field, `must be a non-negative integer, got ${JSON.stringify(v)}`);
+  return v;
+}
+
 /** Normalize a config.json object. `source` names the file in error messages. */
 export function normalizeConfig(raw: Raw, source = 'config.json'): ModelConfig {
   const modelType = raw.model_type;
@@ -91,6 +225,11 @@ export function normalizeConfig(raw: Raw, source = 'config.json'): ModelConfig {
     }
     if (raw.tie_word_embeddings === false) cfgError(source, 'tie_word_embeddings', 'is false; gpt2 models must tie lm_head to wte');
     const nInner = raw.n_inner;
+    const scaleAttnWeights = bool(raw, 'scale_attn_weights', source, true);
+    const scaleAttnByInverseLayerIdx = bool(raw, 'scale_attn_by_inverse_layer_idx', source, false);
+    // reorder_and_upcast_attn only changes the precision of the q·k product under
+    // fp16 autocast; the scores are the same, and the engine computes them in float32 or float64.
+    bool(raw, 'reorder_and_upcast_attn', source, false);
     return {
       family: 'gpt2',
       modelType,
@@ -107,6 +246,8 @@ export function normalizeConfig(raw: Raw, source = 'config.json'): ModelConfig {
       tieWordEmbeddings: true,
       qkvBias: true,
       activation: 'gelu_new',
+      ...(scaleAttnWeights ? {} : { scaleAttnWeights }),
+      ...(scaleAttnByInverseLayerIdx ? { scaleAttnByInverseLayerIdx } : {}),
       bosTokenId: tokenId(raw, 'bos_token_id', source),
       eosTokenId: tokenId(raw, 'eos_token_id', source),
     };
@@ -127,41 +268,71 @@ export function normalizeConfig(raw: Raw, source = 'config.json'): ModelConfig {
     headDim = hiddenSize / numHeads;
   }
   if (headDim % 2 !== 0) cfgError(source, 'head_dim', `(${headDim}) must be even for rotary embeddings`);
-  const act = raw.hidden_act ?? 'silu';
-  if (act !== 'silu' && act !== 'swish') cfgError(source, 'hidden_act', `is ${JSON.stringify(act)}; supported: silu`);
-  const ropeScaling = raw.rope_scaling as Raw | null | undefined;
-  if (ropeScaling !== undefined && ropeScaling !== null) {
-    const kind = typeof ropeScaling === 'object' ? (ropeScaling.rope_type ?? ropeScaling.type) : ropeScaling;
-    if (kind !== 'default') {
-      cfgError(source, 'rope_scaling', `${JSON.stringify(ropeScaling)} is not supported (only plain rotary embeddings: rope_scaling null)`);
-    }
+  const gemma = modelType === 'gemma2';
+  if (gemma) {
+    // transformers' Gemma2 MLP reads hidden_activation (hidden_act is a legacy alias).
+    const field = raw.hidden_activation !== undefined && raw.hidden_activation !== null ? 'hidden_activation' : 'hidden_act';
+    const act = raw[field] ?? 'gelu_pytorch_tanh';
+    if (act !== 'gelu_pytorch_tanh' && act !== 'gelu_new') cfgError(source, field, `is ${JSON.stringify(act)}; supported for gemma2: gelu_pytorch_tanh`);
+  } else {
+    const act = raw.hidden_act ?? 'silu';
+    if (act !== 'silu' && act !== 'swish') cfgError(source, 'hidden_act', `is ${JSON.stringify(act)}; supported: silu`);
   }
-  if (bool(raw, 'mlp_bias', source, false)) cfgError(source, 'mlp_bias', 'is true; MLP biases are not supported');
+  const softcap = (field: string): number | null => (raw[field] === undefined || raw[field] === null ? null : posNum(raw, field, source, 1));
+  const ropeTheta = posNum(raw, 'rope_theta', source, 10000);
+  const maxPositions = posInt(raw, 'max_position_embeddings', source, 2048);
+  const ropeScaling = parseRopeScaling(raw, maxPositions, source);
+  if (raw.partial_rotary_factor !== undefined && raw.partial_rotary_factor !== null && raw.partial_rotary_factor !== 1) {
+    cfgError(source, 'partial_rotary_factor', `is ${JSON.stringify(raw.partial_rotary_factor)}; only full rotary embeddings (1) are supported`);
+  }
+  const mlpBias = bool(raw, 'mlp_bias', source, false);
   let qkvBias: boolean;
+  let attentionOutBias = false;
   if (modelType === 'qwen2') qkvBias = true;
-  else if (modelType === 'llama' && bool(raw, 'attention_bias', source, false)) {
-    // Llama's attention_bias also puts a bias on o_proj, which the engine does not model.
-    cfgError(source, 'attention_bias', 'is true; llama with q/k/v/o biases is not supported (qwen2 q/k/v biases are)');
-  } else qkvBias = false;
-  if (modelType === 'qwen2' && raw.use_sliding_window === true) {
-    log.warn({ source }, 'use_sliding_window is true: fedtune attends over the whole sequence (same result for sequences shorter than sliding_window)');
+  else if ((modelType === 'llama' || modelType === 'qwen3' || gemma) && bool(raw, 'attention_bias', source, false)) {
+    // Llama's attention_bias puts a bias on q, k, v and o_proj.
+    qkvBias = true;
+    attentionOutBias = true;
+  } else {
+    qkvBias = false;
+    if (modelType !== 'qwen2' && raw.attention_bias === true) cfgError(source, 'attention_bias', `is true; ${modelType} attention has no biases`);
   }
+  if (modelType !== 'llama' && raw.mlp_bias === true) cfgError(source, 'mlp_bias', `is true; MLP biases exist only for model_type llama, not ${modelType}`);
+  const numLayers = posInt(raw, 'num_hidden_layers', source);
+  const slidingWindow = parseSlidingWindow(raw, modelType, numLayers, maxPositions, source);
   return {
     family: 'llama',
     modelType,
     vocabSize,
     hiddenSize,
     intermediateSize: posInt(raw, 'intermediate_size', source),
-    numLayers: posInt(raw, 'num_hidden_layers', source),
+    numLayers,
     numHeads,
     numKvHeads,
     headDim,
-    maxPositions: posInt(raw, 'max_position_embeddings', source, 2048),
+    maxPositions,
     normEps: posNum(raw, 'rms_norm_eps', source, 1e-6),
-    ropeTheta: posNum(raw, 'rope_theta', source, 10000),
-    tieWordEmbeddings: bool(raw, 'tie_word_embeddings', source, false),
+    ropeTheta,
+    tieWordEmbeddings: bool(raw, 'tie_word_embeddings', source, gemma),
     qkvBias,
-    activation: 'silu',
+    activation: gemma ? 'gelu_new' : 'silu',
+    // Optional fields enter the config only when they change the computation,
+    // so that the fingerprints of plain models stay what they were.
+    ...(ropeScaling ? { ropeScaling } : {}),
+    ...(attentionOutBias ? { attentionOutBias } : {}),
+    ...(mlpBias ? { mlpBias } : {}),
+    ...(slidingWindow ? { slidingWindow } : {}),
+    ...(modelType === 'qwen3' ? { qkNorm: true } : {}),
+    ...(modelType === 'phi3' ? { fusedProjections: true } : {}),
+    ...(gemma
+      ? {
+          gemma2: {
+            queryPreAttnScalar: posNum(raw, 'query_pre_attn_scalar', source, 256), // transformers' Gemma2Config default
+            attnLogitSoftcap: softcap('attn_logit_softcapping'),
+            finalLogitSoftcap: softcap('final_logit_softcapping'),
+          },
+        }
+      : {}),
     bosTokenId: tokenId(raw, 'bos_token_id', source),
     eosTokenId: tokenId(raw, 'eos_token_id', source),
   };
@@ -194,8 +365,8 @@ export function hfConfig(config: ModelConfig, dtype: ModelDtype = 'float32'): Re
       summary_activation: null,
       summary_proj_to_labels: true,
       summary_first_dropout: 0.1,
-      scale_attn_weights: true,
-      scale_attn_by_inverse_layer_idx: false,
+      scale_attn_weights: config.scaleAttnWeights ?? true,
+      scale_attn_by_inverse_layer_idx: config.scaleAttnByInverseLayerIdx ?? false,
       reorder_and_upcast_attn: false,
       use_cache: true,
       bos_token_id: config.bosTokenId,
@@ -219,7 +390,7 @@ export function hfConfig(config: ModelConfig, dtype: ModelDtype = 'float32'): Re
     initializer_range: 0.02,
     rms_norm_eps: config.normEps,
     rope_theta: config.ropeTheta,
-    rope_scaling: null,
+    rope_scaling: config.ropeScaling ? hfRopeScaling(config.ropeScaling) : null,
     attention_dropout: 0.0,
     use_cache: true,
     tie_word_embeddings: config.tieWordEmbeddings,
@@ -227,9 +398,73 @@ export function hfConfig(config: ModelConfig, dtype: ModelDtype = 'float32'): Re
     eos_token_id: config.eosTokenId,
     torch_dtype: dtype,
   };
-  if (mt === 'llama') return { ...common, attention_bias: false, mlp_bias: false, pretraining_tp: 1 };
-  if (mt === 'mistral') return { ...common, sliding_window: null };
-  return { ...common, use_sliding_window: false, sliding_window: null, max_window_layers: config.numLayers };
+  const sw = config.slidingWindow;
+  if (mt === 'llama') return { ...common, attention_bias: config.attentionOutBias ?? false, mlp_bias: config.mlpBias ?? false, pretraining_tp: 1 };
+  if (mt === 'phi3') {
+    if (sw && sw.layers.length !== config.numLayers) throw new Error('hfConfig: phi3 applies sliding_window to every layer; config.slidingWindow.layers must list them all');
+    const rs = config.ropeScaling;
+    const original = rs?.type === 'longrope' ? rs.originalMaxPositions : config.maxPositions;
+    return { ...common, original_max_position_embeddings: original, sliding_window: sw ? sw.size : null };
+  }
+  if (mt === 'mistral') {
+    if (sw && sw.layers.length !== config.numLayers) throw new Error('hfConfig: mistral applies sliding_window to every layer; config.slidingWindow.layers must list them all');
+    return { ...common, sliding_window: sw ? sw.size : null };
+  }
+  if (mt === 'gemma2') {
+    const gm = config.gemma2;
+    if (!gm) throw new Error('hfConfig: a gemma2 config needs its gemma2 fields (query_pre_attn_scalar, soft-capping)');
+    const { hidden_act: _act, ...rest } = common;
+    return {
+      ...rest,
+      hidden_activation: 'gelu_pytorch_tanh',
+      attention_bias: config.attentionOutBias ?? false,
+      query_pre_attn_scalar: gm.queryPreAttnScalar,
+      attn_logit_softcapping: gm.attnLogitSoftcap,
+      final_logit_softcapping: gm.finalLogitSoftcap,
+      sliding_window: sw ? sw.size : config.maxPositions,
+      layer_types: Array.from({ length: config.numLayers }, (_, l) => (sw?.layers.includes(l) ? 'sliding_attention' : 'full_attention')),
+    };
+  }
+  const extra = mt === 'qwen3' ? { attention_bias: config.attentionOutBias ?? false } : {};
+  if (!sw) return { ...common, ...extra, use_sliding_window: false, sliding_window: null, max_window_layers: config.numLayers };
+  return {
+    ...common,
+    ...extra,
+    use_sliding_window: true,
+    sliding_window: sw.size,
+    max_window_layers: sw.layers[0],
+    layer_types: Array.from({ length: config.numLayers }, (_, l) => (sw.layers.includes(l) ? 'sliding_attention' : 'full_attention')),
+  };
+}
+
+/** config.json `rope_scaling` for a normalized RopeScaling. */
+function hfRopeScaling(rs: RopeScaling): Record<string, unknown> {
+  switch (rs.type) {
+    case 'linear':
+      return { rope_type: 'linear', factor: rs.factor };
+    case 'dynamic':
+      return { rope_type: 'dynamic', factor: rs.factor };
+    case 'llama3':
+      return {
+        rope_type: 'llama3',
+        factor: rs.factor,
+        low_freq_factor: rs.lowFreqFactor,
+        high_freq_factor: rs.highFreqFactor,
+        original_max_position_embeddings: rs.originalMaxPositions,
+      };
+    case 'yarn':
+      return {
+        rope_type: 'yarn',
+        factor: rs.factor,
+        original_max_position_embeddings: rs.originalMaxPositions,
+        beta_fast: rs.betaFast,
+        beta_slow: rs.betaSlow,
+        attention_factor: rs.attentionFactor,
+        truncate: rs.truncate,
+      };
+    case 'longrope':
+      return { rope_type: 'longrope', short_factor: rs.shortFactor, long_factor: rs.longFactor, attention_factor: rs.attentionFactor };
+  }
 }
 
 // ---------------------------------------------------------------------------
@@ -269,17 +504,35 @@ export function expectedWeightShapes(config: ModelConfig): Map<string, number[]>
   for (let l = 0; l < config.numLayers; l++) {
     const p = `model.layers.${l}`;
     m.set(`${p}.input_layernorm.weight`, [H]);
-    m.set(`${p}.self_attn.q_proj.weight`, [q, H]);
-    if (config.qkvBias) m.set(`${p}.self_attn.q_proj.bias`, [q]);
-    m.set(`${p}.self_attn.k_proj.weight`, [kv, H]);
-    if (config.qkvBias) m.set(`${p}.self_attn.k_proj.bias`, [kv]);
-    m.set(`${p}.self_attn.v_proj.weight`, [kv, H]);
-    if (config.qkvBias) m.set(`${p}.self_attn.v_proj.bias`, [kv]);
+    if (config.fusedProjections) m.set(`${p}.self_attn.qkv_proj.weight`, [q + 2 * kv, H]);
+    else {
+      m.set(`${p}.self_attn.q_proj.weight`, [q, H]);
+      if (config.qkvBias) m.set(`${p}.self_attn.q_proj.bias`, [q]);
+      m.set(`${p}.self_attn.k_proj.weight`, [kv, H]);
+      if (config.qkvBias) m.set(`${p}.self_attn.k_proj.bias`, [kv]);
+      m.set(`${p}.self_attn.v_proj.weight`, [kv, H]);
+      if (config.qkvBias) m.set(`${p}.self_attn.v_proj.bias`, [kv]);
+    }
+    if (config.qkNorm) {
+      m.set(`${p}.self_attn.q_norm.weight`, [config.headDim]);
+      m.set(`${p}.self_attn.k_norm.weight`, [config.headDim]);
+    }
     m.set(`${p}.self_attn.o_proj.weight`, [H, q]);
+    if (config.attentionOutBias) m.set(`${p}.self_attn.o_proj.bias`, [H]);
     m.set(`${p}.post_attention_layernorm.weight`, [H]);
-    m.set(`${p}.mlp.gate_proj.weight`, [I, H]);
-    m.set(`${p}.mlp.up_proj.weight`, [I, H]);
+    if (config.gemma2) {
+      m.set(`${p}.pre_feedforward_layernorm.weight`, [H]);
+      m.set(`${p}.post_feedforward_layernorm.weight`, [H]);
+    }
+    if (config.fusedProjections) m.set(`${p}.mlp.gate_up_proj.weight`, [2 * I, H]);
+    else {
+      m.set(`${p}.mlp.gate_proj.weight`, [I, H]);
+      if (config.mlpBias) m.set(`${p}.mlp.gate_proj.bias`, [I]);
+      m.set(`${p}.mlp.up_proj.weight`, [I, H]);
+      if (config.mlpBias) m.set(`${p}.mlp.up_proj.bias`, [I]);
+    }
     m.set(`${p}.mlp.down_proj.weight`, [H, I]);
+    if (config.mlpBias) m.set(`${p}.mlp.down_proj.bias`, [H]);
   }
   m.set('model.norm.weight', [H]);
   if (!config.tieWordEmbeddings) m.set('lm_head.weight', [V, H]);

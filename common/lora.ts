@@ -8,7 +8,7 @@
  */
 import { numel, type TensorMap } from './tensor.ts';
 import { createRng } from './random.ts';
-import { GPT2_TARGET_MODULES, LLAMA_TARGET_MODULES, type LoraConfig, type ModelConfig } from './model-config.ts';
+import { GPT2_TARGET_MODULES, LLAMA_TARGET_MODULES, PHI3_TARGET_MODULES, type LoraConfig, type ModelConfig } from './model-config.ts';
 
 export interface LoraTarget {
   /** Canonical module path, e.g. `model.layers.3.self_attn.q_proj` or `transformer.h.0.attn.c_attn`. */
@@ -28,7 +28,8 @@ export interface LoraTarget {
 
 /** Target module names valid for an architecture family. */
 export function validTargetModules(config: ModelConfig): readonly string[] {
-  return config.family === 'gpt2' ? GPT2_TARGET_MODULES : LLAMA_TARGET_MODULES;
+  if (config.family === 'gpt2') return GPT2_TARGET_MODULES;
+  return config.fusedProjections ? PHI3_TARGET_MODULES : LLAMA_TARGET_MODULES;
 }
 
 /** Check r, alpha, dropout and the target list; throws naming the bad field. */
@@ -51,7 +52,7 @@ export function checkLoraConfig(config: ModelConfig, lora: LoraConfig): void {
 
 /**
  * Every module that gets an adapter, layer by layer, within a layer in the order
- * of LLAMA_TARGET_MODULES / GPT2_TARGET_MODULES (gpt2 `c_proj` matches both
+ * of LLAMA_TARGET_MODULES / PHI3_TARGET_MODULES / GPT2_TARGET_MODULES (gpt2 `c_proj` matches both
  * attn.c_proj and mlp.c_proj, in that order).
  */
 export function loraTargets(config: ModelConfig, lora: LoraConfig): LoraTarget[] {
@@ -84,12 +85,14 @@ export function loraTargets(config: ModelConfig, lora: LoraConfig): LoraTarget[]
         q_proj: ['self_attn', H, q, config.qkvBias],
         k_proj: ['self_attn', H, kv, config.qkvBias],
         v_proj: ['self_attn', H, kv, config.qkvBias],
-        o_proj: ['self_attn', q, H, false],
-        gate_proj: ['mlp', H, I, false],
-        up_proj: ['mlp', H, I, false],
-        down_proj: ['mlp', I, H, false],
+        o_proj: ['self_attn', q, H, config.attentionOutBias ?? false],
+        gate_proj: ['mlp', H, I, config.mlpBias ?? false],
+        up_proj: ['mlp', H, I, config.mlpBias ?? false],
+        down_proj: ['mlp', I, H, config.mlpBias ?? false],
+        qkv_proj: ['self_attn', H, q + 2 * kv, false],
+        gate_up_proj: ['mlp', H, 2 * I, false],
       };
-      for (const kind of LLAMA_TARGET_MODULES) {
+      for (const kind of validTargetModules(config)) {
         if (!wanted.has(kind)) continue;
         const [block, inF, outF, hasBias] = dims[kind]!;
         const module = `${p}.${block}.${kind}`;

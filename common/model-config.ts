@@ -4,12 +4,12 @@
  */
 import type { TensorMap } from './tensor.ts';
 
-/** Graph family. `llama` covers llama, mistral and qwen2 checkpoints. */
+/** Graph family. `llama` covers llama, mistral, qwen2, qwen3, gemma2 and phi3 checkpoints. */
 export type ArchFamily = 'llama' | 'gpt2';
 
 export interface ModelConfig {
   family: ArchFamily;
-  /** `model_type` from config.json: llama | mistral | qwen2 | gpt2. */
+  /** `model_type` from config.json: llama | mistral | qwen2 | qwen3 | gemma2 | phi3 | gpt2. */
   modelType: string;
   vocabSize: number;
   hiddenSize: number;
@@ -26,9 +26,62 @@ export interface ModelConfig {
   /** q/k/v projections carry biases (qwen2). */
   qkvBias: boolean;
   activation: 'silu' | 'gelu_new';
+  /** Rotary scaling (llama family, `rope_scaling` in config.json); absent for plain rotary embeddings. */
+  ropeScaling?: RopeScaling;
+  /** o_proj carries a bias too (llama `attention_bias: true`, which also sets qkvBias). Absent means false. */
+  attentionOutBias?: boolean;
+  /** gate/up/down projections carry biases (llama `mlp_bias: true`). Absent means false. */
+  mlpBias?: boolean;
+  /**
+   * Sliding-window attention (mistral `sliding_window`, qwen2 with `use_sliding_window`):
+   * query i attends key j only when 0 <= i - j < size, in the listed layers.
+   * Absent when every layer attends over the whole causal prefix.
+   */
+  slidingWindow?: { size: number; layers: number[] };
+  /** phi3: one fused `qkv_proj` [q + 2 kv, hidden] and one `gate_up_proj` [2 intermediate, hidden] (gate first). */
+  fusedProjections?: boolean;
+  /** RMSNorm over each head of q and k before the rotary embedding (qwen3: `self_attn.q_norm` / `k_norm`, weight [head_dim]). */
+  qkNorm?: boolean;
+  /**
+   * gemma2: RMSNorm scales by (1 + weight), embeddings are multiplied by
+   * sqrt(hidden_size), pre- and post-norms around attention and MLP, scores
+   * scaled by query_pre_attn_scalar^-0.5 and soft-capped (cap · tanh(s / cap)),
+   * logits soft-capped; the MLP's activation is `activation` (gelu tanh).
+   */
+  gemma2?: { queryPreAttnScalar: number; attnLogitSoftcap: number | null; finalLogitSoftcap: number | null };
+  /** gpt2 `scale_attn_weights: false`: scores are not divided by sqrt(head_dim). Absent means true. */
+  scaleAttnWeights?: boolean;
+  /** gpt2 `scale_attn_by_inverse_layer_idx: true`: scores of layer l are also divided by l + 1. Absent means false. */
+  scaleAttnByInverseLayerIdx?: boolean;
   bosTokenId: number | null;
   eosTokenId: number | null;
 }
+
+/**
+ * Rotary frequency scaling as Hugging Face's rope_scaling types define it
+ * (transformers modeling_rope_utils): the inverse frequencies, and for yarn an
+ * attention factor that multiplies cos and sin.
+ */
+export type RopeScaling =
+  | { type: 'linear'; factor: number }
+  /** NTK-aware base change, active when the sequence exceeds originalMaxPositions. */
+  | { type: 'dynamic'; factor: number; originalMaxPositions: number }
+  | { type: 'llama3'; factor: number; lowFreqFactor: number; highFreqFactor: number; originalMaxPositions: number }
+  | {
+      type: 'yarn';
+      factor: number;
+      originalMaxPositions: number;
+      betaFast: number;
+      betaSlow: number;
+      /** Multiplies cos and sin (given, or derived from factor / mscale / mscale_all_dim). */
+      attentionFactor: number;
+      truncate: boolean;
+    }
+  /**
+   * Phi-3 LongRoPE: inv_freq[i] = theta^(-2i/hd) / ext[i] with ext = shortFactor while the
+   * sequence fits originalMaxPositions, longFactor beyond; cos and sin times attentionFactor.
+   */
+  | { type: 'longrope'; shortFactor: number[]; longFactor: number[]; originalMaxPositions: number; attentionFactor: number };
 
 export interface LoadedModel {
   dir: string;
@@ -50,12 +103,13 @@ export interface LoraConfig {
   r: number;
   alpha: number;
   dropout: number;
-  /** Module names: llama q_proj k_proj v_proj o_proj gate_proj up_proj down_proj; gpt2 c_attn c_proj c_fc. */
+  /** Module names: llama q_proj k_proj v_proj o_proj gate_proj up_proj down_proj; phi3 qkv_proj o_proj gate_up_proj down_proj; gpt2 c_attn c_proj c_fc. */
   targetModules: string[];
 }
 
 export const LLAMA_TARGET_MODULES = ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'] as const;
 export const GPT2_TARGET_MODULES = ['c_attn', 'c_proj', 'c_fc'] as const;
+export const PHI3_TARGET_MODULES = ['qkv_proj', 'o_proj', 'gate_up_proj', 'down_proj'] as const;
 
 /**
  * A padded batch of token sequences, row-major [batchSize, seqLen].

@@ -15,8 +15,8 @@ import type { ModelConfig } from '../../common/model-config.ts';
 import { expectedWeightShapes, hfConfig, type ModelDtype } from '../../common/hf-model.ts';
 import { writeModelFiles } from './model.ts';
 
-export type InitArch = 'llama' | 'qwen2' | 'mistral' | 'gpt2';
-export const INIT_ARCHS: readonly InitArch[] = ['llama', 'qwen2', 'mistral', 'gpt2'];
+export type InitArch = 'llama' | 'qwen2' | 'qwen3' | 'mistral' | 'gpt2';
+export const INIT_ARCHS: readonly InitArch[] = ['llama', 'qwen2', 'qwen3', 'mistral', 'gpt2'];
 
 export interface InitModelOptions {
   arch: InitArch;
@@ -85,6 +85,7 @@ function specialTokens(arch: InitArch): SpecialTokens {
     case 'gpt2':
       return { tokens: ['<|endoftext|>'], bos: '<|endoftext|>', eos: '<|endoftext|>', pad: null };
     case 'qwen2':
+    case 'qwen3':
       return { tokens: ['<|endoftext|>', '<|im_start|>', '<|im_end|>'], bos: null, eos: '<|endoftext|>', pad: '<|endoftext|>' };
     default:
       return { tokens: ['<s>', '</s>', '<pad>'], bos: '<s>', eos: '</s>', pad: '<pad>' };
@@ -200,6 +201,7 @@ export function initConfig(opts: InitModelOptions, tokenizer: ByteLevelTokenizer
     tieWordEmbeddings: gpt2 ? true : (opts.tieWordEmbeddings ?? false),
     qkvBias: gpt2 || opts.arch === 'qwen2',
     activation: gpt2 ? 'gelu_new' : 'silu',
+    ...(opts.arch === 'qwen3' ? { qkNorm: true } : {}),
     bosTokenId: tokenizer.bosId,
     eosTokenId: tokenizer.eosId,
   };

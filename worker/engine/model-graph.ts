@@ -1,6 +1,6 @@
 /**
  * The causal language models as ONNX graphs: llama family (llama, mistral,
- * qwen2) and gpt2, with LoRA on any subset of target modules or with every
+ * qwen2, qwen3, gemma2) and gpt2, with LoRA on any subset of target modules or with every
  * weight trainable, for one static batch shape.
  *
  * Graph inputs: input_ids int64 [N], targets int64 [N], loss_mask float [N, 1]
@@ -13,6 +13,7 @@
 import { Graph, type FloatDType, type Value } from './graph.ts';
 import type { LoadedModel, LoraConfig, ModelConfig } from '../../common/model-config.ts';
 import { loraTargets, peftKey, type LoraTarget } from '../../common/lora.ts';
+import { loraScale } from '../../common/peft.ts';
 
 export interface GraphSpec {
   batchSize: number;
@@ -47,7 +48,8 @@ export function buildCausalLmGraph(model: LoadedModel, spec: GraphSpec): BuiltGr
   const B = spec.batchSize;
   const T = spec.seqLen;
   const N = B * T;
-  if (T > config.maxPositions) {
+  // Dynamic NTK scaling exists to run past max_position_embeddings; every other model stops there.
+  if (T > config.maxPositions && config.ropeScaling?.type !== 'dynamic') {
     throw new Error(`sequence length ${T} exceeds the model's max_position_embeddings ${config.maxPositions}`);
   }
 
@@ -82,7 +84,7 @@ export function buildCausalLmGraph(model: LoadedModel, spec: GraphSpec): BuiltGr
     if (!spec.lora) throw new Error('LoRA mode needs a LoRA config');
     const targets = loraTargets(config, spec.lora);
     targetsByModule = new Map(targets.map((t) => [t.module, t]));
-    scale = spec.lora.alpha / spec.lora.r;
+    scale = loraScale(spec.lora); // alpha / r, or alpha / sqrt(r) with rsLoRA (common/peft.ts)
     // Declare adapter inputs in target order so the parameter order is stable.
     for (const t of targets) {
       for (const which of ['A', 'B'] as const) {
@@ -116,11 +118,33 @@ export function buildCausalLmGraph(model: LoadedModel, spec: GraphSpec): BuiltGr
     [T, T],
     Float64Array.from({ length: T * T }, (_, k) => (k % T <= Math.floor(k / T) ? 0 : -1e9)),
   );
+  // Sliding window: query i sees key j when 0 <= i - j < size (transformers' sliding_window mask).
+  const sw = config.slidingWindow;
+  const windowMask =
+    sw && T > sw.size
+      ? g.constFloat(
+          'sliding_window_mask',
+          [T, T],
+          Float64Array.from({ length: T * T }, (_, k) => {
+            const d = Math.floor(k / T) - (k % T);
+            return d >= 0 && d < sw.size ? 0 : -1e9;
+          }),
+        )
+      : null;
+  const maskOf = (layer: number): Value => (windowMask && sw!.layers.includes(layer) ? windowMask : causalMask);
 
-  /** Scaled dot-product attention over [B, heads, T, hd] tensors with a causal mask. */
-  const attention = (q: Value, k: Value, v: Value, headDim: number): Value => {
-    const scores = g.add(g.mul(g.matmul(q, g.swapLast(k)), g.scalar(1 / Math.sqrt(headDim))), causalMask);
+  /** cap · tanh(x / cap) (gemma2 soft-capping). */
+  const softcap = (x: Value, cap: number | null): Value => (cap === null ? x : g.mul(g.tanh(g.mul(x, g.scalar(1 / cap))), g.scalar(cap)));
+  /** Dot-product attention over [B, heads, T, hd] tensors: softmax(softcap(q kᵀ · scale) + mask) v. */
+  const attention = (q: Value, k: Value, v: Value, scale: number, mask: Value, cap: number | null = null): Value => {
+    const qk = g.matmul(q, g.swapLast(k));
+    const scores = g.add(softcap(scale === 1 ? qk : g.mul(qk, g.scalar(scale)), cap), mask);
     return g.matmul(g.softmax(scores), v);
+  };
+  // gelu_new / gelu_pytorch_tanh: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+  const gelu = (h: Value): Value => {
+    const inner = g.mul(g.add(h, g.mul(g.mul(g.mul(h, h), h), g.scalar(0.044715))), g.scalar(Math.sqrt(2 / Math.PI)));
+    return g.mul(g.mul(h, g.scalar(0.5)), g.add(g.tanh(inner), g.scalar(1)));
   };
   const toHeads = (x: Value, heads: number, hd: number): Value =>
     g.transpose(g.reshape(x, [B, T, heads, hd]), [0, 2, 1, 3]);
@@ -131,9 +155,11 @@ export function buildCausalLmGraph(model: LoadedModel, spec: GraphSpec): BuiltGr
   let logitsWeight: Value;
   if (config.family === 'llama') {
     const { numHeads: nh, numKvHeads: nkv, headDim: hd } = config;
+    const gm = config.gemma2;
     const rms = (h: Value, weight: string): Value => {
       const ms = g.reduceMean(g.mul(h, h), [-1]);
-      return g.mul(g.div(h, g.sqrt(g.add(ms, g.scalar(config.normEps)))), W(weight));
+      const n = g.div(h, g.sqrt(g.add(ms, g.scalar(config.normEps))));
+      return g.mul(n, gm ? g.add(W(weight), g.scalar(1)) : W(weight)); // gemma2 scales by (1 + weight)
     };
     const { cos, sin, rot } = rotaryTables(g, config, T);
     const rope = (t: Value): Value => g.add(g.mul(t, cos), g.mul(g.matmul(t, rot), sin));
@@ -144,19 +170,33 @@ export function buildCausalLmGraph(model: LoadedModel, spec: GraphSpec): BuiltGr
       return g.reshape(e, [B, nh, T, hd]);
     };
     x = g.gather(W('model.embed_tokens.weight'), inputIds);
+    // gemma2 multiplies the embeddings by sqrt(hidden_size), rounded to the compute dtype as transformers does.
+    if (gm) x = g.mul(x, g.scalar(g.dtype === 'float32' ? Math.fround(Math.sqrt(config.hiddenSize)) : Math.sqrt(config.hiddenSize)));
+    const attnScale = gm ? Math.pow(gm.queryPreAttnScalar, -0.5) : 1 / Math.sqrt(hd);
     for (let l = 0; l < config.numLayers; l++) {
       const p = `model.layers.${l}`;
       const h = rms(x, `${p}.input_layernorm.weight`);
-      const q = rope(toHeads(linear(h, `${p}.self_attn.q_proj`, false), nh, hd));
-      const k = repeatKv(rope(toHeads(linear(h, `${p}.self_attn.k_proj`, false), nkv, hd)));
-      const v = repeatKv(toHeads(linear(h, `${p}.self_attn.v_proj`, false), nkv, hd));
-      const attn = fromHeads(attention(q, k, v, hd), nh, hd);
-      x = g.add(x, linear(attn, `${p}.self_attn.o_proj`, false));
-      const h2 = rms(x, `${p}.post_attention_layernorm.weight`);
-      const gate = linear(h2, `${p}.mlp.gate_proj`, false);
-      const up = linear(h2, `${p}.mlp.up_proj`, false);
-      const act = g.mul(g.mul(gate, g.sigmoid(gate)), up);
-      x = g.add(x, linear(act, `${p}.mlp.down_proj`, false));
+      // qwen3: RMSNorm over each head's head_dim values of q and k, before the rotation.
+      const headNorm = (t: Value, which: 'q' | 'k'): Value => (config.qkNorm ? rms(t, `${p}.self_attn.${which}_norm.weight`) : t);
+      // phi3 fuses q, k, v into qkv_proj (rows: q, then k, then v).
+      const [qx, kx, vx] = config.fusedProjections
+        ? g.split(linear(h, `${p}.self_attn.qkv_proj`, false), 1, [nh * hd, nkv * hd, nkv * hd])
+        : [linear(h, `${p}.self_attn.q_proj`, false), linear(h, `${p}.self_attn.k_proj`, false), linear(h, `${p}.self_attn.v_proj`, false)];
+      const q = rope(headNorm(toHeads(qx!, nh, hd), 'q'));
+      const k = repeatKv(rope(headNorm(toHeads(kx!, nkv, hd), 'k')));
+      const v = repeatKv(toHeads(vx!, nkv, hd));
+      const attn = fromHeads(attention(q, k, v, attnScale, maskOf(l), gm?.attnLogitSoftcap ?? null), nh, hd);
+      const o = linear(attn, `${p}.self_attn.o_proj`, false);
+      // llama: x + attn(norm(x)), x + mlp(norm(x)); gemma2 also normalizes each branch's output.
+      x = g.add(x, gm ? rms(o, `${p}.post_attention_layernorm.weight`) : o);
+      const h2 = rms(x, gm ? `${p}.pre_feedforward_layernorm.weight` : `${p}.post_attention_layernorm.weight`);
+      // phi3 fuses gate and up into gate_up_proj (gate rows first).
+      const [gate, up] = config.fusedProjections
+        ? (g.split(linear(h2, `${p}.mlp.gate_up_proj`, false), 1, [config.intermediateSize, config.intermediateSize]) as [Value, Value])
+        : [linear(h2, `${p}.mlp.gate_proj`, false), linear(h2, `${p}.mlp.up_proj`, false)];
+      const act = g.mul(config.activation === 'gelu_new' ? gelu(gate) : g.mul(gate, g.sigmoid(gate)), up);
+      const down = linear(act, `${p}.mlp.down_proj`, false);
+      x = g.add(x, gm ? rms(down, `${p}.post_feedforward_layernorm.weight`) : down);
     }
     x = rms(x, 'model.norm.weight');
     logitsWeight = config.tieWordEmbeddings ? W('model.embed_tokens.weight') : W('lm_head.weight');
@@ -167,11 +207,6 @@ export function buildCausalLmGraph(model: LoadedModel, spec: GraphSpec): BuiltGr
       const variance = g.reduceMean(g.mul(c, c), [-1]);
       const n = g.div(c, g.sqrt(g.add(variance, g.scalar(config.normEps))));
       return g.add(g.mul(n, W(`${prefix}.weight`)), W(`${prefix}.bias`));
-    };
-    // gelu_new: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
-    const gelu = (h: Value): Value => {
-      const inner = g.mul(g.add(h, g.mul(g.mul(g.mul(h, h), h), g.scalar(0.044715))), g.scalar(Math.sqrt(2 / Math.PI)));
-      return g.mul(g.mul(h, g.scalar(0.5)), g.add(g.tanh(inner), g.scalar(1)));
     };
     const positions = g.initializer(
       'position_ids',
@@ -184,7 +219,8 @@ export function buildCausalLmGraph(model: LoadedModel, spec: GraphSpec): BuiltGr
       const p = `transformer.h.${l}`;
       const h = ln(x, `${p}.ln_1`);
       const [q, k, v] = g.split(linear(h, `${p}.attn.c_attn`, true), 1, [H, H, H]);
-      const attn = fromHeads(attention(toHeads(q!, nh, hd), toHeads(k!, nh, hd), toHeads(v!, nh, hd), hd), nh, hd);
+      const scale = ((config.scaleAttnWeights ?? true) ? 1 / Math.sqrt(hd) : 1) / (config.scaleAttnByInverseLayerIdx ? l + 1 : 1);
+      const attn = fromHeads(attention(toHeads(q!, nh, hd), toHeads(k!, nh, hd), toHeads(v!, nh, hd), scale, causalMask), nh, hd);
       x = g.add(x, linear(attn, `${p}.attn.c_proj`, true));
       const h2 = ln(x, `${p}.ln_2`);
       x = g.add(x, linear(gelu(linear(h2, `${p}.mlp.c_fc`, true)), `${p}.mlp.c_proj`, true));
@@ -193,7 +229,8 @@ export function buildCausalLmGraph(model: LoadedModel, spec: GraphSpec): BuiltGr
     logitsWeight = W('transformer.wte.weight');
   }
 
-  const logits = g.gemm(x, logitsWeight, false, true); // [N, V]
+  let logits = g.gemm(x, logitsWeight, false, true); // [N, V]
+  if (config.gemma2) logits = softcap(logits, config.gemma2.finalLogitSoftcap);
   const logp = g.logSoftmax(logits);
   const picked = g.reduceSum(g.mul(logp, g.oneHot(targets, config.vocabSize, spec.dtype)), [1]); // [N, 1]
   const lossSum = g.reshape(g.neg(g.reduceSum(g.mul(picked, lossMask), [0, 1])), [1]);
@@ -208,22 +245,89 @@ export function buildCausalLmGraph(model: LoadedModel, spec: GraphSpec): BuiltGr
 }
 
 /**
+ * Rotary inverse frequencies inv_freq[i] for i < hd/2 and the factor that
+ * multiplies cos and sin, as transformers' modeling_rope_utils computes them
+ * for a sequence of T positions (float32 rounding as there):
+ * - default: theta^(-2i/hd)
+ * - linear: default / factor
+ * - dynamic: default with base theta · (factor·T/orig - (factor-1))^(hd/(hd-2)) when T > orig
+ * - llama3: wavelength 2π/f above orig/low_freq_factor: f/factor; below orig/high_freq_factor: f;
+ *   between: (1-s)·f/factor + s·f with s = (orig/wavelength - low)/(high - low)
+ * - yarn: ramp between interpolated f/factor and extrapolated f over the dimensions between
+ *   the correction range of beta_fast and beta_slow rotations; cos and sin times attention_factor.
+ * - longrope: default / short_factor[i] (T <= original context) or / long_factor[i]; cos and sin
+ *   times attention_factor.
+ */
+export function ropeInvFreq(config: ModelConfig, T: number): { invFreq: Float64Array; attentionFactor: number } {
+  const hd = config.headDim;
+  const half = hd / 2;
+  const rs = config.ropeScaling;
+  let base = config.ropeTheta;
+  if (rs?.type === 'dynamic' && T > rs.originalMaxPositions) {
+    base = Math.fround(base * Math.pow((rs.factor * T) / rs.originalMaxPositions - (rs.factor - 1), hd / (hd - 2)));
+  }
+  const f = (i: number): number => Math.fround(1 / Math.fround(Math.pow(base, Math.fround((2 * i) / hd))));
+  const invFreq = Float64Array.from({ length: half }, (_, i) => f(i));
+  let attentionFactor = 1;
+  if (rs?.type === 'linear') {
+    for (let i = 0; i < half; i++) invFreq[i] = Math.fround(invFreq[i]! / rs.factor);
+  } else if (rs?.type === 'llama3') {
+    const lowWavelen = rs.originalMaxPositions / rs.lowFreqFactor;
+    const highWavelen = rs.originalMaxPositions / rs.highFreqFactor;
+    for (let i = 0; i < half; i++) {
+      const fr = invFreq[i]!;
+      const wavelen = (2 * Math.PI) / fr;
+      if (wavelen > lowWavelen) invFreq[i] = Math.fround(fr / rs.factor);
+      else if (wavelen >= highWavelen) {
+        const s = (rs.originalMaxPositions / wavelen - rs.lowFreqFactor) / (rs.highFreqFactor - rs.lowFreqFactor);
+        invFreq[i] = Math.fround(((1 - s) * fr) / rs.factor + s * fr);
+      }
+    }
+  } else if (rs?.type === 'yarn') {
+    const corrDim = (rot: number): number => (hd * Math.log(rs.originalMaxPositions / (rot * 2 * Math.PI))) / (2 * Math.log(base));
+    let low = corrDim(rs.betaFast);
+    let high = corrDim(rs.betaSlow);
+    if (rs.truncate) {
+      low = Math.floor(low);
+      high = Math.ceil(high);
+    }
+    low = Math.max(low, 0);
+    high = Math.min(high, hd - 1);
+    if (low === high) high += 0.001;
+    for (let i = 0; i < half; i++) {
+      const ramp = Math.min(1, Math.max(0, (i - low) / (high - low)));
+      const extrapolation = 1 - ramp; // weight of the unscaled frequency
+      const pos = Math.fround(Math.pow(base, Math.fround((2 * i) / hd)));
+      const inter = Math.fround(1 / (rs.factor * pos));
+      const extra = Math.fround(1 / pos);
+      invFreq[i] = Math.fround(inter * (1 - extrapolation) + extra * extrapolation);
+    }
+    attentionFactor = rs.attentionFactor;
+  } else if (rs?.type === 'longrope') {
+    const ext = T > rs.originalMaxPositions ? rs.longFactor : rs.shortFactor;
+    for (let i = 0; i < half; i++) invFreq[i] = Math.fround(1 / (ext[i]! * Math.fround(Math.pow(base, Math.fround((2 * i) / hd)))));
+    attentionFactor = rs.attentionFactor;
+  }
+  return { invFreq, attentionFactor };
+}
+
+/**
  * Rotary embedding tables for positions 0..T-1 as Hugging Face computes them:
- * inv_freq[i] = theta^(-2i/hd), angle = pos · inv_freq, cos/sin = cat(angle, angle);
+ * angle = pos · inv_freq (ropeInvFreq), cos/sin = cat(angle, angle) · attention factor;
  * rotate_half(x) = cat(-x2, x1) expressed as x @ rot.
  */
 function rotaryTables(g: Graph, config: ModelConfig, T: number): { cos: Value; sin: Value; rot: Value } {
   const hd = config.headDim;
   const half = hd / 2;
+  const { invFreq, attentionFactor } = ropeInvFreq(config, T);
   const cos = new Float64Array(T * hd);
   const sin = new Float64Array(T * hd);
   for (let t = 0; t < T; t++) {
     for (let i = 0; i < half; i++) {
-      // Hugging Face computes inv_freq in float32 and the angles in float32.
-      const invFreq = Math.fround(1 / Math.pow(config.ropeTheta, (2 * i) / hd));
-      const angle = g.dtype === 'float32' ? Math.fround(t * invFreq) : t * invFreq;
-      cos[t * hd + i] = cos[t * hd + i + half] = Math.cos(angle);
-      sin[t * hd + i] = sin[t * hd + i + half] = Math.sin(angle);
+      // Hugging Face computes the angles in float32.
+      const angle = g.dtype === 'float32' ? Math.fround(t * invFreq[i]!) : t * invFreq[i]!;
+      cos[t * hd + i] = cos[t * hd + i + half] = Math.cos(angle) * attentionFactor;
+      sin[t * hd + i] = sin[t * hd + i + half] = Math.sin(angle) * attentionFactor;
     }
   }
   const rot = new Float64Array(hd * hd);
