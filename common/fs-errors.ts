@@ -11,7 +11,6 @@
  *   errnoCode(err)                           // 'ENOSPC', also through FileWriteError and `cause` chains
  */
 import { mkdirSync, statSync } from 'node:fs';
-import { mkdir, stat } from 'node:fs/promises';
 import { dirname, resolve } from 'node:path';
 
 /** What an errno code means for someone writing a file, in words. */
@@ -103,31 +102,8 @@ const notADirectory = (p: string): FileWriteError =>
  * the one of the directory that really failed (EROFS, EACCES, ENOTDIR, ...).
  */
 export async function mkdirp(dir: string): Promise<void> {
-  try {
-    await mkdir(dir, { recursive: true });
-    return;
-  } catch (err) {
-    const missing: string[] = [];
-    let p = resolve(dir);
-    for (;;) {
-      const s = await stat(p).catch(() => null);
-      if (s) {
-        if (!s.isDirectory()) throw notADirectory(p);
-        break;
-      }
-      missing.unshift(p);
-      if (dirname(p) === p) break;
-      p = dirname(p);
-    }
-    if (missing.length === 0) throw asWriteError(dir, err, 'create the directory');
-    for (const m of missing) {
-      try {
-        await mkdir(m);
-      } catch (e) {
-        if (errnoCode(e) !== 'EEXIST') throw asWriteError(m, e, 'create the directory');
-      }
-    }
-  }
+  // A few stat/mkdir calls at most: the synchronous walk below serves both.
+  mkdirpSync(dir);
 }
 
 /** mkdirp, synchronously. */

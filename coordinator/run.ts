@@ -195,8 +195,7 @@ export class FederatedRun extends RunBase implements RegistryListener {
     }
     const bad = manifestMismatch(manifest, t.manifest);
     if (bad) {
-      const rank = t.spec.rank !== this.globalRank || this.strategy.name === 'flora' || this.strategy.name === 'flexlora' ? ` (site ${w.site} was assigned LoRA rank ${t.spec.rank})` : '';
-      throw new UpdateRejected('INVALID_ARGUMENT', `update does not match the adapter task ${t.taskId} started from${rank}: ${bad}`);
+      throw new UpdateRejected('INVALID_ARGUMENT', `update does not match the adapter task ${t.taskId} started from (site ${w.site} was assigned LoRA rank ${t.spec.rank}): ${bad}`);
     }
     this.board.markUploading(t);
     return t;
@@ -263,7 +262,8 @@ export class FederatedRun extends RunBase implements RegistryListener {
     };
     const { reason, norm } = this.screen(t, flat, open);
     if (reason) refuse(reason);
-    const tensors = unpackTensorMap(t.manifest, aligned.slice());
+    // The assembled upload is ours alone: the aggregator may keep views into it.
+    const tensors = unpackTensorMap(t.manifest, aligned);
     const weight = this.weightOf(h.numExamples);
     const update = { workerId: w.workerId, site: w.site, spec: t.spec, weight, tensors, start: t.start };
     const unfit = this.strategy.checkUpdate(update);
@@ -593,10 +593,9 @@ export class FederatedRun extends RunBase implements RegistryListener {
 
   /** A strategy's next global must be a finite adapter of the run's modules at the rank it claims. */
   private checkNext(next: GlobalAdapter, round: number): void {
-    const want = this.store.unit === 'round' ? next.rank : this.globalRank;
     for (const [name, t] of next.tensors) {
       const r = name.includes('.lora_A.') ? t.shape[0] : t.shape[1];
-      if (r !== want) throw new Error(`strategy ${this.strategy.name}: round ${round} produced tensor ${name} of rank ${r}, but says the rank is ${want}`);
+      if (r !== next.rank) throw new Error(`strategy ${this.strategy.name}: round ${round} produced tensor ${name} of rank ${r}, but says the rank is ${next.rank}`);
       for (let i = 0; i < t.data.length; i++) {
         if (!Number.isFinite(t.data[i]!)) throw new Error(`strategy ${this.strategy.name}: round ${round} produced a non-finite value in ${name}; the global adapter was kept`);
       }

@@ -14,7 +14,7 @@
  * to Node only as a native add-on, and the project's JavaScript tokenizer
  * package encodes and decodes but does not train.
  */
-import { bytesToUnicode } from '../worker/engine/init.ts';
+import { byteLevelBpeJson, bytesToUnicode } from '../worker/engine/init.ts';
 
 /** The ByteLevel pre-tokenizer's split (GPT-2's pattern), as @huggingface/tokenizers applies it. */
 const GPT2_SPLIT = /'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+/gu;
@@ -212,34 +212,5 @@ export function applyMerges(model: BpeModel, word: string): string[] {
 export function bpeTokenizerJson(model: BpeModel): Record<string, unknown> {
   const vocab: Record<string, number> = {};
   for (const [t, id] of model.vocab) if (!model.specialTokens.includes(t)) vocab[t] = id;
-  return {
-    version: '1.0',
-    truncation: null,
-    padding: null,
-    added_tokens: model.specialTokens.map((content) => ({
-      id: model.vocab.get(content)!,
-      content,
-      single_word: false,
-      lstrip: false,
-      rstrip: false,
-      normalized: false,
-      special: true,
-    })),
-    normalizer: null,
-    pre_tokenizer: { type: 'ByteLevel', add_prefix_space: false, trim_offsets: true, use_regex: true },
-    post_processor: { type: 'ByteLevel', add_prefix_space: true, trim_offsets: false, use_regex: true },
-    decoder: { type: 'ByteLevel', add_prefix_space: true, trim_offsets: true, use_regex: true },
-    model: {
-      type: 'BPE',
-      dropout: null,
-      unk_token: null,
-      continuing_subword_prefix: null,
-      end_of_word_suffix: null,
-      fuse_unk: false,
-      byte_fallback: false,
-      ignore_merges: false,
-      vocab,
-      merges: model.merges.map(([l, r]) => `${l} ${r}`),
-    },
-  };
+  return byteLevelBpeJson(vocab, model.merges, model.specialTokens.map((content) => ({ id: model.vocab.get(content)!, content })));
 }

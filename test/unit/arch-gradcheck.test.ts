@@ -8,10 +8,10 @@
 import { describe, expect, it } from 'vitest';
 import { Engine } from '../../worker/engine/engine.ts';
 import type { Batch, LoadedModel, LoraConfig } from '../../common/model-config.ts';
-import type { TensorMap } from '../../common/tensor.ts';
 import { computeFingerprint, normalizeConfig } from '../../common/hf-model.ts';
 import { createRng } from '../../common/random.ts';
 import { archModel, archRaw, randomIds } from './arch-models.ts';
+import { gradCheck } from '../helpers/gradcheck.ts';
 
 function batchOf(vocab: number, B: number, T: number, seed: number): Batch {
   const ids = randomIds(vocab, B, T, seed).flat();
@@ -19,34 +19,6 @@ function batchOf(vocab: number, B: number, T: number, seed: number): Batch {
   labels[0] = -100;
   labels[T] = -100;
   return { batchSize: B, seqLen: T, inputIds: Int32Array.from(ids), labels };
-}
-
-/** Worst relative error of g·v against (L(p + h v) - L(p - h v)) / 2h over every parameter tensor. */
-async function gradCheck(engine: Engine, params: TensorMap, batch: Batch, seed: number): Promise<{ worst: number; checked: number }> {
-  const { grads } = await engine.lossAndGrads(params, batch);
-  const rng = createRng(seed);
-  const h = 1e-4;
-  let worst = 0;
-  let checked = 0;
-  for (const [name, p] of params) {
-    const g = grads.get(name)!;
-    const v = Float64Array.from({ length: p.data.length }, () => rng.normal());
-    const norm = Math.hypot(...v);
-    let analytic = 0;
-    for (let i = 0; i < v.length; i++) {
-      v[i]! /= norm;
-      analytic += g.data[i]! * v[i]!;
-    }
-    const shifted = (sign: number): TensorMap => {
-      const m: TensorMap = new Map(params);
-      m.set(name, { shape: p.shape, data: Float64Array.from(p.data, (x, i) => x + sign * h * v[i]!) });
-      return m;
-    };
-    const numeric = ((await engine.forward(shifted(1), batch)).lossSum - (await engine.forward(shifted(-1), batch)).lossSum) / (2 * h);
-    worst = Math.max(worst, Math.abs(analytic - numeric) / Math.max(Math.abs(analytic), Math.abs(numeric), 1e-3));
-    checked++;
-  }
-  return { worst, checked };
 }
 
 function model(raw: Record<string, unknown>, seed: number): LoadedModel {

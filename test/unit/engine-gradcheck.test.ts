@@ -10,6 +10,7 @@ import type { Batch, LoraConfig } from '../../common/model-config.ts';
 import type { TensorMap } from '../../common/tensor.ts';
 import { createRng } from '../../common/random.ts';
 import { randomConfig, randomModel } from '../helpers/random-model.ts';
+import { gradCheck } from '../helpers/gradcheck.ts';
 
 function randomBatch(vocab: number, B: number, T: number, seed: number): Batch {
   const rng = createRng(seed);
@@ -30,40 +31,6 @@ function withRandomB(params: TensorMap, seed: number): TensorMap {
     if (name.endsWith('lora_B.weight')) for (let i = 0; i < t.data.length; i++) t.data[i] = 0.3 * rng.normal();
   }
   return params;
-}
-
-/**
- * For each parameter tensor: a random unit direction v, analytic g·v against
- * (L(p + h v) - L(p - h v)) / 2h. Returns the worst relative error.
- */
-async function gradCheck(engine: Engine, params: TensorMap, batch: Batch, seed: number): Promise<{ worst: number; checked: number }> {
-  const { grads } = await engine.lossAndGrads(params, batch);
-  const rng = createRng(seed);
-  const h = 1e-4;
-  let worst = 0;
-  let checked = 0;
-  for (const [name, p] of params) {
-    const g = grads.get(name)!;
-    const v = Float64Array.from({ length: p.data.length }, () => rng.normal());
-    const norm = Math.hypot(...v);
-    let analytic = 0;
-    for (let i = 0; i < v.length; i++) {
-      v[i]! /= norm;
-      analytic += g.data[i]! * v[i]!;
-    }
-    const shifted = (sign: number): TensorMap => {
-      const m: TensorMap = new Map(params);
-      m.set(name, { shape: p.shape, data: Float64Array.from(p.data, (x, i) => x + sign * h * v[i]!) });
-      return m;
-    };
-    const lp = (await engine.forward(shifted(1), batch)).lossSum;
-    const lm = (await engine.forward(shifted(-1), batch)).lossSum;
-    const numeric = (lp - lm) / (2 * h);
-    const rel = Math.abs(analytic - numeric) / Math.max(Math.abs(analytic), Math.abs(numeric), 1e-3);
-    if (rel > worst) worst = rel;
-    checked++;
-  }
-  return { worst, checked };
 }
 
 const LORA_ALL: Record<string, string[]> = {

@@ -101,6 +101,36 @@ export interface ByteLevelTokenizer {
   padId: number | null;
 }
 
+/** tokenizer.json (Hugging Face tokenizers format) of a byte-level BPE model with these pieces, merges and special tokens. */
+export function byteLevelBpeJson(
+  vocab: Record<string, number>,
+  merges: ReadonlyArray<readonly [string, string]>,
+  added: ReadonlyArray<{ id: number; content: string }>,
+): Record<string, unknown> {
+  return {
+    version: '1.0',
+    truncation: null,
+    padding: null,
+    added_tokens: added.map(({ id, content }) => ({ id, content, single_word: false, lstrip: false, rstrip: false, normalized: false, special: true })),
+    normalizer: null,
+    pre_tokenizer: { type: 'ByteLevel', add_prefix_space: false, trim_offsets: true, use_regex: true },
+    post_processor: { type: 'ByteLevel', add_prefix_space: true, trim_offsets: false, use_regex: true },
+    decoder: { type: 'ByteLevel', add_prefix_space: true, trim_offsets: true, use_regex: true },
+    model: {
+      type: 'BPE',
+      dropout: null,
+      unk_token: null,
+      continuing_subword_prefix: null,
+      end_of_word_suffix: null,
+      fuse_unk: false,
+      byte_fallback: false,
+      ignore_merges: false,
+      vocab,
+      merges: merges.map(([a, b]) => `${a} ${b}`),
+    },
+  };
+}
+
 /**
  * A byte-level BPE tokenizer.json: ids 0..255 are the 256 bytes, then a few
  * merges, then the special tokens of the architecture.
@@ -118,31 +148,10 @@ export function byteLevelTokenizer(arch: InitArch, maxLength = 512): ByteLevelTo
   const added = sp.tokens.map((content) => {
     const id = next++;
     vocab[content] = id;
-    return { id, content, single_word: false, lstrip: false, rstrip: false, normalized: false, special: true };
+    return { id, content };
   });
   const idOf = (t: string | null) => (t === null ? null : vocab[t]!);
-  const tokenizerJson = {
-    version: '1.0',
-    truncation: null,
-    padding: null,
-    added_tokens: added,
-    normalizer: null,
-    pre_tokenizer: { type: 'ByteLevel', add_prefix_space: false, trim_offsets: true, use_regex: true },
-    post_processor: { type: 'ByteLevel', add_prefix_space: true, trim_offsets: false, use_regex: true },
-    decoder: { type: 'ByteLevel', add_prefix_space: true, trim_offsets: true, use_regex: true },
-    model: {
-      type: 'BPE',
-      dropout: null,
-      unk_token: null,
-      continuing_subword_prefix: null,
-      end_of_word_suffix: null,
-      fuse_unk: false,
-      byte_fallback: false,
-      ignore_merges: false,
-      vocab,
-      merges: MERGES.map(([a, b]) => `${a} ${b}`),
-    },
-  };
+  const tokenizerJson = byteLevelBpeJson(vocab, MERGES, added);
   const tokenizerConfig: Record<string, unknown> = {
     tokenizer_class: arch === 'gpt2' ? 'GPT2Tokenizer' : 'PreTrainedTokenizerFast',
     bos_token: sp.bos,
