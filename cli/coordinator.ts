@@ -177,6 +177,12 @@ export function register(program: Command): void {
       };
       process.once('SIGINT', stop);
       process.once('SIGTERM', stop);
+      // SIGHUP: re-read server.tls.crl and server.join_tokens now (they are also watched).
+      const reload = (): void => {
+        console.log('reloading the revocation list and join tokens (SIGHUP)');
+        void handle.reloadIdentities();
+      };
+      process.on('SIGHUP', reload);
       const result = await handle.run;
       await handle.close();
       await dashboard?.close();
@@ -184,6 +190,7 @@ export function register(program: Command): void {
       await printing;
       process.off('SIGINT', stop);
       process.off('SIGTERM', stop);
+      process.off('SIGHUP', reload);
       if (result.state === 'stopped') {
         // A planned stop: workers keep reconnecting; the run goes on after a restart.
         console.log(`stopped after ${cfg.mode === 'distributed' ? 'step' : 'round'} ${result.rounds}: the workers keep reconnecting; continue with --resume`);

@@ -10,6 +10,9 @@ import * as coordinatorCli from './coordinator.ts';
 import * as workerCli from './worker.ts';
 import * as demoCli from './demo.ts';
 import * as dashboardCli from './dashboard.ts';
+import * as certsCli from './certs.ts';
+import * as tokensCli from './tokens.ts';
+import * as privacyCli from './privacy.ts';
 
 const program = new Command();
 program
@@ -19,7 +22,7 @@ program
   .showHelpAfterError();
 
 // Command modules: each exports register(program).
-const modules = [modelCli, adapterCli, trainCli, coordinatorCli, workerCli, demoCli, dashboardCli] as Array<{ register(p: Command): void }>;
+const modules = [modelCli, adapterCli, trainCli, coordinatorCli, workerCli, demoCli, dashboardCli, certsCli, tokensCli, privacyCli] as Array<{ register(p: Command): void }>;
 for (const m of modules) m.register(program);
 
 try {

@@ -23,7 +23,8 @@ import { Engine } from '../worker/engine/engine.ts';
 import { loadModel, saveModel } from '../worker/engine/model.ts';
 import { loadTokenizer } from '../common/tokenizer.ts';
 import { AdamW, SCHEDULE_KINDS, loadOptimizerState, loraPlusGroups, saveOptimizerState, type ScheduleKind } from '../common/optim.ts';
-import { trainLoop } from '../worker/engine/train.ts';
+import { dpTrainLoop, padBatchRows, trainLoop } from '../worker/engine/train.ts';
+import { dpSgdSamplingSeed, dpSgdSteps, poissonSampler, type DpSgdParams } from '../common/privacy/dp-sgd.ts';
 import { makeBatches } from '../worker/data/batching.ts';
 import { prepareDataset } from '../worker/data/prepare.ts';
 import { AUTO_TEMPLATE, getTemplate, loadChatTemplate, modelChatTemplate, type PromptTemplate } from '../common/data/template.ts';
@@ -69,6 +70,10 @@ interface TrainCliOpts {
   seed: number;
   resume?: boolean;
   initAdapter?: string;
+  /** Local DP-SGD (all three or none): per-example clip norm, noise multiplier, Poisson sample rate. */
+  dpMaxGradNorm?: number;
+  dpNoiseMultiplier?: number;
+  dpSampleRate?: number;
 }
 
 /** Options of one training run, resolved from the command line and (with --config) a run config. */
@@ -365,7 +370,21 @@ async function train(o: TrainOpts): Promise<void> {
   const evalData = o.evalData ? await prepareDataset(o.evalData, tok, { template, maxSeqLen: o.maxSeqLen, seed: o.seed, reportDropped: false }) : undefined;
   const evalSet = evalData ? evalData.train : data.eval;
   const batchesPerEpoch = Math.ceil(data.train.length / o.batchSize);
-  const totalSteps = o.steps ?? Math.max(1, Math.ceil(((o.epochs ?? 1) * batchesPerEpoch) / o.gradAccum));
+  const dpGiven = [o.dpMaxGradNorm, o.dpNoiseMultiplier, o.dpSampleRate].filter((x) => x !== undefined).length;
+  if (dpGiven > 0 && dpGiven < 3) throw new Error('DP-SGD needs all three of --dp-max-grad-norm, --dp-noise-multiplier and --dp-sample-rate');
+  if (dpGiven === 3 && mode === 'full') throw new Error('--dp-* (DP-SGD) applies to LoRA training only, not --full');
+  const dp: DpSgdParams | null = dpGiven === 3 ? { maxGradNorm: o.dpMaxGradNorm!, noiseMultiplier: o.dpNoiseMultiplier!, sampleRate: o.dpSampleRate! } : null;
+  const totalSteps = dp
+    ? dpSgdSteps({ steps: o.steps ?? null, epochs: o.steps === undefined ? (o.epochs ?? 1) : null }, dp.sampleRate)
+    : (o.steps ?? Math.max(1, Math.ceil(((o.epochs ?? 1) * batchesPerEpoch) / o.gradAccum)));
+  if (dp && !(dp.maxGradNorm > 0)) throw new Error(`--dp-max-grad-norm must be > 0 (got ${dp.maxGradNorm})`);
+  if (dp && !(dp.sampleRate > 0 && dp.sampleRate <= 1)) throw new Error(`--dp-sample-rate must be in (0, 1] (got ${dp.sampleRate})`);
+  if (dp) {
+    console.log(
+      `DP-SGD: per-example clip ${dp.maxGradNorm}, noise multiplier ${dp.noiseMultiplier}, Poisson sample rate ${dp.sampleRate} (expected batch ${(dp.sampleRate * data.train.length).toFixed(1)}); ` +
+        '--max-grad-norm and --grad-accum are not used (--batch-size is the micro-batch)',
+    );
+  }
   warnDropped([...data.droppedSources, ...(evalData?.droppedSources ?? [])], o.maxSeqLen, seqLenName);
   const dropped = data.dropped + (evalData?.dropped ?? 0);
   console.log(
@@ -461,7 +480,26 @@ async function train(o: TrainOpts): Promise<void> {
   };
   const startStep = state.step;
   // The bar's timer keeps the process alive: it is stopped whatever happens in the loop.
-  const result = await trainLoop({
+  const onStep = (s: { step: number; loss: number; lr: number; tokensPerSec: number }): void => {
+    state.step = startStep + s.step;
+    state.history.push({ step: state.step, loss: s.loss, lr: s.lr });
+    bar.update(state.step, { loss: s.loss.toFixed(4), lr: s.lr.toExponential(2), tps: Math.round(s.tokensPerSec) });
+  };
+  const result = dp ? await dpTrainLoop({
+    engine,
+    params,
+    numRecords: data.train.length,
+    sample: poissonSampler(data.train.length, dp.sampleRate, dpSgdSamplingSeed(o.seed, startStep, 'fedtune-train')),
+    microBatches: (idx) =>
+      makeBatches(idx.map((i) => data.train[i]!), { batchSize: o.batchSize, padId: tok.padId, shuffle: false, seed: 0, maxSeqLen: o.maxSeqLen })
+        .map((b) => padBatchRows(b, o.batchSize, tok.padId)),
+    dp,
+    steps: remaining,
+    optimizer,
+    schedule: { kind: o.schedule, baseLr: o.lr, warmupSteps: o.warmup, totalSteps: state.totalSteps },
+    scheduleOffset: startStep,
+    onStep,
+  }).finally(() => bar.stop()) : await trainLoop({
     engine,
     params,
     epochBatches: (epoch) => makeBatches(data.train, { batchSize: o.batchSize, padId: tok.padId, shuffle: true, seed: o.seed * 1000 + epoch, maxSeqLen: o.maxSeqLen }),
@@ -471,11 +509,7 @@ async function train(o: TrainOpts): Promise<void> {
     schedule: { kind: o.schedule, baseLr: o.lr, warmupSteps: o.warmup, totalSteps: state.totalSteps },
     scheduleOffset: startStep,
     maxGradNorm: o.maxGradNorm,
-    onStep: (s) => {
-      state.step = startStep + s.step;
-      state.history.push({ step: state.step, loss: s.loss, lr: s.lr });
-      bar.update(state.step, { loss: s.loss.toFixed(4), lr: s.lr.toExponential(2), tps: Math.round(s.tokensPerSec) });
-    },
+    onStep,
   }).finally(() => bar.stop());
   if (evalBatches.length) {
     const r = await engine.evaluate(params, evalBatches);
@@ -540,6 +574,9 @@ export function register(program: Command): void {
     .addOption(new Option('--device <d>', 'execution provider').choices(['cpu', 'cuda']).default('cpu'))
     .option('--seed <n>', 'seed for initialization, shuffling and dropout', intArg('--seed', 0), 0)
     .option('--init-adapter <dir>', 'start from this PEFT adapter instead of a fresh one')
+    .option('--dp-max-grad-norm <x>', 'DP-SGD: clip each example\'s gradient to this L2 norm (with --dp-noise-multiplier and --dp-sample-rate)', numArg('--dp-max-grad-norm', 0))
+    .option('--dp-noise-multiplier <x>', 'DP-SGD: noise std = this x --dp-max-grad-norm on each step\'s summed gradients', numArg('--dp-noise-multiplier', 0))
+    .option('--dp-sample-rate <q>', 'DP-SGD: Poisson sampling rate of each record per step (steps = --steps, or --epochs x round(1/q))', numArg('--dp-sample-rate', 0, 1 + Number.EPSILON))
     .option('--resume', 'continue the run saved in --out (adapter, optimizer state, step)')
     .action(async (o: TrainCliOpts, cmd: Command) => train(await resolveTrainOptions(o, (key) => cmd.getOptionValueSource(key) === 'cli')));
 

@@ -10,6 +10,7 @@ import { dirname, extname, isAbsolute, resolve } from 'node:path';
 import { LineCounter, parseDocument, isNode } from 'yaml';
 import { z } from 'zod';
 import { natsUrlIssue, templateIssue } from './limits.ts';
+import { privacyIssues, privacySchema } from './privacy/config.ts';
 
 export const SCHEDULES = ['constant', 'linear', 'cosine'] as const;
 export const RUN_MODES = ['federated', 'distributed'] as const;
@@ -126,6 +127,8 @@ export const runConfigSchema = z
         norm_factor: z.number().gt(1).nullable().default(null),
       })
       .prefault({}),
+    /** Secure aggregation, differential privacy and the privacy budget (common/privacy/config.ts, docs/privacy.md). */
+    privacy: privacySchema,
     eval: z
       .strictObject({
         /** Evaluate the global adapter on the workers' eval splits every N rounds (0: never). */
@@ -172,11 +175,20 @@ export const runConfigSchema = z
     server: z
       .strictObject({
         listen: z.string().regex(listenRe, 'must be HOST:PORT, e.g. 127.0.0.1:7070 or 0.0.0.0:7070').default('127.0.0.1:7070'),
-        join_token: z.string().min(1, 'must not be empty: set server.join_token, pass --token or set FEDTUNE_JOIN_TOKEN'),
+        /** One join token shared by every site (or server.join_tokens: per-site tokens). */
+        join_token: z.string().min(1, 'must not be empty: set server.join_token, pass --token or set FEDTUNE_JOIN_TOKEN').optional(),
         tls: z
-          .strictObject({ cert: z.string().min(1), key: z.string().min(1), client_ca: z.string().min(1).nullable().default(null) })
+          .strictObject({
+            cert: z.string().min(1),
+            key: z.string().min(1),
+            client_ca: z.string().min(1).nullable().default(null),
+            /** PEM CRL signed by client_ca (fedtune certs revoke); reloaded when it changes and on SIGHUP. */
+            crl: z.string().min(1).optional(),
+          })
           .nullable()
           .default(null),
+        /** File of hashed per-site join tokens with expiry (fedtune tokens issue); reloaded when it changes. */
+        join_tokens: z.string().min(1).nullable().default(null),
         heartbeat_interval_ms: int().min(50).default(2000),
         heartbeat_timeout_ms: int().min(100).default(15000),
         /** At most 4 MiB - 64 KiB: a chunk message (data plus framing) must stay under gRPC's 4 MiB message limit. */
@@ -280,6 +292,28 @@ export const runConfigSchema = z
         code: 'custom',
         path: ['server', 'max_chunk_bytes'],
         message: `must be at least server.chunk_bytes (${c.server.chunk_bytes}) (got ${c.server.max_chunk_bytes})`,
+      });
+    }
+    for (const i of privacyIssues(c)) ctx.addIssue({ code: 'custom', path: i.path, message: i.message });
+    if (c.server.join_token !== undefined && c.server.join_tokens !== null) {
+      ctx.addIssue({
+        code: 'custom',
+        path: ['server', 'join_tokens'],
+        message: 'contradicts server.join_token (or --token / FEDTUNE_JOIN_TOKEN): give either one shared token or a file of per-site tokens, not both',
+      });
+    }
+    if (c.server.join_token === undefined && c.server.join_tokens === null) {
+      ctx.addIssue({
+        code: 'custom',
+        path: ['server', 'join_token'],
+        message: 'is required: set server.join_token (one token for all sites), pass --token or set FEDTUNE_JOIN_TOKEN; or give per-site tokens in server.join_tokens (fedtune tokens issue)',
+      });
+    }
+    if (c.server.tls?.crl && c.server.tls.client_ca === null) {
+      ctx.addIssue({
+        code: 'custom',
+        path: ['server', 'tls', 'crl'],
+        message: 'needs server.tls.client_ca: a revocation list applies to the client certificates of mutual TLS',
       });
     }
     if (c.server.heartbeat_timeout_ms <= c.server.heartbeat_interval_ms) {
@@ -399,6 +433,8 @@ export const CONFIG_FILE_PATHS: ReadonlyArray<readonly string[]> = [
   ['server', 'tls', 'cert'],
   ['server', 'tls', 'key'],
   ['server', 'tls', 'client_ca'],
+  ['server', 'tls', 'crl'],
+  ['server', 'join_tokens'],
   ['dashboard', 'tls', 'cert'],
   ['dashboard', 'tls', 'key'],
 ];
@@ -465,7 +501,8 @@ export async function loadRunConfig(path: string, overrides: ConfigOverrides = {
   const obj = raw as Record<string, unknown>;
   resolveConfigPaths(obj, dirname(resolve(path)));
   const server = (typeof obj.server === 'object' && obj.server !== null ? obj.server : (obj.server = {})) as Record<string, unknown>;
-  const token = overrides.joinToken ?? (server.join_token === undefined ? process.env.FEDTUNE_JOIN_TOKEN : undefined);
+  // FEDTUNE_JOIN_TOKEN fills in a missing server.join_token, unless the file names per-site tokens (server.join_tokens).
+  const token = overrides.joinToken ?? (server.join_token === undefined && server.join_tokens === undefined ? process.env.FEDTUNE_JOIN_TOKEN : undefined);
   if (token !== undefined) server.join_token = token;
   if (overrides.listen !== undefined) server.listen = overrides.listen;
   if (overrides.checkpointDir !== undefined) {

@@ -32,6 +32,19 @@ export interface PhaseTimes {
   aggregateMs: number;
 }
 
+/**
+ * Privacy spent so far (coordinator/privacy/ledger.ts). epsilon: the largest
+ * reported, what privacy.max_epsilon bounds; null: unbounded (noise multiplier 0).
+ */
+export interface PrivacyReport {
+  epsilon: number | null;
+  delta: number;
+  /** Client-level DP-FedAvg: epsilon over the aggregated rounds, C of the next round, sigma. */
+  client?: { epsilon: number | null; clipNorm: number; noiseMultiplier: number; rounds: number };
+  /** Sample-level DP-SGD: the worst site's epsilon and noisy steps. */
+  sample?: { epsilon: number | null; steps: number; sampleRate: number; noiseMultiplier: number };
+}
+
 export type RunEventBody =
   | {
       type: 'run.started';
@@ -45,7 +58,14 @@ export type RunEventBody =
       resumedFromRound: number;
     }
   | { type: 'run.state'; state: RunState; message?: string }
-  | { type: 'run.completed'; rounds: number; finalAdapterPath: string; metrics: Record<string, number> }
+  | {
+      type: 'run.completed';
+      rounds: number;
+      finalAdapterPath: string;
+      metrics: Record<string, number>;
+      /** Why the run completed before its last round (e.g. privacy.max_epsilon). */
+      reason?: string;
+    }
   | { type: 'run.failed'; error: string }
   | { type: 'worker.joined'; worker: WorkerInfo }
   | { type: 'worker.left'; workerId: string; site: string; reason: string }
@@ -90,6 +110,8 @@ export type RunEventBody =
       phases: PhaseTimes;
       bytesUp: number;
       bytesDown: number;
+      /** Privacy spent after this round, when the run has privacy.client_dp or privacy.dp_sgd. */
+      privacy?: PrivacyReport;
     }
   | {
       type: 'step.completed';

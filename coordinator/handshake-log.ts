@@ -1,9 +1,9 @@
 /**
  * Refused TLS handshakes on the coordinator's gRPC port, logged with the
  * peer's address: a plaintext client against a TLS port, a client without an
- * accepted certificate (mutual TLS), a client that hung up on our
- * certificate. At most one line per peer address per minute, with the count
- * of those held back.
+ * accepted certificate (mutual TLS), a revoked one (server.tls.crl), a client
+ * that hung up on our certificate. At most one line per peer address and kind
+ * of refusal per minute, with the count of those held back.
  *
  * grpc-js has no handshake error event. Its Server keeps the Node
  * Http2SecureServer of each bound port in a private map (`http2Servers`,
@@ -24,6 +24,8 @@ export interface HandshakeLogOptions {
   mutual: boolean;
   /** Shortest time between two lines about one peer (default 60000 ms). */
   intervalMs?: number;
+  /** Called with each refusal that is logged (same rate limit): the audit log's refusal record. */
+  onRefused?: (peer: string, reason: string) => void;
 }
 
 /** Why a handshake failed, in the words an operator needs, from Node's TLS error. */
@@ -31,6 +33,9 @@ export function describeRefusedHandshake(err: Error & { code?: string }, mutual:
   const text = `${err.code ?? ''} ${err.message}`;
   if (/WRONG_VERSION_NUMBER|wrong version number|HTTP_REQUEST|http request|packet length too long|unknown protocol/i.test(text)) {
     return 'the client does not use TLS (a plaintext client on the TLS port: start the worker with --tls-ca FILE)';
+  }
+  if (/CERT_REVOKED|certificate revoked/i.test(text)) {
+    return 'the client certificate is revoked (server.tls.crl): the site needs a new certificate (fedtune certs issue SITE)';
   }
   if (/PEER_DID_NOT_RETURN_A_CERTIFICATE|did not return a certificate/i.test(text)) {
     return 'the client sent no certificate, and server.tls.client_ca requires one (start the worker with --tls-cert and --tls-key)';
@@ -102,12 +107,13 @@ export function logRefusedHandshakes(server: grpc.Server, opts: HandshakeLogOpti
       socket.destroy();
       return;
     }
-    const r = limit.take(peer);
+    // One line per peer and kind of refusal (the description without the certificate's details): a peer that
+    // fails in several ways is told apart, and no peer can flood the log by presenting ever new certificates.
+    const kind = describeRefusedHandshake(err, opts.mutual);
+    const r = limit.take(`${peer} ${kind}`);
     if (r.ok) {
-      log.warn(
-        { peer, code: err.code, ...(r.suppressed ? { suppressedSinceLast: r.suppressed } : {}) },
-        `refused a TLS handshake from ${peer}: ${describeRefusedHandshake(err, opts.mutual)}`,
-      );
+      log.warn({ peer, code: err.code, ...(r.suppressed ? { suppressedSinceLast: r.suppressed } : {}) }, `refused a TLS handshake from ${peer}: ${kind}`);
+      opts.onRefused?.(peer, kind);
     }
     socket.destroy();
   };

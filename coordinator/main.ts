@@ -36,6 +36,8 @@ import { federatedStore, LEGACY_SERVER_OPTIMIZER_FILE, newRunState, RunAlreadyCo
 export { RunAlreadyComplete } from './store.ts';
 import { WorkerRegistry, type RegistryListener } from './workers.ts';
 import { logRefusedHandshakes } from './handshake-log.ts';
+import { AuditLog, RoundAuditor } from './audit.ts';
+import { Admission, Revocations, TokenStore } from './identity.ts';
 
 const log = logger('coordinator');
 
@@ -60,6 +62,8 @@ export interface CoordinatorHandle {
   run: Promise<RunResult>;
   /** Stop the run (if still going), tell workers, shut the server down, close an owned bus. */
   close(): Promise<void>;
+  /** Re-read server.tls.crl (ending sessions of newly revoked certificates) and server.join_tokens (SIGHUP). */
+  reloadIdentities(): Promise<void>;
 }
 
 async function serverCredentials(cfg: RunConfig): Promise<grpc.ServerCredentials> {
@@ -117,6 +121,9 @@ async function start(cfg: RunConfig, opts: CoordinatorOptions, lock: RunDirLock)
   if (tooHigh) throw new Error(`lora.r: ${tooHigh}`);
   // TLS files before anything is written: a bad PEM must not leave a round-0 checkpoint behind.
   const creds = await serverCredentials(cfg);
+  // Revocation list and per-site tokens are checked before anything is written, like the TLS files.
+  const revocations = cfg.server.tls?.crl ? await Revocations.load(cfg.server.tls.crl, cfg.server.tls.client_ca!, creds) : null;
+  const tokens = cfg.server.join_tokens !== null ? new TokenStore(cfg.server.join_tokens) : null;
   const setup =
     cfg.mode === 'distributed'
       ? await setupDistributedRun(cfg, { model, lora, targets, resume: opts.resume ?? false })
@@ -136,16 +143,52 @@ async function start(cfg: RunConfig, opts: CoordinatorOptions, lock: RunDirLock)
   const registry = new WorkerRegistry(cfg.server.heartbeat_timeout_ms);
   const run = setup.create(bus, registry);
   registry.listener = run;
+  const audit = AuditLog.open(setup.runDir);
+  const admission = new Admission({
+    ...(tokens ? { tokens } : { sharedToken: cfg.server.join_token! }),
+    mutual: cfg.server.tls?.client_ca != null,
+    revocations,
+    audit,
+  });
+  const reloadCrl = async (): Promise<void> => {
+    if (!revocations) return;
+    const added = await revocations.reload();
+    if (added === null) return;
+    audit.write({ type: 'reload', what: 'crl', detail: { revoked: revocations.revokedCount, newly_revoked: added } });
+    admission.endRevoked(registry);
+  };
+  revocations?.watch(() => void reloadCrl());
+  // Round records of the audit log, from the run's own events.
+  const rounds = new RoundAuditor(audit);
+  const auditSub = bus.subscribe({ runId: run.runId, afterSeq: (await bus.history(run.runId)).at(-1)?.seq ?? 0 });
+  const auditing = (async () => {
+    try {
+      for await (const e of auditSub) rounds.onEvent(e as unknown as { type: string } & Record<string, unknown>);
+    } catch (err) {
+      log.warn({ err: (err as Error).message }, 'audit log: round records stopped (event subscription ended)');
+    }
+  })();
 
   const server = new grpc.Server({ 'grpc.keepalive_permit_without_calls': 1, 'grpc.http2.min_ping_interval_without_data_ms': 5000 });
-  server.addService(CoordinatorService, createCoordinatorService({ cfg, run, registry, modelFingerprint: model.fingerprint }));
+  server.addService(CoordinatorService, createCoordinatorService({ cfg, run, registry, modelFingerprint: model.fingerprint, admission }));
   const { host } = parseHostPort(cfg.server.listen, 'server.listen');
   const port = await new Promise<number>((resolve, reject) =>
-    server.bindAsync(cfg.server.listen, creds, (err, p) =>
+    server.bindAsync(cfg.server.listen, revocations?.serverCredentials ?? creds, (err, p) =>
       err ? reject(new Error(`server.listen: cannot listen on ${cfg.server.listen}: ${err.message}`)) : resolve(p),
     ),
-  );
-  if (cfg.server.tls) logRefusedHandshakes(server, { mutual: cfg.server.tls.client_ca !== null });
+  ).catch(async (err: unknown) => {
+    revocations?.close();
+    auditSub.close();
+    await auditing;
+    audit.close();
+    throw err;
+  });
+  if (cfg.server.tls) {
+    logRefusedHandshakes(server, {
+      mutual: cfg.server.tls.client_ca !== null,
+      onRefused: (peer, reason) => audit.write({ type: 'refusal', stage: 'handshake', reason, site: null, address: peer }),
+    });
+  }
   registry.startSweeper(Math.min(1000, cfg.server.heartbeat_interval_ms));
   const address = `${host.includes(':') ? `[${host}]` : host}:${port}`;
   log.info({ address, run: cfg.name, mode: cfg.mode, tls: cfg.server.tls !== null, fingerprint: model.fingerprint }, 'coordinator listening');
@@ -180,8 +223,17 @@ async function start(cfg: RunConfig, opts: CoordinatorOptions, lock: RunDirLock)
           resolve();
         });
       });
+      revocations?.close();
+      auditSub.close();
+      await auditing;
+      audit.close();
       if (ownBus) await bus.close();
       await lock.release();
+    },
+    async reloadIdentities() {
+      if (closed) return;
+      tokens?.reload();
+      await reloadCrl();
     },
   };
 }

@@ -56,6 +56,8 @@ export abstract class RunBase {
   protected readonly bus: EventBus;
   protected readonly registry: WorkerRegistry;
   protected readonly resumed: boolean;
+  /** Set by a loop that ends before its last round or step (run.completed carries it as `reason`). */
+  protected completionReason: string | null = null;
 
   protected constructor(o: RunBaseOptions) {
     this.runId = o.state.runId;
@@ -161,6 +163,7 @@ export abstract class RunBase {
         rounds: d.n,
         finalAdapterPath: d.path ?? '',
         metrics: Object.fromEntries(Object.entries(metrics).filter((e): e is [string, number] => typeof e[1] === 'number')),
+        ...(this.completionReason !== null ? { reason: this.completionReason } : {}),
       });
       this.publish({ type: 'run.state', state: 'completed' });
       return { state: 'completed', rounds: d.n, finalAdapterPath: d.path, history: d.history };

@@ -27,7 +27,13 @@ import { RunBase, manifestMismatch, type RunBaseOptions, type RunResult } from '
 import { weightedMean, type Candidate, type EvalReport, type FitFailure, type FitResult, type FitSpec, type GlobalAdapter, type Strategy } from './strategies/strategy.ts';
 import type { Aggregator } from './strategies/strategy.ts';
 import type { CheckpointStore, RoundRecord, RunStateFile, WorkerStats } from './store.ts';
+import { checkClientDp, ClientDp, ClientDpAggregator } from './privacy/client-dp.ts';
+import { exceeds, PrivacyLedger } from './privacy/ledger.ts';
 import { TaskBoard, trainingSpecOf, UpdateRejected, type TaskBase } from './tasks.ts';
+import { SecAggBelowThreshold, SecAggRound, updateFromSum } from './secagg-round.ts';
+import type { SecAggObserver } from '../common/secagg/server.ts';
+import { numel } from '../common/tensor.ts';
+import type { WorkerMessage } from '../proto/gen/fedtune/v1/coordinator.ts';
 import type { RegistryListener, WorkerRecord } from './workers.ts';
 
 export { UpdateRejected } from './tasks.ts';
@@ -57,6 +63,8 @@ export interface FederatedRunOptions extends RunBaseOptions {
   /** LoRA rank of `global` (mixed-rank strategies change it from round to round). */
   globalRank: number;
   state: RunStateFile;
+  /** privacy.secure_aggregation: sees every buffer the aggregation server holds (tests). */
+  secaggObserver?: SecAggObserver;
 }
 
 function median(xs: readonly number[]): number | null {
@@ -75,6 +83,9 @@ interface OpenAttempt {
   refused: number;
   /** Refusals by defence.norm_factor (the learned bound). */
   refusedByNorm: number;
+  /** Client DP: the cohort's sampling rate (sites asked / sites eligible) and the sites asked (the fixed denominator). */
+  q: number;
+  expected: number;
 }
 
 export class FederatedRun extends RunBase implements RegistryListener {
@@ -86,13 +97,23 @@ export class FederatedRun extends RunBase implements RegistryListener {
   private open: OpenAttempt | null = null;
   private roundBytesDown = 0;
   private roundRefused = 0;
+  /** Client-level DP (privacy.client_dp) and the run's privacy ledger. */
+  private readonly clientDp: ClientDp | null;
+  private readonly ledger: PrivacyLedger;
+  /** The secure-aggregation attempt now running (privacy.secure_aggregation). */
+  private secagg: SecAggRound | null = null;
+  private readonly secaggObserver: SecAggObserver | undefined;
 
   constructor(o: FederatedRunOptions) {
     super(o);
+    this.secaggObserver = o.secaggObserver;
     this.store = o.store;
     this.strategy = o.strategy;
     this.state = o.state;
     this.globalRank = o.globalRank;
+    checkClientDp(o.cfg);
+    this.ledger = new PrivacyLedger(o.cfg, o.state.privacy, o.state.round);
+    this.clientDp = o.cfg.privacy.client_dp ? new ClientDp(o.cfg.privacy.client_dp, undefined, { clipNorm: this.ledger.savedClipNorm }) : null;
     this.board = new TaskBoard<TaskState>(o.registry, (t) => `of round ${t.round}`);
   }
 
@@ -104,6 +125,7 @@ export class FederatedRun extends RunBase implements RegistryListener {
 
   onWorkerGone(w: WorkerRecord, reason: string): void {
     this.workerLeft(w, reason);
+    this.secagg?.onWorkerGone(w.workerId, reason);
     for (const t of this.board.failWorker(w.workerId, `worker left (${reason})`)) this.stats(t.site).failed++;
     this.conditions.notify();
   }
@@ -129,6 +151,11 @@ export class FederatedRun extends RunBase implements RegistryListener {
   onTaskFailed(w: WorkerRecord, f: TaskFailed): void {
     const t = this.board.get(f.taskId);
     this.taskFailedEvent(w, f);
+    if (this.secagg?.owns(f.taskId)) {
+      this.secagg.onTaskFailed(w.workerId, f);
+      this.conditions.notify();
+      return;
+    }
     if (t && t.workerId === w.workerId && this.board.fail(t, f.message)) {
       this.stats(t.site).failed++;
       this.conditions.notify();
@@ -143,6 +170,12 @@ export class FederatedRun extends RunBase implements RegistryListener {
     }
     t.evalResult = r;
     this.board.done(t, 0);
+    this.conditions.notify();
+  }
+
+  /** A secure-aggregation answer on a worker's session (service.ts routes SecAgg* messages here). */
+  onSecAgg(w: WorkerRecord, body: NonNullable<WorkerMessage['body']>): void {
+    this.secagg?.onMessage(w.workerId, body);
     this.conditions.notify();
   }
 
@@ -175,8 +208,13 @@ export class FederatedRun extends RunBase implements RegistryListener {
       (t) =>
         `task ${t.taskId} of round ${t.round} is closed (${t.status === 'cancelled' ? 'deadline passed or cancelled' : t.status}); the run is at round ${open?.round ?? this.state.round}`,
     );
-    if (h.kind !== UpdateKind.UPDATE_KIND_ADAPTER_WEIGHTS) {
-      throw new UpdateRejected('INVALID_ARGUMENT', `update kind ${UpdateKind[h.kind] ?? h.kind} is not accepted here (allowed: UPDATE_KIND_ADAPTER_WEIGHTS)`);
+    // Under secure aggregation only masked inputs cross the Upload path, never a plaintext update.
+    const kind = this.cfg.privacy.secure_aggregation ? UpdateKind.UPDATE_KIND_SECAGG_MASKED : UpdateKind.UPDATE_KIND_ADAPTER_WEIGHTS;
+    if (h.kind !== kind) {
+      throw new UpdateRejected(
+        'INVALID_ARGUMENT',
+        `update kind ${UpdateKind[h.kind] ?? h.kind} is not accepted here (allowed: ${UpdateKind[kind]}${this.cfg.privacy.secure_aggregation ? ': the run uses privacy.secure_aggregation, so updates are uploaded masked' : ''})`,
+      );
     }
     if (h.baseVersion !== t.baseVersion) {
       throw new UpdateRejected('FAILED_PRECONDITION', `update computed from global version ${h.baseVersion}, task ${h.taskId} is on version ${t.baseVersion}`);
@@ -193,7 +231,9 @@ export class FederatedRun extends RunBase implements RegistryListener {
     for (const [k, v] of Object.entries(h.metrics)) {
       if (!Number.isFinite(v)) throw new UpdateRejected('INVALID_ARGUMENT', `metric ${k} is not finite (${v})`);
     }
-    const bad = manifestMismatch(manifest, t.manifest);
+    const masked = kind === UpdateKind.UPDATE_KIND_SECAGG_MASKED ? this.secagg?.maskedNames() : undefined;
+    if (kind === UpdateKind.UPDATE_KIND_SECAGG_MASKED && !masked) throw new UpdateRejected('FAILED_PRECONDITION', `task ${t.taskId}: no secure aggregation attempt is collecting masked inputs`);
+    const bad = manifestMismatch(manifest, masked ? t.manifest.filter((e) => masked.includes(e.name)) : t.manifest);
     if (bad) {
       throw new UpdateRejected('INVALID_ARGUMENT', `update does not match the adapter task ${t.taskId} started from (site ${w.site} was assigned LoRA rank ${t.spec.rank}): ${bad}`);
     }
@@ -252,6 +292,7 @@ export class FederatedRun extends RunBase implements RegistryListener {
     if (t.status !== 'uploading' || !open || open.round !== t.round || open.attempt !== t.attempt) {
       throw new UpdateRejected('FAILED_PRECONDITION', `stale update: round ${t.round} closed while task ${t.taskId} was uploading`);
     }
+    if (h.kind === UpdateKind.UPDATE_KIND_SECAGG_MASKED) return this.acceptMasked(w, t, h, bytes);
     const aligned = bytes.byteOffset % 4 === 0 ? bytes : bytes.slice();
     const flat = new Float32Array(aligned.buffer, aligned.byteOffset, aligned.byteLength / 4);
     const refuse = (reason: string): never => {
@@ -292,6 +333,101 @@ export class FederatedRun extends RunBase implements RegistryListener {
     this.conditions.notify();
   }
 
+  /** A masked input: folded into the secure-aggregation server's running sum at once, never kept per site. */
+  private acceptMasked(w: WorkerRecord, t: TaskState, h: UploadHeader, bytes: Uint8Array): void {
+    const sa = this.secagg;
+    if (!sa) throw new UpdateRejected('FAILED_PRECONDITION', `stale update: no secure aggregation attempt is collecting masked inputs for task ${t.taskId}`);
+    try {
+      sa.addMaskedInput(t.taskId, bytes);
+    } catch (err) {
+      this.board.reopen(t);
+      throw new UpdateRejected('INVALID_ARGUMENT', (err as Error).message);
+    }
+    this.board.done(t, bytes.byteLength);
+    t.numExamples = h.numExamples;
+    t.metrics = { ...h.metrics };
+    const s = this.stats(w.site);
+    s.bytesUp += bytes.byteLength;
+    s.examples += h.numExamples;
+    s.rounds++;
+    this.publish({ type: 'update.received', round: t.round, taskId: t.taskId, workerId: w.workerId, site: w.site, examples: h.numExamples, bytes: bytes.byteLength, metrics: t.metrics });
+    log.info({ round: t.round, site: w.site, examples: h.numExamples, bytes: bytes.byteLength }, 'masked input received');
+    this.conditions.notify();
+  }
+
+  /**
+   * One attempt under privacy.secure_aggregation (coordinator/secagg-round.ts): the
+   * phases, then ONE synthetic update start + sum / sum_w (client DP: start + finishSum(sum))
+   * into the strategy's aggregator. Returns how many sites' inputs the sum holds (0 and why: failed).
+   */
+  private async secureAttempt(round: number, attempt: number, made: Array<{ t: TaskState; ref: { rank: number; totalBytes: number; sha256: Uint8Array } }>, chosen: ReadonlyArray<{ c: Candidate }>, deadline: number, frozenA: boolean): Promise<{ received: number; failure: string | null }> {
+    const cfg = this.cfg;
+    const sa = cfg.privacy.secure_aggregation!;
+    const open = this.open!;
+    const strat = cfg.strategy as { name: string; bound?: unknown; weighted?: unknown };
+    const equal = this.clientDp !== null || (strat.name === 'norm_bounding' && strat.weighted !== true);
+    const raw = chosen.map((x) => (equal ? 1 : this.weightOf(x.c.numTrainExamples)));
+    const maxW = Math.max(...raw);
+    const start = made[0]!.t;
+    const masked = start.manifest.filter((e) => !(frozenA && e.name.includes('.lora_A.'))).map((e) => ({ name: e.name, size: numel(e.shape) }));
+    const bounds = [cfg.defence.max_norm, strat.name === 'norm_bounding' && typeof strat.bound === 'number' ? strat.bound : null, this.clientDp?.clipNorm() ?? null].filter((x): x is number => x !== null);
+    const r = new SecAggRound({
+      round,
+      attempt,
+      cfg: sa,
+      members: made.map((m, i) => ({ index: i + 1, workerId: m.t.workerId, site: m.t.site, taskId: m.t.taskId, weight: raw[i]! / maxW, spec: trainingSpecOf(cfg, m.t.spec), ref: { version: this.globalVersion, ...m.ref } })),
+      masked,
+      clipNorm: bounds.length > 0 ? Math.min(...bounds) : 0,
+      noiseStd: this.clientDp?.siteNoiseStd(sa.threshold) ?? 0,
+      deadline,
+      host: {
+        send: (workerId, task) => {
+          const w = this.registry.get(workerId);
+          return w !== undefined && this.registry.send(w, { body: { $case: 'task', value: task } });
+        },
+        waitFor: (pred, until) => this.conditions.waitFor(pred, until),
+        status: (taskId) => this.board.get(taskId)?.status,
+        drop: (taskId, reason) => {
+          const t = this.board.get(taskId);
+          if (t) this.board.cancel([t], reason, 'failed');
+          this.conditions.notify();
+        },
+        publish: (level, message) => this.publish({ type: 'log', level, message }),
+      },
+      ...(this.secaggObserver ? { observer: this.secaggObserver } : {}),
+    });
+    this.secagg = r;
+    for (const m of made) this.ledger.taskDispatched(m.t.site);
+    try {
+      const out = await r.run();
+      const members = out.u3.map((id) => this.board.get(id)!).filter((t) => t !== undefined);
+      for (const t of members) t.weight = raw[made.findIndex((m) => m.t === t)]! / maxW;
+      let tensors;
+      if (this.clientDp) {
+        this.clientDp.finishSum(out.sum, open.expected);
+        tensors = updateFromSum(start.start, masked, out.sum, 1);
+      } else {
+        tensors = updateFromSum(start.start, masked, out.sum, out.weight);
+      }
+      const update = { workerId: 'secure-aggregation', site: 'secure aggregation', spec: start.spec, weight: this.clientDp ? 1 : out.weight, tensors, start: start.start };
+      const unfit = this.strategy.checkUpdate(update);
+      if (unfit) throw new Error(`secure aggregation: the strategy refused the aggregate of round ${round}: ${unfit}`);
+      open.aggregator.add(update);
+      this.publish({ type: 'log', level: 'info', message: `round ${round}: secure aggregation of ${out.u3.length} of ${made.length} site(s) (threshold ${sa.threshold}); quantisation bound ${out.bound.toPrecision(3)} per coordinate of the sum` });
+      return { received: out.u3.length, failure: null };
+    } catch (err) {
+      if (!(err instanceof SecAggBelowThreshold)) throw err;
+      this.publish({ type: 'log', level: 'warn', message: `round ${round}, attempt ${attempt + 1}: ${err.message}` });
+      log.warn({ round, attempt, phase: err.phase, have: err.have, need: err.need }, err.message);
+      this.board.cancel(made.map((m) => m.t), err.message, 'failed');
+      const gone = made.filter((m) => m.t.status === 'failed' && m.t.failReason !== err.message).map((m) => `${m.t.site}: ${m.t.failReason}`);
+      return { received: 0, failure: `attempt ${attempt + 1}: ${err.message}${gone.length > 0 ? ` (${gone.slice(0, 3).join('; ')})` : ''}` };
+    } finally {
+      this.secagg = null;
+      this.board.cancel(made.map((m) => m.t), `round ${round}: secure aggregation attempt ${attempt + 1} is over`);
+    }
+  }
+
   rejectUpdate(w: WorkerRecord, h: Pick<UploadHeader, 'taskId' | 'round'> | null, reason: string): void {
     const t = h ? this.board.get(h.taskId) : undefined;
     this.stats(w.site).rejected++;
@@ -309,9 +445,9 @@ export class FederatedRun extends RunBase implements RegistryListener {
         async () => {
           await this.reconcileEvents();
           if (this.state.round === 0 && cfg.eval.every > 0 && cfg.eval.initial && this.state.baseline === null) await this.baseline();
-          for (let round = this.state.round + 1; round <= cfg.rounds; round++) await this.runRound(round);
+          for (let round = this.state.round + 1; round <= cfg.rounds; round++) if (!(await this.runRound(round))) break;
           const last = this.state.history.at(-1);
-          return { trainLoss: last?.trainLoss, evalLoss: last?.evalLoss, evalAccuracy: last?.evalAccuracy };
+          return { trainLoss: last?.trainLoss, evalLoss: last?.evalLoss, evalAccuracy: last?.evalAccuracy, epsilon: this.ledger.enabled ? this.ledger.report().epsilon : undefined };
         },
         () => ({ n: this.state.round, path: this.store.dir(this.state.round), history: this.state.history }),
       );
@@ -347,6 +483,7 @@ export class FederatedRun extends RunBase implements RegistryListener {
         phases: r.phases ?? { dispatchMs: 0, trainMs: 0, uploadMs: 0, aggregateMs: 0 },
         bytesUp: r.bytesUp,
         bytesDown: r.bytesDown,
+        ...(r.privacy ? { privacy: r.privacy } : {}),
       });
       log.info({ round: r.round }, 'round.completed republished: the checkpoint was on disk, its events were not');
     }
@@ -472,7 +609,38 @@ export class FederatedRun extends RunBase implements RegistryListener {
     return out;
   }
 
-  private async runRound(round: number): Promise<void> {
+  /**
+   * privacy.max_epsilon: the epsilon the run would have after this attempt of
+   * `round`. Over the budget, the run completes cleanly instead (true).
+   */
+  private overBudget(round: number, q: number, chosen: ReadonlyArray<{ c: Candidate }>): boolean {
+    const max = this.cfg.privacy.max_epsilon;
+    if (max === null || !this.ledger.enabled) return false;
+    const sigma = this.clientDp?.roundSigma(chosen.length) ?? 0;
+    const after = this.ledger.preview({ client: this.clientDp ? { q, sigma } : undefined, sites: chosen.map((x) => x.c.site) });
+    if (!exceeds(after, max)) return false;
+    const spent = this.ledger.report().epsilon;
+    this.completionReason =
+      `privacy.max_epsilon = ${max} reached: ${spent === null ? 'unbounded' : spent.toPrecision(4)} spent (delta ${this.cfg.privacy.delta}) after round ${round - 1}; ` +
+      `round ${round} would take it to ${after.epsilon === null ? 'unbounded' : after.epsilon.toPrecision(4)}`;
+    this.publish({ type: 'log', level: 'info', message: this.completionReason });
+    log.info({ round, spent, after: after.epsilon, max }, 'privacy budget reached; the run completes');
+    return true;
+  }
+
+  /**
+   * A round aggregated under client DP (in the clear or under secure aggregation): adaptive
+   * clipping's step, and the round's sampled Gaussian mechanism into the ledger.
+   */
+  private chargeClientDp(round: number, q: number, expected: number): void {
+    if (!this.clientDp) return;
+    const spent = this.clientDp.endRound(expected);
+    this.ledger.roundAggregated(q, spent.effectiveNoiseMultiplier, this.clientDp.clipNorm());
+    log.info({ round, q, clipNorm: spent.clipNorm, nextClipNorm: this.clientDp.clipNorm(), unclipped: spent.unclipped, received: spent.received }, 'client DP round');
+  }
+
+  /** One round, retried until it aggregates; false when the privacy budget stopped the run before it. */
+  private async runRound(round: number): Promise<boolean> {
     const cfg = this.cfg;
     const started = Date.now();
     this.roundBytesDown = 0;
@@ -484,19 +652,38 @@ export class FederatedRun extends RunBase implements RegistryListener {
       this.publish({ type: 'run.state', state: 'waiting', message: `round ${round}: waiting for ${cfg.cohort.min_workers} worker(s)` });
       await this.waitForWorkers();
       this.publish({ type: 'run.state', state: 'running', message: `round ${round}${attempt > 0 ? ` (retry ${attempt})` : ''}` });
-      const chosen = this.configureFit(round, attempt, this.candidates('train'));
-      this.open = { round, attempt, aggregator: this.strategy.aggregator(this.current), norms: [], refused: 0, refusedByNorm: 0 };
+      const eligible = this.candidates('train');
+      const chosen = this.configureFit(round, attempt, eligible);
+      const q = chosen.length / eligible.length;
+      if (this.overBudget(round, q, chosen)) return false;
+      const frozenA = chosen.some((x) => x.spec.freezeLoraA);
+      // Client DP in the clear: the loop clips and noises. Under secure aggregation the sites clip (and add distributed
+      // noise) and the decoded sum goes through this.clientDp.finishSum before the strategy's aggregator sees it.
+      const aggregator =
+        this.clientDp && !cfg.privacy.secure_aggregation
+          ? new ClientDpAggregator(this.current, this.clientDp, chosen.length, (name) => frozenA && name.includes('.lora_A.'))
+          : this.strategy.aggregator(this.current);
+      this.open = { round, attempt, aggregator, norms: [], refused: 0, refusedByNorm: 0, q, expected: chosen.length };
       this.publish({ type: 'round.started', round, cohort: chosen.map((x) => x.c.workerId), globalVersion: this.globalVersion });
       log.info({ round, attempt, cohort: chosen.length, ranks: [...new Set(chosen.map((x) => x.spec.rank))] }, 'round started');
       const t0 = Date.now();
       const deadline = t0 + cfg.round.deadline_sec * 1000;
       const made = chosen.map((x) => this.newTask('train', round, attempt, x.c, x.spec));
       tasks = made.map((m) => m.t);
-      for (const m of made) this.dispatch(m.t, m.ref, deadline);
-      const allIn = await this.conditions.waitFor(() => this.board.settled(tasks), deadline);
-      if (!allIn) this.board.cancel(tasks, `round ${round} deadline of ${cfg.round.deadline_sec} s passed`);
+      let allIn = true;
+      let received: number;
+      let secaggFailure: string | null = null;
+      if (cfg.privacy.secure_aggregation) {
+        const r = await this.secureAttempt(round, attempt, made, chosen, deadline, frozenA);
+        received = r.received;
+        secaggFailure = r.failure;
+      } else {
+        for (const m of made) if (this.dispatch(m.t, m.ref, deadline)) this.ledger.taskDispatched(m.t.site);
+        allIn = await this.conditions.waitFor(() => this.board.settled(tasks), deadline);
+        if (!allIn) this.board.cancel(tasks, `round ${round} deadline of ${cfg.round.deadline_sec} s passed`);
+        received = this.open.aggregator.count;
+      }
       const done = tasks.filter((t) => t.status === 'done');
-      const received = this.open.aggregator.count;
       const t1 = Date.now();
       // Phases overlap across workers; split the wall time at the last download and the first upload.
       const firstUp = Math.min(t1, ...done.map((t) => t.uploadStartedAt ?? t1));
@@ -507,9 +694,10 @@ export class FederatedRun extends RunBase implements RegistryListener {
       if (received >= cfg.round.min_results) break;
       const why = [...new Set(tasks.filter((t) => t.failReason).map((t) => `${t.site}: ${t.failReason}`))].slice(0, 3);
       const reason =
+        secaggFailure ??
         (allIn ? `${received} of ${tasks.length} update(s) arrived` : `deadline of ${cfg.round.deadline_sec} s passed with ${received} of ${tasks.length} update(s)`) +
-        (this.open.refused > 0 ? `, ${this.open.refused} refused by the defences` : '') +
-        (why.length > 0 ? ` (failed: ${why.join('; ')})` : '');
+          (this.open.refused > 0 ? `, ${this.open.refused} refused by the defences` : '') +
+          (why.length > 0 ? ` (failed: ${why.join('; ')})` : '');
       if (received === 0 && this.open.refusedByNorm > 0) {
         // The learned bound refused every update that came: the scale moved between rounds, not one site. Reset it.
         this.state.updateNorms = [];
@@ -530,6 +718,8 @@ export class FederatedRun extends RunBase implements RegistryListener {
     const next = this.strategy.aggregateFit(round, this.current, open.aggregator, results, failures);
     phases.aggregateMs = Date.now() - ta;
     this.checkNext(next, round);
+    this.chargeClientDp(round, open.q, open.expected);
+    const privacy = this.ledger.enabled ? this.ledger.report() : undefined;
     this.globalRank = next.rank;
     this.setGlobal(next.tensors, this.globalVersion + 1);
 
@@ -549,12 +739,14 @@ export class FederatedRun extends RunBase implements RegistryListener {
       retries: attempt,
       refused: this.roundRefused,
       phases,
+      ...(privacy ? { privacy } : {}),
       completedAt: new Date().toISOString(),
     };
     this.state.round = round;
     this.state.globalVersion = this.globalVersion;
     this.state.history.push(record);
     this.state.updateNorms = open.norms;
+    if (this.ledger.enabled) this.state.privacy = this.ledger.state();
     this.state.updatedAt = record.completedAt;
     const { path, bytes } = await this.store.write(this.state, this.globalAdapter, this.loraOf(this.globalRank), { strategy: this.strategy.state() });
     this.board.forget((t) => t.round < round);
@@ -582,8 +774,10 @@ export class FederatedRun extends RunBase implements RegistryListener {
       phases,
       bytesUp: record.bytesUp,
       bytesDown: record.bytesDown,
+      ...(privacy ? { privacy } : {}),
     });
-    log.info({ round, rank: this.globalRank, trainLoss: record.trainLoss, evalLoss: record.evalLoss, evalAccuracy: record.evalAccuracy, path }, 'round completed');
+    log.info({ round, rank: this.globalRank, trainLoss: record.trainLoss, evalLoss: record.evalLoss, evalAccuracy: record.evalAccuracy, epsilon: privacy?.epsilon, path }, 'round completed');
+    return true;
   }
 
   /** PEFT r and alpha of an adapter of rank r (alpha keeps the run's alpha / r). */

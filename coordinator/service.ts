@@ -3,7 +3,6 @@
  * authenticate, move bytes in checked chunks, and hand what arrived to the
  * registry (workers.ts) and the round loop (run.ts).
  */
-import { timingSafeEqual } from 'node:crypto';
 import * as grpc from '@grpc/grpc-js';
 import {
   ChunkAssembler,
@@ -33,6 +32,7 @@ import type { StreamHeader } from '../proto/gen/fedtune/v1/tensors.ts';
 import type { PackedTensors } from '../common/chunks.ts';
 import type { EvalResult, TaskFailed, TaskProgress } from '../proto/gen/fedtune/v1/coordinator.ts';
 import { UpdateRejected, trainingSpecOf } from './tasks.ts';
+import { Admission } from './identity.ts';
 import type { SessionStream, WorkerRecord, WorkerRegistry } from './workers.ts';
 
 const log = logger('coordinator.service');
@@ -68,6 +68,8 @@ export interface RunController<T = unknown> {
   onProgress(w: WorkerRecord, p: TaskProgress): void;
   onTaskFailed(w: WorkerRecord, f: TaskFailed): void;
   onEvalResult(w: WorkerRecord, r: EvalResult): void;
+  /** Secure aggregation's answers (SecAggAdvertiseKeys, SecAggShareKeys, SecAggUnmask); absent: ignored. */
+  onSecAgg?(w: WorkerRecord, body: NonNullable<WorkerMessage['body']>): void;
   onDownloaded(w: WorkerRecord, bytes: number): void;
   beginUpdate(w: WorkerRecord, h: UploadHeader, manifest: TensorSpecEntry[]): T;
   abandonUpdate(t: T): void;
@@ -80,6 +82,8 @@ export interface ServiceContext<T = unknown> {
   run: RunController<T>;
   registry: WorkerRegistry;
   modelFingerprint: string;
+  /** Join tokens, certificate-to-site binding, revocation, audit records (default: the config's checks, no audit). */
+  admission?: Admission;
 }
 
 const STATUS_NAMES: Record<number, string> = {
@@ -110,13 +114,8 @@ class Semaphore {
 
 export function createCoordinatorService<T>(ctx: ServiceContext<T>): CoordinatorServer {
   const { cfg, registry } = ctx;
-  const token = Buffer.from(cfg.server.join_token);
+  const admission = ctx.admission ?? Admission.fromConfig(cfg);
   const uploads = new Semaphore(cfg.server.max_concurrent_uploads);
-
-  const checkToken = (given: string): boolean => {
-    const g = Buffer.from(given);
-    return g.length === token.length && timingSafeEqual(g, token);
-  };
 
   const runInfo = (): RunInfo => ({
     runId: ctx.run.runId,
@@ -127,7 +126,7 @@ export function createCoordinatorService<T>(ctx: ServiceContext<T>): Coordinator
     protocolVersion: PROTOCOL_VERSION,
   });
 
-  const authenticate = (md: grpc.Metadata): WorkerRecord => {
+  const authenticate = (md: grpc.Metadata, call: { getPeer(): string }): WorkerRecord => {
     const id = String(md.get(WORKER_ID_HEADER)[0] ?? '');
     const key = String(md.get(SESSION_KEY_HEADER)[0] ?? '');
     const w = id && key ? registry.authenticate(id, key) : null;
@@ -137,21 +136,25 @@ export function createCoordinatorService<T>(ctx: ServiceContext<T>): Coordinator
         id ? `worker ${id} is not registered with this coordinator (or its session ended): register again` : `missing ${WORKER_ID_HEADER} / ${SESSION_KEY_HEADER} metadata: call Register first`,
       );
     }
+    const revoked = admission.check(w, call.getPeer());
+    if (revoked) throw grpcError(revoked.code, revoked.message);
     return w;
   };
 
   return {
     getRunInfo(call: grpc.ServerUnaryCall<RunInfoRequest, RunInfo>, cb: grpc.sendUnaryData<RunInfo>) {
-      if (!checkToken(call.request.joinToken)) return cb(grpcError(grpc.status.UNAUTHENTICATED, 'join token rejected: check --token against server.join_token of the run'));
+      const refused = admission.runInfo(call.request.joinToken, call);
+      if (refused) return cb(grpcError(refused.code, refused.message));
       cb(null, runInfo());
     },
 
     register(call: grpc.ServerUnaryCall<RegisterRequest, RegisterResponse>, cb: grpc.sendUnaryData<RegisterResponse>) {
       const req = call.request;
       const peer = call.getPeer();
-      if (!checkToken(req.joinToken)) {
-        log.warn({ peer, site: req.site }, 'registration refused: bad join token');
-        return cb(grpcError(grpc.status.UNAUTHENTICATED, 'join token rejected: check --token against server.join_token of the run'));
+      const admitted = admission.register(req.joinToken, req.site.trim(), call);
+      if (!admitted.ok) {
+        log.warn({ peer, site: req.site }, `registration refused: ${admitted.message}`);
+        return cb(grpcError(admitted.code, admitted.message));
       }
       const caps = req.capabilities;
       if (!req.site.trim()) return cb(grpcError(grpc.status.INVALID_ARGUMENT, 'site: must not be empty (pass --name SITE)'));
@@ -192,6 +195,7 @@ export function createCoordinatorService<T>(ctx: ServiceContext<T>): Coordinator
         numEvalExamples: caps.numEvalExamples,
         client: caps.client,
       });
+      admission.admitted(w, admitted, peer);
       log.info({ worker: w.workerId, site: w.site, device: w.device, peer, train: w.numTrainExamples, eval: w.numEvalExamples }, 'worker registered');
       cb(null, {
         workerId: w.workerId,
@@ -206,7 +210,7 @@ export function createCoordinatorService<T>(ctx: ServiceContext<T>): Coordinator
     session(call: SessionStream) {
       let w: WorkerRecord;
       try {
-        w = authenticate(call.metadata);
+        w = authenticate(call.metadata, call);
       } catch (err) {
         call.emit('error', statusOf(err));
         return;
@@ -234,6 +238,11 @@ export function createCoordinatorService<T>(ctx: ServiceContext<T>): Coordinator
           case 'evalResult':
             ctx.run.onEvalResult(w, b.value);
             break;
+          case 'secaggKeys':
+          case 'secaggShares':
+          case 'secaggUnmask':
+            ctx.run.onSecAgg?.(w, b);
+            break;
         }
       });
       const gone = (reason: string) => () => {
@@ -246,7 +255,7 @@ export function createCoordinatorService<T>(ctx: ServiceContext<T>): Coordinator
 
     download(call: grpc.ServerWritableStream<DownloadRequest, DownloadMessage>) {
       void (async () => {
-        const w = authenticate(call.metadata);
+        const w = authenticate(call.metadata, call);
         const target = call.request.target;
         let packed: { bytes: Uint8Array; sha256: Uint8Array };
         let content: StreamHeader['content'];
@@ -291,7 +300,7 @@ export function createCoordinatorService<T>(ctx: ServiceContext<T>): Coordinator
       void (async () => {
         let w: WorkerRecord;
         try {
-          w = authenticate(call.metadata);
+          w = authenticate(call.metadata, call);
         } catch (err) {
           return cb(statusOf(err));
         }

@@ -18,11 +18,12 @@ import { appendFile, mkdir, readdir, readFile, rm, stat } from 'node:fs/promises
 import { join } from 'node:path';
 import { isTempName, writeDirAtomic, writeFileAtomic } from '../common/atomic.ts';
 import type { RunConfig } from '../common/config.ts';
-import type { PhaseTimes } from '../common/events.ts';
+import type { PhaseTimes, PrivacyReport } from '../common/events.ts';
 import { faultPoint } from '../common/faults.ts';
 import { readPeftAdapter, writePeftAdapter } from '../common/peft.ts';
 import { readSafetensors, toFloat32, toFloat64, writeSafetensors, type StWriteEntry } from '../common/safetensors.ts';
 import type { TensorMap } from '../common/tensor.ts';
+import type { PrivacyState } from './privacy/ledger.ts';
 import type { StrategyState } from './strategies/strategy.ts';
 import { checkpointWriteError } from './checkpoint-errors.ts';
 
@@ -50,6 +51,8 @@ export interface RoundRecord {
   /** Updates refused this round (shapes, values, norm, weight), all attempts. */
   refused?: number;
   phases?: PhaseTimes;
+  /** Privacy spent after the round (runs with privacy.client_dp or privacy.dp_sgd). */
+  privacy?: PrivacyReport;
   completedAt: string;
 }
 
@@ -77,6 +80,8 @@ export interface RunStateFile {
   workers: Record<string, WorkerStats>;
   /** L2 distances of the last round's accepted updates from their start (the defence's reference). */
   updateNorms?: number[];
+  /** The privacy ledger after this round (coordinator/privacy/ledger.ts); resume continues from it. */
+  privacy?: PrivacyState;
   createdAt: string;
   updatedAt: string;
 }

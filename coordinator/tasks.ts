@@ -200,6 +200,9 @@ export function trainingSpecOf(cfg: RunConfig, o?: SpecOverrides): TrainingSpec 
     seed: t.seed,
     proxMu: o?.proxMu ?? 0,
     freezeLoraA: o?.freezeLoraA ?? false,
+    dpSgd: cfg.privacy.dp_sgd
+      ? { maxGradNorm: cfg.privacy.dp_sgd.max_grad_norm, noiseMultiplier: cfg.privacy.dp_sgd.noise_multiplier, sampleRate: cfg.privacy.dp_sgd.sample_rate }
+      : undefined,
   };
 }
 

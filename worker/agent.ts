@@ -42,6 +42,7 @@ import {
   type WorkerMessage,
 } from '../proto/gen/fedtune/v1/coordinator.ts';
 import { createTrainer } from './trainers/index.ts';
+import { isSecAggTask, SecAggSiteRunner } from './secagg-site.ts';
 import { StepRunner } from './trainers/step.ts';
 import { diagnoseTlsFailure } from './tls-errors.ts';
 import { seqLenMismatch } from '../common/limits.ts';
@@ -241,6 +242,7 @@ export function localSpecOf(s: TrainingSpec): LocalTrainingSpec {
     seed: s.seed,
     proxMu: s.proxMu ?? 0,
     freezeLoraA: s.freezeLoraA ?? false,
+    dpSgd: s.dpSgd ? { maxGradNorm: s.dpSgd.maxGradNorm, noiseMultiplier: s.dpSgd.noiseMultiplier, sampleRate: s.dpSgd.sampleRate } : null,
   };
 }
 
@@ -285,6 +287,8 @@ export class WorkerAgent {
   private tasksDone = 0;
   /** Distributed mode: shard cache and local SGD state, created with the trainer. */
   private steps: StepRunner | null = null;
+  /** Secure aggregation: the site's state of the current round attempts. */
+  private secagg: SecAggSiteRunner | null = null;
 
   constructor(opts: WorkerAgentOptions) {
     this.opts = opts;
@@ -374,6 +378,7 @@ export class WorkerAgent {
       ...o,
       template: o.template ?? t?.template ?? 'alpaca',
       maxSeqLen: o.maxSeqLen ?? t?.maxSeqLen ?? 256,
+      site: this.opts.site,
     };
     log.info({ backend: this.opts.trainer, model: factory.modelDir, data: factory.dataPath }, 'loading model and local data');
     try {
@@ -538,6 +543,32 @@ export class WorkerAgent {
   ): Promise<void> {
     const tr = this.trainer!;
     const kind = task.kind;
+    if (isSecAggTask(task)) {
+      this.secagg ??= new SecAggSiteRunner();
+      const chunkBytes = reg.chunkBytes || DEFAULT_CHUNK_BYTES;
+      await this.secagg.handle(task, {
+        signal,
+        send,
+        fetchGlobal: async (t) => {
+          setStatus(WorkerStatus.WORKER_STATUS_FETCHING, t.taskId);
+          return this.fetchGlobal(conn, reg, t);
+        },
+        train: (t, s, global) => {
+          setStatus(WorkerStatus.WORKER_STATUS_TRAINING, t.taskId);
+          return tr.train({ taskId: t.taskId, round: t.round, globalAdapter: global, spec: localSpecOf(s), signal, onProgress: (p) => send({ body: { $case: 'progress', value: { taskId: t.taskId, ...p } } }) });
+        },
+        upload: async (h, tensors) => {
+          setStatus(WorkerStatus.WORKER_STATUS_UPLOADING, h.taskId);
+          try {
+            return await conn.upload(h, tensors, { chunkBytes });
+          } catch (err) {
+            if (isServiceError(err) && err.code === grpc.status.DATA_LOSS) return conn.upload(h, tensors, { chunkBytes });
+            throw new Error(`upload refused: ${isServiceError(err) ? err.details : (err as Error).message}`);
+          }
+        },
+      });
+      return;
+    }
     if (kind?.$case === 'step') {
       if (!tr.computeGradients && !tr.localSteps) {
         const message = `the ${tr.backend} trainer supports federated rounds only: it can neither compute gradients nor take local steps, which distributed runs need (use --trainer onnx)`;

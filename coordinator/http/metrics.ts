@@ -45,6 +45,11 @@ export function createRunMetrics(opts: { processMetrics?: boolean } = {}): RunMe
   });
   const updatesRejected = new Counter({ name: 'fedtune_updates_rejected_total', help: 'Worker updates rejected by validation', labelNames, ...reg });
   const workerErrors = new Counter({ name: 'fedtune_worker_errors_total', help: 'Errors reported by workers', labelNames, ...reg });
+  const privacyEpsilon = new Gauge({
+    name: 'fedtune_privacy_epsilon',
+    help: 'Privacy spent so far at the run\'s delta (kind: total = the largest, client = DP-FedAvg, sample = DP-SGD worst site; +Inf: unbounded)',
+    labelNames: ['run', 'kind'] as const, ...reg,
+  });
   const events = new Counter({
     name: 'fedtune_events_total', help: 'Run events seen, by type', labelNames: ['run', 'type'] as const, ...reg,
   });
@@ -85,6 +90,12 @@ export function createRunMetrics(opts: { processMetrics?: boolean } = {}): RunMe
         if (e.trainLoss !== null) globalLoss.set({ run, split: 'train' }, e.trainLoss);
         if (e.evalLoss !== null) globalLoss.set({ run, split: 'eval' }, e.evalLoss);
         if (e.evalAccuracy !== null) evalAccuracy.set({ run }, e.evalAccuracy);
+        if (e.privacy) {
+          const eps = (x: number | null): number => x ?? Infinity;
+          privacyEpsilon.set({ run, kind: 'total' }, eps(e.privacy.epsilon));
+          if (e.privacy.client) privacyEpsilon.set({ run, kind: 'client' }, eps(e.privacy.client.epsilon));
+          if (e.privacy.sample) privacyEpsilon.set({ run, kind: 'sample' }, eps(e.privacy.sample.epsilon));
+        }
         break;
       case 'step.completed':
         stepsCompleted.inc({ run });

@@ -73,6 +73,34 @@ export const CHARTS: ChartSpec[] = [
     },
   },
   {
+    id: 'epsilon',
+    title: 'Privacy spent (epsilon) per round',
+    modes: ['federated'],
+    build(v) {
+      const rs = v.rounds.filter((r) => r.privacy !== null);
+      if (rs.length === 0) return undefined;
+      const client = rs.some((r) => r.privacy!.client);
+      const sample = rs.some((r) => r.privacy!.sample);
+      const series: uPlot.Series[] = [{ label: 'round' }];
+      const data: Array<Array<number | null>> = [rs.map((r) => r.round)];
+      if (client) {
+        series.push(line('client-level (DP-FedAvg)', 3));
+        data.push(rs.map((r) => r.privacy!.client?.epsilon ?? null));
+      }
+      if (sample) {
+        series.push(line('sample-level (DP-SGD, worst site)', 4, { dash: [6, 4] }));
+        data.push(rs.map((r) => r.privacy!.sample?.epsilon ?? null));
+      }
+      return {
+        key: `eps-${client}-${sample}`,
+        series,
+        data: data as uPlot.AlignedData,
+        axes: [roundAxis(), {}],
+        scales: { y: { range: (_u, _lo, hi) => [0, hi * 1.1 || 1] } },
+      };
+    },
+  },
+  {
     id: 'worker-loss',
     title: 'Step loss per worker',
     modes: ['federated'],

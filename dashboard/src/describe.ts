@@ -1,6 +1,6 @@
 /** One line per event for the dashboard's event log. */
 import type { RunEvent } from '../../common/events.ts';
-import { formatBytes, formatDuration, formatMetric } from './format.ts';
+import { formatBytes, formatDuration, formatEpsilon, formatMetric } from './format.ts';
 
 export type EventKind = 'run' | 'worker' | 'round' | 'step' | 'problem';
 
@@ -47,7 +47,7 @@ export function describeEvent(e: RunEvent): string {
     case 'run.state':
       return `state ${e.state}${e.message ? `: ${e.message}` : ''}`;
     case 'run.completed':
-      return `run completed after ${e.rounds} rounds; adapter at ${e.finalAdapterPath}`;
+      return `run completed after ${e.rounds} rounds${e.reason ? ` (${e.reason})` : ''}; adapter at ${e.finalAdapterPath}`;
     case 'run.failed':
       return `run failed: ${e.error}`;
     case 'worker.joined':
@@ -71,7 +71,7 @@ export function describeEvent(e: RunEvent): string {
     case 'round.retried':
       return `round ${e.round} retried: ${e.reason} (${e.received}/${e.required} updates)`;
     case 'round.completed':
-      return `round ${e.round} done in ${formatDuration(e.durationMs)}: ${e.participants} workers, train loss ${formatMetric(e.trainLoss)}, eval loss ${formatMetric(e.evalLoss)}, accuracy ${formatMetric(e.evalAccuracy)}`;
+      return `round ${e.round} done in ${formatDuration(e.durationMs)}: ${e.participants} workers, train loss ${formatMetric(e.trainLoss)}, eval loss ${formatMetric(e.evalLoss)}, accuracy ${formatMetric(e.evalAccuracy)}${e.privacy ? `, ${formatEpsilon(e.privacy)}` : ''}`;
     case 'step.completed':
       return `step ${e.step}: loss ${formatMetric(e.loss)}, ${e.workers} workers, ${Math.round(e.tokensPerSec)} tok/s`;
     case 'checkpoint.written':

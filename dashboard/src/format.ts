@@ -50,6 +50,11 @@ export function formatMetric(v: number | null | undefined): string {
   return v.toPrecision(4);
 }
 
+/** Privacy spent as the header shows it: "ε 1.234 (δ 0.00001)"; unbounded when a noise multiplier is 0. */
+export function formatEpsilon(p: { epsilon: number | null; delta: number }): string {
+  return `ε ${p.epsilon === null ? 'unbounded' : p.epsilon.toPrecision(4)} (δ ${p.delta})`;
+}
+
 /** Age of a timestamp: "just now", "12s ago", "3m 20s ago". */
 export function formatAge(then: number, now: number): string {
   const ms = now - then;

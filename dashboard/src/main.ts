@@ -7,7 +7,7 @@ import './style.css';
 import type { RunEvent } from '../../common/events.ts';
 import { Chart, CHARTS } from './charts.ts';
 import { describeEvent, eventKind, eventLevel } from './describe.ts';
-import { formatAge, formatBytes, formatClock, formatCount, formatDuration, formatMetric } from './format.ts';
+import { formatAge, formatBytes, formatClock, formatCount, formatDuration, formatEpsilon, formatMetric } from './format.ts';
 import { Live } from './live.ts';
 import { etaMs, elapsedMs, isTerminal, RunView, type RunHeader, type WorkerRow } from './model.ts';
 
@@ -138,6 +138,8 @@ function renderHeader(v: RunView, now: number): void {
   $('run-workers').textContent = String(h.workers);
   $('run-train-loss').textContent = formatMetric(h.lastTrainLoss);
   $('run-eval-loss').textContent = formatMetric(h.lastEvalLoss);
+  $('run-privacy').hidden = h.privacy === null;
+  $('run-epsilon').textContent = h.privacy ? formatEpsilon(h.privacy) : '–';
   const msg = $('run-message');
   msg.hidden = !h.message;
   msg.textContent = h.message ?? '';

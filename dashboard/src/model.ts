@@ -3,7 +3,7 @@
  * browser app keeps one RunView per run; the server uses the same fold for the
  * run headers behind /api/runs, so both agree on state, round and timing.
  */
-import type { PhaseTimes, RunEvent, RunMode, RunState } from '../../common/events.ts';
+import type { PhaseTimes, PrivacyReport, RunEvent, RunMode, RunState } from '../../common/events.ts';
 
 export interface RunHeader {
   runId: string;
@@ -30,6 +30,8 @@ export interface RunHeader {
   workers: number;
   lastTrainLoss: number | null;
   lastEvalLoss: number | null;
+  /** Privacy spent after the last round (runs with client_dp or dp_sgd); null when the run reports none. */
+  privacy: PrivacyReport | null;
   /** Set while the coordinator reports its event bus (NATS) degraded: events are buffered, not lost. */
   busDegraded: { backend: string; message: string; buffered: number } | null;
 }
@@ -64,6 +66,8 @@ export interface RoundPoint {
   bytesDown: number;
   participants: number;
   examples: number;
+  /** Privacy spent after the round (null: the run reports none). */
+  privacy: PrivacyReport | null;
   time: number;
 }
 
@@ -103,7 +107,7 @@ export class HeaderFold {
       runId, name: runId, mode: 'unknown', strategy: '', state: 'starting',
       round: 0, totalRounds: 0, resumedFromRound: 0, step: 0, totalSteps: 0,
       startedAt: 0, lastEventAt: 0, lastSeq: 0, workers: 0,
-      lastTrainLoss: null, lastEvalLoss: null, busDegraded: null,
+      lastTrainLoss: null, lastEvalLoss: null, privacy: null, busDegraded: null,
     };
   }
 
@@ -154,6 +158,7 @@ export class HeaderFold {
         h.round = Math.max(h.round, e.round);
         if (e.trainLoss !== null) h.lastTrainLoss = e.trainLoss;
         if (e.evalLoss !== null) h.lastEvalLoss = e.evalLoss;
+        if (e.privacy) h.privacy = e.privacy;
         break;
       case 'step.completed':
         h.step = Math.max(h.step, e.step);
@@ -255,7 +260,7 @@ export class RunView {
         this.rounds.push({
           round: e.round, trainLoss: e.trainLoss, evalLoss: e.evalLoss, evalAccuracy: e.evalAccuracy,
           durationMs: e.durationMs, phases: e.phases, bytesUp: e.bytesUp, bytesDown: e.bytesDown,
-          participants: e.participants, examples: e.examples, time: e.time,
+          participants: e.participants, examples: e.examples, privacy: e.privacy ?? null, time: e.time,
         });
         for (const w of this.workers.values()) if (w.status === 'update sent') w.status = 'idle';
         break;

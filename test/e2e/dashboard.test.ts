@@ -77,4 +77,34 @@ describe.skipIf(!haveChromium)('dashboard in a real browser', () => {
       await bus.close();
     }
   });
+
+  it('shows the privacy spent: epsilon in the header and a chart of epsilon by round', async () => {
+    const bus = new MemoryBus();
+    const srv = await startDashboardServer({ bus, port: 0, token: 'e2e-token' });
+    const page = await browser.newPage({ viewport: { width: 1366, height: 900 } });
+    const pageErrors: string[] = [];
+    page.on('pageerror', (e) => pageErrors.push(e.message));
+    try {
+      const runId = 'e2e-dp';
+      bus.publish({ runId, type: 'run.started', name: 'dp run', mode: 'federated', strategy: 'fedavg', totalRounds: 3, totalSteps: 0, config: {}, resumedFromRound: 0 });
+      const round = (r: number, epsilon: number) =>
+        bus.publish({
+          runId, type: 'round.completed', round: r, globalVersion: r, participants: 2, examples: 8, trainLoss: 1 / r, evalLoss: null, evalAccuracy: null,
+          durationMs: 100, phases: { dispatchMs: 10, trainMs: 80, uploadMs: 5, aggregateMs: 5 }, bytesUp: 1000, bytesDown: 1000,
+          privacy: { epsilon, delta: 1e-5, client: { epsilon, clipNorm: 0.5, noiseMultiplier: 1.1, rounds: r } },
+        });
+      round(1, 0.8123);
+      await page.goto(srv.openUrl);
+      await expect.poll(() => page.locator('#run-epsilon').textContent(), { timeout: 20_000 }).toBe('ε 0.8123 (δ 0.00001)');
+      expect(await page.locator('#run-privacy').isVisible()).toBe(true);
+      round(2, 1.2345);
+      await expect.poll(() => page.locator('#run-epsilon').textContent(), { timeout: 20_000 }).toBe('ε 1.234 (δ 0.00001)');
+      await expect.poll(async () => Number((await page.locator('[data-chart="epsilon"]').getAttribute('data-points')) ?? '0'), { timeout: 20_000 }).toBe(2);
+      expect(pageErrors).toEqual([]);
+    } finally {
+      await page.close();
+      await srv.close();
+      await bus.close();
+    }
+  });
 });

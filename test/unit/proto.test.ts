@@ -24,6 +24,7 @@ describe('wire contract encoding', () => {
             steps: 20,
             batchSize: 8, gradAccumulation: 1, lr: 0.001, schedule: 'cosine', warmupSteps: 2,
             weightDecay: 0, maxGradNorm: 1, maxSeqLen: 256, template: 'alpaca', seed: 5, proxMu: 0, freezeLoraA: false,
+            dpSgd: { maxGradNorm: 0.5, noiseMultiplier: 1.1, sampleRate: 0.01 },
           },
         },
       },
@@ -38,6 +39,7 @@ describe('wire contract encoding', () => {
     const spec = (t.kind!.value as { spec: { steps?: number; epochs?: number; lora: { targetModules: string[] } } }).spec;
     expect(spec.steps).toBe(20);
     expect(spec.epochs).toBeUndefined(); // optional: absent stays absent
+    expect((t.kind!.value as { spec: { dpSgd?: { noiseMultiplier: number } } }).spec.dpSgd?.noiseMultiplier).toBe(1.1);
     expect(spec.lora.targetModules).toEqual(['q_proj', 'v_proj']);
   });
 

@@ -36,6 +36,22 @@ export interface LossAndGrads {
   grads: TensorMap;
 }
 
+/** One DP-SGD micro-batch: per-example gradients clipped in the graph and summed. */
+export interface ClippedGrads {
+  /** Sum over the batch's examples of each example's mean token loss. */
+  lossSum: number;
+  /** Trained tokens of the batch. */
+  tokens: number;
+  /** Examples with at least one trained token (padding rows have none and contribute nothing). */
+  examples: number;
+  /** Sum over the examples of the per-example gradients of the mean token loss, each clipped to `clip`. */
+  grads: TensorMap;
+  /** Per-example gradient norms before clipping, one per batch row (0 for rows without trained tokens). */
+  norms: Float64Array;
+  /** With outputClipped: the clipped per-example gradients, [B, ...shape]. */
+  clipped?: TensorMap;
+}
+
 export interface ForwardResult {
   lossSum: number;
   tokens: number;
@@ -76,6 +92,7 @@ interface CompiledGraph {
 
 export class Engine {
   private readonly sessions = new Map<string, Promise<CompiledGraph>>();
+  private readonly perExampleSpecs = new Map<string, { frozen: string[]; outputClipped: boolean }>();
   private readonly castWeights = new Map<string, FloatArray>();
   readonly dtype: FloatDType;
   private resolvedDevice: Device | null = null;
@@ -128,6 +145,45 @@ export class Engine {
       grads.set(p.name, { shape: [...p.shape], data: out[`grad:${p.name}`]!.data as FloatArray });
     }
     return { lossSum: Number((out.loss_sum!.data as FloatArray)[0]), tokens, grads };
+  }
+
+  /**
+   * DP-SGD: per-example gradients of each example's mean token loss, computed in
+   * the graph for the whole batch at once, clipped to L2 norm `clip` and summed.
+   * `frozen` parameters (FFA-LoRA's lora_A) count in neither the norms nor the sum.
+   */
+  async clippedGrads(
+    params: TensorMap,
+    batch: Batch,
+    clip: number,
+    o: { frozen?: (name: string) => boolean; outputClipped?: boolean } = {},
+  ): Promise<ClippedGrads> {
+    if (!(clip > 0) || !Number.isFinite(clip)) throw new Error(`privacy.dp_sgd.max_grad_norm is ${clip}, expected a finite number > 0`);
+    if (this.opts.mode !== 'lora') {
+      throw new Error('privacy.dp_sgd: per-example gradients are implemented for LoRA training only (not training mode full); use LoRA or remove privacy.dp_sgd');
+    }
+    const frozen = this.paramSpecs().map((p) => p.name).filter((n) => o.frozen?.(n) ?? false);
+    const peKey = `${frozen.join(',')}|${o.outputClipped ? 1 : 0}`;
+    this.perExampleSpecs.set(peKey, { frozen, outputClipped: o.outputClipped ?? false });
+    const g = await this.compiled('train', batch.batchSize, batch.seqLen, peKey);
+    const { feeds, tokens, examples } = this.feeds(g, params, batch, true);
+    feeds.dp_clip = new ort.Tensor(this.dtype, this.dtype === 'float64' ? Float64Array.of(clip) : Float32Array.of(clip), [1]);
+    const out = await g.rt.session.run(feeds);
+    const grads: TensorMap = new Map();
+    let clipped: TensorMap | undefined;
+    for (const p of g.params) {
+      grads.set(p.name, { shape: [...p.shape], data: out[`grad:${p.name}`]!.data as FloatArray });
+      const c = out[`clipped:${p.name}`];
+      if (c) (clipped ??= new Map()).set(p.name, { shape: [batch.batchSize, ...p.shape], data: c.data as FloatArray });
+    }
+    return {
+      lossSum: Number((out.loss_sum!.data as FloatArray)[0]),
+      tokens,
+      examples,
+      grads,
+      norms: Float64Array.from(out.per_example_norm!.data as FloatArray),
+      ...(clipped ? { clipped } : {}),
+    };
   }
 
   async forward(params: TensorMap, batch: Batch): Promise<ForwardResult> {
@@ -214,8 +270,8 @@ export class Engine {
 
   // ---------------------------------------------------------------------------
 
-  private compiled(kind: 'train' | 'forward', batchSize: number, seqLen: number): Promise<CompiledGraph> {
-    const key = `${kind}:${batchSize}x${seqLen}`;
+  private compiled(kind: 'train' | 'forward', batchSize: number, seqLen: number, perExample?: string): Promise<CompiledGraph> {
+    const key = `${kind}:${batchSize}x${seqLen}${perExample !== undefined ? `:pe:${perExample}` : ''}`;
     let p = this.sessions.get(key);
     if (!p) {
       p = (async () => {
@@ -227,6 +283,7 @@ export class Engine {
           dtype: this.dtype,
           kind,
           dropoutSeed: this.opts.seed ?? 0,
+          ...(perExample !== undefined ? { perExample: this.perExampleSpecs.get(perExample)! } : {}),
         };
         const built = buildCausalLmGraph(this.model, spec);
         const rt = await createSession(built.bytes, {
@@ -256,7 +313,17 @@ export class Engine {
     return c;
   }
 
-  private feeds(g: CompiledGraph, params: TensorMap, batch: Batch): { feeds: Record<string, ort.Tensor>; tokens: number } {
+  /**
+   * Graph feeds of a batch. With `perExampleMean` the loss mask holds 1 / (the
+   * example's trained tokens) on its trained rows, so the loss is the sum over
+   * examples of each one's mean token loss.
+   */
+  private feeds(
+    g: CompiledGraph,
+    params: TensorMap,
+    batch: Batch,
+    perExampleMean = false,
+  ): { feeds: Record<string, ort.Tensor>; tokens: number; examples: number } {
     const { batchSize: B, seqLen: T } = batch;
     const N = B * T;
     if (batch.inputIds.length !== N || batch.labels.length !== N) {
@@ -280,6 +347,16 @@ export class Engine {
         tokens++;
       }
     }
+    let examples = 0;
+    if (perExampleMean) {
+      for (let b = 0; b < B; b++) {
+        let n = 0;
+        for (let t = 0; t < T; t++) n += mask[b * T + t]!;
+        if (n === 0) continue;
+        examples++;
+        for (let t = 0; t < T; t++) mask[b * T + t] = mask[b * T + t]! / n;
+      }
+    }
     const feeds: Record<string, ort.Tensor> = {
       ...g.frozen,
       input_ids: new ort.Tensor('int64', ids, [N]),
@@ -297,7 +374,7 @@ export class Engine {
         : (t.data instanceof Float32Array ? t.data : Float32Array.from(t.data));
       feeds[p.name] = new ort.Tensor(this.dtype, data, p.shape);
     }
-    return { feeds, tokens };
+    return { feeds, tokens, examples };
   }
 }
 

@@ -26,6 +26,16 @@ export interface GraphSpec {
   kind: 'train' | 'forward';
   /** Seed for the graph's dropout ops (training graphs with lora.dropout > 0). */
   dropoutSeed?: number;
+  /**
+   * DP-SGD (train graphs, LoRA mode): per-example gradients of the adapters in the
+   * graph, clipped to the L2 norm fed as `dp_clip` [1]. The graph then takes
+   * loss_mask as per-row weights (1 / the example's trained tokens, so each
+   * example's loss is the mean over its tokens), and outputs `grad:<param>` = the
+   * sum over the batch of the clipped per-example gradients, `per_example_norm`
+   * [B] (norms before clipping, over every trained parameter) and, with
+   * `outputClipped`, `clipped:<param>` [B, ...shape] (the clipped per-example gradients).
+   */
+  perExample?: { frozen: string[]; outputClipped?: boolean };
 }
 
 export interface BuiltGraph {
@@ -95,6 +105,22 @@ export function buildCausalLmGraph(model: LoadedModel, spec: GraphSpec): BuiltGr
     }
   }
   const paramValue = new Map(params.map((p) => [p.name, p.value]));
+  const pe = spec.kind === 'train' ? spec.perExample : undefined;
+  if (pe && spec.mode !== 'lora') {
+    throw new Error('privacy.dp_sgd: per-example gradients are implemented for LoRA training only (not training mode full); use LoRA or remove privacy.dp_sgd');
+  }
+  /**
+   * Per-example copies of each trained adapter, [B, ...shape]: leaves of the
+   * backward pass, so the gradient with respect to one is the batch of
+   * per-example gradients (batched MatMul keeps the batch axis).
+   */
+  const perExampleLeaf = new Map<string, Value>();
+  if (pe) {
+    for (const p of params) {
+      if (pe.frozen.includes(p.name)) continue;
+      perExampleLeaf.set(p.name, g.emit('Expand', [p.value, g.constInt64([B, ...p.value.shape])], [B, ...p.value.shape], spec.dtype, {}, true));
+    }
+  }
   const dropout = spec.kind === 'train' ? (spec.lora?.dropout ?? 0) : 0;
   let dropoutSeed = spec.dropoutSeed ?? 0;
 
@@ -107,7 +133,16 @@ export function buildCausalLmGraph(model: LoadedModel, spec: GraphSpec): BuiltGr
       const A = paramValue.get(peftKey(module, 'A'))!;
       const Bm = paramValue.get(peftKey(module, 'B'))!;
       const xd = g.dropout(x, dropout, dropoutSeed++);
-      const low = g.gemm(g.gemm(xd, A, false, true), Bm, false, true);
+      let low: Value;
+      if (pe) {
+        // [B, T, in] @ [B, in, r] @ [B, r, out]: the adapters' gradients keep the batch axis.
+        const Ab = perExampleLeaf.get(peftKey(module, 'A')) ?? A;
+        const Bb = perExampleLeaf.get(peftKey(module, 'B')) ?? Bm;
+        const u = g.matmul(g.reshape(xd, [B, T, t.inFeatures]), g.swapLast(Ab));
+        low = g.reshape(g.matmul(u, g.swapLast(Bb)), [N, t.outFeatures]);
+      } else {
+        low = g.gemm(g.gemm(xd, A, false, true), Bm, false, true);
+      }
       y = g.add(y, g.mul(low, g.scalar(scale)));
     }
     return y;
@@ -235,13 +270,56 @@ export function buildCausalLmGraph(model: LoadedModel, spec: GraphSpec): BuiltGr
   const picked = g.reduceSum(g.mul(logp, g.oneHot(targets, config.vocabSize, spec.dtype)), [1]); // [N, 1]
   const lossSum = g.reshape(g.neg(g.reduceSum(g.mul(picked, lossMask), [0, 1])), [1]);
   g.output(lossSum, 'loss_sum');
-  if (spec.kind === 'train') {
+  if (pe) {
+    perExampleOutputs(g, lossSum, params, perExampleLeaf, B, pe.outputClipped ?? false);
+  } else if (spec.kind === 'train') {
     const grads = g.backward(lossSum, params.map((p) => p.value));
     grads.forEach((gr, i) => g.output(gr, `grad:${params[i]!.name}`));
   } else {
     g.output(logits, 'logits');
   }
   return { bytes: g.toModel(), params: params.map((p) => ({ name: p.name, shape: p.value.shape })), frozen };
+}
+
+/**
+ * Per-example gradients (the gradients with respect to the per-example leaves),
+ * their joint L2 norms, the clip factors min(1, C / norm) = C / max(norm, C), and
+ * the sum of the clipped gradients. Frozen parameters get zero gradients.
+ */
+function perExampleOutputs(
+  g: Graph,
+  lossSum: Value,
+  params: Array<{ name: string; value: Value }>,
+  leaves: Map<string, Value>,
+  B: number,
+  outputClipped: boolean,
+): void {
+  const dt = g.dtype;
+  const clip = g.input('dp_clip', [1], dt);
+  const trained = params.filter((p) => leaves.has(p.name));
+  const perGrads = g.backward(lossSum, trained.map((p) => leaves.get(p.name)!));
+  let sq: Value | null = null;
+  for (const gp of perGrads) {
+    const axes = gp.shape.slice(1).map((_, i) => i + 1);
+    const s = g.emit('ReduceSum', [g.emit('Mul', [gp, gp], gp.shape, dt, {}, false), g.constInt64(axes)], [B, ...axes.map(() => 1)], dt, { keepdims: 1 }, false);
+    const s2 = g.emit('Reshape', [s, g.constInt64([B])], [B], dt, {}, false);
+    sq = sq ? g.emit('Add', [sq, s2], [B], dt, {}, false) : s2;
+  }
+  const norm = g.emit('Sqrt', [sq!], [B], dt, {}, false);
+  g.output(norm, 'per_example_norm');
+  const factor = g.emit('Div', [clip, g.emit('Max', [norm, clip], [B], dt, {}, false)], [B], dt, {}, false);
+  const byName = new Map(trained.map((p, i) => [p.name, perGrads[i]!]));
+  for (const p of params) {
+    const gp = byName.get(p.name);
+    if (!gp) {
+      g.output(g.zeros(p.value.shape, dt), `grad:${p.name}`);
+      continue;
+    }
+    const f = g.emit('Reshape', [factor, g.constInt64([B, ...p.value.shape.map(() => 1)])], [B, ...p.value.shape.map(() => 1)], dt, {}, false);
+    const clipped = g.emit('Mul', [gp, f], gp.shape, dt, {}, false);
+    g.output(g.emit('ReduceSum', [clipped, g.constInt64([0])], p.value.shape, dt, { keepdims: 0 }, false), `grad:${p.name}`);
+    if (outputClipped) g.output(clipped, `clipped:${p.name}`);
+  }
 }
 
 /**

@@ -19,7 +19,9 @@
  *   weight decay; they keep exactly the value they came with.
  */
 import type { TensorMap } from '../../common/tensor.ts';
-import type { Batch } from '../../common/model-config.ts';
+import { IGNORE_INDEX, type Batch } from '../../common/model-config.ts';
+import { checkDpSgd, noisyClippedMean, type DpSgdParams } from '../../common/privacy/dp-sgd.ts';
+import type { NormalSource } from '../../common/privacy/noise.ts';
 import type { Engine } from './engine.ts';
 import { AdamW, clipGradNorm, lrAt, type Schedule } from '../../common/optim.ts';
 
@@ -229,4 +231,145 @@ export function scaleInPlace(m: TensorMap, s: number): void {
     const x = t.data;
     for (let i = 0; i < x.length; i++) x[i]! *= s;
   }
+}
+
+export interface DpTrainLoopOptions {
+  engine: Engine;
+  /** Trainable parameters; updated in place. */
+  params: TensorMap;
+  /** Number of training records N (the Poisson sampler's population, and the normalisation q N). */
+  numRecords: number;
+  /** One Poisson-sampled batch of record indices per call. */
+  sample: () => number[];
+  /** The sampled records as micro-batches (each at most the physical batch size; padding rows carry no loss). */
+  microBatches: (indices: number[]) => Batch[];
+  dp: DpSgdParams;
+  steps: number;
+  optimizer: AdamW;
+  schedule: Schedule;
+  scheduleOffset?: number;
+  onStep?: (s: StepInfo) => void;
+  signal?: AbortSignal;
+  /** FedProx: its gradient mu (w - anchor) reads no data, so it is added after the noise. */
+  proximal?: { mu: number; anchor: TensorMap };
+  frozen?: (name: string) => boolean;
+  /** Source of the Gaussian noise (default: the OS CSPRNG; tests pass a seeded one). */
+  normals?: NormalSource;
+}
+
+export interface DpTrainLoopResult extends TrainLoopResult {
+  /** Fraction of sampled examples whose gradient norm exceeded max_grad_norm. */
+  clippedFraction: number;
+  /** Mean Poisson batch size over the steps. */
+  meanBatchSize: number;
+}
+
+/**
+ * DP-SGD (Abadi et al. 2016, with Opacus' normalisation): each step draws a
+ * Poisson batch, the engine clips every example's gradient of its mean token
+ * loss to C in the graph and sums them, Gaussian noise N(0, (sigma C)^2) is
+ * added to every coordinate of the sum, the result is divided by the expected
+ * batch size q N and handed to the optimizer. An empty batch is a noise-only
+ * step. No global-norm clip is applied on top (max_grad_norm of training is
+ * not used), and grad_accumulation plays no part: the batch is split into
+ * micro-batches of the physical batch size, which gives exactly the same sum.
+ */
+export async function dpTrainLoop(o: DpTrainLoopOptions): Promise<DpTrainLoopResult> {
+  checkDpSgd(o.dp);
+  if (!Number.isInteger(o.steps) || o.steps < 1) throw new Error(`steps is ${o.steps}, expected an integer >= 1`);
+  if (!(o.numRecords >= 1)) throw new Error('privacy.dp_sgd: this site has no training records to sample from');
+  const frozen = o.frozen ?? (() => false);
+  const trainable = [...o.params.keys()].filter((name) => !frozen(name));
+  if (trainable.length === 0) {
+    throw new Error(`all ${o.params.size} parameters are frozen, so there is nothing to train; leave at least one trainable (freeze_lora_a needs an adapter with lora_B tensors)`);
+  }
+  const prox = o.proximal ? checkProximal(o.proximal, o.params, trainable) : null;
+  const t0 = performance.now();
+  let totalLoss = 0;
+  let totalProx = 0;
+  let totalExamples = 0;
+  let totalTokens = 0;
+  let clippedCount = 0;
+  let sampled = 0;
+  let lastLoss = NaN;
+  for (let step = 1; step <= o.steps; step++) {
+    o.signal?.throwIfAborted();
+    const stepStart = performance.now();
+    const indices = o.sample();
+    sampled += indices.length;
+    const sum: TensorMap = new Map();
+    for (const name of trainable) {
+      const p = o.params.get(name)!;
+      // Accumulated and noised in float64, whatever the parameters' dtype.
+      sum.set(name, { shape: [...p.shape], data: new Float64Array(p.data.length) });
+    }
+    let lossSum = 0;
+    let examples = 0;
+    let tokens = 0;
+    let sqNormSum = 0;
+    for (const batch of indices.length > 0 ? o.microBatches(indices) : []) {
+      const r = await o.engine.clippedGrads(o.params, batch, o.dp.maxGradNorm, { frozen });
+      lossSum += r.lossSum;
+      examples += r.examples;
+      tokens += r.tokens;
+      for (const n of r.norms) {
+        if (n > o.dp.maxGradNorm) clippedCount++;
+        sqNormSum += Math.min(n, o.dp.maxGradNorm) ** 2;
+      }
+      for (const name of trainable) {
+        const g = r.grads.get(name);
+        if (!g) throw new Error(`the engine returned no gradient for trainable parameter ${name}`);
+        const acc = sum.get(name)!.data;
+        for (let i = 0; i < acc.length; i++) acc[i]! += g.data[i]!;
+      }
+      o.signal?.throwIfAborted();
+    }
+    noisyClippedMean([...sum.values()].map((t) => t.data as Float64Array), o.dp, o.numRecords, o.normals);
+    const proxLoss = prox ? proximalLoss(o.params, prox.anchor, prox.mu, trainable) : 0;
+    if (prox) addProximalGrad(sum, o.params, prox.anchor, prox.mu);
+    const lr = lrAt((o.scheduleOffset ?? 0) + step - 1, o.schedule);
+    o.optimizer.step(o.params, sum, lr);
+    const loss = examples > 0 ? lossSum / examples + proxLoss : NaN;
+    lastLoss = loss;
+    totalLoss += lossSum;
+    totalProx += examples * proxLoss;
+    totalExamples += examples;
+    totalTokens += tokens;
+    const seconds = (performance.now() - stepStart) / 1000;
+    o.onStep?.({
+      step,
+      totalSteps: o.steps,
+      loss,
+      proxLoss,
+      lr,
+      // Root mean square of the clipped per-example norms (the noisy step's norm would mostly measure the noise).
+      gradNorm: indices.length > 0 ? Math.sqrt(sqNormSum / indices.length) : 0,
+      tokens,
+      tokensPerSec: seconds > 0 ? tokens / seconds : 0,
+      examples: sampled,
+      epoch: Math.floor((step - 1) * o.dp.sampleRate),
+    });
+  }
+  return {
+    steps: o.steps,
+    meanLoss: totalExamples > 0 ? (totalLoss + totalProx) / totalExamples : NaN,
+    proxLoss: totalExamples > 0 ? totalProx / totalExamples : NaN,
+    lastLoss,
+    tokens: totalTokens,
+    examples: sampled,
+    seconds: (performance.now() - t0) / 1000,
+    clippedFraction: sampled > 0 ? clippedCount / sampled : 0,
+    meanBatchSize: sampled / o.steps,
+  };
+}
+
+/** Pad a micro-batch with rows that carry no loss up to `size` rows, so every micro-batch has one graph shape. */
+export function padBatchRows(batch: Batch, size: number, padId: number): Batch {
+  if (batch.batchSize >= size) return batch;
+  const T = batch.seqLen;
+  const inputIds = new Int32Array(size * T).fill(padId);
+  const labels = new Int32Array(size * T).fill(IGNORE_INDEX);
+  inputIds.set(batch.inputIds);
+  labels.set(batch.labels);
+  return { batchSize: size, seqLen: T, inputIds, labels };
 }

@@ -484,6 +484,9 @@ export class ExecTrainer implements Trainer {
   async train(args: TrainArgs): Promise<TrainOutcome> {
     const { spec } = args;
     checkProxMu(spec.proxMu);
+    if (spec.dpSgd) {
+      throw new Error('privacy.dp_sgd is set, but the exec trainer runs an external command that fedtune cannot make clip per example and add noise; use the onnx trainer (--trainer onnx) or remove privacy.dp_sgd');
+    }
     this.checkGlobal(args.globalAdapter, spec);
     return this.withTask('train', args.taskId, args.round, args.globalAdapter, spec, args.signal, args.onProgress, async (task, run) => {
       const metricsRaw = await readJsonObject(task.env.FEDTUNE_METRICS, 'metrics.json');

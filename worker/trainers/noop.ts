@@ -61,6 +61,9 @@ export class NoopTrainer implements Trainer {
   async train(args: TrainArgs): Promise<TrainOutcome> {
     const { spec, signal } = args;
     checkProxMu(spec.proxMu);
+    if (spec.dpSgd) {
+      throw new Error('privacy.dp_sgd is set, but the noop trainer computes no gradients, so it cannot clip or noise them; use the onnx trainer (--trainer onnx) or remove privacy.dp_sgd');
+    }
     const total = this.totalSteps(spec);
     let loss = 0;
     for (let step = 1; step <= total; step++) {

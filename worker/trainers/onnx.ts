@@ -10,7 +10,8 @@ import { Engine } from '../engine/engine.ts';
 import { loadModel } from '../engine/model.ts';
 import { loadTokenizer } from '../../common/tokenizer.ts';
 import { AdamW } from '../../common/optim.ts';
-import { checkProxMu, trainLoop } from '../engine/train.ts';
+import { checkProxMu, dpTrainLoop, padBatchRows, trainLoop } from '../engine/train.ts';
+import { checkDpSgd, dpSgdSteps, secretPoissonSampler } from '../../common/privacy/dp-sgd.ts';
 import { loraTargets, validateAdapter } from '../../common/lora.ts';
 import { makeBatches } from '../data/batching.ts';
 import { prepareDataset } from '../data/prepare.ts';
@@ -94,6 +95,7 @@ class OnnxTrainer implements Trainer {
     const params = toFloat32(args.globalAdapter);
     // FedProx pulls towards the adapter this task started from: a copy, since params change in place.
     const anchor = spec.proxMu > 0 ? toFloat32(args.globalAdapter) : null;
+    if (spec.dpSgd) return this.trainDpSgd(args, engine, params, anchor, spec.dpSgd);
     const batchesPerEpoch = Math.ceil(this.trainSet.length / spec.batchSize);
     const steps = spec.steps ?? Math.max(1, Math.ceil(((spec.epochs ?? 1) * batchesPerEpoch) / spec.gradAccumulation));
     const seedBase = spec.seed * 1_000_003 + args.round * 7919;
@@ -123,6 +125,57 @@ class OnnxTrainer implements Trainer {
         steps: result.steps,
         train_seconds: result.seconds,
         tokens_per_sec: result.seconds > 0 ? result.tokens / result.seconds : 0,
+        ...(anchor ? { prox_loss: result.proxLoss } : {}),
+      },
+    };
+  }
+
+  /**
+   * DP-SGD (privacy.dp_sgd): Poisson batches drawn from the OS CSPRNG (secret to
+   * the site), per-example clipping in the graph, Gaussian noise from the OS CSPRNG.
+   */
+  private async trainDpSgd(
+    args: TrainArgs,
+    engine: Engine,
+    params: TensorMap,
+    anchor: TensorMap | null,
+    dp: NonNullable<LocalTrainingSpec['dpSgd']>,
+  ): Promise<TrainOutcome> {
+    const { spec } = args;
+    checkDpSgd(dp);
+    if (this.trainSet.length === 0) throw new Error('privacy.dp_sgd: this site has no training examples to sample from');
+    const steps = dpSgdSteps(spec, dp.sampleRate);
+    const sample = secretPoissonSampler(this.trainSet.length, dp.sampleRate);
+    const result = await dpTrainLoop({
+      engine,
+      params,
+      numRecords: this.trainSet.length,
+      sample,
+      microBatches: (indices) =>
+        makeBatches(indices.map((i) => this.trainSet[i]!), { batchSize: spec.batchSize, padId: this.padId, shuffle: false, seed: 0, maxSeqLen: spec.maxSeqLen })
+          .map((b) => padBatchRows(b, spec.batchSize, this.padId)),
+      dp,
+      steps,
+      optimizer: new AdamW({ lr: spec.lr, weightDecay: spec.weightDecay }),
+      schedule: { kind: spec.schedule, baseLr: spec.lr, warmupSteps: spec.warmupSteps, totalSteps: steps },
+      signal: args.signal,
+      ...(anchor ? { proximal: { mu: spec.proxMu, anchor } } : {}),
+      ...(spec.freezeLoraA ? { frozen: isLoraA } : {}),
+      onStep: (s) =>
+        args.onProgress({ step: s.step, totalSteps: s.totalSteps, loss: s.loss, tokensPerSec: s.tokensPerSec, examples: s.examples }),
+    });
+    return {
+      adapter: params,
+      numExamples: this.trainSet.length,
+      metrics: {
+        train_loss: result.meanLoss,
+        last_loss: result.lastLoss,
+        tokens: result.tokens,
+        steps: result.steps,
+        train_seconds: result.seconds,
+        tokens_per_sec: result.seconds > 0 ? result.tokens / result.seconds : 0,
+        dp_clipped_fraction: result.clippedFraction,
+        dp_mean_batch_size: result.meanBatchSize,
         ...(anchor ? { prox_loss: result.proxLoss } : {}),
       },
     };
@@ -165,10 +218,12 @@ class OnnxTrainer implements Trainer {
   }
 
   async computeGradients(args: { params: TensorMap; batches: Batch[]; spec: LocalTrainingSpec; signal: AbortSignal }): Promise<GradientOutcome> {
+    refuseDistributedDp(args.spec);
     return sumGradients(this.engineFor(args.spec.lora), toFloat32(args.params), args.batches, args.signal);
   }
 
   async localSteps(args: { params: TensorMap; steps: Batch[][]; lrs: number[]; optimizer: AdamW; spec: LocalTrainingSpec; signal: AbortSignal }): Promise<LocalStepsOutcome> {
+    refuseDistributedDp(args.spec);
     return localSgd(this.engineFor(args.spec.lora), { ...args, maxGradNorm: args.spec.maxGradNorm });
   }
 
@@ -176,6 +231,10 @@ class OnnxTrainer implements Trainer {
     for (const e of this.engines.values()) await e.close();
     this.engines.clear();
   }
+}
+
+function refuseDistributedDp(spec: LocalTrainingSpec): void {
+  if (spec.dpSgd) throw new Error('privacy.dp_sgd applies to federated training tasks only, not distributed-mode gradient steps; remove privacy.dp_sgd or use mode: federated');
 }
 
 /** FFA-LoRA freezes these: PEFT's `<module>.lora_A.weight`. */

@@ -7,6 +7,7 @@
 import type { TensorMap } from '../../common/tensor.ts';
 import type { Batch, LoraConfig } from '../../common/model-config.ts';
 import type { AdamW } from '../../common/optim.ts';
+import type { DpSgdParams } from '../../common/privacy/dp-sgd.ts';
 
 export interface LocalTrainingSpec {
   lora: LoraConfig;
@@ -26,6 +27,11 @@ export interface LocalTrainingSpec {
   proxMu: number;
   /** FFA-LoRA (Sun et al. 2024): every lora_A keeps the value it arrived with; only lora_B trains. */
   freezeLoraA: boolean;
+  /**
+   * Sample-level DP-SGD (privacy.dp_sgd), null when off. A trainer that cannot
+   * honour it must fail the task naming privacy.dp_sgd, never train without it.
+   */
+  dpSgd?: DpSgdParams | null;
 }
 export interface TrainProgress {
   step: number;
@@ -106,6 +112,8 @@ export interface TrainerFactoryOptions {
   threads?: number;
   device?: 'cpu' | 'cuda';
   seed: number;
+  /** This site's name (seeds DP-SGD's Poisson sampling together with training.seed and the round). */
+  site?: string;
   /** noop trainer only: milliseconds each simulated step takes (tests and benchmarks). */
   noopStepMs?: number;
 }

@@ -364,6 +364,10 @@ class Worker:
         if kind not in ("train", "eval"):
             send(pb.WorkerMessage(task_failed=pb.TaskFailed(task_id=task.task_id, message=f"task kind {kind or '(unknown to this client)'} is not supported by {CLIENT_NAME}", unsupported=True)))
             return
+        if kind == "train" and task.train.spec.HasField("dp_sgd"):
+            # Never train without the privacy the run asked for.
+            send(pb.WorkerMessage(task_failed=pb.TaskFailed(task_id=task.task_id, message=f"privacy.dp_sgd is set, but {CLIENT_NAME} does not implement DP-SGD (per-example clipping and noise); use the fedtune worker's onnx trainer or remove privacy.dp_sgd", unsupported=False)))
+            return
         set_status(pb.WORKER_STATUS_FETCHING, task.task_id)
         manifest, global_ = self._fetch(stub, reg, md, getattr(task, "global"))
         if ctx.cancel.is_set():

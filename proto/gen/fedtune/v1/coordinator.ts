@@ -67,6 +67,11 @@ export enum UpdateKind {
   UPDATE_KIND_GRADIENT = 2,
   /** UPDATE_KIND_DELTA - local adapter minus the global adapter it started from */
   UPDATE_KIND_DELTA = 3,
+  /**
+   * UPDATE_KIND_SECAGG_MASKED - Secure aggregation's masked input: the manifest names the masked tensors with their shapes
+   * (dtype F32, 4 bytes per element), but the bytes are uint32 words (little-endian) mod 2^32.
+   */
+  UPDATE_KIND_SECAGG_MASKED = 4,
   UNRECOGNIZED = -1,
 }
 
@@ -105,6 +110,20 @@ export interface TrainingSpec {
   proxMu: number;
   /** FFA-LoRA (Sun et al. 2024): keep every lora_A at the value it arrived with; train lora_B only. */
   freezeLoraA: boolean;
+  /**
+   * Sample-level DP-SGD (privacy.dp_sgd): per-example clipping, Gaussian noise, Poisson sampling.
+   * Unset: ordinary training. A trainer that cannot honour it fails the task naming privacy.dp_sgd.
+   */
+  dpSgd: DpSgdSpec | undefined;
+}
+
+export interface DpSgdSpec {
+  /** per-example L2 clip norm C */
+  maxGradNorm: number;
+  /** sigma: noise std sigma * C on each step's sum of clipped gradients */
+  noiseMultiplier: number;
+  /** q: Poisson sampling probability of each training example per step */
+  sampleRate: number;
 }
 
 export interface RunInfo {
@@ -190,12 +209,17 @@ export interface EvalResult {
 }
 
 export interface WorkerMessage {
-  body: { $case: "heartbeat"; value: Heartbeat } | { $case: "progress"; value: TaskProgress } | {
-    $case: "taskFailed";
-    value: TaskFailed;
-  } | //
-  /** Reserved for secure aggregation: 10 SecAggAdvertiseKeys, 11 SecAggShareKeys, 12 SecAggUnmask. */
-  { $case: "evalResult"; value: EvalResult } | undefined;
+  body:
+    | { $case: "heartbeat"; value: Heartbeat }
+    | { $case: "progress"; value: TaskProgress }
+    | { $case: "taskFailed"; value: TaskFailed }
+    | { $case: "evalResult"; value: EvalResult }
+    | //
+    /** Secure aggregation: the answers to the SecAgg* task kinds (see SecAggParams). */
+    { $case: "secaggKeys"; value: SecAggAdvertiseKeys }
+    | { $case: "secaggShares"; value: SecAggShareKeys }
+    | { $case: "secaggUnmask"; value: SecAggUnmask }
+    | undefined;
 }
 
 /** Where the global adapter of a version can be downloaded from, and how to check it. */
@@ -274,7 +298,111 @@ export interface Task {
     | { $case: "train"; value: TrainTask }
     | { $case: "eval"; value: EvalTask }
     | { $case: "step"; value: StepTask }
+    | //
+    /** Secure aggregation (privacy.secure_aggregation): the four phases of one round attempt. */
+    { $case: "secaggAdvertise"; value: SecAggAdvertiseTask }
+    | { $case: "secaggShareKeys"; value: SecAggShareKeysTask }
+    | { $case: "secaggMaskedInput"; value: SecAggMaskedInputTask }
+    | { $case: "secaggUnmask"; value: SecAggUnmaskTask }
     | undefined;
+}
+
+/** Parameters of one site in one round attempt. */
+export interface SecAggParams {
+  attempt: number;
+  /** this site's index in `cohort` */
+  self: number;
+  /** 1..n */
+  cohort: number[];
+  threshold: number;
+  /** SecAgg+: k of the random regular graph; 0 = every other site */
+  neighbours: number;
+  /** 32 bytes: every party computes the same graph from it */
+  graphSeed: Uint8Array;
+  /** each coordinate of the weighted delta is clipped to [-range, range] */
+  range: number;
+  /** fixed-point scale: floor((2^31 - 1) / (max_summands * range)) */
+  maxSummands: number;
+  /** elements of the masked vector */
+  vectorLength: number;
+  /** the site's aggregation weight, in (0, 1] */
+  weight: number;
+  /** adapter tensors in the masked vector, in manifest order */
+  maskedTensors: string[];
+  /** L2 clip of the delta before weighting (0 = none) */
+  clipNorm: number;
+  /** Gaussian noise per coordinate after clipping (client DP, distributed; 0 = none) */
+  noiseStd: number;
+}
+
+export interface SecAggPublicKeys {
+  site: number;
+  /** X25519 (raw, 32 bytes): encrypts shares */
+  encPk: Uint8Array;
+  /** X25519 (raw, 32 bytes): pairwise masks */
+  maskPk: Uint8Array;
+}
+
+export interface SecAggSealed {
+  /** the other end: recipient (worker -> coordinator) or sender (coordinator -> worker) */
+  site: number;
+  ciphertext: Uint8Array;
+}
+
+export interface SecAggShare {
+  /** whose secret this is a share of */
+  site: number;
+  share: Uint8Array;
+}
+
+/** Phase 0: make key pairs, answer SecAggAdvertiseKeys. */
+export interface SecAggAdvertiseTask {
+  params: SecAggParams | undefined;
+}
+
+/** Phase 1: the public keys of every site that advertised (U1); answer SecAggShareKeys. */
+export interface SecAggShareKeysTask {
+  /** the attempt this phase belongs to */
+  advertiseTaskId: string;
+  keys: SecAggPublicKeys[];
+}
+
+/**
+ * Phase 2: the sealed shares addressed to this site (from U2); train from the global adapter,
+ * then upload the masked input (UPDATE_KIND_SECAGG_MASKED) under this task's id.
+ */
+export interface SecAggMaskedInputTask {
+  advertiseTaskId: string;
+  train: TrainTask | undefined;
+  shares: SecAggSealed[];
+  u2: number[];
+}
+
+/** Phase 3: who shared keys (U2) and who sent a masked input (U3); answer SecAggUnmask. */
+export interface SecAggUnmaskTask {
+  advertiseTaskId: string;
+  u2: number[];
+  u3: number[];
+}
+
+export interface SecAggAdvertiseKeys {
+  taskId: string;
+  encPk: Uint8Array;
+  maskPk: Uint8Array;
+}
+
+export interface SecAggShareKeys {
+  taskId: string;
+  /** one per neighbour, `site` = the recipient */
+  shares: SecAggSealed[];
+}
+
+export interface SecAggUnmask {
+  taskId: string;
+  /** shares of b_u for u in U3 */
+  selfShares: SecAggShare[];
+  /** shares of u's mask secret key for u in U2 \ U3 */
+  keyShares: SecAggShare[];
 }
 
 export interface CancelTask {
@@ -492,6 +620,7 @@ function createBaseTrainingSpec(): TrainingSpec {
     seed: 0,
     proxMu: 0,
     freezeLoraA: false,
+    dpSgd: undefined,
   };
 }
 
@@ -541,6 +670,9 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
     }
     if (message.freezeLoraA !== false) {
       writer.uint32(120).bool(message.freezeLoraA);
+    }
+    if (message.dpSgd !== undefined) {
+      DpSgdSpec.encode(message.dpSgd, writer.uint32(322).fork()).join();
     }
     return writer;
   },
@@ -676,6 +808,82 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
             }
 
             message.freezeLoraA = reader.bool();
+            continue;
+          }
+          case 40: {
+            if (tag !== 322) {
+              break;
+            }
+
+            message.dpSgd = DpSgdSpec.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+};
+
+function createBaseDpSgdSpec(): DpSgdSpec {
+  return { maxGradNorm: 0, noiseMultiplier: 0, sampleRate: 0 };
+}
+
+export const DpSgdSpec: MessageFns<DpSgdSpec> = {
+  encode(message: DpSgdSpec, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.maxGradNorm !== 0) {
+      writer.uint32(9).double(message.maxGradNorm);
+    }
+    if (message.noiseMultiplier !== 0) {
+      writer.uint32(17).double(message.noiseMultiplier);
+    }
+    if (message.sampleRate !== 0) {
+      writer.uint32(25).double(message.sampleRate);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): DpSgdSpec {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseDpSgdSpec();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 9) {
+              break;
+            }
+
+            message.maxGradNorm = reader.double();
+            continue;
+          }
+          case 2: {
+            if (tag !== 17) {
+              break;
+            }
+
+            message.noiseMultiplier = reader.double();
+            continue;
+          }
+          case 3: {
+            if (tag !== 25) {
+              break;
+            }
+
+            message.sampleRate = reader.double();
             continue;
           }
         }
@@ -1461,6 +1669,15 @@ export const WorkerMessage: MessageFns<WorkerMessage> = {
       case "evalResult":
         EvalResult.encode(message.body.value, writer.uint32(34).fork()).join();
         break;
+      case "secaggKeys":
+        SecAggAdvertiseKeys.encode(message.body.value, writer.uint32(162).fork()).join();
+        break;
+      case "secaggShares":
+        SecAggShareKeys.encode(message.body.value, writer.uint32(170).fork()).join();
+        break;
+      case "secaggUnmask":
+        SecAggUnmask.encode(message.body.value, writer.uint32(178).fork()).join();
+        break;
     }
     return writer;
   },
@@ -1508,6 +1725,30 @@ export const WorkerMessage: MessageFns<WorkerMessage> = {
             }
 
             message.body = { $case: "evalResult", value: EvalResult.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 20: {
+            if (tag !== 162) {
+              break;
+            }
+
+            message.body = { $case: "secaggKeys", value: SecAggAdvertiseKeys.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 21: {
+            if (tag !== 170) {
+              break;
+            }
+
+            message.body = { $case: "secaggShares", value: SecAggShareKeys.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 22: {
+            if (tag !== 178) {
+              break;
+            }
+
+            message.body = { $case: "secaggUnmask", value: SecAggUnmask.decode(reader, reader.uint32()) };
             continue;
           }
         }
@@ -1995,6 +2236,18 @@ export const Task: MessageFns<Task> = {
       case "step":
         StepTask.encode(message.kind.value, writer.uint32(98).fork()).join();
         break;
+      case "secaggAdvertise":
+        SecAggAdvertiseTask.encode(message.kind.value, writer.uint32(162).fork()).join();
+        break;
+      case "secaggShareKeys":
+        SecAggShareKeysTask.encode(message.kind.value, writer.uint32(170).fork()).join();
+        break;
+      case "secaggMaskedInput":
+        SecAggMaskedInputTask.encode(message.kind.value, writer.uint32(178).fork()).join();
+        break;
+      case "secaggUnmask":
+        SecAggUnmaskTask.encode(message.kind.value, writer.uint32(186).fork()).join();
+        break;
     }
     return writer;
   },
@@ -2066,6 +2319,911 @@ export const Task: MessageFns<Task> = {
             }
 
             message.kind = { $case: "step", value: StepTask.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 20: {
+            if (tag !== 162) {
+              break;
+            }
+
+            message.kind = { $case: "secaggAdvertise", value: SecAggAdvertiseTask.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 21: {
+            if (tag !== 170) {
+              break;
+            }
+
+            message.kind = { $case: "secaggShareKeys", value: SecAggShareKeysTask.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 22: {
+            if (tag !== 178) {
+              break;
+            }
+
+            message.kind = { $case: "secaggMaskedInput", value: SecAggMaskedInputTask.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 23: {
+            if (tag !== 186) {
+              break;
+            }
+
+            message.kind = { $case: "secaggUnmask", value: SecAggUnmaskTask.decode(reader, reader.uint32()) };
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+};
+
+function createBaseSecAggParams(): SecAggParams {
+  return {
+    attempt: 0,
+    self: 0,
+    cohort: [],
+    threshold: 0,
+    neighbours: 0,
+    graphSeed: new Uint8Array(0),
+    range: 0,
+    maxSummands: 0,
+    vectorLength: 0,
+    weight: 0,
+    maskedTensors: [],
+    clipNorm: 0,
+    noiseStd: 0,
+  };
+}
+
+export const SecAggParams: MessageFns<SecAggParams> = {
+  encode(message: SecAggParams, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.attempt !== 0) {
+      writer.uint32(8).uint32(message.attempt);
+    }
+    if (message.self !== 0) {
+      writer.uint32(16).uint32(message.self);
+    }
+    if (message.cohort.length !== 0) {
+      writer.uint32(26).fork();
+      for (const v of message.cohort) {
+        writer.uint32(v);
+      }
+      writer.join();
+    }
+    if (message.threshold !== 0) {
+      writer.uint32(32).uint32(message.threshold);
+    }
+    if (message.neighbours !== 0) {
+      writer.uint32(40).uint32(message.neighbours);
+    }
+    if (message.graphSeed.length !== 0) {
+      writer.uint32(50).bytes(message.graphSeed);
+    }
+    if (message.range !== 0) {
+      writer.uint32(57).double(message.range);
+    }
+    if (message.maxSummands !== 0) {
+      writer.uint32(64).uint32(message.maxSummands);
+    }
+    if (message.vectorLength !== 0) {
+      writer.uint32(72).uint64(message.vectorLength);
+    }
+    if (message.weight !== 0) {
+      writer.uint32(81).double(message.weight);
+    }
+    for (const v of message.maskedTensors) {
+      writer.uint32(90).string(v!);
+    }
+    if (message.clipNorm !== 0) {
+      writer.uint32(97).double(message.clipNorm);
+    }
+    if (message.noiseStd !== 0) {
+      writer.uint32(105).double(message.noiseStd);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SecAggParams {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSecAggParams();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.attempt = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.self = reader.uint32();
+            continue;
+          }
+          case 3: {
+            if (tag === 24) {
+              message.cohort.push(reader.uint32());
+
+              continue;
+            }
+
+            if (tag === 26) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.cohort.push(reader.uint32());
+              }
+
+              continue;
+            }
+
+            break;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.threshold = reader.uint32();
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.neighbours = reader.uint32();
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.graphSeed = reader.bytes();
+            continue;
+          }
+          case 7: {
+            if (tag !== 57) {
+              break;
+            }
+
+            message.range = reader.double();
+            continue;
+          }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.maxSummands = reader.uint32();
+            continue;
+          }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.vectorLength = longToNumber(reader.uint64());
+            continue;
+          }
+          case 10: {
+            if (tag !== 81) {
+              break;
+            }
+
+            message.weight = reader.double();
+            continue;
+          }
+          case 11: {
+            if (tag !== 90) {
+              break;
+            }
+
+            message.maskedTensors.push(reader.string());
+            continue;
+          }
+          case 12: {
+            if (tag !== 97) {
+              break;
+            }
+
+            message.clipNorm = reader.double();
+            continue;
+          }
+          case 13: {
+            if (tag !== 105) {
+              break;
+            }
+
+            message.noiseStd = reader.double();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+};
+
+function createBaseSecAggPublicKeys(): SecAggPublicKeys {
+  return { site: 0, encPk: new Uint8Array(0), maskPk: new Uint8Array(0) };
+}
+
+export const SecAggPublicKeys: MessageFns<SecAggPublicKeys> = {
+  encode(message: SecAggPublicKeys, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.site !== 0) {
+      writer.uint32(8).uint32(message.site);
+    }
+    if (message.encPk.length !== 0) {
+      writer.uint32(18).bytes(message.encPk);
+    }
+    if (message.maskPk.length !== 0) {
+      writer.uint32(26).bytes(message.maskPk);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SecAggPublicKeys {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSecAggPublicKeys();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.site = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.encPk = reader.bytes();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.maskPk = reader.bytes();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+};
+
+function createBaseSecAggSealed(): SecAggSealed {
+  return { site: 0, ciphertext: new Uint8Array(0) };
+}
+
+export const SecAggSealed: MessageFns<SecAggSealed> = {
+  encode(message: SecAggSealed, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.site !== 0) {
+      writer.uint32(8).uint32(message.site);
+    }
+    if (message.ciphertext.length !== 0) {
+      writer.uint32(18).bytes(message.ciphertext);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SecAggSealed {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSecAggSealed();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.site = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.ciphertext = reader.bytes();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+};
+
+function createBaseSecAggShare(): SecAggShare {
+  return { site: 0, share: new Uint8Array(0) };
+}
+
+export const SecAggShare: MessageFns<SecAggShare> = {
+  encode(message: SecAggShare, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.site !== 0) {
+      writer.uint32(8).uint32(message.site);
+    }
+    if (message.share.length !== 0) {
+      writer.uint32(18).bytes(message.share);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SecAggShare {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSecAggShare();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.site = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.share = reader.bytes();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+};
+
+function createBaseSecAggAdvertiseTask(): SecAggAdvertiseTask {
+  return { params: undefined };
+}
+
+export const SecAggAdvertiseTask: MessageFns<SecAggAdvertiseTask> = {
+  encode(message: SecAggAdvertiseTask, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.params !== undefined) {
+      SecAggParams.encode(message.params, writer.uint32(10).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SecAggAdvertiseTask {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSecAggAdvertiseTask();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.params = SecAggParams.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+};
+
+function createBaseSecAggShareKeysTask(): SecAggShareKeysTask {
+  return { advertiseTaskId: "", keys: [] };
+}
+
+export const SecAggShareKeysTask: MessageFns<SecAggShareKeysTask> = {
+  encode(message: SecAggShareKeysTask, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.advertiseTaskId !== "") {
+      writer.uint32(10).string(message.advertiseTaskId);
+    }
+    for (const v of message.keys) {
+      SecAggPublicKeys.encode(v!, writer.uint32(18).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SecAggShareKeysTask {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSecAggShareKeysTask();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.advertiseTaskId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.keys.push(SecAggPublicKeys.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+};
+
+function createBaseSecAggMaskedInputTask(): SecAggMaskedInputTask {
+  return { advertiseTaskId: "", train: undefined, shares: [], u2: [] };
+}
+
+export const SecAggMaskedInputTask: MessageFns<SecAggMaskedInputTask> = {
+  encode(message: SecAggMaskedInputTask, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.advertiseTaskId !== "") {
+      writer.uint32(10).string(message.advertiseTaskId);
+    }
+    if (message.train !== undefined) {
+      TrainTask.encode(message.train, writer.uint32(18).fork()).join();
+    }
+    for (const v of message.shares) {
+      SecAggSealed.encode(v!, writer.uint32(26).fork()).join();
+    }
+    if (message.u2.length !== 0) {
+      writer.uint32(34).fork();
+      for (const v of message.u2) {
+        writer.uint32(v);
+      }
+      writer.join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SecAggMaskedInputTask {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSecAggMaskedInputTask();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.advertiseTaskId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.train = TrainTask.decode(reader, reader.uint32());
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.shares.push(SecAggSealed.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 4: {
+            if (tag === 32) {
+              message.u2.push(reader.uint32());
+
+              continue;
+            }
+
+            if (tag === 34) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.u2.push(reader.uint32());
+              }
+
+              continue;
+            }
+
+            break;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+};
+
+function createBaseSecAggUnmaskTask(): SecAggUnmaskTask {
+  return { advertiseTaskId: "", u2: [], u3: [] };
+}
+
+export const SecAggUnmaskTask: MessageFns<SecAggUnmaskTask> = {
+  encode(message: SecAggUnmaskTask, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.advertiseTaskId !== "") {
+      writer.uint32(10).string(message.advertiseTaskId);
+    }
+    if (message.u2.length !== 0) {
+      writer.uint32(18).fork();
+      for (const v of message.u2) {
+        writer.uint32(v);
+      }
+      writer.join();
+    }
+    if (message.u3.length !== 0) {
+      writer.uint32(26).fork();
+      for (const v of message.u3) {
+        writer.uint32(v);
+      }
+      writer.join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SecAggUnmaskTask {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSecAggUnmaskTask();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.advertiseTaskId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag === 16) {
+              message.u2.push(reader.uint32());
+
+              continue;
+            }
+
+            if (tag === 18) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.u2.push(reader.uint32());
+              }
+
+              continue;
+            }
+
+            break;
+          }
+          case 3: {
+            if (tag === 24) {
+              message.u3.push(reader.uint32());
+
+              continue;
+            }
+
+            if (tag === 26) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.u3.push(reader.uint32());
+              }
+
+              continue;
+            }
+
+            break;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+};
+
+function createBaseSecAggAdvertiseKeys(): SecAggAdvertiseKeys {
+  return { taskId: "", encPk: new Uint8Array(0), maskPk: new Uint8Array(0) };
+}
+
+export const SecAggAdvertiseKeys: MessageFns<SecAggAdvertiseKeys> = {
+  encode(message: SecAggAdvertiseKeys, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.taskId !== "") {
+      writer.uint32(10).string(message.taskId);
+    }
+    if (message.encPk.length !== 0) {
+      writer.uint32(18).bytes(message.encPk);
+    }
+    if (message.maskPk.length !== 0) {
+      writer.uint32(26).bytes(message.maskPk);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SecAggAdvertiseKeys {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSecAggAdvertiseKeys();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.taskId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.encPk = reader.bytes();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.maskPk = reader.bytes();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+};
+
+function createBaseSecAggShareKeys(): SecAggShareKeys {
+  return { taskId: "", shares: [] };
+}
+
+export const SecAggShareKeys: MessageFns<SecAggShareKeys> = {
+  encode(message: SecAggShareKeys, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.taskId !== "") {
+      writer.uint32(10).string(message.taskId);
+    }
+    for (const v of message.shares) {
+      SecAggSealed.encode(v!, writer.uint32(18).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SecAggShareKeys {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSecAggShareKeys();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.taskId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.shares.push(SecAggSealed.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+};
+
+function createBaseSecAggUnmask(): SecAggUnmask {
+  return { taskId: "", selfShares: [], keyShares: [] };
+}
+
+export const SecAggUnmask: MessageFns<SecAggUnmask> = {
+  encode(message: SecAggUnmask, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.taskId !== "") {
+      writer.uint32(10).string(message.taskId);
+    }
+    for (const v of message.selfShares) {
+      SecAggShare.encode(v!, writer.uint32(18).fork()).join();
+    }
+    for (const v of message.keyShares) {
+      SecAggShare.encode(v!, writer.uint32(26).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SecAggUnmask {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSecAggUnmask();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.taskId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.selfShares.push(SecAggShare.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.keyShares.push(SecAggShare.decode(reader, reader.uint32()));
             continue;
           }
         }
