@@ -10,7 +10,8 @@
  *   join      site, worker_id, address, cert_sha256, cert_serial, token_id
  *   refusal   stage (handshake | run_info | register | session), reason, site (as claimed), address
  *   revoked   site, worker_id, cert_serial: a live session ended because its certificate was revoked
- *   round     round, sites (whose updates were aggregated), privacy (the round's privacy parameters, when any)
+ *   round     round, sites (whose updates were aggregated), privacy (epsilon spent, when the run has DP),
+ *             settings (the run's privacy: section, when any part of it is on)
  *   reload    what: crl | join_tokens, and what changed (counts, never secrets)
  *
  * No record holds a join token, a key or any other secret: reasons are the
@@ -32,7 +33,7 @@ export type AuditRecord =
   | { type: 'join'; site: string; worker_id: string; address: string; cert_sha256: string | null; cert_serial: string | null; token_id: string | null }
   | { type: 'refusal'; stage: 'handshake' | 'run_info' | 'register' | 'session'; reason: string; site: string | null; address: string; suppressed_before?: number }
   | { type: 'revoked'; site: string; worker_id: string; cert_serial: string }
-  | { type: 'round'; round: number; sites: string[]; privacy: unknown }
+  | { type: 'round'; round: number; sites: string[]; privacy: unknown; settings?: unknown }
   | { type: 'reload'; what: 'crl' | 'join_tokens'; detail: Record<string, unknown> };
 
 function clip(s: string): string {
@@ -114,7 +115,11 @@ export class RoundAuditor {
   private sites = new Set<string>();
   private round = -1;
 
-  constructor(private readonly audit: AuditLog) {}
+  /** `settings`: the run's privacy parameters (privacy: section), written with every round record. */
+  constructor(
+    private readonly audit: AuditLog,
+    private readonly settings: unknown = null,
+  ) {}
 
   onEvent(e: { type: string } & Record<string, unknown>): void {
     if (e.type === 'round.started') {
@@ -123,7 +128,7 @@ export class RoundAuditor {
     } else if (e.type === 'update.received' && Number(e.round) === this.round) {
       this.sites.add(String(e.site));
     } else if (e.type === 'round.completed') {
-      this.audit.write({ type: 'round', round: Number(e.round), sites: [...this.sites].sort(), privacy: e.privacy ?? null });
+      this.audit.write({ type: 'round', round: Number(e.round), sites: [...this.sites].sort(), privacy: e.privacy ?? null, ...(this.settings ? { settings: this.settings } : {}) });
       this.sites.clear();
     }
   }

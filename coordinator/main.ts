@@ -159,7 +159,8 @@ async function start(cfg: RunConfig, opts: CoordinatorOptions, lock: RunDirLock)
   };
   revocations?.watch(() => void reloadCrl());
   // Round records of the audit log, from the run's own events.
-  const rounds = new RoundAuditor(audit);
+  const p = cfg.privacy;
+  const rounds = new RoundAuditor(audit, p.secure_aggregation || p.client_dp || p.dp_sgd ? { secure_aggregation: p.secure_aggregation, client_dp: p.client_dp, dp_sgd: p.dp_sgd, delta: p.delta, max_epsilon: p.max_epsilon } : null);
   const auditSub = bus.subscribe({ runId: run.runId, afterSeq: (await bus.history(run.runId)).at(-1)?.seq ?? 0 });
   const auditing = (async () => {
     try {

@@ -10,6 +10,7 @@
  * (common/secagg/quantise.ts) divided by the summed weight, plus float32
  * rounding of the stored adapter.
  */
+import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import type { RunEvent } from '../../common/events.ts';
@@ -94,6 +95,13 @@ describe('secure aggregation with worker processes', () => {
     expect(received).toHaveLength(8);
     const elements = [...g0.values()].reduce((s, t) => s + t.data.length, 0);
     for (const e of received) expect(e.bytes).toBe(elements * 4);
+
+    // The audit log records the round's sites and the secure-aggregation parameters it ran under.
+    await coord.close();
+    const audit = readFileSync(join(coord.runDir, 'audit.jsonl'), 'utf8').trim().split('\n').map((l) => JSON.parse(l) as { type: string; round?: number; sites?: string[]; settings?: { secure_aggregation?: { threshold: number } } });
+    const roundRec = audit.find((r) => r.type === 'round' && r.round === 1)!;
+    expect(roundRec.sites).toEqual(summed.map((x) => `site-${x.i}`).sort());
+    expect(roundRec.settings?.secure_aggregation?.threshold).toBe(6);
   }, 200_000);
 
   it('below the threshold the attempt fails naming the phase, and the retry with a rejoined site succeeds', async () => {
