@@ -4,7 +4,8 @@
  * told apart from any one of them), and the independent plain FedAvg.
  */
 import { join } from 'node:path';
-import { fedtune, type Proc } from './federated-helpers.ts';
+import { fedtune, runConfig, type Proc } from './federated-helpers.ts';
+import type { RunConfig } from '../../common/config.ts';
 import { NoopTrainer } from '../../worker/trainers/noop.ts';
 import { WorkerAgent } from '../../worker/agent.ts';
 import type { TrainArgs, TrainOutcome } from '../../worker/trainers/trainer.ts';
@@ -90,3 +91,24 @@ export function maxExcess(got: TensorMap, want: Map<string, Float64Array>, bound
 }
 
 export const checkpointDir = (runDir: string, round: number): string => join(runDir, `round-${String(round).padStart(4, '0')}`);
+
+/**
+ * A one-round secure-aggregation run config: `sites` workers, results from `results` of them
+ * (default all), no evaluation, the secure_aggregation section `secagg` (phase timeout 30 s unless
+ * given) and `extra` fields (training, strategy, weighting, more privacy).
+ */
+export function secureConfig(
+  dir: string,
+  model: string,
+  o: { name: string; sites: number; results?: number; deadline?: number; retries?: number; secagg: Record<string, unknown>; extra?: Record<string, unknown>; privacy?: Record<string, unknown> },
+): RunConfig {
+  return runConfig(dir, model, {
+    name: o.name,
+    rounds: 1,
+    ...o.extra,
+    cohort: { min_workers: o.sites },
+    round: { min_results: o.results ?? o.sites, deadline_sec: o.deadline ?? 60, max_retries: o.retries ?? 0 },
+    eval: { every: 0 },
+    privacy: { secure_aggregation: { phase_timeout_sec: 30, ...o.secagg }, ...o.privacy },
+  } as never);
+}

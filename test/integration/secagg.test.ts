@@ -27,7 +27,7 @@ import { localSpecOf } from '../../worker/agent.ts';
 import { trainingSpecOf } from '../../coordinator/tasks.ts';
 import * as grpc from '@grpc/grpc-js';
 import { events, Probe, rawUpload, runConfig, tempDir, tinyModel, updateMessages, waitForEvent, writeData, type Proc } from './federated-helpers.ts';
-import { checkpointDir, maxExcess, offsetSites, OffsetTrainer, plainFedAvg, secaggWorker, siteUpdate } from './secagg-helpers.ts';
+import { checkpointDir, maxExcess, offsetSites, OffsetTrainer, plainFedAvg, secaggWorker, secureConfig, siteUpdate } from './secagg-helpers.ts';
 
 const procs: Proc[] = [];
 let coord: CoordinatorHandle | null = null;
@@ -46,15 +46,7 @@ describe('secure aggregation with worker processes', () => {
     const dir = tempDir('secagg10');
     const model = await tinyModel(join(dir, 'model'));
     const range = 0.01;
-    const cfg = runConfig(dir, model, {
-      name: 'secagg10',
-      rounds: 1,
-      training: { steps: 2 },
-      cohort: { min_workers: 10 },
-      round: { min_results: 6, deadline_sec: 120, max_retries: 0 },
-      eval: { every: 0 },
-      privacy: { secure_aggregation: { threshold: 6, range, phase_timeout_sec: 60 } },
-    } as never);
+    const cfg = secureConfig(dir, model, { name: 'secagg10', sites: 10, results: 6, deadline: 120, extra: { training: { steps: 2 } }, secagg: { threshold: 6, range, phase_timeout_sec: 60 } });
     coord = await startCoordinator(cfg);
     const sizes = [10, 12, 14, 16, 18, 20, 22, 24, 26, 28];
     const faults: Record<number, string> = { 2: 'secagg.after-share-keys@1', 5: 'secagg.after-share-keys@1', 7: 'secagg.after-masked-input@1' };
@@ -107,15 +99,7 @@ describe('secure aggregation with worker processes', () => {
   it('below the threshold the attempt fails naming the phase, and the retry with a rejoined site succeeds', async () => {
     const dir = tempDir('secagg-retry');
     const model = await tinyModel(join(dir, 'model'));
-    const cfg = runConfig(dir, model, {
-      name: 'secagg-retry',
-      rounds: 1,
-      training: { steps: 2 },
-      cohort: { min_workers: 4 },
-      round: { min_results: 4, deadline_sec: 120, max_retries: 2 },
-      eval: { every: 0 },
-      privacy: { secure_aggregation: { threshold: 4, range: 0.01, phase_timeout_sec: 60 } },
-    } as never);
+    const cfg = secureConfig(dir, model, { name: 'secagg-retry', sites: 4, deadline: 120, retries: 2, extra: { training: { steps: 2 } }, secagg: { threshold: 4, range: 0.01, phase_timeout_sec: 60 } });
     coord = await startCoordinator(cfg);
     const data = (site: string): string => writeData(join(dir, `${site}.jsonl`), 10, site);
     for (let i = 0; i < 4; i++) {
@@ -143,14 +127,7 @@ describe('what the coordinator holds', () => {
     const dir = tempDir('secagg-observe');
     const model = await tinyModel(join(dir, 'model'));
     const range = 0.01;
-    const cfg = runConfig(dir, model, {
-      name: 'secagg-observe',
-      rounds: 1,
-      cohort: { min_workers: 4 },
-      round: { min_results: 3, deadline_sec: 60, max_retries: 0 },
-      eval: { every: 0 },
-      privacy: { secure_aggregation: { threshold: 3, range, phase_timeout_sec: 30 } },
-    } as never);
+    const cfg = secureConfig(dir, model, { name: 'secagg-observe', sites: 4, results: 3, secagg: { threshold: 3, range } });
     const held: Array<{ what: string; buf: Uint32Array | Float64Array }> = [];
     setSecAggObserver((what, _site, buf) => held.push({ what, buf: buf.slice() }));
     coord = await startCoordinator(cfg);
@@ -231,15 +208,7 @@ describe('strategies and client DP under secure aggregation', () => {
     const dir = tempDir('secagg-ffa');
     const model = await tinyModel(join(dir, 'model'));
     const range = 0.01;
-    const cfg = runConfig(dir, model, {
-      name: 'secagg-ffa',
-      rounds: 1,
-      strategy: 'ffa',
-      cohort: { min_workers: 3 },
-      round: { min_results: 3, deadline_sec: 60, max_retries: 0 },
-      eval: { every: 0 },
-      privacy: { secure_aggregation: { threshold: 2, range, phase_timeout_sec: 30 } },
-    } as never);
+    const cfg = secureConfig(dir, model, { name: 'secagg-ffa', sites: 3, extra: { strategy: 'ffa' }, secagg: { threshold: 2, range } });
     coord = await startCoordinator(cfg);
     const stop = new AbortController();
     const agents = offsetSites(coord.address, (await inspectModel(model)).fingerprint, sites, stop.signal);
@@ -265,14 +234,7 @@ describe('strategies and client DP under secure aggregation', () => {
     const model = await tinyModel(join(dir, 'model'));
     const range = 0.01;
     const six = [...sites, { site: 'd', n: 15, offset: 0.0007 }, { site: 'e', n: 25, offset: -0.0004 }, { site: 'f', n: 5, offset: 0.0012 }];
-    const cfg = runConfig(dir, model, {
-      name: 'secagg-plus',
-      rounds: 1,
-      cohort: { min_workers: 6 },
-      round: { min_results: 6, deadline_sec: 60, max_retries: 0 },
-      eval: { every: 0 },
-      privacy: { secure_aggregation: { threshold: 3, neighbours: 2, range, phase_timeout_sec: 30 } },
-    } as never);
+    const cfg = secureConfig(dir, model, { name: 'secagg-plus', sites: 6, secagg: { threshold: 3, neighbours: 2, range } });
     coord = await startCoordinator(cfg);
     const stop = new AbortController();
     const agents = offsetSites(coord.address, (await inspectModel(model)).fingerprint, six, stop.signal);
@@ -291,15 +253,13 @@ describe('strategies and client DP under secure aggregation', () => {
     const model = await tinyModel(join(dir, 'model'));
     const range = 0.05;
     const clip = 0.01;
-    const cfg = runConfig(dir, model, {
+    const cfg = secureConfig(dir, model, {
       name: 'secagg-dp',
-      rounds: 1,
-      cohort: { min_workers: 3 },
-      weighting: { mode: 'equal' },
-      round: { min_results: 3, deadline_sec: 60, max_retries: 0 },
-      eval: { every: 0 },
-      privacy: { secure_aggregation: { threshold: 2, range, phase_timeout_sec: 30 }, client_dp: { clip_norm: clip, noise_multiplier: 0, noise: 'distributed' } },
-    } as never);
+      sites: 3,
+      extra: { weighting: { mode: 'equal' } },
+      secagg: { threshold: 2, range },
+      privacy: { client_dp: { clip_norm: clip, noise_multiplier: 0, noise: 'distributed' } },
+    });
     coord = await startCoordinator(cfg);
     const stop = new AbortController();
     const agents = offsetSites(coord.address, (await inspectModel(model)).fingerprint, sites, stop.signal);
@@ -331,14 +291,7 @@ describe('the Upload path under secure aggregation', () => {
     const dir = tempDir('secagg-bad');
     const model = await tinyModel(join(dir, 'model'));
     const range = 0.01;
-    const cfg = runConfig(dir, model, {
-      name: 'secagg-bad',
-      rounds: 1,
-      cohort: { min_workers: 4 },
-      round: { min_results: 3, deadline_sec: 60, max_retries: 0 },
-      eval: { every: 0 },
-      privacy: { secure_aggregation: { threshold: 3, range, phase_timeout_sec: 30 } },
-    } as never);
+    const cfg = secureConfig(dir, model, { name: 'secagg-bad', sites: 4, results: 3, secagg: { threshold: 3, range } });
     coord = await startCoordinator(cfg);
     const fingerprint = (await inspectModel(model)).fingerprint;
     const probe = new Probe(coord.address, fingerprint);
@@ -373,14 +326,7 @@ describe('the Upload path under secure aggregation', () => {
   it('a plaintext adapter upload for a secure round is refused, naming the masked kind', async () => {
     const dir = tempDir('secagg-plain');
     const model = await tinyModel(join(dir, 'model'));
-    const cfg = runConfig(dir, model, {
-      name: 'secagg-plain',
-      rounds: 1,
-      cohort: { min_workers: 2 },
-      round: { min_results: 2, deadline_sec: 30, max_retries: 0 },
-      eval: { every: 0 },
-      privacy: { secure_aggregation: { threshold: 2, range: 0.01, phase_timeout_sec: 30 } },
-    } as never);
+    const cfg = secureConfig(dir, model, { name: 'secagg-plain', sites: 2, deadline: 30, secagg: { threshold: 2, range: 0.01 } });
     coord = await startCoordinator(cfg);
     const fingerprint = (await inspectModel(model)).fingerprint;
     const probes = [new Probe(coord.address, fingerprint), new Probe(coord.address, fingerprint)];

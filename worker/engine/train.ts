@@ -42,19 +42,15 @@ export interface StepInfo {
   epoch: number;
 }
 
-export interface TrainLoopOptions {
+/** What the plain and the DP-SGD training loops take alike. */
+export interface LoopOptions {
   engine: Engine;
   /** Trainable parameters; updated in place. */
   params: TensorMap;
-  /** Micro-batches for epoch e (called once per epoch; reshuffle there). */
-  epochBatches: (epoch: number) => Batch[];
   /** Optimizer steps to take. */
   steps: number;
-  gradAccumulation: number;
   optimizer: AdamW;
   schedule: Schedule;
-  /** Clip the global gradient norm to this (<= 0 or Infinity: no clipping). */
-  maxGradNorm: number;
   /** Offset of the schedule (steps already taken before this loop, e.g. when resuming). */
   scheduleOffset?: number;
   onStep?: (s: StepInfo) => void;
@@ -63,6 +59,14 @@ export interface TrainLoopOptions {
   proximal?: { mu: number; anchor: TensorMap };
   /** Parameters to keep fixed (FFA-LoRA: every lora_A). They are handed to neither the gradient step nor the optimizer. */
   frozen?: (name: string) => boolean;
+}
+
+export interface TrainLoopOptions extends LoopOptions {
+  /** Micro-batches for epoch e (called once per epoch; reshuffle there). */
+  epochBatches: (epoch: number) => Batch[];
+  gradAccumulation: number;
+  /** Clip the global gradient norm to this (<= 0 or Infinity: no clipping). */
+  maxGradNorm: number;
 }
 
 export interface TrainLoopResult {
@@ -233,10 +237,7 @@ export function scaleInPlace(m: TensorMap, s: number): void {
   }
 }
 
-export interface DpTrainLoopOptions {
-  engine: Engine;
-  /** Trainable parameters; updated in place. */
-  params: TensorMap;
+export interface DpTrainLoopOptions extends LoopOptions {
   /** Number of training records N (the Poisson sampler's population, and the normalisation q N). */
   numRecords: number;
   /** One Poisson-sampled batch of record indices per call. */
@@ -244,15 +245,6 @@ export interface DpTrainLoopOptions {
   /** The sampled records as micro-batches (each at most the physical batch size; padding rows carry no loss). */
   microBatches: (indices: number[]) => Batch[];
   dp: DpSgdParams;
-  steps: number;
-  optimizer: AdamW;
-  schedule: Schedule;
-  scheduleOffset?: number;
-  onStep?: (s: StepInfo) => void;
-  signal?: AbortSignal;
-  /** FedProx: its gradient mu (w - anchor) reads no data, so it is added after the noise. */
-  proximal?: { mu: number; anchor: TensorMap };
-  frozen?: (name: string) => boolean;
   /** Source of the Gaussian noise (default: the OS CSPRNG; tests pass a seeded one). */
   normals?: NormalSource;
 }
@@ -273,6 +265,7 @@ export interface DpTrainLoopResult extends TrainLoopResult {
  * step. No global-norm clip is applied on top (max_grad_norm of training is
  * not used), and grad_accumulation plays no part: the batch is split into
  * micro-batches of the physical batch size, which gives exactly the same sum.
+ * FedProx's gradient mu (w - anchor) reads no data, so it is added after the noise.
  */
 export async function dpTrainLoop(o: DpTrainLoopOptions): Promise<DpTrainLoopResult> {
   checkDpSgd(o.dp);

@@ -10,7 +10,7 @@ import { Engine } from '../engine/engine.ts';
 import { loadModel } from '../engine/model.ts';
 import { loadTokenizer } from '../../common/tokenizer.ts';
 import { AdamW } from '../../common/optim.ts';
-import { checkProxMu, dpTrainLoop, padBatchRows, trainLoop } from '../engine/train.ts';
+import { checkProxMu, dpTrainLoop, padBatchRows, trainLoop, type StepInfo } from '../engine/train.ts';
 import { checkDpSgd, dpSgdSteps, secretPoissonSampler } from '../../common/privacy/dp-sgd.ts';
 import { loraTargets, validateAdapter } from '../../common/lora.ts';
 import { makeBatches } from '../data/batching.ts';
@@ -49,6 +49,20 @@ export async function createOnnxTrainer(opts: TrainerFactoryOptions): Promise<Tr
   }
   log.info({ train: data.train.length, eval: evalSet.length, dropped: data.dropped, model: model.config.modelType }, 'local data loaded');
   return new OnnxTrainer(model, data.train, evalSet, tok.padId, opts);
+}
+
+/** Options the plain and the DP-SGD training loops take alike from a task. */
+function loopOptions(args: TrainArgs, anchor: TensorMap | null, steps: number) {
+  const { spec } = args;
+  return {
+    steps,
+    optimizer: new AdamW({ lr: spec.lr, weightDecay: spec.weightDecay }),
+    schedule: { kind: spec.schedule, baseLr: spec.lr, warmupSteps: spec.warmupSteps, totalSteps: steps },
+    signal: args.signal,
+    ...(anchor ? { proximal: { mu: spec.proxMu, anchor } } : {}),
+    ...(spec.freezeLoraA ? { frozen: isLoraA } : {}),
+    onStep: (s: StepInfo) => args.onProgress({ step: s.step, totalSteps: s.totalSteps, loss: s.loss, tokensPerSec: s.tokensPerSec, examples: s.examples }),
+  };
 }
 
 class OnnxTrainer implements Trainer {
@@ -104,30 +118,11 @@ class OnnxTrainer implements Trainer {
       params,
       epochBatches: (epoch) =>
         makeBatches(this.trainSet, { batchSize: spec.batchSize, padId: this.padId, shuffle: true, seed: seedBase + epoch, maxSeqLen: spec.maxSeqLen }),
-      steps,
       gradAccumulation: spec.gradAccumulation,
-      optimizer: new AdamW({ lr: spec.lr, weightDecay: spec.weightDecay }),
-      schedule: { kind: spec.schedule, baseLr: spec.lr, warmupSteps: spec.warmupSteps, totalSteps: steps },
       maxGradNorm: spec.maxGradNorm,
-      signal: args.signal,
-      ...(anchor ? { proximal: { mu: spec.proxMu, anchor } } : {}),
-      ...(spec.freezeLoraA ? { frozen: isLoraA } : {}),
-      onStep: (s) =>
-        args.onProgress({ step: s.step, totalSteps: s.totalSteps, loss: s.loss, tokensPerSec: s.tokensPerSec, examples: s.examples }),
+      ...loopOptions(args, anchor, steps),
     });
-    return {
-      adapter: params,
-      numExamples: this.trainSet.length,
-      metrics: {
-        train_loss: result.meanLoss,
-        last_loss: result.lastLoss,
-        tokens: result.tokens,
-        steps: result.steps,
-        train_seconds: result.seconds,
-        tokens_per_sec: result.seconds > 0 ? result.tokens / result.seconds : 0,
-        ...(anchor ? { prox_loss: result.proxLoss } : {}),
-      },
-    };
+    return this.outcome(params, result, anchor, {});
   }
 
   /**
@@ -155,15 +150,18 @@ class OnnxTrainer implements Trainer {
         makeBatches(indices.map((i) => this.trainSet[i]!), { batchSize: spec.batchSize, padId: this.padId, shuffle: false, seed: 0, maxSeqLen: spec.maxSeqLen })
           .map((b) => padBatchRows(b, spec.batchSize, this.padId)),
       dp,
-      steps,
-      optimizer: new AdamW({ lr: spec.lr, weightDecay: spec.weightDecay }),
-      schedule: { kind: spec.schedule, baseLr: spec.lr, warmupSteps: spec.warmupSteps, totalSteps: steps },
-      signal: args.signal,
-      ...(anchor ? { proximal: { mu: spec.proxMu, anchor } } : {}),
-      ...(spec.freezeLoraA ? { frozen: isLoraA } : {}),
-      onStep: (s) =>
-        args.onProgress({ step: s.step, totalSteps: s.totalSteps, loss: s.loss, tokensPerSec: s.tokensPerSec, examples: s.examples }),
+      ...loopOptions(args, anchor, steps),
     });
+    return this.outcome(params, result, anchor, { dp_clipped_fraction: result.clippedFraction, dp_mean_batch_size: result.meanBatchSize });
+  }
+
+  /** What a training task reports: the adapter and the loop's metrics (plus `extra`). */
+  private outcome(
+    params: TensorMap,
+    result: { meanLoss: number; lastLoss: number; tokens: number; steps: number; seconds: number; proxLoss: number },
+    anchor: TensorMap | null,
+    extra: Record<string, number>,
+  ): TrainOutcome {
     return {
       adapter: params,
       numExamples: this.trainSet.length,
@@ -174,8 +172,7 @@ class OnnxTrainer implements Trainer {
         steps: result.steps,
         train_seconds: result.seconds,
         tokens_per_sec: result.seconds > 0 ? result.tokens / result.seconds : 0,
-        dp_clipped_fraction: result.clippedFraction,
-        dp_mean_batch_size: result.meanBatchSize,
+        ...extra,
         ...(anchor ? { prox_loss: result.proxLoss } : {}),
       },
     };
