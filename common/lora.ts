@@ -24,6 +24,10 @@ export interface LoraTarget {
   layer: number;
   /** Target module name (q_proj, c_attn, ...). */
   kind: string;
+  /** This module's rank: lora.r, or its rank_pattern entry. */
+  r: number;
+  /** This module's factor on B A: alpha / r (alpha / sqrt(r) with rsLoRA), with its alpha_pattern entry where one matches. */
+  scale: number;
 }
 
 /** Target module names valid for an architecture family. */
@@ -58,6 +62,7 @@ export function checkLoraConfig(config: ModelConfig, lora: LoraConfig): void {
 export function loraTargets(config: ModelConfig, lora: LoraConfig): LoraTarget[] {
   checkLoraConfig(config, lora);
   const wanted = new Set(lora.targetModules);
+  const scale = lora.useRslora ? lora.alpha / Math.sqrt(lora.r) : lora.alpha / lora.r;
   const out: LoraTarget[] = [];
   const H = config.hiddenSize;
   const I = config.intermediateSize;
@@ -74,7 +79,7 @@ export function loraTargets(config: ModelConfig, lora: LoraConfig): LoraTarget[]
         if (!wanted.has(kind)) continue;
         for (const [k, module, inF, outF] of mods) {
           if (k !== kind) continue;
-          out.push({ module, weight: `${module}.weight`, bias: `${module}.bias`, inFeatures: inF, outFeatures: outF, conv1d: true, layer: l, kind });
+          out.push({ module, weight: `${module}.weight`, bias: `${module}.bias`, inFeatures: inF, outFeatures: outF, conv1d: true, layer: l, kind, r: lora.r, scale });
         }
       }
     } else {
@@ -105,6 +110,8 @@ export function loraTargets(config: ModelConfig, lora: LoraConfig): LoraTarget[]
           conv1d: false,
           layer: l,
           kind,
+          r: lora.r,
+          scale,
         });
       }
     }

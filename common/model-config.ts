@@ -105,6 +105,18 @@ export interface LoraConfig {
   dropout: number;
   /** Module names: llama q_proj k_proj v_proj o_proj gate_proj up_proj down_proj; phi3 qkv_proj o_proj gate_up_proj down_proj; gpt2 c_attn c_proj c_fc. */
   targetModules: string[];
+  /** rsLoRA (Kalajdzievski 2023): scale alpha / sqrt(r) instead of alpha / r. PEFT's `use_rslora`. */
+  useRslora?: boolean;
+  /** DoRA (Liu et al. 2024): weight-decomposed LoRA with a trained magnitude vector. PEFT's `use_dora`. */
+  useDora?: boolean;
+  /** PEFT `rank_pattern`: module-name pattern -> rank, overriding `r` for the modules it matches. */
+  rankPattern?: Record<string, number>;
+  /** PEFT `alpha_pattern`: module-name pattern -> alpha, overriding `alpha` for the modules it matches. */
+  alphaPattern?: Record<string, number>;
+  /** PEFT `layers_to_transform`: the layer indices that get adapters (absent: every layer). */
+  layersToTransform?: number[];
+  /** PEFT `layers_pattern`: the name(s) of the layer list `layers_to_transform` indexes ("layers", "h"). */
+  layersPattern?: string[];
 }
 
 export const LLAMA_TARGET_MODULES = ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'] as const;

@@ -23,10 +23,7 @@ const CONV1D_MODULES = ['c_attn', 'c_proj', 'c_fc'];
 const LORA_KEY = /^base_model\.model\.(.+)\.lora_([AB])(?:\.([A-Za-z0-9_-]+))?\.weight$/;
 
 /** A LoRA config with PEFT's variants fedtune implements. */
-export type PeftLoraConfig = LoraConfig & {
-  /** rsLoRA (Kalajdzievski 2023): scale alpha / sqrt(r) instead of alpha / r. PEFT's `use_rslora`. */
-  useRslora?: boolean;
-};
+export type PeftLoraConfig = LoraConfig;
 
 /** The factor on B A: alpha / sqrt(r) with rsLoRA, else alpha / r (PEFT LoraLayer.update_layer). */
 export function loraScale(lora: PeftLoraConfig): number {

@@ -8,7 +8,7 @@ import { createStrategy, strategyIssues } from '../../coordinator/strategies/ind
 import type { Candidate, FitSpec, FitUpdate, GlobalAdapter, Strategy } from '../../coordinator/strategies/strategy.ts';
 
 // One adapted module m: A [r, 3], B [2, r].
-const target: LoraTarget = { module: 'm', weight: 'm.weight', bias: null, inFeatures: 3, outFeatures: 2, conv1d: false, layer: 0, kind: 'q_proj' };
+const target: LoraTarget = { module: 'm', weight: 'm.weight', bias: null, inFeatures: 3, outFeatures: 2, conv1d: false, layer: 0, kind: 'q_proj', r: 1, scale: 1 };
 const KA = peftKey('m', 'A');
 const KB = peftKey('m', 'B');
 
