@@ -4,13 +4,11 @@
  *
  *   (a) FedAvg streaming accumulator GB/s   vs  TypedArray.set / Buffer.copy of the same bytes
  *   (b) adapter download over loopback gRPC  vs  a raw TCP socket sending the same bytes
- *   (c) one federated round, noop trainer, N in-process workers, 16M-param adapter
+ *   (c) bench/rounds.ts: one federated round with N `fedtune worker` processes
  *                                            vs  raw TCP moving the round's bytes (N down + N up) once
  *
- * (c) runs the real coordinator pieces (service, round loop, strategy, checkpoint
- * store) and real WorkerAgents talking gRPC over loopback, all in this one
- * process; only the model is synthetic (the adapter has Llama-7B attention
- * shapes, r=16).
+ * (b) runs the real coordinator pieces (service, round loop, strategy) in this
+ * process with a synthetic adapter of Llama-7B attention shapes, r=16.
  */
 import { mkdtempSync, rmSync } from 'node:fs';
 import { createServer, connect, type AddressInfo } from 'node:net';
@@ -19,18 +17,16 @@ import { join } from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import { packTensorMap, unpackTensorMap } from '../common/chunks.ts';
 import { parseRunConfig, type RunConfig } from '../common/config.ts';
-import type { RunEvent } from '../common/events.ts';
 import { numel, type TensorMap } from '../common/tensor.ts';
 import { MemoryBus } from '../coordinator/events/memory.ts';
-import { FederatedRun, type RunResult } from '../coordinator/run.ts';
+import { FederatedRun } from '../coordinator/run.ts';
 import { createCoordinatorService } from '../coordinator/service.ts';
 import { MeanAggregator } from '../coordinator/strategies/fedavg.ts';
 import { createStrategy } from '../coordinator/strategies/index.ts';
 import { federatedStore, newRunState } from '../coordinator/store.ts';
 import { WorkerRegistry } from '../coordinator/workers.ts';
 import { CoordinatorService } from '../proto/gen/fedtune/v1/coordinator.ts';
-import { CoordinatorConnection, WorkerAgent } from '../worker/agent.ts';
-import { NoopTrainer } from '../worker/trainers/noop.ts';
+import { CoordinatorConnection } from '../worker/agent.ts';
 
 export interface Row {
   what: string;
@@ -240,46 +236,5 @@ export async function benchTransfer(adapter: TensorMap, repeats = 3): Promise<{ 
       },
     ],
     tcpBytesPerMs: bytes / bestTcp,
-  };
-}
-
-// ---------------------------------------------------------------- (c)
-
-export async function benchRound(adapter: TensorMap, workers: number, tcpBytesPerMs: number): Promise<Row> {
-  const c = await benchCoordinator(adapter, {
-    rounds: 2,
-    cohort: { min_workers: workers, wait_timeout_sec: 300 },
-    round: { min_results: workers, deadline_sec: 600 },
-  });
-  const stops = Array.from({ length: workers }, () => new AbortController());
-  const agents = Array.from({ length: workers }, (_, i) =>
-    new WorkerAgent({
-      coordinator: c.address,
-      token: 'bench',
-      site: `site-${i}`,
-      trainer: 'noop',
-      trainerOptions: { modelDir: '', dataPath: '', evalFraction: 0, seed: 0 },
-      trainerInstance: new NoopTrainer({ numTrainExamples: 10 + i, numEvalExamples: 0, perturb: false }),
-      progress: 'none',
-    }).run(stops[i]!.signal).catch(() => null),
-  );
-  const result: RunResult = await c.run.run();
-  if (result.state !== 'completed') throw new Error(`bench round with ${workers} workers: ${result.error}`);
-  const events = await c.bus.history('bench', 0);
-  const done = events.filter((e): e is Extract<RunEvent, { type: 'round.completed' }> => e.type === 'round.completed');
-  // Round 2: every worker connected and warm; it still downloads the new version and uploads its own.
-  const r2 = done.find((e) => e.round === 2)!;
-  for (const s of stops) s.abort();
-  await Promise.all(agents);
-  await c.close();
-  const bytes = packTensorMap(adapter).bytes.byteLength;
-  const moved = r2.bytesUp + r2.bytesDown;
-  const baseMs = moved / tcpBytesPerMs;
-  const p = r2.phases;
-  return {
-    what: `(c) round, ${workers} workers x ${(bytes / MB).toFixed(0)} MB down+up (${(moved / 1e9).toFixed(2)} GB)`,
-    value: `${(r2.durationMs / 1000).toFixed(2)} s (dispatch ${(p.dispatchMs / 1000).toFixed(1)}, train ${(p.trainMs / 1000).toFixed(1)}, upload ${(p.uploadMs / 1000).toFixed(1)}, aggregate ${(p.aggregateMs / 1000).toFixed(2)} s)`,
-    baseline: `raw TCP, same bytes once: ${(baseMs / 1000).toFixed(2)} s`,
-    ratio: `${(r2.durationMs / baseMs).toFixed(2)}x`,
   };
 }

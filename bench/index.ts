@@ -9,7 +9,8 @@ import type { Row } from './federated.ts';
 
 // Quiet logs unless asked for; set before the modules that create loggers are loaded.
 process.env.FEDTUNE_LOG_LEVEL ??= 'warn';
-const { benchAggregation, benchRound, benchTransfer, paramCount, syntheticAdapter } = await import('./federated.ts');
+const { benchAggregation, benchTransfer, paramCount, syntheticAdapter } = await import('./federated.ts');
+const { benchProcessRounds } = await import('./rounds.ts');
 const quick = process.argv.includes('--quick');
 const t0 = Date.now();
 
@@ -30,11 +31,9 @@ console.log('  (a) done');
 const transfer = await benchTransfer(adapter, quick ? 1 : 3);
 rows.push(...transfer.rows);
 console.log('  (b) done');
-for (const n of quick ? [10] : [10, 50]) {
-  rows.push(await benchRound(adapter, n, transfer.tcpBytesPerMs));
-  console.log(`  (c) ${n} workers done`);
-}
+const rounds = await benchProcessRounds(quick ? [10] : [10, 50]);
 console.log('');
 print(rows);
-console.log(`\n(c) runs the coordinator's service, round loop, FedAvg and checkpointing with in-process WorkerAgents (noop trainer) over loopback gRPC in one process; its round time includes writing the 67 MB checkpoint.`);
+console.log(`\n(c) rounds with separate \`fedtune worker\` processes (noop trainer, no perturbation), this process as the coordinator; warm rounds 2-3 of 3; the round time includes writing the checkpoint:\n`);
+console.log(rounds.table);
 console.log(`total ${((Date.now() - t0) / 1000).toFixed(0)} s`);

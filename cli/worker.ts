@@ -38,6 +38,7 @@ interface WorkerCliOpts {
   giveUpAfter: number;
   progress?: 'bar' | 'log' | 'none';
   noopStepMs?: number;
+  noopPerturb?: boolean;
   fault?: string;
   faultByzantine?: ByzantineOptions;
   exec?: string;
@@ -104,6 +105,7 @@ export function register(program: Command): void {
     .option('--presence-nats <url>', 'announce this worker (idle/training) on NATS subject fedtune.workers.<site>; list them with `fedtune workers --nats URL`')
     .addOption(new Option('--progress <mode>', 'progress display (default: bar on a terminal, log lines otherwise)').choices(['bar', 'log', 'none']))
     .addOption(new Option('--noop-step-ms <ms>', 'noop trainer: duration of a simulated step').argParser(intArg('--noop-step-ms', 0)).hideHelp())
+    .addOption(new Option('--no-noop-perturb', 'noop trainer: send the global adapter back untouched (transport benchmarks)').hideHelp())
     .addOption(new Option('--fault <kind>', 'fault injection for tests').choices(['kill-mid-upload', 'corrupt-upload']).hideHelp())
     .addOption(
       new Option(
@@ -119,6 +121,7 @@ export function register(program: Command): void {
       const useTls = o.tls || o.tlsCa || o.tlsCert || o.tlsServerName;
       if ((o.tlsCert === undefined) !== (o.tlsKey === undefined)) throw new Error('--tls-cert and --tls-key go together');
       checkExecOptions(o);
+      if (o.noopPerturb === false && o.trainer !== 'noop') throw new Error(`--no-noop-perturb applies to --trainer noop, not ${o.trainer}`);
       const presence = o.presenceNats
         ? startPresence({
             nats: { servers: o.presenceNats },
@@ -140,6 +143,7 @@ export function register(program: Command): void {
         device: o.device,
         seed: o.seed,
         ...(o.noopStepMs !== undefined ? { noopStepMs: o.noopStepMs } : {}),
+        ...(o.noopPerturb === false ? { noopPerturb: false } : {}),
         ...(o.faultByzantine ? { faultByzantine: o.faultByzantine } : {}),
         ...(o.trainer === 'exec' && o.exec !== undefined
           ? {

@@ -133,6 +133,7 @@ export async function createNoopTrainer(opts: TrainerFactoryOptions): Promise<No
     numTrainExamples: train,
     numEvalExamples: evalN,
     ...(opts.noopStepMs !== undefined ? { stepMs: opts.noopStepMs } : {}),
+    ...(opts.noopPerturb !== undefined ? { perturb: opts.noopPerturb } : {}),
     ...(modelFingerprint !== undefined ? { modelFingerprint } : {}),
   });
 }

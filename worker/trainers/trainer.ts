@@ -116,4 +116,6 @@ export interface TrainerFactoryOptions {
   site?: string;
   /** noop trainer only: milliseconds each simulated step takes (tests and benchmarks). */
   noopStepMs?: number;
+  /** noop trainer only: false returns the global adapter untouched (no copy, no arithmetic), for transport benchmarks. */
+  noopPerturb?: boolean;
 }
