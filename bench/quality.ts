@@ -5,7 +5,8 @@
  * on the union of the sites' data:
  *
  *   centralised   `fedtune train` (LoRA) on the union, as many examples seen as a federated run
- *   FedAvg, FedProx (mu 0.01), FLoRA (ranks 4/8/16), FFA-LoRA   honest sites
+ *   FedAvg, FedProx (mu 0.01), FLoRA (ranks 4/8/16), FFA-LoRA, and the robust
+ *   aggregators below                                         honest sites
  *   with the last of three sites Byzantine (`fedtune worker --fault-byzantine=-10,100`:
  *   its update sign-flipped and scaled x10, claiming 100x its examples):
  *   FedAvg (by examples, and with equal weights), FedAvg with the norm-factor
@@ -17,7 +18,8 @@
  * cli/demo.ts) and a Dirichlet(0.3) label-skewed split of the same training
  * emails with the project's partitioner (coordinator/sharding.ts). Every split
  * is scored on the same held-out emails, so every number in a column is
- * comparable; ratios are to centralised.
+ * comparable; ratios are to centralised, and each Byzantine row's "acc / clean"
+ * is to the same aggregator's honest run on the same split.
  *
  * Every federated run is the shape users run: a `fedtune coordinator` process
  * with a run.yaml and three `fedtune worker` processes (cli/demo.ts
@@ -71,6 +73,11 @@ export const METHODS: Method[] = [
   { label: 'FedProx (mu 0.01)', strategy: () => ({ name: 'fedprox', mu: 0.01 }) },
   { label: 'FLoRA (ranks 4/8/16)', strategy: (s) => ({ name: 'flora', ranks: { [s[0]!]: 4, [s[1]!]: 8, [s[2]!]: 16 } }) },
   { label: 'FFA-LoRA', strategy: () => ({ name: 'ffa' }) },
+  // The robust aggregators without an attacker: the clean accuracy their Byzantine rows are compared with.
+  { label: 'median', strategy: () => ({ name: 'median' }) },
+  { label: 'trimmed mean (0.34)', strategy: () => ({ name: 'trimmed_mean', beta: 0.34 }) },
+  { label: 'Krum (f 0, m 1)', strategy: () => ({ name: 'krum', f: 0, m: 1 }) },
+  { label: 'norm bounding (median)', strategy: () => ({ name: 'norm_bounding', bound: 'median' }) },
   { label: 'byz: FedAvg', strategy: () => ({ name: 'fedavg' }), byzantine: true, extra: NO_NORM_DEFENCE },
   { label: 'byz: FedAvg, equal weights', strategy: () => ({ name: 'fedavg' }), byzantine: true, extra: { ...NO_NORM_DEFENCE, weighting: { mode: 'equal' } } },
   { label: 'byz: FedAvg + norm factor 3', strategy: () => ({ name: 'fedavg' }), byzantine: true, extra: { defence: { norm_factor: 3 } } },
@@ -88,6 +95,7 @@ interface Options {
   splits: string;
   alpha: number;
   seed: number;
+  lr?: number;
   only?: string;
   json?: string;
 }
@@ -160,7 +168,7 @@ async function centralised(o: Options, dir: string, modelDir: string, files: Dem
   await rm(adapter, { recursive: true, force: true });
   // As many examples as a federated run sees: every site takes `steps` batches of 8 every round.
   const steps = o.rounds * o.steps * files.length;
-  const t = demoTraining(o.steps, o.seed);
+  const t: Record<string, unknown> = { ...demoTraining(o.steps, o.seed), ...(o.lr !== undefined ? { lr: o.lr } : {}) };
   const common = ['--template', DEMO_TEMPLATE, '--max-seq-len', String(DEMO_MAX_SEQ_LEN)];
   const tr = await fedtune(
     ['train', '--model', modelDir, '--data', trainPath, '--eval-fraction', '0', '--out', adapter, '--steps', String(steps), '--batch-size', String(t.batch_size),
@@ -195,7 +203,7 @@ async function federated(o: Options, split: string, dir: string, modelDir: strin
     modelDir,
     sites,
     config: {
-      training: demoTraining(o.steps, o.seed),
+      training: { ...demoTraining(o.steps, o.seed), ...(o.lr !== undefined ? { lr: o.lr } : {}) },
       rounds: o.rounds,
       strategy: m.strategy(names),
       // Only the final adapter is scored.
@@ -215,11 +223,17 @@ function table(results: Result[], central: Result, nb: NaiveBayesResult): string
   const pct = (x: number | null): string => (x === null ? 'n/a' : `${(100 * x).toFixed(1)}%`);
   const num = (x: number | null): string => (x === null ? 'n/a' : x.toFixed(4));
   const ratio = (x: number | null, c: number | null): string => (x === null || c === null || c === 0 ? 'n/a' : (x / c).toFixed(3));
-  const rows: string[][] = [['split', 'method', 'accuracy', 'eval loss', 'acc / central', 'loss / central', 'wall s']];
-  rows.push(['union', 'centralised (fedtune train)', pct(central.accuracy), num(central.evalLoss), '1.000', '1.000', central.seconds.toFixed(0)]);
-  rows.push(['union', 'naive Bayes (bag of words)', pct(nb.accuracy), '-', ratio(nb.accuracy, central.accuracy), '-', '0']);
+  const rows: string[][] = [['split', 'method', 'accuracy', 'eval loss', 'acc / central', 'loss / central', 'acc / clean', 'wall s']];
+  rows.push(['union', 'centralised (fedtune train)', pct(central.accuracy), num(central.evalLoss), '1.000', '1.000', '-', central.seconds.toFixed(0)]);
+  rows.push(['union', 'naive Bayes (bag of words)', pct(nb.accuracy), '-', ratio(nb.accuracy, central.accuracy), '-', '-', '0']);
   for (const r of results) {
-    rows.push([r.split, r.label, r.error ? 'failed' : pct(r.accuracy), num(r.evalLoss), ratio(r.accuracy, central.accuracy), ratio(r.evalLoss, central.evalLoss), r.seconds.toFixed(0)]);
+    // A Byzantine row against the same aggregator's clean run on the same split (the weighting / defence variants of FedAvg against plain FedAvg).
+    const cleanLabel = r.label.startsWith('byz: ') ? r.label.slice(5).replace(/^FedAvg.*$/, 'FedAvg') : null;
+    const clean = cleanLabel ? results.find((c) => c.split === r.split && c.label === cleanLabel) : undefined;
+    rows.push([
+      r.split, r.label, r.error ? 'failed' : pct(r.accuracy), num(r.evalLoss), ratio(r.accuracy, central.accuracy), ratio(r.evalLoss, central.evalLoss),
+      clean ? ratio(r.accuracy, clean.accuracy) : '-', r.seconds.toFixed(0),
+    ]);
   }
   const widths = rows[0]!.map((_, c) => Math.max(...rows.map((r) => r[c]!.length)));
   const lines = rows.map((r) => r.map((cell, c) => (c < 2 ? cell.padEnd(widths[c]!) : cell.padStart(widths[c]!))).join('  '));
@@ -279,11 +293,12 @@ const program = new Command('bench:quality')
   .description('held-out accuracy and eval loss of federated strategies vs centralised training and naive Bayes, with real coordinator and worker processes')
   .option('--dir <dir>', 'working directory', join(ROOT, '.fedtune', 'bench-quality'))
   .option('--base <dir>', 'base model (default: examples/models/demo-base)')
-  .option('--rounds <n>', 'federated rounds', intArg('--rounds', 1), 4)
+  .option('--rounds <n>', 'federated rounds', intArg('--rounds', 1), 12)
   .option('--steps <n>', 'local steps per round (centralised: rounds x steps x sites)', intArg('--steps', 1), 15)
   .option('--splits <list>', 'groups (the demo sites), dirichlet, or both', 'groups,dirichlet')
   .option('--alpha <x>', 'Dirichlet concentration of the label-skewed split', numArg('--alpha', 0), 0.3)
   .option('--seed <n>', 'seed of the Dirichlet split and of training', intArg('--seed', 0), 0)
+  .option('--lr <x>', "learning rate of every run (default: the demo's)", numArg('--lr', 0))
   .option('--only <regex>', 'run only the methods whose label matches (e.g. "FedAvg|median")')
   .option('--json <file>', 'also write the results as JSON')
   .parse(process.argv.slice(2), { from: 'user' });
