@@ -5,7 +5,7 @@
 import { Command, Option } from 'commander';
 import { join, resolve } from 'node:path';
 import { numel, type FloatArray } from '../common/tensor.ts';
-import { loraScale, parsePeftKey, readPeftAdapter } from '../common/peft.ts';
+import { loraScale, parseMagnitudeKey, parsePeftKey, readPeftAdapter } from '../common/peft.ts';
 import { loadModel, saveModel } from '../worker/engine/model.ts';
 import type { ModelDtype } from '../common/hf-model.ts';
 import { mergeAdapter } from '../worker/engine/merge.ts';
@@ -22,18 +22,21 @@ export function register(program: Command): void {
 
   adapter
     .command('inspect')
-    .description('show the LoRA config, keys, shapes, parameter count and per-module norms of A and B')
+    .description('show the LoRA config, keys, shapes, parameter count and per-module norms of A and B (and of the DoRA magnitude)')
     .argument('<dir>', 'PEFT adapter directory (adapter_config.json + adapter_model.safetensors)')
     .option('--json', 'print JSON')
     .action(async (dir: string, o: { json?: boolean }) => {
       const a = await readPeftAdapter(resolve(dir));
-      const modules = new Map<string, { A?: { shape: number[]; norm: number }; B?: { shape: number[]; norm: number } }>();
+      type Entry = { shape: number[]; norm: number };
+      const modules = new Map<string, { A?: Entry; B?: Entry; magnitude?: Entry }>();
       let params = 0;
       for (const [key, t] of a.adapter) {
-        const p = parsePeftKey(key)!;
-        const e = modules.get(p.module) ?? {};
-        e[p.which] = { shape: t.shape, norm: norm(t.data) };
-        modules.set(p.module, e);
+        const mag = parseMagnitudeKey(key);
+        const p = mag ? null : parsePeftKey(key)!;
+        const module = mag ? mag.module : p!.module;
+        const e = modules.get(module) ?? {};
+        e[mag ? 'magnitude' : p!.which] = { shape: t.shape, norm: norm(t.data) };
+        modules.set(module, e);
         params += numel(t.shape);
       }
       if (o.json) {
@@ -45,19 +48,23 @@ export function register(program: Command): void {
       console.log(`  base model       ${c.baseModel || '(not set)'}`);
       console.log(`  r ${c.r}, alpha ${c.alpha} (scale ${(c.alpha / c.r).toPrecision(4)}), dropout ${c.dropout}, fan_in_fan_out ${c.fanInFanOut}`);
       console.log(`  target modules   ${c.targetModules.join(', ')}`);
+      if (c.useDora) console.log('  DoRA             use_dora: magnitude vector per module (|m| below)');
+      if (c.rankPattern) console.log(`  rank_pattern     ${Object.entries(c.rankPattern).map(([k, v]) => `${k}=${v}`).join(', ')}`);
+      if (c.alphaPattern) console.log(`  alpha_pattern    ${Object.entries(c.alphaPattern).map(([k, v]) => `${k}=${v}`).join(', ')}`);
+      if (c.layersToTransform) console.log(`  layers           ${c.layersToTransform.join(', ')}${c.layersPattern ? ` of ${c.layersPattern.join(' / ')}` : ''}`);
       console.log(`  ${modules.size} modules, ${a.adapter.size} tensors, ${params} parameters`);
       const width = Math.max(...[...modules.keys()].map((k) => k.length));
-      console.log(`  ${'module'.padEnd(width)}  ${'A shape'.padEnd(12)} ${'|A|'.padStart(10)}  ${'B shape'.padEnd(12)} ${'|B|'.padStart(10)}`);
+      console.log(`  ${'module'.padEnd(width)}  ${'A shape'.padEnd(12)} ${'|A|'.padStart(10)}  ${'B shape'.padEnd(12)} ${'|B|'.padStart(10)}${c.useDora ? `  ${'|m|'.padStart(10)}` : ''}`);
       for (const [m, e] of modules) {
         const shape = (s?: number[]) => (s ? `[${s.join(', ')}]` : '-').padEnd(12);
         const n = (x?: number) => (x === undefined ? '-' : x.toExponential(3)).padStart(10);
-        console.log(`  ${m.padEnd(width)}  ${shape(e.A?.shape)} ${n(e.A?.norm)}  ${shape(e.B?.shape)} ${n(e.B?.norm)}`);
+        console.log(`  ${m.padEnd(width)}  ${shape(e.A?.shape)} ${n(e.A?.norm)}  ${shape(e.B?.shape)} ${n(e.B?.norm)}${c.useDora ? `  ${n(e.magnitude?.norm)}` : ''}`);
       }
     });
 
   adapter
     .command('merge')
-    .description('merge a LoRA adapter into its base model (W + alpha/r * B A) and write a full model directory')
+    .description('merge a LoRA adapter into its base model (W + alpha/r * B A; DoRA: m * (W + alpha/r * B A) / row norm) and write a full model directory')
     .requiredOption('--model <dir>', 'base model directory')
     .requiredOption('--adapter <dir>', 'PEFT adapter directory')
     .requiredOption('--out <dir>', 'output model directory (must not exist or be empty, unless --force)')
@@ -75,8 +82,20 @@ export function register(program: Command): void {
       if (m.config.family !== 'gpt2' && a.config.fanInFanOut) {
         throw new Error(`${o.adapter}: fan_in_fan_out is true but ${m.config.modelType} uses nn.Linear weights ([out, in]); this adapter is not for this model`);
       }
-      const lora = { r: a.config.r, alpha: a.config.alpha, dropout: a.config.dropout, targetModules: a.config.targetModules, ...(a.config.useRslora ? { useRslora: true } : {}) };
-      process.stderr.write(`merging ${a.adapter.size / 2} modules (scale ${loraScale(lora)}${lora.useRslora ? ', rsLoRA' : ''})\n`);
+      const lora = {
+        r: a.config.r,
+        alpha: a.config.alpha,
+        dropout: a.config.dropout,
+        targetModules: a.config.targetModules,
+        ...(a.config.useRslora ? { useRslora: true } : {}),
+        // Per-module ranks, alphas and layers as the adapter was trained (PEFT rank_pattern, alpha_pattern, layers_to_transform, layers_pattern).
+        ...(a.config.rankPattern ? { rankPattern: a.config.rankPattern } : {}),
+        ...(a.config.alphaPattern ? { alphaPattern: a.config.alphaPattern } : {}),
+        ...(a.config.layersToTransform ? { layersToTransform: a.config.layersToTransform } : {}),
+        ...(a.config.layersPattern ? { layersPattern: a.config.layersPattern } : {}),
+      };
+      const perModule = lora.rankPattern || lora.alphaPattern ? ', per module with rank_pattern / alpha_pattern' : '';
+      process.stderr.write(`merging ${a.adapter.size / 2} modules (scale ${loraScale(lora)}${perModule}${lora.useRslora ? ', rsLoRA' : ''})\n`);
       const weights = mergeAdapter(m, a.adapter, lora);
       process.stderr.write(`writing ${out}\n`);
       const rawConfig = m.rawConfig ? { ...m.rawConfig } : undefined;

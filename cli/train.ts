@@ -27,7 +27,7 @@ import { dpTrainLoop, padBatchRows, trainLoop } from '../worker/engine/train.ts'
 import { dpSgdSamplingSeed, dpSgdSteps, poissonSampler, type DpSgdParams } from '../common/privacy/dp-sgd.ts';
 import { makeBatches } from '../worker/data/batching.ts';
 import { prepareDataset } from '../worker/data/prepare.ts';
-import { AUTO_TEMPLATE, getTemplate, loadChatTemplate, modelChatTemplate, type PromptTemplate } from '../common/data/template.ts';
+import { resolveTemplate } from '../common/data/template.ts';
 import { droppedWhere } from '../common/data/tokenize.ts';
 import { loraTargets, validateAdapter, validTargetModules } from '../common/lora.ts';
 import { rankIssue, seqLenIssue } from '../common/limits.ts';
@@ -53,6 +53,13 @@ interface TrainCliOpts {
   targetModules?: string;
   /** rsLoRA: scale alpha / sqrt(r). */
   useRslora?: boolean;
+  /** DoRA: PEFT use_dora (trained magnitude per output feature). */
+  useDora?: boolean;
+  /** PEFT rank_pattern / alpha_pattern as 'pattern=value,...'; layers_to_transform as '0,2'; layers_pattern as 'layers' (or 'a,b'). */
+  rankPattern?: string;
+  alphaPattern?: string;
+  layersToTransform?: string;
+  layersPattern?: string;
   /** LoRA+: lora_B learns at this multiple of --lr. */
   loraPlusRatio: number;
   steps?: number;
@@ -135,13 +142,125 @@ interface TrainerState {
   evals: Array<{ step: number; loss: number; perplexity: number; exactMatch: number }>;
 }
 
+/**
+ * `--rank-pattern 'q_proj=16,layers.0.self_attn.v_proj=4'` (or --alpha-pattern)
+ * as a PEFT pattern, in the order given (PEFT tries keys in order). A key is a
+ * module-name suffix or regex (common/lora.ts patternKeyFor); a comma inside a
+ * key (a regex `{1,2}`) stays with it, as only `=` ends a key.
+ */
+export function parsePatternOption(flag: string, text: string, what: 'rank' | 'alpha'): Record<string, number> {
+  const out: Record<string, number> = {};
+  const parts: string[] = [];
+  let pending = '';
+  for (const piece of text.split(',')) {
+    pending = pending ? `${pending},${piece}` : piece;
+    if (/=\s*[^=,\s][^=,]*$/.test(pending) || /=\s*$/.test(pending)) {
+      parts.push(pending);
+      pending = '';
+    }
+  }
+  if (pending.trim()) throw new Error(`${flag}: "${pending.trim()}" has no "=${what}"; write pattern=${what} pairs separated by commas, such as q_proj=${what === 'rank' ? 16 : 32},v_proj=${what === 'rank' ? 4 : 8}`);
+  for (const part of parts) {
+    const at = part.lastIndexOf('=');
+    const key = part.slice(0, at).trim();
+    const raw = part.slice(at + 1).trim();
+    if (!key) throw new Error(`${flag}: "${part.trim()}" has no module pattern before "="`);
+    const v = Number(raw);
+    if (raw === '' || !Number.isFinite(v)) throw new Error(`${flag}: key "${key}" has ${what} "${raw}", which is not a number`);
+    if (what === 'rank' && (!Number.isInteger(v) || v < 1)) throw new Error(`${flag}: key "${key}" has rank ${raw}; a rank must be an integer >= 1`);
+    if (what === 'alpha' && !(v > 0)) throw new Error(`${flag}: key "${key}" has alpha ${raw}; alpha must be a number > 0`);
+    if (key in out) throw new Error(`${flag}: key "${key}" is given twice`);
+    out[key] = v;
+  }
+  if (Object.keys(out).length === 0) throw new Error(`${flag}: no pattern given; write pattern=${what} pairs such as q_proj=${what === 'rank' ? 16 : 32}`);
+  return out;
+}
+
+/** `--layers-to-transform 0,2` as layer indices (each once). */
+export function parseLayerList(flag: string, text: string): number[] {
+  const out: number[] = [];
+  for (const piece of text.split(',')) {
+    const s = piece.trim();
+    if (!/^\d+$/.test(s)) throw new Error(`${flag}: "${s}" is not a layer index; give indices (integers >= 0) separated by commas, such as 0,2`);
+    const i = Number(s);
+    if (out.includes(i)) throw new Error(`${flag}: layer ${i} is listed twice; list each layer once`);
+    out.push(i);
+  }
+  return out;
+}
+
+/** A pattern in --rank-pattern / --alpha-pattern spelling (config values shown as the option would take them). */
+function patternText(p: Record<string, number>): string {
+  return Object.entries(p).map(([k, v]) => `${k}=${v}`).join(',');
+}
+
 export function loraFromOptions(
   model: LoadedModel,
-  o: { loraR: number; loraAlpha: number; loraDropout: number; targetModules?: string; useRslora?: boolean },
+  o: {
+    loraR: number;
+    loraAlpha: number;
+    loraDropout: number;
+    targetModules?: string;
+    useRslora?: boolean;
+    useDora?: boolean;
+    rankPattern?: string;
+    alphaPattern?: string;
+    layersToTransform?: string;
+    layersPattern?: string;
+  },
 ): PeftLoraConfig {
   const all = validTargetModules(model.config);
   const targetModules = o.targetModules ? o.targetModules.split(',').map((s) => s.trim()).filter(Boolean) : [...all];
-  return { r: o.loraR, alpha: o.loraAlpha, dropout: o.loraDropout, targetModules, useRslora: o.useRslora ?? false };
+  const lora: PeftLoraConfig = { r: o.loraR, alpha: o.loraAlpha, dropout: o.loraDropout, targetModules, useRslora: o.useRslora ?? false };
+  if (o.useDora) lora.useDora = true;
+  if (o.rankPattern) lora.rankPattern = parsePatternOption('--rank-pattern', o.rankPattern, 'rank');
+  if (o.alphaPattern) lora.alphaPattern = parsePatternOption('--alpha-pattern', o.alphaPattern, 'alpha');
+  if (o.layersToTransform) lora.layersToTransform = parseLayerList('--layers-to-transform', o.layersToTransform);
+  if (o.layersPattern) {
+    lora.layersPattern = o.layersPattern.split(',').map((s) => s.trim());
+    if (lora.layersPattern.some((p) => !p)) throw new Error(`--layers-pattern: "${o.layersPattern}" has an empty name; give the layer list's name, such as layers (llama) or h (gpt2)`);
+    if (!lora.layersToTransform) throw new Error('--layers-pattern only names the layer list --layers-to-transform counts in: give --layers-to-transform too, or drop --layers-pattern');
+  }
+  return lora;
+}
+
+/** ", rank_pattern ..., layers 0,2" for the start line ('' without patterns). */
+function describePatterns(lora: PeftLoraConfig, targets: ReturnType<typeof loraTargets>): string {
+  const parts: string[] = [];
+  if (lora.rankPattern) parts.push(`rank_pattern ${patternText(lora.rankPattern)}`);
+  if (lora.alphaPattern) parts.push(`alpha_pattern ${patternText(lora.alphaPattern)}`);
+  if (lora.layersToTransform) parts.push(`layers ${lora.layersToTransform.join(',')}`);
+  if (parts.length === 0) return '';
+  return ` (${parts.join(', ')}: ${targets.length} modules, ranks ${[...new Set(targets.map((t) => t.r))].sort((x, y) => x - y).join('/')})`;
+}
+
+/**
+ * A saved adapter's pattern fields against this run's (for --resume and
+ * --init-adapter): null when they agree, else what differs and the options
+ * that continue it.
+ */
+export function patternMismatch(saved: PeftLoraConfig, run: PeftLoraConfig): string | null {
+  const show = (v: unknown) => (v === undefined ? 'unset' : JSON.stringify(v));
+  const same = (a: unknown, b: unknown) => JSON.stringify(a ?? null) === JSON.stringify(b ?? null);
+  const diffs: string[] = [];
+  const fix: string[] = [];
+  if (!same(saved.rankPattern, run.rankPattern)) {
+    diffs.push(`rank_pattern ${show(saved.rankPattern)} (this run: ${show(run.rankPattern)})`);
+    fix.push(saved.rankPattern ? `--rank-pattern '${patternText(saved.rankPattern)}'` : 'no --rank-pattern');
+  }
+  if (!same(saved.alphaPattern, run.alphaPattern)) {
+    diffs.push(`alpha_pattern ${show(saved.alphaPattern)} (this run: ${show(run.alphaPattern)})`);
+    fix.push(saved.alphaPattern ? `--alpha-pattern '${patternText(saved.alphaPattern)}'` : 'no --alpha-pattern');
+  }
+  if (!same(saved.layersToTransform, run.layersToTransform)) {
+    diffs.push(`layers_to_transform ${show(saved.layersToTransform)} (this run: ${show(run.layersToTransform)})`);
+    fix.push(saved.layersToTransform ? `--layers-to-transform ${saved.layersToTransform.join(',')}` : 'no --layers-to-transform');
+  }
+  if (!same(saved.layersPattern, run.layersPattern)) {
+    diffs.push(`layers_pattern ${show(saved.layersPattern)} (this run: ${show(run.layersPattern)})`);
+    fix.push(saved.layersPattern ? `--layers-pattern ${saved.layersPattern.join(',')}` : 'no --layers-pattern');
+  }
+  return diffs.length ? `it has ${diffs.join(', ')}: give ${fix.join(' ')} to continue it` : null;
 }
 
 /** One `fedtune train` option a run config sets. */
@@ -163,6 +282,11 @@ const CONFIG_FIELDS: readonly ConfigField[] = [
   field('--lora-alpha', 'loraAlpha', 'lora.alpha', (c) => c.lora.alpha),
   field('--lora-dropout', 'loraDropout', 'lora.dropout', (c) => c.lora.dropout),
   field('--target-modules', 'targetModules', 'lora.target_modules', (c) => c.lora.target_modules.join(',')),
+  field('--use-dora', 'useDora', 'lora.use_dora', (c) => (c.lora.use_dora ? true : undefined)),
+  field('--rank-pattern', 'rankPattern', 'lora.rank_pattern', (c) => patternText(c.lora.rank_pattern ?? {}) || undefined),
+  field('--alpha-pattern', 'alphaPattern', 'lora.alpha_pattern', (c) => patternText(c.lora.alpha_pattern ?? {}) || undefined),
+  field('--layers-to-transform', 'layersToTransform', 'lora.layers_to_transform', (c) => (c.lora.layers_to_transform === null || c.lora.layers_to_transform === undefined ? undefined : [c.lora.layers_to_transform].flat().join(','))),
+  field('--layers-pattern', 'layersPattern', 'lora.layers_pattern', (c) => (c.lora.layers_pattern === null || c.lora.layers_pattern === undefined ? undefined : [c.lora.layers_pattern].flat().join(','))),
   field('--batch-size', 'batchSize', 'training.batch_size', (c) => c.training.batch_size),
   field('--grad-accum', 'gradAccum', 'training.grad_accumulation', (c) => c.training.grad_accumulation),
   field('--lr', 'lr', 'training.lr', (c) => c.training.lr),
@@ -257,12 +381,13 @@ async function resolveTrainOptions(cli: TrainCliOpts, explicit: (key: keyof Trai
   const fromFile: TrainCliOpts = { ...cli };
   for (const f of CONFIG_FIELDS) {
     f.take(fromFile, cfg);
-    const cfgValue = String(fromFile[f.key]);
+    const unset = fromFile[f.key] === undefined; // an optional field the config leaves out (lora.rank_pattern, ...)
+    const cfgValue = unset ? '(unset)' : String(fromFile[f.key]);
     if (explicit(f.key)) {
       overridden.push(`${f.flag} ${String(cli[f.key])} (config: ${f.field} ${cfgValue})`);
     } else {
       f.take(o, cfg);
-      fromConfig.push(`${f.field}=${cfgValue}`);
+      if (!unset) fromConfig.push(`${f.field}=${cfgValue}`);
     }
   }
 
@@ -334,10 +459,7 @@ function warnDropped(sources: readonly RecordSource[], maxSeqLen: number, what: 
   );
 }
 
-/** A built-in template by name, or with `auto` the model's own chat_template (tokenizer_config.json). */
-async function templateFor(name: string, modelDir: string): Promise<PromptTemplate> {
-  return name === AUTO_TEMPLATE ? modelChatTemplate(await loadChatTemplate(modelDir)) : getTemplate(name);
-}
+const templateFor = resolveTemplate;
 
 async function train(o: TrainOpts): Promise<void> {
   const template = await templateFor(o.template, o.model); // unknown template: fail before loading anything
@@ -359,10 +481,23 @@ async function train(o: TrainOpts): Promise<void> {
   const tok = await loadTokenizer(o.model);
   const mode = o.full ? 'full' : 'lora';
   if (mode === 'full' && o.useRslora) throw new Error('--use-rslora applies to LoRA training, not --full');
+  if (mode === 'full' && o.useDora) throw new Error('--use-dora applies to LoRA training, not --full');
   if (mode === 'full' && o.loraPlusRatio !== 1) throw new Error('--lora-plus-ratio applies to LoRA training (it scales the learning rate of lora_B), not --full');
   const lora = mode === 'lora' ? loraFromOptions(model, o) : undefined;
-  const targets = lora ? loraTargets(model.config, lora) : [];
-  const tooHigh = lora ? rankIssue(lora.r, targets, { r: named('lora.r', '--lora-r'), modules: named('lora.target_modules', '--target-modules') }) : null;
+  if (mode === 'full' && (o.rankPattern || o.alphaPattern || o.layersToTransform || o.layersPattern)) {
+    throw new Error('--rank-pattern, --alpha-pattern, --layers-to-transform and --layers-pattern apply to LoRA training, not --full');
+  }
+  let targets: ReturnType<typeof loraTargets> = [];
+  try {
+    targets = lora ? loraTargets(model.config, lora) : [];
+  } catch (err) {
+    // Name the pattern fields as the user gave them: run-config field or option.
+    const flags: Record<string, string> = { rank_pattern: '--rank-pattern', alpha_pattern: '--alpha-pattern', layers_to_transform: '--layers-to-transform', layers_pattern: '--layers-pattern' };
+    throw new Error((err as Error).message.replace(/lora\.(rank_pattern|alpha_pattern|layers_to_transform|layers_pattern)/g, (m, f: string) => named(m, flags[f]!)));
+  }
+  // lora.r applies to the modules --rank-pattern leaves alone (loraTargets checks the pattern ranks).
+  const plainTargets = targets.filter((t) => t.pattern?.rankKey === undefined);
+  const tooHigh = lora ? rankIssue(lora.r, plainTargets, { r: named('lora.r', '--lora-r'), modules: named('lora.target_modules', '--target-modules') }) : null;
   if (tooHigh) throw new Error(`${named('lora.r', '--lora-r')}: ${tooHigh}`);
   const engine = Engine.create(model, { mode, lora, threads: o.threads, device: o.device, seed: o.seed });
   // This command prints its own warning about dropped records (warnDropped), so prepareDataset stays quiet.
@@ -388,13 +523,15 @@ async function train(o: TrainOpts): Promise<void> {
   warnDropped([...data.droppedSources, ...(evalData?.droppedSources ?? [])], o.maxSeqLen, seqLenName);
   const dropped = data.dropped + (evalData?.dropped ?? 0);
   console.log(
-    `fedtune train: ${model.config.modelType} ${mode === 'lora' ? `${lora!.useRslora ? 'rsLoRA' : 'LoRA'} r=${lora!.r} alpha=${lora!.alpha} dropout=${lora!.dropout} on ${lora!.targetModules.join(',')}${o.loraPlusRatio !== 1 ? `, LoRA+ ratio ${o.loraPlusRatio}` : ''}` : 'full fine-tuning'}; ` +
+    `fedtune train: ${model.config.modelType} ${mode === 'lora' ? `${lora!.useRslora ? 'rsLoRA' : 'LoRA'}${lora!.useDora ? ' + DoRA' : ''} r=${lora!.r} alpha=${lora!.alpha} dropout=${lora!.dropout} on ${lora!.targetModules.join(',')}${describePatterns(lora!, targets)}${o.loraPlusRatio !== 1 ? `, LoRA+ ratio ${o.loraPlusRatio}` : ''}` : 'full fine-tuning'}; ` +
       `${data.train.length} train / ${evalSet.length} eval examples${dropped ? ` (${dropped} dropped: too long)` : ''}; ${totalSteps} steps; ` +
       `lr ${o.lr} ${o.schedule}, warmup ${o.warmup}, batch ${o.batchSize} x ${o.gradAccum}`,
   );
 
   let params: TensorMap;
-  const optimizer = new AdamW({ lr: o.lr, weightDecay: o.weightDecay, groups: mode === 'lora' ? loraPlusGroups(o.loraPlusRatio) : [] });
+  // LoRA+ with DoRA: PEFT's create_loraplus_optimizer puts every 1-D parameter (the magnitudes) in lora_B's group.
+  const doraPlus = lora?.useDora && o.loraPlusRatio !== 1 ? [{ name: 'lora_magnitude_vector', match: (n: string) => n.endsWith('.lora_magnitude_vector'), lrScale: o.loraPlusRatio }] : [];
+  const optimizer = new AdamW({ lr: o.lr, weightDecay: o.weightDecay, groups: mode === 'lora' ? [...loraPlusGroups(o.loraPlusRatio), ...doraPlus] : [] });
   const settings: TrainSettings = {
     model: o.model,
     mode,
@@ -424,6 +561,11 @@ async function train(o: TrainOpts): Promise<void> {
       if (saved.config.useRslora !== (lora!.useRslora ?? false)) {
         throw new Error(`--resume: ${o.out} was trained with use_rslora ${saved.config.useRslora}: ${saved.config.useRslora ? 'add' : 'drop'} --use-rslora to continue it`);
       }
+      if ((saved.config.useDora ?? false) !== (lora!.useDora ?? false)) {
+        throw new Error(`--resume: ${o.out} was trained with use_dora ${saved.config.useDora ?? false}: ${saved.config.useDora ? 'add' : 'drop'} --use-dora to continue it`);
+      }
+      const patterns = patternMismatch(saved.config, lora!);
+      if (patterns) throw new Error(`--resume: ${o.out} was trained with other per-module settings: ${patterns}`);
       params = saved.adapter;
     } else {
       params = (await loadModel(o.out)).weights;
@@ -446,9 +588,17 @@ async function train(o: TrainOpts): Promise<void> {
           `${init.config.useRslora ? 'add' : 'drop'} --use-rslora so the adapter keeps its scale`,
       );
     }
+    if ((init.config.useDora ?? false) !== (lora!.useDora ?? false)) {
+      throw new Error(
+        `--init-adapter ${o.initAdapter} has use_dora ${init.config.useDora ?? false}, this run ${lora!.useDora ? 'uses' : 'does not use'} DoRA: ` +
+          `${init.config.useDora ? 'add' : 'drop'} --use-dora so the adapter keeps its magnitudes`,
+      );
+    }
+    const patterns = patternMismatch(init.config, lora!);
+    if (patterns) throw new Error(`--init-adapter ${o.initAdapter} does not have this run's per-module settings: ${patterns}`);
     params = init.adapter;
     try {
-      validateAdapter(params, targets, lora!.r);
+      validateAdapter(params, targets); // each module at its own rank
     } catch (err) {
       throw new Error(`--init-adapter ${o.initAdapter} does not fit the model ${o.model}: ${(err as Error).message}`);
     }
@@ -559,6 +709,11 @@ export function register(program: Command): void {
     .option('--lora-dropout <p>', 'dropout on the LoRA input', numArg('--lora-dropout', 0, 1), 0.05)
     .option('--target-modules <list>', 'comma-separated modules (default: all of the architecture)')
     .option('--use-rslora', 'rsLoRA (Kalajdzievski 2023): scale the adapter by alpha/sqrt(r) instead of alpha/r (PEFT use_rslora)')
+    .option('--use-dora', 'DoRA (Liu et al. 2024): W becomes m * (W + s*B*A) / ||W + s*B*A|| per output feature, m trained (PEFT use_dora)')
+    .option('--rank-pattern <list>', "per-module ranks, PEFT rank_pattern: 'pattern=r,...' (a pattern is a module-name suffix or regex, first match wins), e.g. 'q_proj=16,layers.0.self_attn.v_proj=4'")
+    .option('--alpha-pattern <list>', "per-module alphas, PEFT alpha_pattern: 'pattern=alpha,...', e.g. 'q_proj=32'")
+    .option('--layers-to-transform <list>', 'adapt only these layer indices, PEFT layers_to_transform, e.g. 0,2 (default: every layer)')
+    .option('--layers-pattern <name>', 'with --layers-to-transform: the layer list the indices count in, PEFT layers_pattern (layers for llama-style models, h for gpt2)')
     .option('--lora-plus-ratio <k>', 'LoRA+ (Hayou et al. 2024): lora_B learns at k x --lr (1: plain LoRA; the paper suggests 16)', numArg('--lora-plus-ratio', 0), 1)
     .option('--steps <n>', 'optimizer steps', intArg('--steps', 1))
     .option('--epochs <n>', 'epochs over the training data (default 1 when --steps is not given)', numArg('--epochs', 0))
@@ -580,24 +735,7 @@ export function register(program: Command): void {
     .option('--resume', 'continue the run saved in --out (adapter, optimizer state, step)')
     .action(async (o: TrainCliOpts, cmd: Command) => train(await resolveTrainOptions(o, (key) => cmd.getOptionValueSource(key) === 'cli')));
 
-  program
-    .command('generate')
-    .description('continue a prompt with a model and optional LoRA adapter')
-    .requiredOption('--model <dir>', 'base model directory')
-    .option('--adapter <dir>', 'PEFT adapter directory')
-    .requiredOption('--prompt <text>', 'prompt text (used as is; apply a template yourself)')
-    .option('--max-new-tokens <n>', 'tokens to generate', intArg('--max-new-tokens', 1), 32)
-    .option('--temperature <t>', '0 for greedy decoding', numArg('--temperature', 0), 0)
-    .option('--top-k <k>', 'sample among the k most likely tokens (0: all)', intArg('--top-k', 0), 0)
-    .option('--seed <n>', 'sampling seed', intArg('--seed', 0), 0)
-    .action(async (o: { model: string; adapter?: string; prompt: string; maxNewTokens: number; temperature: number; topK: number; seed: number }) => {
-      const tok = await loadTokenizer(o.model);
-      const { engine, params } = await withAdapter(o.model, o.adapter);
-      const prompt = [...(tok.bosId !== null ? [tok.bosId] : []), ...tok.encode(o.prompt)];
-      const out = await engine.generate(params, prompt, { maxNewTokens: o.maxNewTokens, temperature: o.temperature, topK: o.topK, seed: o.seed, eosId: tok.eosId, padId: tok.padId });
-      console.log(tok.decode(out, true));
-      await engine.close();
-    });
+  // `fedtune generate` lives in cli/generate.ts (KV cache, top-p, stop strings, EOS lists).
 
   program
     .command('eval')

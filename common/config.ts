@@ -42,8 +42,8 @@ const trainingSchema = z
     max_grad_norm: z.number().min(0).default(1),
     max_seq_len: int().min(8).max(1 << 20).default(256),
     template: z.string().min(1).superRefine(refuse(templateIssue)).default('alpaca'),
-    /** LoRA+ learning-rate ratio of lora_B to lora_A; refused below (other than 1) until workers and the distributed optimizer carry it. */
-    lora_plus_ratio: positive().optional(),
+    /** LoRA+ (Hayou et al. 2024): lora_B trains at lr * lora_plus_ratio (1: plain LoRA; the paper suggests 16). */
+    lora_plus_ratio: positive().default(1),
     seed: int().min(0).default(0),
   })
   .superRefine((t, ctx) => {
@@ -72,8 +72,30 @@ export const runConfigSchema = z
         alpha: positive().default(16),
         dropout: z.number().min(0).lt(1).default(0),
         target_modules: z.array(z.string().min(1)).min(1).default(['q_proj', 'v_proj']),
-        /** rsLoRA scale alpha / sqrt(r) (PEFT use_rslora); refused below until the wire LoraSpec carries it. */
-        use_rslora: z.boolean().optional(),
+        /** rsLoRA (PEFT use_rslora): scale alpha / sqrt(r) instead of alpha / r. */
+        use_rslora: z.boolean().default(false),
+        /** DoRA (PEFT use_dora): weight-decomposed LoRA with a trained magnitude vector per module. */
+        use_dora: z.boolean().default(false),
+        /** PEFT rank_pattern: module-name pattern -> rank, overriding r where it matches. */
+        rank_pattern: z.record(z.string().min(1), int().min(1)).default({}),
+        /** PEFT alpha_pattern: module-name pattern -> alpha, overriding alpha where it matches. */
+        alpha_pattern: z.record(z.string().min(1), positive()).default({}),
+        /** PEFT layers_to_transform: the layer indices that get adapters (null: every layer). */
+        layers_to_transform: z.union([int().min(0), z.array(int().min(0)).min(1)]).nullable().default(null),
+        /** PEFT layers_pattern: the name(s) of the layer list layers_to_transform indexes ("layers", "h"). */
+        layers_pattern: z.union([z.string().min(1), z.array(z.string().min(1)).min(1)]).nullable().default(null),
+      })
+      .superRefine((l, ctx) => {
+        if (l.layers_pattern !== null && l.layers_to_transform === null) {
+          ctx.addIssue({ code: 'custom', path: ['layers_pattern'], message: 'needs layers_to_transform (the layer indices it counts); set both or neither' });
+        }
+        for (const field of ['rank_pattern', 'alpha_pattern'] as const) {
+          // A bare number names no module, and an object would move it to the front: pattern keys are tried in order.
+          const bad = Object.keys(l[field]).find((k) => /^\d+$/.test(k));
+          if (bad !== undefined) ctx.addIssue({ code: 'custom', path: [field, bad], message: 'a bare number names no module; a key is a module-name suffix or regex such as "q_proj" or "layers.0.self_attn.q_proj"' });
+        }
+        const dup = Array.isArray(l.layers_to_transform) ? l.layers_to_transform.find((v, i, a) => a.indexOf(v) !== i) : undefined;
+        if (dup !== undefined) ctx.addIssue({ code: 'custom', path: ['layers_to_transform'], message: `lists layer ${dup} twice; list each layer once` });
       })
       .prefault({}),
     training: trainingSchema,
@@ -234,24 +256,6 @@ export const runConfigSchema = z
       .prefault({}),
   })
   .superRefine((c, ctx) => {
-    if (c.lora.use_rslora === true) {
-      ctx.addIssue({
-        code: 'custom',
-        path: ['lora', 'use_rslora'],
-        message:
-          'true is not supported in federated or distributed runs yet: the wire LoraSpec (proto/fedtune/v1) has no use_rslora field, so workers would scale by alpha / r; ' +
-          'set it to false, or train on one machine with `fedtune train --use-rslora`',
-      });
-    }
-    if (c.training.lora_plus_ratio !== undefined && c.training.lora_plus_ratio !== 1) {
-      ctx.addIssue({
-        code: 'custom',
-        path: ['training', 'lora_plus_ratio'],
-        message:
-          `${c.training.lora_plus_ratio} is not supported in federated or distributed runs yet: the wire TrainingSpec has no LoRA+ ratio, so workers would train lora_B at the base learning rate; ` +
-          'leave it at 1, or train on one machine with `fedtune train --lora-plus-ratio`',
-      });
-    }
     if (c.mode === 'federated' && c.rounds < 1) {
       ctx.addIssue({
         code: 'custom',

@@ -11,7 +11,7 @@
  * Each returns null when the value is fine, else the message (without the
  * field name, which the caller prefixes where it knows how the user spelled it).
  */
-import { TEMPLATES } from './data/template.ts';
+import { AUTO_TEMPLATE, TEMPLATES } from './data/template.ts';
 
 /** Names of the built-in prompt templates (common/data/template.ts). */
 export function templateNames(): string[] {
@@ -19,8 +19,8 @@ export function templateNames(): string[] {
 }
 
 export function templateIssue(name: string): string | null {
-  if (Object.hasOwn(TEMPLATES, name)) return null;
-  return `must be one of ${templateNames().join(', ')} (got ${JSON.stringify(name)}); these are the prompt templates workers know`;
+  if (Object.hasOwn(TEMPLATES, name) || name === AUTO_TEMPLATE) return null;
+  return `must be one of ${templateNames().join(', ')} or ${AUTO_TEMPLATE} (the model's own chat_template) (got ${JSON.stringify(name)}); these are the prompt templates workers know`;
 }
 
 /** URL schemes the NATS client fedtune uses (TCP, optionally TLS) connects with. */

@@ -46,7 +46,8 @@ export interface ParamGroup {
 export function loraPlusGroups(ratio: number): ParamGroup[] {
   checkNumber('LoRA+ ratio', ratio, Number.MIN_VALUE, Infinity, 'a finite number > 0 (1 is plain LoRA; the paper suggests 16)');
   if (ratio === 1) return [];
-  return [{ name: 'lora_B', match: (n) => /\.lora_B(?:\.[A-Za-z0-9_-]+)?\.weight$/.test(n), lrScale: ratio }];
+  // As PEFT's create_loraplus_optimizer: lora_B and every 1-D parameter (DoRA's lora_magnitude_vector) learn at ratio x lr.
+  return [{ name: 'lora_B', match: (n) => /\.lora_B(?:\.[A-Za-z0-9_-]+)?\.weight$|\.lora_magnitude_vector(?:\.[A-Za-z0-9_-]+)?(?:\.weight)?$/.test(n), lrScale: ratio }];
 }
 
 /** m and v are keyed by parameter name, with the parameter's shape and dtype. */

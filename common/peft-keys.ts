@@ -3,9 +3,13 @@
  *
  * Writing: fedtune writes only fields of LoraConfig as PEFT 0.6.0 defines it, so
  * that every PEFT release from 0.6 on loads the file (older PEFT sets only the
- * attributes it knows; newer PEFT fills the rest with defaults). The one
- * exception is `use_rslora`, written only for an rsLoRA adapter: it needs PEFT
- * 0.7.0 or later, and an older PEFT would silently use the wrong scale.
+ * attributes it knows; newer PEFT fills the rest with defaults). The
+ * exceptions are `use_rslora`, written only for an rsLoRA adapter: it needs PEFT
+ * 0.7.0 or later, and an older PEFT would silently use the wrong scale; and
+ * `use_dora`, written only for a DoRA adapter: it needs PEFT 0.9.0 or later
+ * (the release that added DoRA, huggingface/peft#1474), and gpt2 (Conv1D,
+ * fan_in_fan_out) DoRA adapters need PEFT 0.11.0 or later (0.9 and 0.10 took
+ * the norm over the untransposed Conv1D weight, fixed by huggingface/peft#1588).
  *
  * Source: PEFT v0.6.0, src/peft/config.py (PeftConfigMixin: peft_type,
  * auto_mapping; PeftConfig: base_model_name_or_path, revision, task_type,
@@ -18,6 +22,9 @@
  * Reading: every LoraConfig field up to PEFT 0.17 is known. A field fedtune
  * does not implement is accepted only at PEFT's default value, anything else
  * is refused naming the field; a field PEFT never defined is refused too.
+ * rank_pattern, alpha_pattern, layers_to_transform, layers_pattern and
+ * use_dora are implemented, read and written (common/lora.ts matches them as current PEFT
+ * does; patternKeyFor notes where PEFT 0.6's matcher differed).
  */
 
 /** adapter_config.json fields of PEFT 0.6.0's LoraConfig (PeftConfig fields included). */
@@ -43,7 +50,7 @@ export const PEFT_06_LORA_KEYS: readonly string[] = [
 ];
 
 /** Fields beyond the 0.6 set that fedtune writes, with the PEFT version that reads them. */
-export const PEFT_LATER_WRITTEN_KEYS: Readonly<Record<string, string>> = { use_rslora: '0.7.0' };
+export const PEFT_LATER_WRITTEN_KEYS: Readonly<Record<string, string>> = { use_rslora: '0.7.0', use_dora: '0.9.0' };
 
 /** Fields fedtune reads and implements (the rest of the 0.6 set is implemented-at-default below). */
 export const PEFT_IMPLEMENTED_KEYS: readonly string[] = [
@@ -61,6 +68,11 @@ export const PEFT_IMPLEMENTED_KEYS: readonly string[] = [
   'bias',
   'init_lora_weights',
   'use_rslora',
+  'use_dora',
+  'layers_to_transform',
+  'layers_pattern',
+  'rank_pattern',
+  'alpha_pattern',
 ];
 
 const isNull = (v: unknown) => v === null;
@@ -75,11 +87,6 @@ const anyValue = () => true;
  */
 export const PEFT_DEFAULT_ONLY_KEYS: Readonly<Record<string, { isDefault: (v: unknown) => boolean; default: string; instead: string }>> = {
   modules_to_save: { isDefault: isNullOrEmptyList, default: 'null', instead: 'fedtune trains and loads only the LoRA matrices of target_modules' },
-  layers_to_transform: { isDefault: isNull, default: 'null', instead: 'fedtune puts the adapter on every layer; retrain without layers_to_transform' },
-  layers_pattern: { isDefault: (v) => v === null || isNullOrEmptyList(v), default: 'null', instead: 'fedtune puts the adapter on every layer' },
-  rank_pattern: { isDefault: isEmptyObject, default: '{}', instead: 'fedtune uses one rank r for every module' },
-  alpha_pattern: { isDefault: isEmptyObject, default: '{}', instead: 'fedtune uses one lora_alpha for every module' },
-  use_dora: { isDefault: isFalse, default: 'false', instead: 'fedtune supports plain LoRA and rsLoRA (use_rslora), not DoRA' },
   loftq_config: { isDefault: isEmptyObject, default: '{}', instead: 'fedtune does not load LoftQ-quantized bases' },
   megatron_config: { isDefault: isNull, default: 'null', instead: 'fedtune does not target Megatron parallel layers' },
   megatron_core: { isDefault: anyValue, default: '"megatron.core"', instead: '' },

@@ -18,6 +18,7 @@ import { logger } from '../common/log.ts';
 import type { TensorMap } from '../common/tensor.ts';
 import { CoordinatorService } from '../proto/gen/fedtune/v1/coordinator.ts';
 import { initLoraAdapter, loraTargets, validateAdapter, type LoraTarget } from '../common/lora.ts';
+import { readDoraMagnitudes } from '../common/dora-norms.ts';
 import type { LoraConfig } from '../common/model-config.ts';
 import { DistributedRun } from './distributed/run.ts';
 import { setupDistributed } from './distributed/setup.ts';
@@ -30,6 +31,7 @@ import type { StrategyState } from './strategies/strategy.ts';
 import { RunDirLock } from './lock.ts';
 import { ensureRunDir } from './checkpoint-errors.ts';
 import { rankIssue, seqLenIssue } from '../common/limits.ts';
+import { AUTO_TEMPLATE, loadChatTemplate, modelChatTemplate } from '../common/data/template.ts';
 import { checkServerTls } from '../common/pem.ts';
 import { federatedStore, LEGACY_SERVER_OPTIMIZER_FILE, newRunState, RunAlreadyComplete, type RunStateFile } from './store.ts';
 
@@ -38,6 +40,7 @@ import { WorkerRegistry, type RegistryListener } from './workers.ts';
 import { logRefusedHandshakes } from './handshake-log.ts';
 import { AuditLog, RoundAuditor } from './audit.ts';
 import { Admission, Revocations, TokenStore } from './identity.ts';
+import { loraConfigOf } from '../common/lora-spec.ts';
 
 const log = logger('coordinator');
 
@@ -108,16 +111,26 @@ async function start(cfg: RunConfig, opts: CoordinatorOptions, lock: RunDirLock)
       `model.fingerprint: ${cfg.model.path} has fingerprint ${model.fingerprint}, the config expects ${cfg.model.fingerprint}`,
     );
   }
-  const lora: LoraConfig = { r: cfg.lora.r, alpha: cfg.lora.alpha, dropout: cfg.lora.dropout, targetModules: [...cfg.lora.target_modules] };
+  const lora: LoraConfig = loraConfigOf(cfg.lora);
   let targets;
   try {
     targets = loraTargets(model.config, lora);
   } catch (err) {
-    throw new Error(`lora: ${(err as Error).message}`);
+    const m = (err as Error).message;
+    throw new Error(m.startsWith('lora.') ? m : `lora: ${m}`);
+  }
+  if (cfg.training.template === AUTO_TEMPLATE) {
+    // Each site renders its own copy; the coordinator's copy is checked now so that a model without one fails here, not at every site.
+    try {
+      modelChatTemplate(await loadChatTemplate(cfg.model.path));
+    } catch (err) {
+      throw new Error(`training.template: auto renders the model's chat_template, but ${(err as Error).message.replace(/--template/g, 'training.template:')}`);
+    }
   }
   const tooLong = seqLenIssue(cfg.training.max_seq_len, model.config.maxPositions, cfg.model.path);
   if (tooLong) throw new Error(`training.max_seq_len: ${tooLong}`);
-  const tooHigh = rankIssue(cfg.lora.r, targets);
+  // lora.r applies to the modules rank_pattern leaves alone (loraTargets checks the pattern ranks).
+  const tooHigh = rankIssue(cfg.lora.r, targets.filter((t) => t.pattern?.rankKey === undefined));
   if (tooHigh) throw new Error(`lora.r: ${tooHigh}`);
   // TLS files before anything is written: a bad PEM must not leave a round-0 checkpoint behind.
   const creds = await serverCredentials(cfg);
@@ -296,7 +309,8 @@ async function setupFederatedRun(cfg: RunConfig, o: SetupArgs): Promise<RunSetup
       complete = `run ${cfg.name} has completed all ${cfg.rounds} round(s) (last checkpoint ${latest.dir}); nothing to resume and nothing was changed. Raise rounds to train further.`;
     }
     global = await store.loadAdapter(latest.dir);
-    globalRank = global.values().next().value?.shape[0] ?? cfg.lora.r;
+    // With rank_pattern the modules have their own ranks and the adapter's rank is lora.r (strategies give it no other).
+    globalRank = targets.some((t) => t.pattern) ? cfg.lora.r : (global.values().next().value?.shape[0] ?? cfg.lora.r);
     try {
       validateAdapter(global, targets, globalRank);
     } catch (err) {
@@ -316,7 +330,8 @@ async function setupFederatedRun(cfg: RunConfig, o: SetupArgs): Promise<RunSetup
     log.info({ round: latest.n, dir: latest.dir, rank: globalRank }, 'resuming after the last complete round');
   } else {
     if (o.resume) log.warn({ runDir: store.runDir }, '--resume given but no checkpoint exists yet: starting the run from round 0');
-    global = initLoraAdapter(targets, cfg.lora.r, cfg.training.seed);
+    // DoRA magnitudes start at ||W||_c, read from the checkpoint one targeted weight at a time.
+    global = initLoraAdapter(targets, undefined, cfg.training.seed, 'float32', await readDoraMagnitudes(model.dir, targets));
     state = newRunState(cfg, model.fingerprint);
     await store.write(state, global, { r: cfg.lora.r, alpha: cfg.lora.alpha }, { strategy: strategy.state() });
   }

@@ -35,6 +35,7 @@ import type { SecAggObserver } from '../common/secagg/server.ts';
 import { numel } from '../common/tensor.ts';
 import type { WorkerMessage } from '../proto/gen/fedtune/v1/coordinator.ts';
 import type { RegistryListener, WorkerRecord } from './workers.ts';
+import { loraConfigOf } from '../common/lora-spec.ts';
 
 export { UpdateRejected } from './tasks.ts';
 
@@ -782,14 +783,19 @@ export class FederatedRun extends RunBase implements RegistryListener {
 
   /** PEFT r and alpha of an adapter of rank r (alpha keeps the run's alpha / r). */
   private loraOf(rank: number): { r: number; alpha: number } {
-    return { r: rank, alpha: (this.cfg.lora.alpha * rank) / this.cfg.lora.r };
+    const l = loraConfigOf(this.cfg.lora, rank);
+    return { r: l.r, alpha: l.alpha };
   }
 
   /** A strategy's next global must be a finite adapter of the run's modules at the rank it claims. */
   private checkNext(next: GlobalAdapter, round: number): void {
     for (const [name, t] of next.tensors) {
-      const r = name.includes('.lora_A.') ? t.shape[0] : t.shape[1];
-      if (r !== next.rank) throw new Error(`strategy ${this.strategy.name}: round ${round} produced tensor ${name} of rank ${r}, but says the rank is ${next.rank}`);
+      // A DoRA magnitude [out] has no rank: only its values are checked.
+      const r = name.endsWith('.lora_magnitude_vector') ? next.rank : name.includes('.lora_A.') ? t.shape[0] : t.shape[1];
+      // At an unchanged rank each module keeps its own rank (rank_pattern gives modules ranks other than the adapter's).
+      const prev = next.rank === this.globalRank ? this.globalAdapter.get(name) : undefined;
+      const want = prev && !name.endsWith('.lora_magnitude_vector') ? (name.includes('.lora_A.') ? prev.shape[0] : prev.shape[1]) : next.rank;
+      if (r !== want) throw new Error(`strategy ${this.strategy.name}: round ${round} produced tensor ${name} of rank ${r}, but says the rank is ${want}`);
       for (let i = 0; i < t.data.length; i++) {
         if (!Number.isFinite(t.data[i]!)) throw new Error(`strategy ${this.strategy.name}: round ${round} produced a non-finite value in ${name}; the global adapter was kept`);
       }

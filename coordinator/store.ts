@@ -17,6 +17,7 @@
 import { appendFile, mkdir, readdir, readFile, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { isTempName, writeDirAtomic, writeFileAtomic } from '../common/atomic.ts';
+import type { LoraConfig } from '../common/model-config.ts';
 import type { RunConfig } from '../common/config.ts';
 import type { PhaseTimes, PrivacyReport } from '../common/events.ts';
 import { faultPoint } from '../common/faults.ts';
@@ -26,6 +27,7 @@ import type { TensorMap } from '../common/tensor.ts';
 import type { PrivacyState } from './privacy/ledger.ts';
 import type { StrategyState } from './strategies/strategy.ts';
 import { checkpointWriteError } from './checkpoint-errors.ts';
+import { loraConfigOf } from '../common/lora-spec.ts';
 
 export const STATE_FILE = 'state.json';
 export const STRATEGY_STATE_FILE = 'strategy_state.safetensors';
@@ -116,8 +118,8 @@ export interface StoreOptions<S extends StateShape> {
   numberOf: (s: S) => number;
   baseModel: string;
   fanInFanOut: boolean;
-  /** LoRA dropout, target modules and rsLoRA scaling written to adapter_config.json (r and alpha come with each adapter). */
-  lora: { dropout: number; targetModules: string[]; useRslora?: boolean };
+  /** The run's LoRA config written to adapter_config.json (dropout, target modules, PEFT variants); r and alpha come with each adapter. */
+  lora: Omit<LoraConfig, 'r' | 'alpha'>;
 }
 
 export function roundDirName(round: number): string {
@@ -223,7 +225,7 @@ export class CheckpointStore<S extends StateShape> {
       dir,
       async (tmp) => {
         await writePeftAdapter(tmp, adapter, {
-          lora: { r: lora.r, alpha: lora.alpha, dropout: this.o.lora.dropout, targetModules: [...this.o.lora.targetModules], useRslora: this.o.lora.useRslora ?? false },
+          lora: { ...this.o.lora, r: lora.r, alpha: lora.alpha },
           baseModel: this.o.baseModel,
           fanInFanOut: this.o.fanInFanOut,
         });
@@ -326,7 +328,7 @@ export function storeFor<S extends StateShape>(
     ...kind,
     baseModel: cfg.model.path,
     fanInFanOut,
-    lora: { dropout: cfg.lora.dropout, targetModules: [...cfg.lora.target_modules], useRslora: cfg.lora.use_rslora ?? false },
+    lora: loraConfigOf(cfg.lora),
   });
 }
 

@@ -16,6 +16,7 @@ import type { RunConfig } from '../common/config.ts';
 import { redactUrl } from '../common/redact.ts';
 import type { TrainingSpec } from '../proto/gen/fedtune/v1/coordinator.ts';
 import type { WorkerRecord, WorkerRegistry } from './workers.ts';
+import { loraConfigOf, loraSpecOf } from '../common/lora-spec.ts';
 
 /** Why an update was refused; service.ts maps `code` onto a gRPC status. */
 export class UpdateRejected extends Error {
@@ -183,9 +184,8 @@ export interface SpecOverrides {
  */
 export function trainingSpecOf(cfg: RunConfig, o?: SpecOverrides): TrainingSpec {
   const t = cfg.training;
-  const r = o?.rank ?? cfg.lora.r;
   return {
-    lora: { r, alpha: (cfg.lora.alpha * r) / cfg.lora.r, dropout: cfg.lora.dropout, targetModules: [...cfg.lora.target_modules] },
+    lora: loraSpecOf(loraConfigOf(cfg.lora, o?.rank)),
     ...(t.steps !== null ? { steps: t.steps } : {}),
     ...(t.epochs !== null ? { epochs: t.epochs } : {}),
     batchSize: t.batch_size,
@@ -200,6 +200,7 @@ export function trainingSpecOf(cfg: RunConfig, o?: SpecOverrides): TrainingSpec 
     seed: t.seed,
     proxMu: o?.proxMu ?? 0,
     freezeLoraA: o?.freezeLoraA ?? false,
+    loraPlusRatio: t.lora_plus_ratio,
     dpSgd: cfg.privacy.dp_sgd
       ? { maxGradNorm: cfg.privacy.dp_sgd.max_grad_norm, noiseMultiplier: cfg.privacy.dp_sgd.noise_multiplier, sampleRate: cfg.privacy.dp_sgd.sample_rate }
       : undefined,

@@ -47,6 +47,7 @@ import { StepRunner } from './trainers/step.ts';
 import { diagnoseTlsFailure } from './tls-errors.ts';
 import { seqLenMismatch } from '../common/limits.ts';
 import type { LocalTrainingSpec, Trainer, TrainerFactoryOptions } from './trainers/trainer.ts';
+import { loraConfigFromSpec } from '../common/lora-spec.ts';
 
 const log = logger('worker');
 
@@ -227,7 +228,7 @@ export class CoordinatorConnection {
 export function localSpecOf(s: TrainingSpec): LocalTrainingSpec {
   const schedule = s.schedule === 'linear' || s.schedule === 'cosine' ? s.schedule : 'constant';
   return {
-    lora: { r: s.lora?.r ?? 8, alpha: s.lora?.alpha ?? 16, dropout: s.lora?.dropout ?? 0, targetModules: [...(s.lora?.targetModules ?? [])] },
+    lora: loraConfigFromSpec(s.lora),
     steps: s.steps ?? null,
     epochs: s.epochs ?? null,
     batchSize: s.batchSize,
@@ -242,6 +243,7 @@ export function localSpecOf(s: TrainingSpec): LocalTrainingSpec {
     seed: s.seed,
     proxMu: s.proxMu ?? 0,
     freezeLoraA: s.freezeLoraA ?? false,
+    loraPlusRatio: s.loraPlusRatio > 0 ? s.loraPlusRatio : 1, // unset (0) on the wire: plain LoRA
     dpSgd: s.dpSgd ? { maxGradNorm: s.dpSgd.maxGradNorm, noiseMultiplier: s.dpSgd.noiseMultiplier, sampleRate: s.dpSgd.sampleRate } : null,
   };
 }

@@ -161,6 +161,11 @@ export function getTemplate(name: string): PromptTemplate {
   return t;
 }
 
+/** A built-in template by name, or with `auto` the model's own chat_template (tokenizer_config.json or chat_template.jinja of modelDir). */
+export async function resolveTemplate(name: string, modelDir: string): Promise<PromptTemplate> {
+  return name === AUTO_TEMPLATE ? modelChatTemplate(await loadChatTemplate(modelDir)) : getTemplate(name);
+}
+
 /** Segments of a record under a template (a template object, or a built-in name). */
 export function renderRecord(rec: SftRecord, template: PromptTemplate | string): Segment[] {
   const t = typeof template === 'string' ? getTemplate(template) : template;

@@ -12,6 +12,7 @@ import { logger } from '../../common/log.ts';
 import type { TensorMap } from '../../common/tensor.ts';
 import type { LoraConfig } from '../../common/model-config.ts';
 import { initLoraAdapter, validateAdapter, type LoraTarget } from '../../common/lora.ts';
+import { readDoraMagnitudes } from '../../common/dora-norms.ts';
 import { loadOptimizerState } from '../../common/optim.ts';
 import { loadOuterState } from '../../common/outer.ts';
 import { loadTokenizer } from '../../common/tokenizer.ts';
@@ -88,7 +89,7 @@ export async function setupDistributed(
     }
     const global = await store.loadAdapter(latest.dir);
     try {
-      validateAdapter(global, o.targets, cfg.lora.r);
+      validateAdapter(global, o.targets); // each module at its own rank (lora.r or its rank_pattern entry)
     } catch (err) {
       throw new Error(`cannot resume from ${latest.dir}: the adapter does not fit the config's lora section: ${(err as Error).message}`);
     }
@@ -100,7 +101,8 @@ export async function setupDistributed(
     return { store, data, order, global, strategy, state, resumed: true };
   }
   if (o.resume) log.warn({ runDir: store.runDir }, '--resume given but no checkpoint exists yet: starting the run from step 0');
-  const global = initLoraAdapter(o.targets, cfg.lora.r, t.seed);
+  // DoRA magnitudes start at ||W||_c, read from the checkpoint one targeted weight at a time.
+  const global = initLoraAdapter(o.targets, undefined, t.seed, 'float32', await readDoraMagnitudes(o.model.dir, o.targets));
   const now = new Date().toISOString();
   const state: DistributedStateFile = {
     format: DIST_FORMAT,

@@ -5,6 +5,9 @@
  * sites' B_k gives exactly the mean of their products B_k A, so FedAvg is exact
  * for the adapter's update (it is not for plain LoRA). The adapter stays a
  * normal PEFT adapter. An update whose A differs from the one sent is refused.
+ * A DoRA adapter's magnitudes train with B and are averaged as tensors; there
+ * the mean is no longer exact for the weight (m / ||W + s B A||_c is not
+ * linear in B), as for any DoRA average.
  */
 import { z } from 'zod';
 import { FedAvg } from './fedavg.ts';

@@ -18,7 +18,8 @@
  * dense out x in matrix); when r_k is at least the global rank the start is
  * exact, and rows of A without energy get a fresh PEFT initialisation so they
  * can learn (their B columns are zero, so the product is unchanged). Every
- * rank keeps the run's scaling s = lora.alpha / lora.r (alpha = s * rank).
+ * rank keeps the run's scaling s = lora.alpha / lora.r (alpha = s * rank; with
+ * rsLoRA s = alpha / sqrt(r) and alpha = s * sqrt(rank)).
  */
 import { z } from 'zod';
 import { peftKey } from '../../common/lora.ts';
@@ -36,6 +37,7 @@ import {
   type StrategyDefinition,
   type StrategyState,
 } from './strategy.ts';
+import { loraScale } from '../../common/peft.ts';
 
 /** Keeps each site's factors (stacking needs every one of them). */
 class FactorBuffer implements Aggregator {
@@ -73,7 +75,24 @@ class MixedRank extends BaseStrategy {
     private readonly globalRank: number | null,
   ) {
     super(ctx);
-    this.scale = ctx.lora.alpha / ctx.lora.r;
+    // One rank and one scale for every module of a site: per-module ranks or alphas would be silently flattened.
+    const patterned = ctx.targets.find((t) => t.pattern?.rankKey !== undefined || t.pattern?.alphaKey !== undefined);
+    if (patterned) {
+      const key = patterned.pattern!.rankKey !== undefined ? `rank_pattern key "${patterned.pattern!.rankKey}"` : `alpha_pattern key "${patterned.pattern!.alphaKey}"`;
+      throw new Error(
+        `strategy ${name} gives each site one LoRA rank for every module, so it cannot keep lora.rank_pattern / lora.alpha_pattern ` +
+          `(${key} sets ${patterned.module}); remove rank_pattern and alpha_pattern, or use another strategy`,
+      );
+    }
+    // DoRA's weight m * (W + s B A) / ||W + s B A||_c is not a sum of per-site products, so
+    // neither stacking (FLoRA) nor an SVD of the summed B A (FlexLoRA) keeps its meaning.
+    if (ctx.lora.useDora || ctx.targets.some((t) => t.dora)) {
+      throw new Error(
+        `strategy ${name} combines the sites' B·A products, which a DoRA adapter (lora.use_dora) does not add up to: ` +
+          'its magnitude rescales each product by a norm that depends on the whole adapter; use fedavg, fedprox, ffa or a robust strategy with use_dora, or train without use_dora',
+      );
+    }
+    this.scale = loraScale(ctx.lora); // alpha / r, or alpha / sqrt(r) with rsLoRA: the same at every site's rank (common/lora-spec.ts)
     const listed = Object.entries(ranks).map(([s, r]) => `${s}=${r}`).join(', ');
     this.description = `${name} (ranks ${listed || `all ${ctx.lora.r}`}${globalRank ? `, global rank ${globalRank}` : ''})`;
   }

@@ -14,6 +14,7 @@ import { ffa } from './ffa.ts';
 import { flexlora, flora } from './flora.ts';
 import { krum, median, norm_bounding, trimmed_mean } from './robust.ts';
 import type { Strategy, StrategyDefinition } from './strategy.ts';
+import { loraConfigOf } from '../../common/lora-spec.ts';
 
 export const STRATEGY_DEFINITIONS: readonly StrategyDefinition[] = [fedavg, fedavgm, fedadam, fedyogi, fedprox, ffa, flora, flexlora, median, trimmed_mean, krum, norm_bounding];
 
@@ -102,7 +103,7 @@ export function createStrategy(cfg: RunConfig, targets: readonly LoraTarget[]): 
   const { name, ...params } = cfg.strategy;
   const def = definition(name)!;
   return def.create((def.params as z.ZodType).parse(params), {
-    lora: { r: cfg.lora.r, alpha: cfg.lora.alpha, dropout: cfg.lora.dropout, targetModules: [...cfg.lora.target_modules] },
+    lora: loraConfigOf(cfg.lora),
     targets,
     cohort: { fraction: cfg.cohort.fraction, minWorkers: cfg.cohort.min_workers },
     seed: cfg.training.seed,

@@ -21,7 +21,7 @@
  */
 import { manifestBytes, type TensorSpecEntry } from '../../common/chunks.ts';
 import type { RunConfig } from '../../common/config.ts';
-import { AdamW, clipGradNorm } from '../../common/optim.ts';
+import { AdamW, clipGradNorm, loraPlusGroups } from '../../common/optim.ts';
 import { OuterOptimizer, type OuterKind } from '../../common/outer.ts';
 import { numel, type TensorMap } from '../../common/tensor.ts';
 import type { StrategyState } from './strategy.ts';
@@ -114,8 +114,9 @@ class SyncSgd implements StepStrategy {
     lr: number,
     weightDecay: number,
     private readonly maxGradNorm: number,
+    loraPlusRatio: number,
   ) {
-    this.optimizer = new AdamW({ lr, weightDecay });
+    this.optimizer = new AdamW({ lr, weightDecay, groups: loraPlusGroups(loraPlusRatio) });
   }
   aggregator(manifest: readonly TensorSpecEntry[]): FlatSum {
     return new FlatSum(manifest);
@@ -172,5 +173,5 @@ class LocalSgd implements StepStrategy {
 /** sync-sgd, or local-sgd when distributed.sync_every > 1. */
 export function createStepStrategy(cfg: RunConfig): StepStrategy {
   const d = cfg.distributed;
-  return d.sync_every > 1 ? new LocalSgd(d.sync_every, d.outer_optimizer) : new SyncSgd(cfg.training.lr, cfg.training.weight_decay, cfg.training.max_grad_norm);
+  return d.sync_every > 1 ? new LocalSgd(d.sync_every, d.outer_optimizer) : new SyncSgd(cfg.training.lr, cfg.training.weight_decay, cfg.training.max_grad_norm, cfg.training.lora_plus_ratio);
 }

@@ -16,6 +16,7 @@
  */
 import type { z } from 'zod';
 import type { LoraTarget } from '../../common/lora.ts';
+import type { LoraConfig } from '../../common/model-config.ts';
 import { adapterShapes, initLoraAdapter } from '../../common/lora.ts';
 import { createRng } from '../../common/random.ts';
 import type { TensorMap } from '../../common/tensor.ts';
@@ -110,7 +111,7 @@ export interface StrategyState {
 /** What a strategy knows of the run when it is created. */
 export interface StrategyContext {
   /** LoRA section of the run config. */
-  lora: { r: number; alpha: number; dropout: number; targetModules: string[] };
+  lora: LoraConfig;
   /** The adapted modules with their shapes (global adapter = adapterShapes(targets, rank)). */
   targets: readonly LoraTarget[];
   cohort: { fraction: number; minWorkers: number };

@@ -437,7 +437,7 @@ class Llama:
             ab = lora.get(module)
             if ab is not None:
                 xd = F.dropout(x, dropout, training) if dropout > 0 else x
-                y = y + (xd @ ab[0].t() @ ab[1].t()) * scale
+                y = y + (xd @ ab[0].t() @ ab[1].t()) * scale[module]
             return y
 
         inv = 1.0 / (self.theta ** (torch.arange(0, self.hd, 2, device=self.device, dtype=torch.float32) / self.hd))
@@ -484,8 +484,40 @@ def peft_key(module, which):
     return f"base_model.model.{module}.lora_{which}.weight"
 
 
+def pattern_key(pattern, module):
+    """PEFT's rank_pattern / alpha_pattern lookup: the first key k (in order) with re.match(rf"(.*\\.)?({k})$", module)."""
+    return next((k for k in pattern if re.match(rf"(.*\.)?({k})$", module)), None)
+
+
+def layer_selected(spec, module):
+    """PEFT layers_to_transform / layers_pattern: the layer index after the first list name (or one of layers_pattern)."""
+    lt = spec["lora"].get("layers_to_transform")
+    if not lt:
+        return True
+    pats = spec["lora"].get("layers_pattern") or []
+    m = re.match(r".*?\.[^.]*\.(\d+)\.", module) if not pats else next(
+        (m for m in (re.match(rf".*?\.{p}\.(\d+)\.", module) for p in pats) if m), None)
+    return m is not None and int(m.group(1)) in lt
+
+
+def module_rank_scale(spec, module):
+    """This module's rank and factor on B A: its rank_pattern / alpha_pattern entries or r / alpha; alpha/r, or alpha/sqrt(r) with use_rslora."""
+    lo = spec["lora"]
+    rp, ap = lo.get("rank_pattern") or {}, lo.get("alpha_pattern") or {}
+    rk, ak = pattern_key(rp, module), pattern_key(ap, module)
+    r = rp[rk] if rk is not None else lo["r"]
+    alpha = ap[ak] if ak is not None else lo["alpha"]
+    return r, (alpha / math.sqrt(r) if lo.get("use_rslora") else alpha / r)
+
+
+def refuse_unimplemented(spec):
+    if spec["lora"].get("use_dora"):
+        fail("lora.use_dora is true, but this trainer implements plain LoRA and rsLoRA only; set lora.use_dora to false or use the onnx trainer")
+
+
 def load_adapter(adapter_dir, model, spec):
-    """{module: (A, B)} float32 on the model's device, checked against the spec's rank and targets."""
+    """({module: (A, B)} float32 on the model's device, {module: scale}), checked against the spec's ranks and targets."""
+    refuse_unimplemented(spec)
     cfg = read_json(os.path.join(adapter_dir, "adapter_config.json"), "adapter config")
     raw = read_safetensors(os.path.join(adapter_dir, "adapter_model.safetensors"))
     plain = {}
@@ -497,8 +529,11 @@ def load_adapter(adapter_dir, model, spec):
     r = spec["lora"]["r"]
     if cfg.get("r") != r:
         fail(f"{adapter_dir}: adapter r is {cfg.get('r')}, the task's lora.r is {r}")
-    lora = {}
+    lora, scale = {}, {}
     for module in model.target_modules(spec["lora"]["target_modules"]):
+        if not layer_selected(spec, module):
+            continue
+        r, scale[module] = module_rank_scale(spec, module)
         out_f, in_f = model.module_shape(module)
         a, b = plain.pop(peft_key(module, "A"), None), plain.pop(peft_key(module, "B"), None)
         if a is None or b is None:
@@ -507,8 +542,8 @@ def load_adapter(adapter_dir, model, spec):
             fail(f"{adapter_dir}: {module}: lora_A {list(a.shape)} / lora_B {list(b.shape)}, expected [{r}, {in_f}] / [{out_f}, {r}]")
         lora[module] = (a.to(model.device, torch.float32).clone(), b.to(model.device, torch.float32).clone())
     if plain:
-        fail(f"{adapter_dir}: keys for modules outside target_modules: {', '.join(sorted(plain)[:5])}")
-    return cfg, lora
+        fail(f"{adapter_dir}: keys for modules outside target_modules / layers_to_transform: {', '.join(sorted(plain)[:5])}")
+    return cfg, lora, scale
 
 
 def save_adapter(out_dir, cfg, lora):
@@ -553,8 +588,7 @@ def examples_of(path, tok, spec, what):
 
 
 def train(spec, paths, model, tok):
-    cfg, lora = load_adapter(paths["global_adapter"], model, spec)
-    scale = spec["lora"]["alpha"] / spec["lora"]["r"]
+    cfg, lora, scale = load_adapter(paths["global_adapter"], model, spec)
     dropout = spec["lora"]["dropout"]
     data = examples_of(paths["data"], tok, spec, "training")
     n, bs, ga = len(data), spec["batch_size"], spec["grad_accumulation"]
@@ -562,15 +596,20 @@ def train(spec, paths, model, tok):
     seed = spec["seed"] * 1_000_003 + spec["round"] * 7919
     torch.manual_seed(seed)
 
-    trainable = []
+    trainable, group_a, group_b = [], [], []
     for a, b in lora.values():
         if not spec["freeze_lora_a"]:
             a.requires_grad_(True)
             trainable.append(a)
+            group_a.append(a)
         b.requires_grad_(True)
         trainable.append(b)
+        group_b.append(b)
     anchor = [p.detach().clone() for p in trainable] if spec["prox_mu"] > 0 else None
-    opt = torch.optim.AdamW(trainable, lr=spec["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=spec["weight_decay"])
+    # LoRA+ (Hayou et al. 2024): lora_B learns at lora_plus_ratio times the rate (each group's lr_scale).
+    ratio = spec.get("lora_plus_ratio", 1.0)
+    groups = ([{"params": group_a, "lr_scale": 1.0}] if group_a else []) + [{"params": group_b, "lr_scale": ratio}]
+    opt = torch.optim.AdamW(groups, lr=spec["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=spec["weight_decay"])
 
     epoch, order, cursor = 0, [], 0
 
@@ -594,7 +633,7 @@ def train(spec, paths, model, tok):
     for step in range(1, steps + 1):
         ts = time.time()
         for g in opt.param_groups:
-            g["lr"] = lr_at(step - 1, spec, steps)
+            g["lr"] = lr_at(step - 1, spec, steps) * g["lr_scale"]
         opt.zero_grad(set_to_none=True)
         batches = [make_batch(next_examples(), tok.pad, model.device) for _ in range(ga)]
         tokens = sum(int((y[:, 1:] != IGNORE).sum()) for _, y in batches)
@@ -640,8 +679,7 @@ def train(spec, paths, model, tok):
 
 @torch.no_grad()
 def evaluate(spec, paths, model, tok):
-    _, lora = load_adapter(paths["global_adapter"], model, spec)
-    scale = spec["lora"]["alpha"] / spec["lora"]["r"]
+    _, lora, scale = load_adapter(paths["global_adapter"], model, spec)
     data = examples_of(paths["eval_data"], tok, spec, "eval")
     total = tokens = examples = exact = 0
     total = 0.0

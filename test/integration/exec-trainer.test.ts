@@ -377,6 +377,67 @@ describe.skipIf(!hasTorch)('examples/trainers/torch_lora.py (PyTorch)', () => {
     }
   });
 
+  it('honours rsLoRA, rank_pattern, alpha_pattern, layers_to_transform and LoRA+, and refuses DoRA by name', { timeout: 120_000 }, async () => {
+    const dir = tempDir('torch-variants');
+    const modelDir = join(dir, 'model');
+    const { initModel } = await import('../../worker/engine/init.ts');
+    await initModel(modelDir, { arch: 'llama', hiddenSize: 32, numLayers: 3, numHeads: 4, numKvHeads: 2, maxPositions: 256, seed: 9 });
+    const data = writeData(join(dir, 'd.jsonl'), 6, 'variants');
+    const m = await loadModel(modelDir);
+    const tok = await loadTokenizer(modelDir);
+    const lora: LocalTrainingSpec['lora'] = {
+      r: 4,
+      alpha: 8,
+      dropout: 0,
+      targetModules: ['q_proj', 'v_proj', 'down_proj'],
+      useRslora: true,
+      rankPattern: { 'layers.2.self_attn.v_proj': 6, v_proj: 2 },
+      alphaPattern: { down_proj: 20 },
+      layersToTransform: [0, 2],
+    };
+    const adapter = initLoraAdapter(loraTargets(m.config, lora), undefined, 4);
+    for (const [k, t] of adapter) if (k.includes('lora_B')) for (let i = 0; i < t.data.length; i++) t.data[i] = 0.3 * Math.sin(1.3 * i + k.length);
+    const engine = Engine.create(m, { mode: 'lora', lora, seed: 0 });
+    try {
+      const spec = localSpec({ lora, template: 'plain', maxSeqLen: 128, batchSize: 2 });
+      const ev = await prepareTaskDir({ workDir: join(dir, 'work'), mode: 'eval', taskId: 'e', round: 0, globalAdapter: adapter, spec, modelDir, dataPath: data, evalPath: data, template: 'plain', maxSeqLen: 128, numTrainRecords: 6, numEvalRecords: 6 });
+      const r = spawnSync(PY, [TORCH_SCRIPT, '--task-dir', ev.dir], { encoding: 'utf8', env: { ...process.env, ...ev.env } });
+      expect(r.status, r.stderr).toBe(0);
+      const py = JSON.parse(readFileSync(ev.env.FEDTUNE_EVAL_OUTPUT, 'utf8'));
+      const ds = await prepareDataset(data, tok, { template: 'plain', maxSeqLen: 128 });
+      const batches = makeBatches(ds.train, { batchSize: 2, padId: tok.padId, shuffle: false, seed: 0, maxSeqLen: 128 });
+      const ours = await engine.evaluate(adapter, batches);
+      expect(Math.abs(py.eval_loss - ours.loss)).toBeLessThan(1e-5);
+      // The variants matter: the same tensors read as plain LoRA at alpha / r give another loss.
+      const plain = Engine.create(m, { mode: 'lora', lora: { ...lora, useRslora: false, alphaPattern: undefined }, seed: 0 });
+      expect(Math.abs((await plain.evaluate(adapter, batches)).loss - ours.loss)).toBeGreaterThan(1e-3);
+      await plain.close();
+    } finally {
+      await engine.close();
+    }
+    // LoRA+: one step from B = 0 moves every B entry by at most lr * ratio, and some by that much (A's gradient is 0).
+    const zeroB = initLoraAdapter(loraTargets(m.config, lora), undefined, 4);
+    const lr = 0.01;
+    const ratio = 8;
+    const spec = { ...localSpec({ lora, template: 'plain', maxSeqLen: 128, batchSize: 3 }), steps: 1, lr, maxGradNorm: 0, loraPlusRatio: ratio };
+    const task = await prepareTaskDir({ workDir: join(dir, 'work'), mode: 'train', taskId: 't', round: 1, globalAdapter: zeroB, spec, modelDir, dataPath: data, evalPath: '', template: 'plain', maxSeqLen: 128, numTrainRecords: 6, numEvalRecords: 0 });
+    const t = spawnSync(PY, [TORCH_SCRIPT, '--task-dir', task.dir], { encoding: 'utf8', env: { ...process.env, ...task.env } });
+    expect(t.status, t.stderr).toBe(0);
+    const out = await readOutputAdapter(task.env.FEDTUNE_OUTPUT_ADAPTER, zeroB, spec, m.config);
+    let maxB = 0;
+    for (const [k, x] of out) if (k.includes('lora_B')) for (const v of x.data) maxB = Math.max(maxB, Math.abs(v));
+    expect(maxB).toBeLessThanOrEqual(lr * ratio * 1.001);
+    expect(maxB).toBeGreaterThan(lr * ratio * 0.99);
+    // DoRA is refused by name, not trained as plain LoRA.
+    const doraLora = { ...lora, useDora: true };
+    const doraAdapter: TensorMap = new Map(zeroB);
+    for (const t of loraTargets(m.config, doraLora)) doraAdapter.set(`base_model.model.${t.module}.lora_magnitude_vector`, { shape: [t.outFeatures], data: new Float32Array(t.outFeatures).fill(1) });
+    const dora = await prepareTaskDir({ workDir: join(dir, 'work'), mode: 'train', taskId: 'd', round: 1, globalAdapter: doraAdapter, spec: { ...spec, lora: doraLora }, modelDir, dataPath: data, evalPath: '', template: 'plain', maxSeqLen: 128, numTrainRecords: 6, numEvalRecords: 0 });
+    const d = spawnSync(PY, [TORCH_SCRIPT, '--task-dir', dora.dir], { encoding: 'utf8', env: { ...process.env, ...dora.env } });
+    expect(d.status).toBe(1);
+    expect(d.stderr).toMatch(/lora\.use_dora is true, but this trainer implements plain LoRA and rsLoRA only/);
+  });
+
   it('writes a valid PEFT adapter; freeze_lora_a keeps every lora_A; prox_mu adds its term', { timeout: 120_000 }, async () => {
     const dir = tempDir('torch-ffa');
     const modelDir = await tinyModel(join(dir, 'model'));
@@ -466,5 +527,6 @@ function localSpec(o: { lora: LocalTrainingSpec['lora']; template: string; maxSe
     seed: 0,
     proxMu: 0,
     freezeLoraA: false,
+    loraPlusRatio: 1,
   };
 }

@@ -3,11 +3,13 @@
  * the built-in ONNX trainer, over real gRPC on loopback, run three federated
  * rounds; the global adapter's eval loss on the workers' held-out data goes down.
  */
-import { readFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { startCoordinator, type CoordinatorHandle } from '../../coordinator/main.ts';
 import { readPeftAdapter } from '../../common/peft.ts';
+import { initModel } from '../../worker/engine/init.ts';
+import { loadModel } from '../../worker/engine/model.ts';
 import { runConfig, tempDir, tinyModel, worker, writeData, type Proc } from './federated-helpers.ts';
 
 const procs: Proc[] = [];
@@ -52,5 +54,137 @@ describe('federated rounds with the onnx trainer', () => {
     expect(b.length).toBeGreaterThan(0);
     expect(b.some(([, t]) => t.data.some((x) => x !== 0))).toBe(true);
     expect(await Promise.all(procs.map((p) => p.exited))).toEqual([0, 0, 0]);
+  });
+});
+
+describe('PEFT LoRA variants in a federated run', () => {
+  it('rsLoRA, rank_pattern, alpha_pattern, layers_to_transform and LoRA+ reach worker processes; the checkpoint is that PEFT adapter', async () => {
+    const dir = tempDir('onnx-variants');
+    const model = join(dir, 'model');
+    await initModel(model, { arch: 'llama', hiddenSize: 32, numLayers: 2, numHeads: 2, numKvHeads: 1, maxPositions: 128, seed: 3 });
+    const lr = 0.01;
+    const ratio = 8;
+    const lora = {
+      r: 4,
+      alpha: 8,
+      target_modules: ['q_proj', 'v_proj'],
+      use_rslora: true,
+      rank_pattern: { v_proj: 2 },
+      alpha_pattern: { 'layers.1.self_attn.q_proj': 3 },
+      layers_to_transform: [1],
+    };
+    const cfg = runConfig(dir, model, {
+      name: 'onnx-variants',
+      rounds: 1,
+      lora,
+      // One step: B starts at 0, so A's gradient is 0 and every B entry moves by +-lr * ratio under AdamW's first step.
+      training: { steps: 1, batch_size: 4, lr, max_grad_norm: 0, weight_decay: 0, max_seq_len: 128, template: 'plain', lora_plus_ratio: ratio },
+      cohort: { min_workers: 2 },
+      round: { min_results: 2, deadline_sec: 120 },
+      eval: { every: 0 },
+    });
+    coord = await startCoordinator(cfg);
+    const ws = ['north', 'south'].map((site) =>
+      worker({ address: coord!.address, site, data: writeData(join(dir, `${site}.jsonl`), 8, site), model, trainer: 'onnx', extra: ['--threads', '1', '--eval-fraction', '0'] }),
+    );
+    procs.push(...ws);
+    const result = await coord.run;
+    expect(result.error ?? '').toBe('');
+    expect(result.state).toBe('completed');
+    const final = await readPeftAdapter(result.finalAdapterPath!);
+    expect(final.config).toMatchObject({ r: 4, alpha: 8, useRslora: true, rankPattern: { v_proj: 2 }, alphaPattern: { 'layers.1.self_attn.q_proj': 3 }, layersToTransform: [1] });
+    const shapes = Object.fromEntries([...final.adapter].map(([k, t]) => [k.replace('base_model.model.model.layers.', ''), t.shape]));
+    expect(shapes).toEqual({
+      '1.self_attn.q_proj.lora_A.weight': [4, 32],
+      '1.self_attn.q_proj.lora_B.weight': [32, 4],
+      '1.self_attn.v_proj.lora_A.weight': [2, 32],
+      '1.self_attn.v_proj.lora_B.weight': [16, 2],
+    });
+    // LoRA+: each site's B moved by lr * ratio per entry (AdamW's first step is +-lr per unit of learning rate); the mean of
+    // two sites is at most that, and where the sites agree it is that.
+    let maxB = 0;
+    for (const [k, t] of final.adapter) if (k.includes('lora_B')) for (const x of t.data) maxB = Math.max(maxB, Math.abs(x));
+    expect(maxB).toBeLessThanOrEqual(lr * ratio * 1.001);
+    expect(maxB).toBeGreaterThan(lr * ratio * 0.99);
+    expect(await Promise.all(ws.map((p) => p.exited))).toEqual([0, 0]);
+  });
+});
+
+describe('training.template: auto in a federated run', () => {
+  it("each site renders chat records with the model's own chat_template; a model without one is refused at start naming the field", async () => {
+    const dir = tempDir('onnx-auto');
+    const model = await tinyModel(join(dir, 'model'));
+    const cfgOf = (name: string) =>
+      runConfig(dir, model, {
+        name,
+        rounds: 1,
+        lora: { r: 2, alpha: 4, target_modules: ['q_proj', 'v_proj'] },
+        training: { steps: 2, batch_size: 2, lr: 0.01, max_seq_len: 128, template: 'auto' },
+        cohort: { min_workers: 1 },
+        round: { min_results: 1, deadline_sec: 120 },
+        eval: { every: 0 },
+      });
+    await expect(startCoordinator(cfgOf('no-template'))).rejects.toThrow(/training\.template: auto renders the model's chat_template, but .*has no chat_template/);
+
+    // A short template of the model's own (a real model's system preamble would not fit the tiny model's 128 positions).
+    const template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|end|>\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}";
+    const tc = join(model, 'tokenizer_config.json');
+    writeFileSync(tc, JSON.stringify({ ...JSON.parse(readFileSync(tc, 'utf8')), chat_template: template }));
+    coord = await startCoordinator(cfgOf('auto'));
+    const data = join(dir, 'chat.jsonl');
+    const recs = Array.from({ length: 6 }, (_, i) => ({ messages: [{ role: 'user', content: `Say ${i}.` }, { role: 'assistant', content: `${i}` }] }));
+    writeFileSync(data, recs.map((r) => JSON.stringify(r)).join('\n'));
+    const w = worker({ address: coord.address, site: 'chat', data, model, trainer: 'onnx', extra: ['--threads', '1', '--eval-fraction', '0'] });
+    procs.push(w);
+    const early = await Promise.race([coord.run, w.exited.then(() => null)]);
+    expect(early, w.out()).not.toBeNull();
+    const result = await coord.run;
+    expect(result.error ?? '').toBe('');
+    expect(result.state).toBe('completed');
+    expect(await w.exited).toBe(0);
+    expect(w.out()).toMatch(/local data loaded/);
+  });
+});
+
+describe('DoRA in a federated run', () => {
+  it('the coordinator starts m at the base row norms, worker processes train A, B and m, and the checkpoint is a PEFT DoRA adapter', async () => {
+    const dir = tempDir('onnx-dora');
+    const model = await tinyModel(join(dir, 'model'), 4);
+    const cfg = runConfig(dir, model, {
+      name: 'onnx-dora',
+      rounds: 2,
+      lora: { r: 2, alpha: 4, target_modules: ['q_proj', 'v_proj'], use_dora: true },
+      training: { steps: 2, batch_size: 2, lr: 0.01, max_seq_len: 128, template: 'plain' },
+      cohort: { min_workers: 2 },
+      round: { min_results: 2, deadline_sec: 120 },
+      eval: { every: 0 },
+    });
+    coord = await startCoordinator(cfg);
+    const ws = ['east', 'west'].map((site) =>
+      worker({ address: coord!.address, site, data: writeData(join(dir, `${site}.jsonl`), 6, site), model, trainer: 'onnx', extra: ['--threads', '1', '--eval-fraction', '0'] }),
+    );
+    procs.push(...ws);
+    const result = await coord.run;
+    expect(result.error ?? '').toBe('');
+    expect(result.state).toBe('completed');
+    const initial = await readPeftAdapter(join(coord.runDir, 'round-0000'));
+    const final = await readPeftAdapter(result.finalAdapterPath!);
+    expect(final.config.useDora).toBe(true);
+    const base = (await loadModel(model)).weights;
+    for (const module of ['model.layers.0.self_attn.q_proj', 'model.layers.0.self_attn.v_proj']) {
+      const key = `base_model.model.${module}.lora_magnitude_vector`;
+      const w = base.get(`${module}.weight`)!;
+      const [out, inF] = w.shape as [number, number];
+      const m0 = initial.adapter.get(key)!;
+      expect(m0.shape).toEqual([out]);
+      for (let o = 0; o < out; o++) {
+        let ss = 0;
+        for (let i = 0; i < inF; i++) ss += w.data[o * inF + i]! ** 2;
+        expect(m0.data[o]).toBeCloseTo(Math.sqrt(ss), 5); // m = ||W|| per output feature at the start
+      }
+      const m = final.adapter.get(key)!;
+      expect(m.data.some((x, o) => Math.abs(x - m0.data[o]!) > 1e-6)).toBe(true);
+    }
+    expect(await Promise.all(ws.map((p) => p.exited))).toEqual([0, 0]);
   });
 });

@@ -96,7 +96,7 @@ describe('the coordinator refuses what cannot work, naming it', () => {
     // hidden 64, 4 heads of 16, 1 kv head: v_proj maps 64 -> 16; 512 positions.
     await initModel(model, { arch: 'llama', hiddenSize: 64, numLayers: 1, numHeads: 4, numKvHeads: 1, maxPositions: 512 });
     const cases: Array<[Record<string, unknown>, RegExp]> = [
-      [{ training: { template: 'vicuna' } }, /training\.template \(line \d+\): must be one of alpaca, chatml, plain \(got "vicuna"\)/],
+      [{ training: { template: 'vicuna' } }, /training\.template \(line \d+\): must be one of alpaca, chatml, plain or auto \(the model's own chat_template\) \(got "vicuna"\)/],
       [{ events: { nats: { url: 'ht!tp://??' } } }, /events\.nats\.url \(line \d+\): "ht!tp:\/\/\?\?" has scheme "ht!tp"; allowed: nats:\/\/, tls:\/\//],
       [{ server: { join_token: '' } }, /server\.join_token \(line \d+\): must not be empty: set server\.join_token, pass --token or set FEDTUNE_JOIN_TOKEN/],
       [{ training: { max_seq_len: 4096 } }, /training\.max_seq_len: 4096 is more than the 512 positions of the model .*; set it to 512 or less/],

@@ -16,6 +16,7 @@ import sys
 
 import torch
 
+from peft_ref import apply_adapter
 from st import load_model_dir
 
 
@@ -83,6 +84,8 @@ def main():
     req = json.load(sys.stdin)
     if "config_override" in req:
         cfg.update(req["config_override"])
+    if "adapter" in req:
+        W = apply_adapter(W, req["adapter"])
     json.dump({"logits": [forward(cfg, W, ids).tolist() for ids in req["input_ids"]]}, sys.stdout)
 
 

@@ -4,7 +4,8 @@ tanh approximation, tied lm_head. Attention scores are divided by sqrt(head_dim)
 when scale_attn_weights (default true) and by (layer index + 1) when
 scale_attn_by_inverse_layer_idx.
 
-Usage: gpt2_ref.py MODEL_DIR  (stdin: {"input_ids": [[...], ...]})
+Usage: gpt2_ref.py MODEL_DIR  (stdin: {"input_ids": [[...], ...]}, optionally "adapter": a PEFT
+adapter directory merged into the weights by peft_ref.py)
 Prints {"logits": [[[...V] * T] * B]} as JSON.
 """
 import json
@@ -13,6 +14,7 @@ import sys
 
 import torch
 
+from peft_ref import apply_adapter
 from st import load_model_dir
 
 
@@ -58,6 +60,8 @@ def main():
     req = json.load(sys.stdin)
     if "config_override" in req:
         cfg.update(req["config_override"])
+    if "adapter" in req:
+        W = apply_adapter(W, req["adapter"])
     json.dump({"logits": [forward(cfg, W, ids).tolist() for ids in req["input_ids"]]}, sys.stdout)
 
 

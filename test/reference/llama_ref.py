@@ -5,7 +5,8 @@ transformers (linear position interpolation, dynamic NTK, Llama 3 frequency
 smoothing, YaRN, Phi-3 LongRoPE), grouped-query attention, optional sliding-window attention
 (Mistral), per-head RMSNorm of q and k (Qwen3), SwiGLU MLP.
 
-Usage: llama_ref.py MODEL_DIR  (stdin: {"input_ids": [[...], ...]})
+Usage: llama_ref.py MODEL_DIR  (stdin: {"input_ids": [[...], ...]}, optionally "adapter": a PEFT
+adapter directory merged into the weights by peft_ref.py)
 Prints {"logits": [[[...V] * T] * B]} as JSON.
 """
 import json
@@ -14,6 +15,7 @@ import sys
 
 import torch
 
+from peft_ref import apply_adapter
 from st import load_model_dir
 
 
@@ -172,6 +174,8 @@ def main():
     req = json.load(sys.stdin)
     if "config_override" in req:
         cfg.update(req["config_override"])
+    if "adapter" in req:
+        W = apply_adapter(W, req["adapter"])
     logits = [forward(cfg, W, ids).tolist() for ids in req["input_ids"]]
     json.dump({"logits": logits}, sys.stdout)
 

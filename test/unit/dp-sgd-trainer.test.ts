@@ -14,7 +14,7 @@ import { ROOT, tempDir, tinyModel, writeData } from '../integration/federated-he
 const spec = (over: Partial<LocalTrainingSpec> = {}): LocalTrainingSpec => ({
   lora: { r: 4, alpha: 8, dropout: 0, targetModules: ['q_proj', 'v_proj'] },
   steps: null, epochs: 2, batchSize: 4, gradAccumulation: 1, lr: 0.02, schedule: 'constant', warmupSteps: 0,
-  weightDecay: 0, maxGradNorm: 1, maxSeqLen: 128, template: 'plain', seed: 3, proxMu: 0, freezeLoraA: false,
+  weightDecay: 0, maxGradNorm: 1, maxSeqLen: 128, template: 'plain', seed: 3, proxMu: 0, freezeLoraA: false, loraPlusRatio: 1,
   dpSgd: { maxGradNorm: 1, noiseMultiplier: 0.5, sampleRate: 0.25 },
   ...over,
 });

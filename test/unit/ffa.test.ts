@@ -134,6 +134,7 @@ describe('worker trainers honour freeze_lora_a and prox_mu', () => {
     seed: 1,
     proxMu: 0,
     freezeLoraA: false,
+    loraPlusRatio: 1,
     ...over,
   });
   const train = (tr: Trainer, globalAdapter: TensorMap, s: LocalTrainingSpec) =>

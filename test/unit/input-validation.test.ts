@@ -157,7 +157,7 @@ describe('settings that cannot work', () => {
 
   it('an unknown template, a bad NATS URL and an empty token are refused at config load, each once', () => {
     expect(issues({ ...base(), training: { steps: 3, template: 'vicuna' } })).toEqual([
-      'training.template: must be one of alpaca, chatml, plain (got "vicuna"); these are the prompt templates workers know',
+      'training.template: must be one of alpaca, chatml, plain or auto (the model\'s own chat_template) (got "vicuna"); these are the prompt templates workers know',
     ]);
     expect(issues({ ...base(), events: { nats: { url: 'ht!tp://??' } } })).toEqual([
       'events.nats.url: "ht!tp://??" has scheme "ht!tp"; allowed: nats://, tls:// (e.g. nats://127.0.0.1:4222)',

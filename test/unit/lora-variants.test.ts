@@ -13,7 +13,6 @@ import { initLoraAdapter, loraTargets } from '../../common/lora.ts';
 import { ADAPTER_CONFIG, ADAPTER_WEIGHTS, loraScale, readPeftAdapter, writePeftAdapter, type PeftLoraConfig } from '../../common/peft.ts';
 import { writeSafetensors, type StWriteEntry } from '../../common/safetensors.ts';
 import { AdamW, loraPlusGroups } from '../../common/optim.ts';
-import { parseRunConfig, RunConfigError } from '../../common/config.ts';
 import { createRng } from '../../common/random.ts';
 import type { Batch, LoadedModel } from '../../common/model-config.ts';
 import type { TensorMap } from '../../common/tensor.ts';
@@ -160,26 +159,9 @@ describe('LoRA+ (AdamW parameter groups)', () => {
     expect(() => loraPlusGroups(0)).toThrow(/LoRA\+ ratio is 0, expected a finite number > 0/);
     expect(loraPlusGroups(1)).toEqual([]);
     expect(loraPlusGroups(4)[0]!.match('base_model.model.x.lora_B.default.weight')).toBe(true);
+    // As PEFT groups them: DoRA's 1-D magnitudes learn at the lora_B rate.
+    expect(loraPlusGroups(4)[0]!.match('base_model.model.x.lora_magnitude_vector')).toBe(true);
+    expect(loraPlusGroups(4)[0]!.match('base_model.model.x.lora_magnitude_vector.default.weight')).toBe(true);
     expect(loraPlusGroups(4)[0]!.match('base_model.model.x.lora_A.weight')).toBe(false);
-  });
-});
-
-describe('run config refuses variants the wire does not carry', () => {
-  const base = () => ({ name: 'demo', model: { path: 'm' }, training: { steps: 3 }, rounds: 2, server: { join_token: 'tok' } });
-  const issues = (raw: unknown): string[] => {
-    try {
-      parseRunConfig(raw, 'run.yaml');
-    } catch (err) {
-      expect(err).toBeInstanceOf(RunConfigError);
-      return (err as RunConfigError).issues;
-    }
-    throw new Error('expected the config to be rejected');
-  };
-
-  it('lora.use_rslora: true and training.lora_plus_ratio other than 1 name the field; the defaults pass', () => {
-    expect(issues({ ...base(), lora: { use_rslora: true } }).join('\n')).toMatch(/lora\.use_rslora.*wire LoraSpec .* `fedtune train --use-rslora`/);
-    expect(issues({ ...base(), training: { steps: 3, lora_plus_ratio: 16 } }).join('\n')).toMatch(/training\.lora_plus_ratio.*16 is not supported.*--lora-plus-ratio/);
-    const ok = parseRunConfig({ ...base(), lora: { use_rslora: false }, training: { steps: 3, lora_plus_ratio: 1 } });
-    expect(ok.lora.use_rslora).toBe(false);
   });
 });

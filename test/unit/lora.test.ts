@@ -33,6 +33,8 @@ describe('loraTargets', () => {
       conv1d: false,
       layer: 1,
       kind: 'q_proj',
+      r: 4,
+      scale: 2,
     });
     expect([byKind.k_proj!.inFeatures, byKind.k_proj!.outFeatures]).toEqual([32, 16]);
     expect([byKind.v_proj!.inFeatures, byKind.v_proj!.outFeatures]).toEqual([32, 16]);

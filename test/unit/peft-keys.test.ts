@@ -45,7 +45,9 @@ async function writeRawAdapter(dir: string, cfg: Record<string, unknown>): Promi
 describe('adapter_config.json fields every PEFT >= 0.6 loads', () => {
   it('the allowed list is exactly the fields PEFT 0.6 writes', () => {
     expect([...PEFT_06_LORA_KEYS].sort()).toEqual([...PEFT_06_WRITTEN].sort());
-    expect(disallowedWrittenKeys({ r: 1, use_dora: false, megatron_core: 'megatron.core' })).toEqual(['use_dora', 'megatron_core']);
+    expect(disallowedWrittenKeys({ r: 1, lora_bias: false, megatron_core: 'megatron.core' })).toEqual(['lora_bias', 'megatron_core']);
+    // use_dora is written for DoRA adapters only (PEFT >= 0.9.0), as use_rslora for rsLoRA ones.
+    expect(disallowedWrittenKeys({ r: 1, use_dora: true, use_rslora: true })).toEqual([]);
   });
 
   it('writePeftAdapter writes only 0.6 fields (plus use_rslora for rsLoRA adapters)', async () => {
@@ -106,11 +108,12 @@ describe('reading adapter_config.json fields', () => {
   it('refuses fields fedtune does not implement unless at their default, saying what it supports', async () => {
     const dir = join(root, 'unsupported');
     const cases: Array<[Record<string, unknown>, RegExp]> = [
-      [{ layers_to_transform: [0] }, /field "layers_to_transform" is \[0\]; fedtune supports only null here \(fedtune puts the adapter on every layer/],
-      [{ layers_pattern: 'layers' }, /field "layers_pattern" is "layers"; fedtune supports only null/],
-      [{ rank_pattern: { q_proj: 4 } }, /field "rank_pattern" .*one rank r for every module/],
-      [{ alpha_pattern: { q_proj: 8 } }, /field "alpha_pattern" .*one lora_alpha for every module/],
-      [{ use_dora: true }, /field "use_dora" is true; fedtune supports only false here \(fedtune supports plain LoRA and rsLoRA/],
+      // The per-module fields are implemented: refused only where the tensors disagree with them.
+      [{ layers_to_transform: [1] }, /is for module model\.layers\.0\.self_attn\.q_proj in layer 0, but layers_to_transform is \[1\]/],
+      [{ layers_pattern: 'layers' }, /field "layers_pattern" is set but field "layers_to_transform" is not/],
+      [{ rank_pattern: { q_proj: 4 } }, /expected \[4, in_features\]: rank_pattern key "q_proj" gives module model\.layers\.0\.self_attn\.q_proj rank 4/],
+      [{ rank_pattern: { q_proj: 0 } }, /"rank_pattern": key "q_proj" has rank 0; a rank must be an integer >= 1/],
+      [{ use_dora: true }, /DoRA module model\.layers\.0\.self_attn\.q_proj has no magnitude vector \(base_model\.model\.model\.layers\.0\.self_attn\.q_proj\.lora_magnitude_vector missing; use_dora is true\)/],
       [{ modules_to_save: ['lm_head'] }, /field "modules_to_save" is \["lm_head"\]; fedtune supports only null/],
       [{ init_lora_weights: 'pissa' }, /field "init_lora_weights" is "pissa"; .*convert them to plain LoRA/],
       [{ use_rslora: 'yes' }, /field "use_rslora" is "yes"; expected true or false/],
@@ -119,7 +122,7 @@ describe('reading adapter_config.json fields', () => {
       await writeRawAdapter(dir, { ...base, ...extra });
       await expect(readPeftAdapter(dir)).rejects.toThrow(msg);
     }
-    for (const atDefault of [{ layers_to_transform: null }, { rank_pattern: {} }, { use_dora: false }, { modules_to_save: null }, { init_lora_weights: 'gaussian' }]) {
+    for (const atDefault of [{ layers_to_transform: null }, { rank_pattern: {} }, { use_dora: false }, { modules_to_save: null }, { init_lora_weights: 'gaussian' }, { layers_to_transform: [0], layers_pattern: 'layers' }, { alpha_pattern: { q_proj: 8 } }]) {
       await writeRawAdapter(dir, { ...base, ...atDefault });
       await expect(readPeftAdapter(dir)).resolves.toMatchObject({ config: { r: 2 } });
     }

@@ -90,7 +90,7 @@ describe('PEFT adapter files', () => {
 
     const bad = new Map(v2);
     bad.set(key, { shape: [16, 3], data: new Float32Array(48) });
-    await expect(writePeftAdapter(dir, bad, { lora, baseModel: 'c' })).rejects.toThrow(`key ${key} has shape [16, 3], expected [out_features, 2] for r=2`);
+    await expect(writePeftAdapter(dir, bad, { lora, baseModel: 'c' })).rejects.toThrow(`key ${key} has shape [16, 3] (rank 3), expected [out_features, 2]: module model.layers.0.self_attn.q_proj has r=2`);
     const nan = new Map(v2);
     nan.set(key, { shape: [16, 2], data: new Float32Array(32).fill(NaN) });
     await expect(writePeftAdapter(dir, nan, { lora, baseModel: 'c' })).rejects.toThrow(/non-finite value NaN/);
@@ -128,7 +128,7 @@ describe('PEFT adapter files', () => {
       ]),
     );
     await writeFile(join(dir, ADAPTER_CONFIG), JSON.stringify({ peft_type: 'LORA', r: 2, lora_alpha: 4, target_modules: ['q_proj'] }));
-    await expect(readPeftAdapter(dir)).rejects.toThrow(`key ${key} has shape [3, 16], expected [2, in_features] for r=2`);
+    await expect(readPeftAdapter(dir)).rejects.toThrow(`key ${key} has shape [3, 16] (rank 3), expected [2, in_features]: module model.layers.0.self_attn.q_proj has r=2`);
   });
 
   it('reports missing files and unsupported configurations', async () => {
@@ -142,7 +142,7 @@ describe('PEFT adapter files', () => {
       [{ ...base, lora_alpha: undefined }, /field "lora_alpha" is missing/],
       [{ ...base, target_modules: 'all-linear' }, /target_modules is the pattern "all-linear"/],
       [{ ...base, target_modules: [] }, /field "target_modules" is \[\]/],
-      [{ ...base, use_dora: true }, /field "use_dora" is true; fedtune supports only false here \(fedtune supports plain LoRA and rsLoRA/],
+      [{ ...base, use_dora: 1 }, /field "use_dora" is 1; expected true or false/],
       [{ ...base, bias: 'all' }, /field "bias" is "all"/],
     ];
     for (const [cfg, msg] of cases) {

@@ -20,10 +20,13 @@ describe('wire contract encoding', () => {
         value: {
           uploadKind: UpdateKind.UPDATE_KIND_ADAPTER_WEIGHTS,
           spec: {
-            lora: { r: 8, alpha: 16, dropout: 0.05, targetModules: ['q_proj', 'v_proj'] },
+            lora: {
+              r: 8, alpha: 16, dropout: 0.05, targetModules: ['q_proj', 'v_proj'], useRslora: true, useDora: true,
+              rankPattern: [{ key: 'v_proj', value: 4 }, { key: 'q_proj', value: 16 }], alphaPattern: [{ key: 'model.layers.0.self_attn.v_proj', value: 4 }], layersToTransform: [0, 2], layersPattern: ['layers'],
+            },
             steps: 20,
             batchSize: 8, gradAccumulation: 1, lr: 0.001, schedule: 'cosine', warmupSteps: 2,
-            weightDecay: 0, maxGradNorm: 1, maxSeqLen: 256, template: 'alpaca', seed: 5, proxMu: 0, freezeLoraA: false,
+            weightDecay: 0, maxGradNorm: 1, maxSeqLen: 256, template: 'alpaca', seed: 5, proxMu: 0, freezeLoraA: false, loraPlusRatio: 16,
             dpSgd: { maxGradNorm: 0.5, noiseMultiplier: 1.1, sampleRate: 0.01 },
           },
         },

@@ -13,7 +13,7 @@ import { createRng } from '../../common/random.ts';
 import { IGNORE_INDEX, type Batch, type LoadedModel, type LoraConfig } from '../../common/model-config.ts';
 import type { FloatDType } from './graph.ts';
 import { buildCausalLmGraph, type GraphSpec } from './model-graph.ts';
-import { initLoraAdapter, loraTargets, peftKey } from '../../common/lora.ts';
+import { initLoraAdapter, loraTargets, peftKey, peftMagnitudeKey, weightRowNorms } from '../../common/lora.ts';
 import { createSession, ort, type Device, type RuntimeSession } from './runtime.ts';
 
 export interface EngineOptions {
@@ -117,17 +117,24 @@ export class Engine {
   /** Names and shapes of the trainable parameters, in graph order. */
   paramSpecs(): Array<{ name: string; shape: number[] }> {
     if (this.opts.mode === 'full') return [...this.model.weights].map(([name, t]) => ({ name, shape: t.shape }));
-    const { r } = this.opts.lora!;
+    // Each module at its own rank: lora.r, or its rank_pattern entry.
+    // DoRA targets add their magnitude vector [out] after B (as the graph declares them).
     return loraTargets(this.model.config, this.opts.lora!).flatMap((t) => [
-      { name: peftKey(t.module, 'A'), shape: [r, t.inFeatures] },
-      { name: peftKey(t.module, 'B'), shape: [t.outFeatures, r] },
+      { name: peftKey(t.module, 'A'), shape: [t.r, t.inFeatures] },
+      { name: peftKey(t.module, 'B'), shape: [t.outFeatures, t.r] },
+      ...(t.dora ? [{ name: peftMagnitudeKey(t.module), shape: [t.outFeatures] }] : []),
     ]);
   }
 
-  /** Fresh trainable parameters: a PEFT-initialized adapter (B = 0), or a copy of the base weights in full mode. */
+  /** Fresh trainable parameters: a PEFT-initialized adapter (B = 0; DoRA m = ||W||_c), or a copy of the base weights in full mode. */
   initParams(seed: number): TensorMap {
     if (this.opts.mode === 'lora') {
-      return initLoraAdapter(loraTargets(this.model.config, this.opts.lora!), this.opts.lora!.r, seed, this.dtype);
+      const targets = loraTargets(this.model.config, this.opts.lora!);
+      const norms = new Map<string, Float64Array>();
+      for (const t of targets) {
+        if (t.dora) norms.set(t.module, weightRowNorms(t, this.model.weights.get(t.weight)!.data));
+      }
+      return initLoraAdapter(targets, undefined, seed, this.dtype, norms);
     }
     const out: TensorMap = new Map();
     for (const [name, t] of this.model.weights) {

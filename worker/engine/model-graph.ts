@@ -12,8 +12,7 @@
  */
 import { Graph, type FloatDType, type Value } from './graph.ts';
 import type { LoadedModel, LoraConfig, ModelConfig } from '../../common/model-config.ts';
-import { loraTargets, peftKey, type LoraTarget } from '../../common/lora.ts';
-import { loraScale } from '../../common/peft.ts';
+import { loraTargets, peftKey, peftMagnitudeKey, type LoraTarget } from '../../common/lora.ts';
 
 export interface GraphSpec {
   batchSize: number;
@@ -36,6 +35,20 @@ export interface GraphSpec {
    * `outputClipped`, `clipped:<param>` [B, ...shape] (the clipped per-example gradients).
    */
   perExample?: { frozen: string[]; outputClipped?: boolean };
+  /**
+   * Incremental decoding with a KV cache (forward graphs, batch 1; used by
+   * worker/engine/generate.ts): seqLen new tokens after `pastLen` cached
+   * positions. Instead of targets and loss_mask the graph takes `rope_cos` /
+   * `rope_sin` [seqLen, head_dim] of the new positions (llama family, see
+   * ropeCosSin) or `position_ids` [seqLen] (gpt2), the additive masks
+   * `attn_mask` [seqLen, pastLen + seqLen] (and `sliding_mask` for models with a
+   * sliding window; columns: the cached positions, then the new ones), and per
+   * layer `past.<l>.key` / `past.<l>.value` [1, kv_heads, pastLen, head_dim]
+   * (none when pastLen is 0). Outputs: `logits` [1, V] of the last new token and
+   * per layer `present.<l>.key` / `present.<l>.value` [1, kv_heads, seqLen,
+   * head_dim], the new positions' (rotated) keys and values.
+   */
+  decode?: { pastLen: number };
 }
 
 export interface BuiltGraph {
@@ -58,14 +71,16 @@ export function buildCausalLmGraph(model: LoadedModel, spec: GraphSpec): BuiltGr
   const B = spec.batchSize;
   const T = spec.seqLen;
   const N = B * T;
+  const dec = spec.decode;
+  if (dec && (B !== 1 || spec.kind !== 'forward')) throw new Error('graph: decode graphs are forward graphs of batch 1');
   // Dynamic NTK scaling exists to run past max_position_embeddings; every other model stops there.
-  if (T > config.maxPositions && config.ropeScaling?.type !== 'dynamic') {
-    throw new Error(`sequence length ${T} exceeds the model's max_position_embeddings ${config.maxPositions}`);
+  if ((dec ? dec.pastLen + T : T) > config.maxPositions && config.ropeScaling?.type !== 'dynamic') {
+    throw new Error(`sequence length ${dec ? dec.pastLen + T : T} exceeds the model's max_position_embeddings ${config.maxPositions}`);
   }
 
   const inputIds = g.input('input_ids', [N], 'int64');
-  const targets = g.input('targets', [N], 'int64');
-  const lossMask = g.input('loss_mask', [N, 1], spec.dtype);
+  const targets = dec ? null : g.input('targets', [N], 'int64');
+  const lossMask = dec ? null : g.input('loss_mask', [N, 1], spec.dtype);
 
   const params: Array<{ name: string; value: Value }> = [];
   const frozen: Array<{ name: string; shape: number[] }> = [];
@@ -89,19 +104,20 @@ export function buildCausalLmGraph(model: LoadedModel, spec: GraphSpec): BuiltGr
   const hasWeight = (name: string): boolean => model.weights.has(name);
 
   let targetsByModule = new Map<string, LoraTarget>();
-  let scale = 0;
   if (spec.mode === 'lora') {
     if (!spec.lora) throw new Error('LoRA mode needs a LoRA config');
     const targets = loraTargets(config, spec.lora);
     targetsByModule = new Map(targets.map((t) => [t.module, t]));
-    scale = loraScale(spec.lora); // alpha / r, or alpha / sqrt(r) with rsLoRA (common/peft.ts)
     // Declare adapter inputs in target order so the parameter order is stable.
     for (const t of targets) {
       for (const which of ['A', 'B'] as const) {
         const name = peftKey(t.module, which);
-        const shape = which === 'A' ? [spec.lora.r, t.inFeatures] : [t.outFeatures, spec.lora.r];
+        // Each module at its own rank (lora.r or its rank_pattern entry, common/lora.ts).
+        const shape = which === 'A' ? [t.r, t.inFeatures] : [t.outFeatures, t.r];
         params.push({ name, value: g.input(name, shape, spec.dtype, true) });
       }
+      // DoRA: the magnitude vector m [out] is trained like A and B.
+      if (t.dora) params.push({ name: peftMagnitudeKey(t.module), value: g.input(peftMagnitudeKey(t.module), [t.outFeatures], spec.dtype, true) });
     }
   }
   const paramValue = new Map(params.map((p) => [p.name, p.value]));
@@ -124,9 +140,36 @@ export function buildCausalLmGraph(model: LoadedModel, spec: GraphSpec): BuiltGr
   const dropout = spec.kind === 'train' ? (spec.lora?.dropout ?? 0) : 0;
   let dropoutSeed = spec.dropoutSeed ?? 0;
 
-  /** y = x Wᵀ (+ b) + (alpha/r) · dropout(x) Aᵀ Bᵀ, x [N, in]. Conv1D weights are stored [in, out]. */
+  /**
+   * DoRA's term on top of the base output (PEFT DoraLinearLayer.forward, Liu et al. 2024 eq. 5):
+   * (m / n - 1) · xd Wᵀ + (m / n) · low, with low = scale · xd Aᵀ Bᵀ, xd = dropout(x) and
+   * n = ||W + scale · B A||_c, the L2 norm of each output feature's row of [out, in].
+   * n is detached, a constant for the backward pass (paper §4.3, as PEFT does), so the
+   * gradients are those of this function with n held at its current value. `xw`: xd Wᵀ
+   * when already computed (no dropout: the base output without bias).
+   */
+  const doraTerm = (t: LoraTarget, xd: Value, xw: Value | null, low: Value, A: Value, Bm: Value): Value => {
+    const w = W(t.weight);
+    const dense = g.add(t.conv1d ? g.transpose(w, [1, 0]) : w, g.mul(g.gemm(Bm, A), g.scalar(t.scale)));
+    const norm = g.reshape(g.sqrt(g.reduceSum(g.mul(dense, dense), [1])), [t.outFeatures]);
+    const n = g.emit('Identity', [norm], norm.shape, norm.dtype, {}, false); // detached: no gradient flows into the norm
+    const base = xw ?? g.gemm(xd, w, false, !t.conv1d);
+    const key = peftMagnitudeKey(t.module);
+    const mb = pe ? perExampleLeaf.get(key) : undefined;
+    if (mb) {
+      // Per-example magnitudes [B, out]: the factor broadcasts over each example's T rows.
+      const f = g.reshape(g.div(mb, n), [B, 1, t.outFeatures]);
+      const out3 = g.add(g.mul(g.sub(f, g.scalar(1)), g.reshape(base, [B, T, t.outFeatures])), g.mul(f, g.reshape(low, [B, T, t.outFeatures])));
+      return g.reshape(out3, [N, t.outFeatures]);
+    }
+    const f = g.div(paramValue.get(key)!, n);
+    return g.add(g.mul(g.sub(f, g.scalar(1)), base), g.mul(f, low));
+  };
+
+  /** y = x Wᵀ (+ b) + (alpha/r) · dropout(x) Aᵀ Bᵀ, x [N, in] (DoRA targets: doraTerm instead). Conv1D weights are stored [in, out]. */
   const linear = (x: Value, module: string, conv1d: boolean): Value => {
-    let y = g.gemm(x, W(`${module}.weight`), false, !conv1d);
+    const xw = g.gemm(x, W(`${module}.weight`), false, !conv1d);
+    let y = xw;
     if (hasWeight(`${module}.bias`)) y = g.add(y, W(`${module}.bias`));
     const t = targetsByModule.get(module);
     if (t) {
@@ -143,20 +186,23 @@ export function buildCausalLmGraph(model: LoadedModel, spec: GraphSpec): BuiltGr
       } else {
         low = g.gemm(g.gemm(xd, A, false, true), Bm, false, true);
       }
-      y = g.add(y, g.mul(low, g.scalar(scale)));
+      // t.scale: alpha / r, or alpha / sqrt(r) with rsLoRA, with this module's rank_pattern / alpha_pattern entries (common/lora.ts).
+      const scaled = g.mul(low, g.scalar(t.scale));
+      y = g.add(y, t.dora ? doraTerm(t, xd, xd === x ? xw : null, scaled, A, Bm) : scaled);
     }
     return y;
   };
 
-  const causalMask = g.constFloat(
+  const causalMask = dec ? g.input('attn_mask', [T, dec.pastLen + T], spec.dtype) : g.constFloat(
     'causal_mask',
     [T, T],
     Float64Array.from({ length: T * T }, (_, k) => (k % T <= Math.floor(k / T) ? 0 : -1e9)),
   );
   // Sliding window: query i sees key j when 0 <= i - j < size (transformers' sliding_window mask).
   const sw = config.slidingWindow;
-  const windowMask =
-    sw && T > sw.size
+  const windowMask = sw && dec
+    ? g.input('sliding_mask', [T, dec.pastLen + T], spec.dtype)
+    : sw && T > sw.size
       ? g.constFloat(
           'sliding_window_mask',
           [T, T],
@@ -167,6 +213,14 @@ export function buildCausalLmGraph(model: LoadedModel, spec: GraphSpec): BuiltGr
         )
       : null;
   const maskOf = (layer: number): Value => (windowMask && sw!.layers.includes(layer) ? windowMask : causalMask);
+  /** Decode graphs: the new keys or values [B, heads, T, hd] become outputs and follow the cached ones. */
+  const cached = (t: Value, layer: number, which: 'key' | 'value'): Value => {
+    if (!dec) return t;
+    g.output(t, `present.${layer}.${which}`);
+    if (dec.pastLen === 0) return t;
+    const past = g.input(`past.${layer}.${which}`, [B, t.shape[1]!, dec.pastLen, t.shape[3]!], spec.dtype);
+    return g.concat([past, t], 2);
+  };
 
   /** cap · tanh(x / cap) (gemma2 soft-capping). */
   const softcap = (x: Value, cap: number | null): Value => (cap === null ? x : g.mul(g.tanh(g.mul(x, g.scalar(1 / cap))), g.scalar(cap)));
@@ -196,13 +250,14 @@ export function buildCausalLmGraph(model: LoadedModel, spec: GraphSpec): BuiltGr
       const n = g.div(h, g.sqrt(g.add(ms, g.scalar(config.normEps))));
       return g.mul(n, gm ? g.add(W(weight), g.scalar(1)) : W(weight)); // gemma2 scales by (1 + weight)
     };
-    const { cos, sin, rot } = rotaryTables(g, config, T);
+    const { cos, sin, rot } = rotaryTables(g, config, T, dec !== undefined);
     const rope = (t: Value): Value => g.add(g.mul(t, cos), g.mul(g.matmul(t, rot), sin));
     const repeatKv = (t: Value): Value => {
       if (nkv === nh) return t;
       const rep = nh / nkv;
-      const e = g.expand(g.reshape(t, [B, nkv, 1, T, hd]), [B, nkv, rep, T, hd]);
-      return g.reshape(e, [B, nh, T, hd]);
+      const L = t.shape[2]!; // T, or the cached positions and T in decode graphs
+      const e = g.expand(g.reshape(t, [B, nkv, 1, L, hd]), [B, nkv, rep, L, hd]);
+      return g.reshape(e, [B, nh, L, hd]);
     };
     x = g.gather(W('model.embed_tokens.weight'), inputIds);
     // gemma2 multiplies the embeddings by sqrt(hidden_size), rounded to the compute dtype as transformers does.
@@ -218,8 +273,8 @@ export function buildCausalLmGraph(model: LoadedModel, spec: GraphSpec): BuiltGr
         ? g.split(linear(h, `${p}.self_attn.qkv_proj`, false), 1, [nh * hd, nkv * hd, nkv * hd])
         : [linear(h, `${p}.self_attn.q_proj`, false), linear(h, `${p}.self_attn.k_proj`, false), linear(h, `${p}.self_attn.v_proj`, false)];
       const q = rope(headNorm(toHeads(qx!, nh, hd), 'q'));
-      const k = repeatKv(rope(headNorm(toHeads(kx!, nkv, hd), 'k')));
-      const v = repeatKv(toHeads(vx!, nkv, hd));
+      const k = repeatKv(cached(rope(headNorm(toHeads(kx!, nkv, hd), 'k')), l, 'key'));
+      const v = repeatKv(cached(toHeads(vx!, nkv, hd), l, 'value'));
       const attn = fromHeads(attention(q, k, v, attnScale, maskOf(l), gm?.attnLogitSoftcap ?? null), nh, hd);
       const o = linear(attn, `${p}.self_attn.o_proj`, false);
       // llama: x + attn(norm(x)), x + mlp(norm(x)); gemma2 also normalizes each branch's output.
@@ -243,7 +298,7 @@ export function buildCausalLmGraph(model: LoadedModel, spec: GraphSpec): BuiltGr
       const n = g.div(c, g.sqrt(g.add(variance, g.scalar(config.normEps))));
       return g.add(g.mul(n, W(`${prefix}.weight`)), W(`${prefix}.bias`));
     };
-    const positions = g.initializer(
+    const positions = dec ? g.input('position_ids', [N], 'int64') : g.initializer(
       'position_ids',
       [N],
       'int64',
@@ -255,7 +310,8 @@ export function buildCausalLmGraph(model: LoadedModel, spec: GraphSpec): BuiltGr
       const h = ln(x, `${p}.ln_1`);
       const [q, k, v] = g.split(linear(h, `${p}.attn.c_attn`, true), 1, [H, H, H]);
       const scale = ((config.scaleAttnWeights ?? true) ? 1 / Math.sqrt(hd) : 1) / (config.scaleAttnByInverseLayerIdx ? l + 1 : 1);
-      const attn = fromHeads(attention(toHeads(q!, nh, hd), toHeads(k!, nh, hd), toHeads(v!, nh, hd), scale, causalMask), nh, hd);
+      const kc = cached(toHeads(k!, nh, hd), l, 'key');
+      const attn = fromHeads(attention(toHeads(q!, nh, hd), kc, cached(toHeads(v!, nh, hd), l, 'value'), scale, causalMask), nh, hd);
       x = g.add(x, linear(attn, `${p}.attn.c_proj`, true));
       const h2 = ln(x, `${p}.ln_2`);
       x = g.add(x, linear(gelu(linear(h2, `${p}.mlp.c_fc`, true)), `${p}.mlp.c_proj`, true));
@@ -266,9 +322,13 @@ export function buildCausalLmGraph(model: LoadedModel, spec: GraphSpec): BuiltGr
 
   let logits = g.gemm(x, logitsWeight, false, true); // [N, V]
   if (config.gemma2) logits = softcap(logits, config.gemma2.finalLogitSoftcap);
+  if (dec) {
+    g.output(g.gather(logits, g.constInt64([N - 1])), 'logits'); // the last new token's
+    return { bytes: g.toModel(), params: params.map((p) => ({ name: p.name, shape: p.value.shape })), frozen };
+  }
   const logp = g.logSoftmax(logits);
-  const picked = g.reduceSum(g.mul(logp, g.oneHot(targets, config.vocabSize, spec.dtype)), [1]); // [N, 1]
-  const lossSum = g.reshape(g.neg(g.reduceSum(g.mul(picked, lossMask), [0, 1])), [1]);
+  const picked = g.reduceSum(g.mul(logp, g.oneHot(targets!, config.vocabSize, spec.dtype)), [1]); // [N, 1]
+  const lossSum = g.reshape(g.neg(g.reduceSum(g.mul(picked, lossMask!), [0, 1])), [1]);
   g.output(lossSum, 'loss_sum');
   if (pe) {
     perExampleOutputs(g, lossSum, params, perExampleLeaf, B, pe.outputClipped ?? false);
@@ -390,30 +450,42 @@ export function ropeInvFreq(config: ModelConfig, T: number): { invFreq: Float64A
 }
 
 /**
- * Rotary embedding tables for positions 0..T-1 as Hugging Face computes them:
- * angle = pos · inv_freq (ropeInvFreq), cos/sin = cat(angle, angle) · attention factor;
- * rotate_half(x) = cat(-x2, x1) expressed as x @ rot.
+ * cos and sin rows [positions.length, hd] of the rotary embedding as Hugging Face
+ * computes them: angle = pos · inv_freq (ropeInvFreq for a sequence of T
+ * positions), cos/sin = cat(angle, angle) · attention factor, angles in float32
+ * for float32 graphs. Decode graphs are fed these rows for their new positions.
  */
-function rotaryTables(g: Graph, config: ModelConfig, T: number): { cos: Value; sin: Value; rot: Value } {
+export function ropeCosSin(config: ModelConfig, positions: ArrayLike<number>, T: number, dtype: FloatDType): { cos: Float64Array; sin: Float64Array } {
   const hd = config.headDim;
   const half = hd / 2;
   const { invFreq, attentionFactor } = ropeInvFreq(config, T);
-  const cos = new Float64Array(T * hd);
-  const sin = new Float64Array(T * hd);
-  for (let t = 0; t < T; t++) {
+  const cos = new Float64Array(positions.length * hd);
+  const sin = new Float64Array(positions.length * hd);
+  for (let r = 0; r < positions.length; r++) {
+    const t = positions[r]!;
     for (let i = 0; i < half; i++) {
       // Hugging Face computes the angles in float32.
-      const angle = g.dtype === 'float32' ? Math.fround(t * invFreq[i]!) : t * invFreq[i]!;
-      cos[t * hd + i] = cos[t * hd + i + half] = Math.cos(angle) * attentionFactor;
-      sin[t * hd + i] = sin[t * hd + i + half] = Math.sin(angle) * attentionFactor;
+      const angle = dtype === 'float32' ? Math.fround(t * invFreq[i]!) : t * invFreq[i]!;
+      cos[r * hd + i] = cos[r * hd + i + half] = Math.cos(angle) * attentionFactor;
+      sin[r * hd + i] = sin[r * hd + i + half] = Math.sin(angle) * attentionFactor;
     }
   }
+  return { cos, sin };
+}
+
+/**
+ * Rotary embedding tables for positions 0..T-1 (ropeCosSin), or with `fed` the
+ * graph inputs rope_cos / rope_sin [T, hd] (decode graphs);
+ * rotate_half(x) = cat(-x2, x1) expressed as x @ rot.
+ */
+function rotaryTables(g: Graph, config: ModelConfig, T: number, fed = false): { cos: Value; sin: Value; rot: Value } {
+  const hd = config.headDim;
+  const half = hd / 2;
   const rot = new Float64Array(hd * hd);
   for (let j = 0; j < half; j++) rot[(j + half) * hd + j] = -1; // out[j] = -x[j + half]
   for (let j = half; j < hd; j++) rot[(j - half) * hd + j] = 1; // out[j] = x[j - half]
-  return {
-    cos: g.constFloat('rope_cos', [T, hd], cos),
-    sin: g.constFloat('rope_sin', [T, hd], sin),
-    rot: g.constFloat('rope_rot', [hd, hd], rot),
-  };
+  const rotV = g.constFloat('rope_rot', [hd, hd], rot);
+  if (fed) return { cos: g.input('rope_cos', [T, hd], g.dtype), sin: g.input('rope_sin', [T, hd], g.dtype), rot: rotV };
+  const { cos, sin } = ropeCosSin(config, Array.from({ length: T }, (_, t) => t), T, g.dtype);
+  return { cos: g.constFloat('rope_cos', [T, hd], cos), sin: g.constFloat('rope_sin', [T, hd], sin), rot: rotV };
 }

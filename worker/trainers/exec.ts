@@ -166,7 +166,23 @@ export interface ExecSpec {
   max_grad_norm: number;
   max_seq_len: number;
   template: string;
-  lora: { r: number; alpha: number; dropout: number; target_modules: string[] };
+  /** The pattern fields appear only when set, with PEFT's names and meaning (the global adapter's adapter_config.json holds them too). */
+  lora: {
+    r: number;
+    alpha: number;
+    dropout: number;
+    target_modules: string[];
+    rank_pattern?: Record<string, number>;
+    alpha_pattern?: Record<string, number>;
+    layers_to_transform?: number[];
+    layers_pattern?: string[];
+    /** rsLoRA: scale alpha / sqrt(r) instead of alpha / r. */
+    use_rslora: boolean;
+    /** DoRA; a trainer that does not implement it must fail the task naming lora.use_dora. */
+    use_dora: boolean;
+  };
+  /** LoRA+: lora_B learns at lr * lora_plus_ratio (1: plain LoRA); a trainer that cannot must fail naming it. */
+  lora_plus_ratio: number;
   prox_mu: number;
   freeze_lora_a: boolean;
   /** Records in the site's training data (what num_examples may be at most). */
@@ -243,7 +259,19 @@ export async function prepareTaskDir(args: {
     max_grad_norm: s.maxGradNorm,
     max_seq_len: args.maxSeqLen,
     template: args.template,
-    lora: { r: s.lora.r, alpha: s.lora.alpha, dropout: s.lora.dropout, target_modules: [...s.lora.targetModules] },
+    lora: {
+      r: s.lora.r,
+      alpha: s.lora.alpha,
+      dropout: s.lora.dropout,
+      target_modules: [...s.lora.targetModules],
+      ...(s.lora.rankPattern && Object.keys(s.lora.rankPattern).length ? { rank_pattern: { ...s.lora.rankPattern } } : {}),
+      ...(s.lora.alphaPattern && Object.keys(s.lora.alphaPattern).length ? { alpha_pattern: { ...s.lora.alphaPattern } } : {}),
+      ...(s.lora.layersToTransform?.length ? { layers_to_transform: [...s.lora.layersToTransform] } : {}),
+      ...(s.lora.layersPattern?.length ? { layers_pattern: [...s.lora.layersPattern] } : {}),
+      use_rslora: s.lora.useRslora ?? false,
+      use_dora: s.lora.useDora ?? false,
+    },
+    lora_plus_ratio: s.loraPlusRatio,
     prox_mu: s.proxMu,
     freeze_lora_a: s.freezeLoraA,
     num_train_records: args.numTrainRecords,
@@ -411,9 +439,17 @@ export async function readOutputAdapter(dir: string, global: TensorMap, spec: Lo
   if (c.alpha !== want.alpha) problems.push(`lora_alpha is ${c.alpha}, the task's lora.alpha is ${want.alpha}`);
   const wantT = [...want.targetModules].sort().join(',');
   if ([...c.targetModules].sort().join(',') !== wantT) problems.push(`target_modules is [${c.targetModules.join(', ')}], the task's is [${want.targetModules.join(', ')}]`);
+  if ((c.useDora ?? false) !== (want.useDora ?? false)) problems.push(`use_dora is ${c.useDora ?? false}, the task's lora.use_dora is ${want.useDora ?? false}`);
+  if ((c.useRslora ?? false) !== (want.useRslora ?? false)) problems.push(`use_rslora is ${c.useRslora ?? false}, the task's lora.use_rslora is ${want.useRslora ?? false}`);
+  // Pattern fields: the same entries in the same order (PEFT tries pattern keys in order).
+  const same = (a: unknown, b: unknown) => JSON.stringify(a ?? null) === JSON.stringify(b ?? null);
+  if (!same(c.rankPattern, want.rankPattern)) problems.push(`rank_pattern is ${JSON.stringify(c.rankPattern ?? {})}, the task's is ${JSON.stringify(want.rankPattern ?? {})}`);
+  if (!same(c.alphaPattern, want.alphaPattern)) problems.push(`alpha_pattern is ${JSON.stringify(c.alphaPattern ?? {})}, the task's is ${JSON.stringify(want.alphaPattern ?? {})}`);
+  if (!same(c.layersToTransform, want.layersToTransform)) problems.push(`layers_to_transform is ${JSON.stringify(c.layersToTransform ?? null)}, the task's is ${JSON.stringify(want.layersToTransform ?? null)}`);
+  if (!same(c.layersPattern, want.layersPattern)) problems.push(`layers_pattern is ${JSON.stringify(c.layersPattern ?? null)}, the task's is ${JSON.stringify(want.layersPattern ?? null)}`);
   if (problems.length > 0) throw new Error(`${join(dir, 'adapter_config.json')}: ${problems.join('; ')}; write the adapter with the settings of spec.json`);
   try {
-    validateAdapter(got.adapter, loraTargets(config, want), want.r);
+    validateAdapter(got.adapter, loraTargets(config, want)); // each module at its own rank
   } catch (e) {
     throw new Error(`${join(dir, ADAPTER_WEIGHTS)}: ${(e as Error).message}`);
   }
@@ -514,7 +550,7 @@ export class ExecTrainer implements Trainer {
 
   private checkGlobal(adapter: TensorMap, spec: LocalTrainingSpec): void {
     try {
-      validateAdapter(adapter, loraTargets(this.opts.config, spec.lora), spec.lora.r);
+      validateAdapter(adapter, loraTargets(this.opts.config, spec.lora)); // each module at its own rank
     } catch (e) {
       throw new Error(`global adapter received for this task: ${(e as Error).message}`);
     }

@@ -9,12 +9,13 @@ import type { LoadedModel, LoraConfig } from '../../common/model-config.ts';
 import { Engine } from '../engine/engine.ts';
 import { loadModel } from '../engine/model.ts';
 import { loadTokenizer } from '../../common/tokenizer.ts';
-import { AdamW } from '../../common/optim.ts';
+import { AdamW, loraPlusGroups } from '../../common/optim.ts';
 import { checkProxMu, dpTrainLoop, padBatchRows, trainLoop, type StepInfo } from '../engine/train.ts';
 import { checkDpSgd, dpSgdSteps, secretPoissonSampler } from '../../common/privacy/dp-sgd.ts';
 import { loraTargets, validateAdapter } from '../../common/lora.ts';
 import { makeBatches } from '../data/batching.ts';
 import { prepareDataset } from '../data/prepare.ts';
+import { resolveTemplate } from '../../common/data/template.ts';
 import type { Example } from '../../common/data/tokenize.ts';
 import type { Batch } from '../../common/model-config.ts';
 import { localSgd, sumGradients } from './step.ts';
@@ -34,10 +35,12 @@ const log = logger('onnx-trainer');
 export async function createOnnxTrainer(opts: TrainerFactoryOptions): Promise<Trainer> {
   const model = await loadModel(opts.modelDir);
   const tok = await loadTokenizer(opts.modelDir);
+  // training.template auto: this site's copy of the model's chat_template.
+  const template = await resolveTemplate(opts.template, opts.modelDir);
   // No local data (dataPath ''): a distributed-mode worker gets its shard from the coordinator.
   const data = opts.dataPath
     ? await prepareDataset(opts.dataPath, tok, {
-        template: opts.template,
+        template,
         maxSeqLen: opts.maxSeqLen,
         evalFraction: opts.evalPath ? 0 : opts.evalFraction,
         seed: opts.seed,
@@ -45,7 +48,7 @@ export async function createOnnxTrainer(opts: TrainerFactoryOptions): Promise<Tr
     : { train: [], eval: [], dropped: 0 };
   let evalSet = data.eval;
   if (opts.evalPath) {
-    evalSet = (await prepareDataset(opts.evalPath, tok, { template: opts.template, maxSeqLen: opts.maxSeqLen, seed: opts.seed })).train;
+    evalSet = (await prepareDataset(opts.evalPath, tok, { template, maxSeqLen: opts.maxSeqLen, seed: opts.seed })).train;
   }
   log.info({ train: data.train.length, eval: evalSet.length, dropped: data.dropped, model: model.config.modelType }, 'local data loaded');
   return new OnnxTrainer(model, data.train, evalSet, tok.padId, opts);
@@ -56,7 +59,7 @@ function loopOptions(args: TrainArgs, anchor: TensorMap | null, steps: number) {
   const { spec } = args;
   return {
     steps,
-    optimizer: new AdamW({ lr: spec.lr, weightDecay: spec.weightDecay }),
+    optimizer: new AdamW({ lr: spec.lr, weightDecay: spec.weightDecay, groups: loraPlusGroups(spec.loraPlusRatio) }),
     schedule: { kind: spec.schedule, baseLr: spec.lr, warmupSteps: spec.warmupSteps, totalSteps: steps },
     signal: args.signal,
     ...(anchor ? { proximal: { mu: spec.proxMu, anchor } } : {}),
@@ -92,7 +95,19 @@ class OnnxTrainer implements Trainer {
   }
 
   private engineFor(lora: LoraConfig): Engine {
-    const key = JSON.stringify([lora.r, lora.alpha, lora.dropout, [...lora.targetModules].sort()]);
+    const key = JSON.stringify([
+      lora.r,
+      lora.alpha,
+      lora.dropout,
+      [...lora.targetModules].sort(),
+      lora.useRslora ?? false,
+      lora.useDora ?? false,
+      // In order: PEFT tries pattern keys in order.
+      Object.entries(lora.rankPattern ?? {}),
+      Object.entries(lora.alphaPattern ?? {}),
+      lora.layersToTransform ?? [],
+      lora.layersPattern ?? [],
+    ]);
     let e = this.engines.get(key);
     if (!e) {
       e = Engine.create(this.model, { mode: 'lora', lora, threads: this.opts.threads, device: this.opts.device, seed: this.opts.seed });
@@ -187,14 +202,15 @@ class OnnxTrainer implements Trainer {
     const ranks = new Set<number>();
     for (const [name, t] of adapter) if (isLoraA(name) && t.shape.length === 2) ranks.add(t.shape[0]!);
     const got = [...ranks].sort((a, b) => a - b);
-    if (got.length > 0 && (got.length > 1 || got[0] !== lora.r)) {
+    // Uniform-rank check (skipped with rank_pattern, whose modules have their own ranks; validateAdapter checks each).
+    if (!targets.some((t) => t.pattern) && got.length > 0 && (got.length > 1 || got[0] !== lora.r)) {
       throw new Error(
         `global adapter has LoRA rank ${got.join(', ')} (first dimension of its lora_A tensors) but this task's lora.r is ${lora.r}; ` +
           'the coordinator must send an adapter of the rank it assigns to this site',
       );
     }
     try {
-      validateAdapter(adapter, targets, lora.r);
+      validateAdapter(adapter, targets); // each module at its own rank
     } catch (e) {
       throw new Error(`global adapter received for training: ${(e as Error).message}`);
     }

@@ -22,9 +22,10 @@ import { loadRecords, type SftRecord } from '../../common/data/dataset.ts';
 import { tokenizeRecord, type Example, type Tokenizer } from '../../common/data/tokenize.ts';
 import type { Batch } from '../../common/model-config.ts';
 import type { Engine } from '../engine/engine.ts';
-import { AdamW, clipGradNorm } from '../../common/optim.ts';
+import { AdamW, clipGradNorm, loraPlusGroups } from '../../common/optim.ts';
 import { addInto, scaleInPlace } from '../engine/train.ts';
 import { decodeShard, fromRanges, type Shard } from '../../common/shard.ts';
+import { resolveTemplate } from '../../common/data/template.ts';
 import type { GradientOutcome, LocalStepsOutcome, LocalTrainingSpec, Trainer } from './trainer.ts';
 
 const log = logger('worker.step');
@@ -165,8 +166,10 @@ export class StepRunner {
 
   /** DiLoCo keeps each worker's inner AdamW state across syncs; it lives here, per run and LoRA shape. */
   private innerOptimizer(spec: LocalTrainingSpec): AdamW {
-    const key = JSON.stringify([this.opts.runId, spec.lora.r, spec.lora.targetModules, spec.weightDecay]);
-    if (this.inner?.key !== key) this.inner = { key, optimizer: new AdamW({ lr: spec.lr, weightDecay: spec.weightDecay }) };
+    const key = JSON.stringify([this.opts.runId, spec.lora.r, spec.lora.targetModules, spec.weightDecay, spec.loraPlusRatio]);
+    if (this.inner?.key !== key) {
+      this.inner = { key, optimizer: new AdamW({ lr: spec.lr, weightDecay: spec.weightDecay, groups: loraPlusGroups(spec.loraPlusRatio) }) };
+    }
     return this.inner.optimizer;
   }
 
@@ -201,11 +204,12 @@ export class StepRunner {
     const records = this.records.records;
     this.tokenizer ??= import('../../common/tokenizer.ts').then((m) => m.loadTokenizer(this.opts.modelDir));
     const tok = await this.tokenizer;
+    const template = await resolveTemplate(spec.template, this.opts.modelDir); // auto: the model's chat_template
     return shard.microBatches.map((ranges, k) =>
       fromRanges(ranges).map((i) => {
         const rec = records[i];
         if (!rec) throw new Error(`data shard ${shard.shardId}: micro-batch ${k} names record ${i}, ${shard.path} has ${records.length}`);
-        const ex = tokenizeRecord(tok, rec, { template: spec.template, maxSeqLen: shard.maxSeqLen });
+        const ex = tokenizeRecord(tok, rec, { template, maxSeqLen: shard.maxSeqLen });
         if (!ex) throw new Error(`data shard ${shard.shardId}: record ${i} (${rec.source.file}:${rec.source.line}) has no trained token within max_seq_len ${shard.maxSeqLen}`);
         return ex;
       }),

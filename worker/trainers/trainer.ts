@@ -27,6 +27,8 @@ export interface LocalTrainingSpec {
   proxMu: number;
   /** FFA-LoRA (Sun et al. 2024): every lora_A keeps the value it arrived with; only lora_B trains. */
   freezeLoraA: boolean;
+  /** LoRA+ (Hayou et al. 2024): lora_B learns at lr * loraPlusRatio (1: plain LoRA). */
+  loraPlusRatio: number;
   /**
    * Sample-level DP-SGD (privacy.dp_sgd), null when off. A trainer that cannot
    * honour it must fail the task naming privacy.dp_sgd, never train without it.

@@ -100,7 +100,21 @@ def spec_dict(task: pb.Task, s: pb.TrainingSpec) -> Dict[str, Any]:
         "round": task.round,
         "deadline_unix_ms": task.deadline_unix_ms,
         "base_version": getattr(task, "global").version,
-        "lora": {"r": s.lora.r, "alpha": s.lora.alpha, "dropout": s.lora.dropout, "target_modules": list(s.lora.target_modules)},
+        "lora": {
+            "r": s.lora.r,
+            "alpha": s.lora.alpha,
+            "dropout": s.lora.dropout,
+            "target_modules": list(s.lora.target_modules),
+            # PEFT's LoRA variants, under PEFT's names. A train() that does not implement one that is set
+            # must raise naming it (lora.use_dora, ...), never train plain LoRA in its place.
+            "use_rslora": s.lora.use_rslora,
+            "use_dora": s.lora.use_dora,
+            "rank_pattern": {e.key: int(e.value) for e in s.lora.rank_pattern},  # in order: the first matching key wins
+            "alpha_pattern": {e.key: e.value for e in s.lora.alpha_pattern},
+            "layers_to_transform": list(s.lora.layers_to_transform) or None,
+            "layers_pattern": list(s.lora.layers_pattern) or None,
+        },
+        "lora_plus_ratio": s.lora_plus_ratio if s.lora_plus_ratio > 0 else 1.0,
         "steps": s.steps if s.HasField("steps") else None,
         "epochs": s.epochs if s.HasField("epochs") else None,
         "batch_size": s.batch_size,

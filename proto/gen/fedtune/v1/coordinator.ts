@@ -79,11 +79,29 @@ export interface RunInfoRequest {
   joinToken: string;
 }
 
+/** One rank_pattern / alpha_pattern entry: a module-name suffix or regex (PEFT's key) and its rank or alpha. */
+export interface PatternEntry {
+  key: string;
+  value: number;
+}
+
 export interface LoraSpec {
   r: number;
   alpha: number;
   dropout: number;
   targetModules: string[];
+  /** PEFT's LoRA variants (lora.* of the run config; PEFT LoraConfig field of the same name). */
+  useRslora: boolean;
+  /** DoRA: a trained magnitude vector per adapted module */
+  useDora: boolean;
+  /** Ordered lists, not maps: PEFT tries pattern keys in order and the first match wins. */
+  rankPattern: PatternEntry[];
+  /** module-name pattern -> alpha, overriding alpha */
+  alphaPattern: PatternEntry[];
+  /** empty: every layer */
+  layersToTransform: number[];
+  /** the layer list layers_to_transform indexes ("layers", "h") */
+  layersPattern: string[];
 }
 
 /** Local training settings of a federated round (mirrors the run config's `training` section). */
@@ -110,6 +128,8 @@ export interface TrainingSpec {
   proxMu: number;
   /** FFA-LoRA (Sun et al. 2024): keep every lora_A at the value it arrived with; train lora_B only. */
   freezeLoraA: boolean;
+  /** LoRA+ (Hayou et al. 2024): lora_B trains at lr * lora_plus_ratio (0 or unset: 1, plain LoRA). */
+  loraPlusRatio: number;
   /**
    * Sample-level DP-SGD (privacy.dp_sgd): per-example clipping, Gaussian noise, Poisson sampling.
    * Unset: ordinary training. A trainer that cannot honour it fails the task naming privacy.dp_sgd.
@@ -524,8 +544,76 @@ export const RunInfoRequest: MessageFns<RunInfoRequest> = {
   },
 };
 
+function createBasePatternEntry(): PatternEntry {
+  return { key: "", value: 0 };
+}
+
+export const PatternEntry: MessageFns<PatternEntry> = {
+  encode(message: PatternEntry, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.key !== "") {
+      writer.uint32(10).string(message.key);
+    }
+    if (message.value !== 0) {
+      writer.uint32(17).double(message.value);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): PatternEntry {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBasePatternEntry();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.key = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 17) {
+              break;
+            }
+
+            message.value = reader.double();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+};
+
 function createBaseLoraSpec(): LoraSpec {
-  return { r: 0, alpha: 0, dropout: 0, targetModules: [] };
+  return {
+    r: 0,
+    alpha: 0,
+    dropout: 0,
+    targetModules: [],
+    useRslora: false,
+    useDora: false,
+    rankPattern: [],
+    alphaPattern: [],
+    layersToTransform: [],
+    layersPattern: [],
+  };
 }
 
 export const LoraSpec: MessageFns<LoraSpec> = {
@@ -541,6 +629,28 @@ export const LoraSpec: MessageFns<LoraSpec> = {
     }
     for (const v of message.targetModules) {
       writer.uint32(34).string(v!);
+    }
+    if (message.useRslora !== false) {
+      writer.uint32(40).bool(message.useRslora);
+    }
+    if (message.useDora !== false) {
+      writer.uint32(48).bool(message.useDora);
+    }
+    for (const v of message.rankPattern) {
+      PatternEntry.encode(v!, writer.uint32(58).fork()).join();
+    }
+    for (const v of message.alphaPattern) {
+      PatternEntry.encode(v!, writer.uint32(66).fork()).join();
+    }
+    if (message.layersToTransform.length !== 0) {
+      writer.uint32(74).fork();
+      for (const v of message.layersToTransform) {
+        writer.uint32(v);
+      }
+      writer.join();
+    }
+    for (const v of message.layersPattern) {
+      writer.uint32(82).string(v!);
     }
     return writer;
   },
@@ -590,6 +700,64 @@ export const LoraSpec: MessageFns<LoraSpec> = {
             message.targetModules.push(reader.string());
             continue;
           }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.useRslora = reader.bool();
+            continue;
+          }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.useDora = reader.bool();
+            continue;
+          }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.rankPattern.push(PatternEntry.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.alphaPattern.push(PatternEntry.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 9: {
+            if (tag === 72) {
+              message.layersToTransform.push(reader.uint32());
+
+              continue;
+            }
+
+            if (tag === 74) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.layersToTransform.push(reader.uint32());
+              }
+
+              continue;
+            }
+
+            break;
+          }
+          case 10: {
+            if (tag !== 82) {
+              break;
+            }
+
+            message.layersPattern.push(reader.string());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -620,6 +788,7 @@ function createBaseTrainingSpec(): TrainingSpec {
     seed: 0,
     proxMu: 0,
     freezeLoraA: false,
+    loraPlusRatio: 0,
     dpSgd: undefined,
   };
 }
@@ -670,6 +839,9 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
     }
     if (message.freezeLoraA !== false) {
       writer.uint32(120).bool(message.freezeLoraA);
+    }
+    if (message.loraPlusRatio !== 0) {
+      writer.uint32(129).double(message.loraPlusRatio);
     }
     if (message.dpSgd !== undefined) {
       DpSgdSpec.encode(message.dpSgd, writer.uint32(322).fork()).join();
@@ -808,6 +980,14 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
             }
 
             message.freezeLoraA = reader.bool();
+            continue;
+          }
+          case 16: {
+            if (tag !== 129) {
+              break;
+            }
+
+            message.loraPlusRatio = reader.double();
             continue;
           }
           case 40: {
