@@ -13,6 +13,7 @@ import * as dashboardCli from './dashboard.ts';
 import * as certsCli from './certs.ts';
 import * as tokensCli from './tokens.ts';
 import * as privacyCli from './privacy.ts';
+import * as generateCli from './generate.ts';
 
 const program = new Command();
 program
@@ -22,7 +23,7 @@ program
   .showHelpAfterError();
 
 // Command modules: each exports register(program).
-const modules = [modelCli, adapterCli, trainCli, coordinatorCli, workerCli, demoCli, dashboardCli, certsCli, tokensCli, privacyCli] as Array<{ register(p: Command): void }>;
+const modules = [modelCli, adapterCli, trainCli, coordinatorCli, workerCli, demoCli, dashboardCli, certsCli, tokensCli, privacyCli, generateCli] as Array<{ register(p: Command): void }>;
 for (const m of modules) m.register(program);
 
 try {

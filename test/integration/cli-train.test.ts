@@ -73,7 +73,9 @@ describe('fedtune train / eval / generate', () => {
 
     const gen = await fedtune(['generate', '--model', join(dir, 'base'), '--prompt', '### Instruction:\nItem 2 is blue. Its colour?\n### Response:\n', '--max-new-tokens', '6']);
     expect(gen.code, gen.out).toBe(0);
-    expect(gen.out.trim()).toBe('blue');
+    // stdout holds the text; stderr the token counts and tokens/s.
+    expect(gen.out.trim().split('\n')[0]).toBe('blue');
+    expect(gen.out).toMatch(/tokens\/s/);
   });
 
   it('refuses bad input naming it', async () => {
