@@ -150,6 +150,24 @@ describe('architecture config fields', () => {
     expect(() => normalizeConfig(archRaw('phi3', { rope_scaling: rope }))).toThrow(/field "original_max_position_embeddings" is missing/);
   });
 
+  it('model init writes gemma2 and phi3 models with their checkpoints\' fields that load back', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'fedtune-init-'));
+    try {
+      await initModel(join(dir, 'g'), { arch: 'gemma2', hiddenSize: 32, numLayers: 3, numHeads: 4, numKvHeads: 2, maxPositions: 64 });
+      const g = await loadModel(join(dir, 'g'));
+      expect(g.config).toMatchObject({ modelType: 'gemma2', headDim: 8, slidingWindow: { size: 32, layers: [0, 2] }, gemma2: { queryPreAttnScalar: 8, attnLogitSoftcap: 50, finalLogitSoftcap: 30 } });
+      // (1 + weight) norms start at weight 0, as transformers initialises Gemma2RMSNorm: the identity scale.
+      expect([...g.weights.get('model.layers.1.pre_feedforward_layernorm.weight')!.data].every((x) => x === 0)).toBe(true);
+      await initModel(join(dir, 'p'), { arch: 'phi3', hiddenSize: 32, numLayers: 2, numHeads: 4, numKvHeads: 2, maxPositions: 64 });
+      const p = await loadModel(join(dir, 'p'));
+      expect(p.config).toMatchObject({ modelType: 'phi3', fusedProjections: true });
+      expect(p.weights.get('model.layers.0.self_attn.qkv_proj.weight')!.shape).toEqual([32 + 2 * 16, 32]);
+      expect([...p.weights.get('model.norm.weight')!.data].every((x) => x === 1)).toBe(true);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   it('gpt2 attention flags', () => {
     const c = normalizeConfig(archRaw('gpt2', { scale_attn_weights: false, scale_attn_by_inverse_layer_idx: true, reorder_and_upcast_attn: true }));
     expect(c).toMatchObject({ scaleAttnWeights: false, scaleAttnByInverseLayerIdx: true });

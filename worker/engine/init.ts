@@ -12,11 +12,11 @@ import { numel } from '../../common/tensor.ts';
 import { createRng } from '../../common/random.ts';
 import { writeDirAtomic } from '../../common/atomic.ts';
 import type { ModelConfig } from '../../common/model-config.ts';
-import { expectedWeightShapes, hfConfig, type ModelDtype } from '../../common/hf-model.ts';
+import { expectedWeightShapes, hfConfig, normalizeConfig, type ModelDtype } from '../../common/hf-model.ts';
 import { writeModelFiles } from './model.ts';
 
-export type InitArch = 'llama' | 'qwen2' | 'qwen3' | 'mistral' | 'gpt2';
-export const INIT_ARCHS: readonly InitArch[] = ['llama', 'qwen2', 'qwen3', 'mistral', 'gpt2'];
+export type InitArch = 'llama' | 'qwen2' | 'qwen3' | 'mistral' | 'gemma2' | 'phi3' | 'gpt2';
+export const INIT_ARCHS: readonly InitArch[] = ['llama', 'qwen2', 'qwen3', 'mistral', 'gemma2', 'phi3', 'gpt2'];
 
 export interface InitModelOptions {
   arch: InitArch;
@@ -194,6 +194,29 @@ export function initConfig(opts: InitModelOptions, tokenizer: ByteLevelTokenizer
   if (nH % nKv !== 0) throw new Error(`initModel: numKvHeads (${nKv}) must divide numHeads (${nH})`);
   if (!gpt2 && headDim % 2 !== 0) throw new Error(`initModel: head dim hiddenSize/numHeads = ${headDim} must be even for rotary embeddings`);
   const intermediate = checkPositiveInt(opts.intermediateSize ?? (gpt2 ? 4 * H : Math.ceil((8 * H) / 3 / 8) * 8), 'intermediateSize');
+  if (opts.arch === 'gemma2' || opts.arch === 'phi3') {
+    // The fields these checkpoints ship with (Gemma 2 2B: soft-capping 50 / 30, query_pre_attn_scalar = head_dim,
+    // a sliding window of half the context (4096 of 8192) on every other layer; Phi-3-mini-4k: fused qkv_proj / gate_up_proj), read back through the loader.
+    const shared = {
+      model_type: opts.arch,
+      vocab_size: tokenizer.vocabSize,
+      hidden_size: H,
+      intermediate_size: intermediate,
+      num_hidden_layers: L,
+      num_attention_heads: nH,
+      num_key_value_heads: nKv,
+      max_position_embeddings: maxPositions,
+      rms_norm_eps: 1e-6,
+      rope_theta: 10000,
+      bos_token_id: tokenizer.bosId,
+      eos_token_id: tokenizer.eosId,
+    };
+    const raw =
+      opts.arch === 'gemma2'
+        ? { ...shared, head_dim: headDim, hidden_activation: 'gelu_pytorch_tanh', query_pre_attn_scalar: headDim, attn_logit_softcapping: 50.0, final_logit_softcapping: 30.0, sliding_window: Math.max(1, Math.floor(maxPositions / 2)), tie_word_embeddings: opts.tieWordEmbeddings ?? true }
+        : { ...shared, hidden_act: 'silu', original_max_position_embeddings: maxPositions, sliding_window: null, rope_scaling: null, tie_word_embeddings: opts.tieWordEmbeddings ?? false };
+    return normalizeConfig(raw, `fedtune model init --arch ${opts.arch}`);
+  }
   return {
     family: gpt2 ? 'gpt2' : 'llama',
     modelType: opts.arch,
@@ -228,7 +251,7 @@ export function initWeights(config: ModelConfig, seed = 0): TensorMap {
     if (name.endsWith('.bias')) {
       // zeros
     } else if (isNorm) {
-      data.fill(1);
+      data.fill(config.gemma2 ? 0 : 1); // gemma2's RMSNorm scales by (1 + weight): transformers initialises it at 0
     } else {
       const s = config.family === 'gpt2' && name.endsWith('c_proj.weight') ? projStd : std;
       for (let i = 0; i < data.length; i++) data[i] = rng.normal() * s;
