@@ -25,7 +25,10 @@ describe('run config', () => {
     expect(c.strategy).toEqual({ name: 'fedavg' });
     expect(c.weighting).toEqual({ mode: 'examples', max_examples: null });
     expect(c.defence).toEqual({ max_abs: 1e4, max_norm: null, norm_factor: null });
-    expect(c.lora).toEqual({ r: 8, alpha: 16, dropout: 0, target_modules: ['q_proj', 'v_proj'] });
+    expect(c.lora).toEqual({
+      r: 8, alpha: 16, dropout: 0, target_modules: ['q_proj', 'v_proj'],
+      use_rslora: false, use_dora: false, rank_pattern: {}, alpha_pattern: {}, layers_to_transform: null, layers_pattern: null,
+    });
     expect(c.server.listen).toBe('127.0.0.1:7070');
     expect(c.server.chunk_bytes).toBe(1 << 20);
     expect(c.dashboard).toEqual({ enabled: true, host: '127.0.0.1', port: 8080, token: null, tls: null, behind_tls_proxy: false, allowed_origins: [] });
