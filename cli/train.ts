@@ -196,18 +196,7 @@ function patternText(p: Record<string, number>): string {
 
 export function loraFromOptions(
   model: LoadedModel,
-  o: {
-    loraR: number;
-    loraAlpha: number;
-    loraDropout: number;
-    targetModules?: string;
-    useRslora?: boolean;
-    useDora?: boolean;
-    rankPattern?: string;
-    alphaPattern?: string;
-    layersToTransform?: string;
-    layersPattern?: string;
-  },
+  o: Pick<TrainCliOpts, 'loraR' | 'loraAlpha' | 'loraDropout' | 'targetModules' | 'useRslora' | 'useDora' | 'rankPattern' | 'alphaPattern' | 'layersToTransform' | 'layersPattern'>,
 ): PeftLoraConfig {
   const all = validTargetModules(model.config);
   const targetModules = o.targetModules ? o.targetModules.split(',').map((s) => s.trim()).filter(Boolean) : [...all];

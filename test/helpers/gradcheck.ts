@@ -8,7 +8,17 @@ import type { TensorMap } from '../../common/tensor.ts';
 import type { Batch } from '../../common/model-config.ts';
 import type { Engine } from '../../worker/engine/engine.ts';
 
-export async function gradCheck(engine: Engine, params: TensorMap, batch: Batch, seed: number): Promise<{ worst: number; checked: number }> {
+/**
+ * `adjust(shifted, name)` may rewrite the shifted parameters before the loss is
+ * taken (DoRA's check holds the detached norm at its value that way).
+ */
+export async function gradCheck(
+  engine: Engine,
+  params: TensorMap,
+  batch: Batch,
+  seed: number,
+  adjust?: (shifted: TensorMap, name: string) => TensorMap,
+): Promise<{ worst: number; checked: number }> {
   const { grads } = await engine.lossAndGrads(params, batch);
   const rng = createRng(seed);
   const h = 1e-4;
@@ -26,7 +36,7 @@ export async function gradCheck(engine: Engine, params: TensorMap, batch: Batch,
     const shifted = (sign: number): TensorMap => {
       const m: TensorMap = new Map(params);
       m.set(name, { shape: p.shape, data: Float64Array.from(p.data, (x, i) => x + sign * h * v[i]!) });
-      return m;
+      return adjust ? adjust(m, name) : m;
     };
     const lp = (await engine.forward(shifted(1), batch)).lossSum;
     const lm = (await engine.forward(shifted(-1), batch)).lossSum;

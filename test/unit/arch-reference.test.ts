@@ -6,7 +6,6 @@
  * case also reruns the reference with its feature switched off and requires a
  * clear difference, so that the feature is exercised, not merely tolerated.
  */
-import { spawnSync } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -15,42 +14,15 @@ import { Engine } from '../../worker/engine/engine.ts';
 import { writeModelFiles } from '../../worker/engine/model.ts';
 import { computeFingerprint, normalizeConfig } from '../../common/hf-model.ts';
 import { archModel, archRaw, randomIds } from './arch-models.ts';
+import { maxAbsDiffToReference, referenceAvailable, referenceLogits } from '../helpers/reference.ts';
 
-const PYTHON = '/usr/bin/python3';
-const REF_DIR = join(import.meta.dirname, '..', 'reference');
-
-function torchAvailable(): boolean {
-  const r = spawnSync(PYTHON, ['-c', 'import torch, numpy'], { encoding: 'utf8' });
-  return r.status === 0;
-}
-const haveTorch = torchAvailable();
-if (!haveTorch) {
-  if (process.env.CI === 'true') throw new Error(`arch-reference: ${PYTHON} with torch and numpy is required in CI (apt install python3-torch)`);
-  console.log(`arch-reference: skipped, ${PYTHON} has no torch (apt install python3-torch to run it)`);
-}
+const haveTorch = referenceAvailable('arch-reference');
 
 const root = mkdtempSync(join(tmpdir(), 'fedtune-arch-ref-'));
 afterAll(() => rmSync(root, { recursive: true, force: true }));
 
-function reference(script: string, dir: string, ids: number[][], override?: Record<string, unknown>): number[][][] {
-  const input = JSON.stringify({ input_ids: ids, ...(override ? { config_override: override } : {}) });
-  const r = spawnSync(PYTHON, [join(REF_DIR, script), dir], {
-    input,
-    encoding: 'utf8',
-    maxBuffer: 256 * 1024 * 1024,
-    env: { ...process.env, PYTHONDONTWRITEBYTECODE: '1' },
-  });
-  if (r.status !== 0) throw new Error(`${script} failed (${r.status}): ${r.stderr}`);
-  return (JSON.parse(r.stdout) as { logits: number[][][] }).logits;
-}
-
-function maxAbsDiff(engine: Float32Array | Float64Array, ref: number[][][]): number {
-  let worst = 0;
-  let k = 0;
-  for (const row of ref.flat()) for (const v of row) worst = Math.max(worst, Math.abs(engine[k++]! - v));
-  expect(k).toBe(engine.length);
-  return worst;
-}
+const reference = (script: string, dir: string, ids: number[][], override?: Record<string, unknown>) => referenceLogits(script, dir, ids, override ? { config_override: override } : {});
+const maxAbsDiff = maxAbsDiffToReference;
 
 interface Case {
   name: string;

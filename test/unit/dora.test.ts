@@ -7,7 +7,6 @@
  * it); the PEFT file format both ways; merge; the coordinator's magnitudes;
  * the federated strategies on magnitude tensors.
  */
-import { spawnSync } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { mkdir, readFile, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -31,13 +30,10 @@ import type { Batch, LoadedModel, LoraConfig, ModelConfig } from '../../common/m
 import type { TensorMap } from '../../common/tensor.ts';
 import { randomConfig, randomModel } from '../helpers/random-model.ts';
 import { gradCheck } from '../helpers/gradcheck.ts';
+import { referenceAvailable, referenceLogits } from '../helpers/reference.ts';
 import { archModel, archRaw, randomIds } from './arch-models.ts';
 
-const PYTHON = '/usr/bin/python3';
-const REF_DIR = join(import.meta.dirname, '..', 'reference');
-const haveTorch = spawnSync(PYTHON, ['-c', 'import torch, numpy'], { encoding: 'utf8' }).status === 0;
-if (!haveTorch && process.env.CI === 'true') throw new Error(`dora: ${PYTHON} with torch and numpy is required in CI (apt install python3-torch)`);
-if (!haveTorch) console.log(`dora: reference checks skipped, ${PYTHON} has no torch (apt install python3-torch to run them)`);
+const haveTorch = referenceAvailable('dora');
 
 const root = mkdtempSync(join(tmpdir(), 'fedtune-dora-'));
 afterAll(() => rmSync(root, { recursive: true, force: true }));
@@ -88,16 +84,7 @@ async function archDir(name: string, raw: Record<string, unknown>, seed: number,
   return { dir, config, weights };
 }
 
-function reference(script: string, dir: string, ids: number[][], adapter?: string): number[][][] {
-  const r = spawnSync(PYTHON, [join(REF_DIR, script), dir], {
-    input: JSON.stringify({ input_ids: ids, ...(adapter ? { adapter } : {}) }),
-    encoding: 'utf8',
-    maxBuffer: 256 * 1024 * 1024,
-    env: { ...process.env, PYTHONDONTWRITEBYTECODE: '1' },
-  });
-  if (r.status !== 0) throw new Error(`${script} failed (${r.status}): ${r.stderr}`);
-  return (JSON.parse(r.stdout) as { logits: number[][][] }).logits;
-}
+const reference = (script: string, dir: string, ids: number[][], adapter?: string) => referenceLogits(script, dir, ids, adapter ? { adapter } : {});
 
 function maxAbsDiff(a: ArrayLike<number>, b: ArrayLike<number>): number {
   expect(a.length).toBe(b.length);
@@ -187,46 +174,24 @@ describe.skipIf(!haveTorch)('DoRA logits against the float64 PyTorch reference (
  * engine's forward only uses m / n, so the loss at (A', B', m) with n held at
  * n0 is the engine's loss at (A', B', m * n(A', B') / n0).
  */
-async function detachedGradCheck(engine: Engine, targets: readonly LoraTarget[], weights: TensorMap, params: TensorMap, batch: Batch, seed: number) {
-  const { grads } = await engine.lossAndGrads(params, batch);
+/**
+ * The gradient check with the norm detached: each shifted point's magnitude is
+ * rescaled by n(A', B') / n0, so the engine's forward computes m * (W + sBA') / n0,
+ * the function whose gradient PEFT takes (the norm held at its value).
+ */
+function detachedGradCheck(engine: Engine, targets: readonly LoraTarget[], weights: TensorMap, params: TensorMap, batch: Batch, seed: number) {
   const byKey = new Map<string, LoraTarget>();
   for (const t of targets) for (const k of [peftKey(t.module, 'A'), peftKey(t.module, 'B')]) byKey.set(k, t);
   const n0 = new Map(targets.map((t) => [t.module, outNorms(t, weights.get(t.weight)!.data, params.get(peftKey(t.module, 'A'))!.data, params.get(peftKey(t.module, 'B'))!.data)]));
-  const rng = createRng(seed);
-  const h = 1e-4;
-  let worst = 0;
-  let checked = 0;
-  for (const [name, p] of params) {
-    const g = grads.get(name)!;
-    const v = Float64Array.from({ length: p.data.length }, () => rng.normal());
-    const norm = Math.hypot(...v);
-    let analytic = 0;
-    for (let i = 0; i < v.length; i++) {
-      v[i]! /= norm;
-      analytic += g.data[i]! * v[i]!;
-    }
-    const shifted = (sign: number): TensorMap => {
-      const m: TensorMap = new Map(params);
-      const moved = Float64Array.from(p.data, (x, i) => x + sign * h * v[i]!);
-      m.set(name, { shape: p.shape, data: moved });
-      const t = byKey.get(name);
-      if (t) {
-        const A = m.get(peftKey(t.module, 'A'))!.data;
-        const B = m.get(peftKey(t.module, 'B'))!.data;
-        const n = outNorms(t, weights.get(t.weight)!.data, A, B);
-        const mk = peftMagnitudeKey(t.module);
-        const mag = params.get(mk)!.data;
-        m.set(mk, { shape: [t.outFeatures], data: Float64Array.from(mag, (x, o) => (x * n[o]!) / n0.get(t.module)![o]!) });
-      }
-      return m;
-    };
-    const lp = (await engine.forward(shifted(1), batch)).lossSum;
-    const lm = (await engine.forward(shifted(-1), batch)).lossSum;
-    const numeric = (lp - lm) / (2 * h);
-    worst = Math.max(worst, Math.abs(analytic - numeric) / Math.max(Math.abs(analytic), Math.abs(numeric), 1e-3));
-    checked++;
-  }
-  return { worst, checked };
+  return gradCheck(engine, params, batch, seed, (m, name) => {
+    const t = byKey.get(name);
+    if (!t) return m;
+    const n = outNorms(t, weights.get(t.weight)!.data, m.get(peftKey(t.module, 'A'))!.data, m.get(peftKey(t.module, 'B'))!.data);
+    const mk = peftMagnitudeKey(t.module);
+    const mag = params.get(mk)!.data;
+    m.set(mk, { shape: [t.outFeatures], data: Float64Array.from(mag, (x, o) => (x * n[o]!) / n0.get(t.module)![o]!) });
+    return m;
+  });
 }
 
 function randomBatch(vocab: number, B: number, T: number, seed: number): Batch {

@@ -25,11 +25,9 @@ import type { TensorMap } from '../../common/tensor.ts';
 import { randomConfig, randomModel } from '../helpers/random-model.ts';
 import { gradCheck } from '../helpers/gradcheck.ts';
 import { archModel, archRaw, randomIds } from './arch-models.ts';
+import { PYTHON, maxAbsDiffToReference, referenceAvailable, referenceLogits } from '../helpers/reference.ts';
 
-const PYTHON = '/usr/bin/python3';
-const REF_DIR = join(import.meta.dirname, '..', 'reference');
-const haveTorch = spawnSync(PYTHON, ['-c', 'import torch, numpy'], { encoding: 'utf8' }).status === 0;
-if (!haveTorch && process.env.CI === 'true') throw new Error(`lora-patterns: ${PYTHON} with torch and numpy is required in CI (apt install python3-torch)`);
+const haveTorch = referenceAvailable('lora-patterns');
 
 const root = mkdtempSync(join(tmpdir(), 'fedtune-lora-patterns-'));
 afterAll(() => rmSync(root, { recursive: true, force: true }));
@@ -120,24 +118,8 @@ function randomAdapter(shapes: Map<string, number[]>, seed: number): TensorMap {
   return out;
 }
 
-function reference(script: string, dir: string, ids: number[][], adapter?: string): number[][][] {
-  const r = spawnSync(PYTHON, [join(REF_DIR, script), dir], {
-    input: JSON.stringify({ input_ids: ids, ...(adapter ? { adapter } : {}) }),
-    encoding: 'utf8',
-    maxBuffer: 256 * 1024 * 1024,
-    env: { ...process.env, PYTHONDONTWRITEBYTECODE: '1' },
-  });
-  if (r.status !== 0) throw new Error(`${script} failed (${r.status}): ${r.stderr}`);
-  return (JSON.parse(r.stdout) as { logits: number[][][] }).logits;
-}
-
-function maxAbsDiff(engine: ArrayLike<number>, ref: number[][][]): number {
-  const flat = ref.flat(2);
-  expect(flat.length).toBe(engine.length);
-  let worst = 0;
-  for (let i = 0; i < flat.length; i++) worst = Math.max(worst, Math.abs(engine[i]! - flat[i]!));
-  return worst;
-}
+const reference = (script: string, dir: string, ids: number[][], adapter?: string) => referenceLogits(script, dir, ids, adapter ? { adapter } : {});
+const maxAbsDiff = maxAbsDiffToReference;
 
 interface RefCase {
   name: string;
