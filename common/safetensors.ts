@@ -237,6 +237,18 @@ export async function readSafetensorsHeader(fh: FileHandle, path: string): Promi
   return { metadata, size, dataStart, entries };
 }
 
+/** One tensor of an open safetensors file (its header read by readSafetensorsHeader), its bytes in a buffer of their own. */
+export async function readTensorEntry(fh: FileHandle, header: SafetensorsHeader, e: SafetensorsHeaderEntry, path: string): Promise<StEntry> {
+  const bytes = new Uint8Array(e.end - e.begin);
+  let off = 0;
+  while (off < bytes.length) {
+    const { bytesRead } = await fh.read(bytes, off, bytes.length - off, header.dataStart + e.begin + off);
+    if (bytesRead === 0) fail(path, `unexpected end of file reading tensor "${e.name}"`);
+    off += bytesRead;
+  }
+  return { dtype: e.dtype, shape: e.shape, bytes };
+}
+
 /** Parse a whole safetensors file held in memory. Tensor bytes are views into `buf`. */
 export function parseSafetensors(buf: Uint8Array, source: string): SafetensorsFile {
   const hlen = readHeaderLength(buf, buf.length, source);
@@ -264,18 +276,8 @@ export async function readSafetensors(path: string, opts: { wholeFileBytes?: num
     const size = (await fh.stat()).size;
     if (size <= (opts.wholeFileBytes ?? 64 * 1024 * 1024)) return parseSafetensors(new Uint8Array(await readFile(fh)), path);
     const header = await readSafetensorsHeader(fh, path);
-    const dataStart = header.dataStart;
     const tensors = new Map<string, StEntry>();
-    for (const e of header.entries) {
-      const bytes = new Uint8Array(e.end - e.begin);
-      let off = 0;
-      while (off < bytes.length) {
-        const { bytesRead } = await fh.read(bytes, off, bytes.length - off, dataStart + e.begin + off);
-        if (bytesRead === 0) fail(path, `unexpected end of file reading tensor "${e.name}"`);
-        off += bytesRead;
-      }
-      tensors.set(e.name, { dtype: e.dtype, shape: e.shape, bytes });
-    }
+    for (const e of header.entries) tensors.set(e.name, await readTensorEntry(fh, header, e, path));
     return { metadata: header.metadata, tensors };
   } finally {
     await fh.close();

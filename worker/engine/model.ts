@@ -5,10 +5,10 @@
  * What a model directory must contain, and the fingerprint, are defined in
  * common/hf-model.ts (shared with the coordinator, which only inspects).
  */
-import { copyFile, writeFile } from 'node:fs/promises';
+import { copyFile, open, writeFile } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { numel, type Tensor, type TensorMap } from '../../common/tensor.ts';
-import { readSafetensors, serializeSafetensors, toFloat32, type StWriteEntry } from '../../common/safetensors.ts';
+import { readSafetensorsHeader, readTensorEntry, serializeSafetensors, toFloat32, type StWriteEntry } from '../../common/safetensors.ts';
 import { writeDirAtomic } from '../../common/atomic.ts';
 import {
   checkWeightShapes,
@@ -44,10 +44,21 @@ export async function loadModel(dir: string): Promise<LoadedModel> {
   const model = await readModelDir(dir);
   const found = new Map<string, CheckpointWeight>();
   const weights: TensorMap = new Map();
+  // One tensor at a time: read, convert to float32, let the file's bytes go. Peak memory is the float32
+  // weights plus one tensor as stored (an F32 tensor is used in place, not copied).
   for (const file of model.checkpoint.files) {
-    const st = await readSafetensors(join(dir, file));
-    for (const w of collectFileWeights(model, file, st.tensors, found)) {
-      weights.set(w.canonical, { shape: w.shape, data: toFloat32(st.tensors.get(w.name)!) });
+    const path = join(dir, file);
+    const fh = await open(path, 'r').catch((err: NodeJS.ErrnoException) => {
+      throw err.code === 'ENOENT' ? new Error(`${path}: file not found`) : err;
+    });
+    try {
+      const header = await readSafetensorsHeader(fh, path);
+      const entries = new Map(header.entries.map((e) => [e.name, e]));
+      for (const w of collectFileWeights(model, file, entries, found)) {
+        weights.set(w.canonical, { shape: w.shape, data: toFloat32(await readTensorEntry(fh, header, entries.get(w.name)!, path)) });
+      }
+    } finally {
+      await fh.close();
     }
   }
   // Stable order: checkpoint order of expectedWeightShapes.
