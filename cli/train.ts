@@ -21,6 +21,9 @@ import { readPeftAdapter, writePeftAdapter, type PeftLoraConfig } from '../commo
 import type { LoadedModel } from '../common/model-config.ts';
 import { Engine } from '../worker/engine/engine.ts';
 import { loadModel, saveModel } from '../worker/engine/model.ts';
+import { loadBaseModel, parseQuantizeBase } from '../worker/engine/quantize.ts';
+import { planRun } from '../worker/engine/memory-plan.ts';
+import { readModelDir } from '../common/hf-model.ts';
 import { loadTokenizer } from '../common/tokenizer.ts';
 import { AdamW, SCHEDULE_KINDS, loadOptimizerState, loraPlusGroups, saveOptimizerState, type ScheduleKind } from '../common/optim.ts';
 import { dpTrainLoop, padBatchRows, trainLoop } from '../worker/engine/train.ts';
@@ -55,6 +58,12 @@ interface TrainCliOpts {
   useRslora?: boolean;
   /** DoRA: PEFT use_dora (trained magnitude per output feature). */
   useDora?: boolean;
+  /** 4-bit base weights (QLoRA): nf4 or int4. */
+  quantizeBase?: string;
+  /** Recompute each decoder layer in the backward pass (less activation memory, about a third more compute). */
+  recompute?: boolean;
+  /** Print the memory plan and exit (0 when it fits). */
+  plan?: boolean;
   /** PEFT rank_pattern / alpha_pattern as 'pattern=value,...'; layers_to_transform as '0,2'; layers_pattern as 'layers' (or 'a,b'). */
   rankPattern?: string;
   alphaPattern?: string;
@@ -453,7 +462,22 @@ const templateFor = resolveTemplate;
 async function train(o: TrainOpts): Promise<void> {
   const template = await templateFor(o.template, o.model); // unknown template: fail before loading anything
   if (o.steps !== undefined && o.epochs !== undefined) throw new Error('give --steps or --epochs, not both');
-  const model = await loadModel(o.model);
+  const quantizeBase = parseQuantizeBase(o.quantizeBase, '--quantize-base');
+  if (quantizeBase && o.full) throw new Error('--quantize-base applies to LoRA training (the 4-bit base weights stay frozen), not --full; drop one of them');
+  // The memory plan, from config.json alone: --plan prints it; a run that cannot fit is refused before loading.
+  const planConfig = (await readModelDir(o.model)).config;
+  planRun(planConfig, {
+    mode: o.full ? 'full' : 'lora',
+    ...(o.full ? {} : { lora: loraFromOptions({ config: planConfig } as LoadedModel, o) }),
+    batchSize: o.batchSize,
+    seqLen: o.maxSeqLen,
+    recompute: o.recompute ?? false,
+    ...(quantizeBase ? { quantizeBase } : {}),
+    accumulate: o.gradAccum > 1,
+    device: o.device,
+  }, o.plan ? (line) => console.log(line) : undefined);
+  if (o.plan) return;
+  const model = await loadBaseModel(o.model, quantizeBase);
   if (o.fingerprint && model.fingerprint !== o.fingerprint) {
     throw new Error(`model.fingerprint: ${o.model} has fingerprint ${model.fingerprint}, the config expects ${o.fingerprint}`);
   }
@@ -488,7 +512,7 @@ async function train(o: TrainOpts): Promise<void> {
   const plainTargets = targets.filter((t) => t.pattern?.rankKey === undefined);
   const tooHigh = lora ? rankIssue(lora.r, plainTargets, { r: named('lora.r', '--lora-r'), modules: named('lora.target_modules', '--target-modules') }) : null;
   if (tooHigh) throw new Error(`${named('lora.r', '--lora-r')}: ${tooHigh}`);
-  const engine = Engine.create(model, { mode, lora, threads: o.threads, device: o.device, seed: o.seed });
+  const engine = Engine.create(model, { mode, lora, threads: o.threads, device: o.device, seed: o.seed, quantizeBase, recompute: o.recompute ?? false });
   // This command prints its own warning about dropped records (warnDropped), so prepareDataset stays quiet.
   const data = await prepareDataset(o.data, tok, { template, maxSeqLen: o.maxSeqLen, evalFraction: o.evalData ? 0 : o.evalFraction, seed: o.seed, reportDropped: false });
   const evalData = o.evalData ? await prepareDataset(o.evalData, tok, { template, maxSeqLen: o.maxSeqLen, seed: o.seed, reportDropped: false }) : undefined;
@@ -512,7 +536,7 @@ async function train(o: TrainOpts): Promise<void> {
   warnDropped([...data.droppedSources, ...(evalData?.droppedSources ?? [])], o.maxSeqLen, seqLenName);
   const dropped = data.dropped + (evalData?.dropped ?? 0);
   console.log(
-    `fedtune train: ${model.config.modelType} ${mode === 'lora' ? `${lora!.useRslora ? 'rsLoRA' : 'LoRA'}${lora!.useDora ? ' + DoRA' : ''} r=${lora!.r} alpha=${lora!.alpha} dropout=${lora!.dropout} on ${lora!.targetModules.join(',')}${describePatterns(lora!, targets)}${o.loraPlusRatio !== 1 ? `, LoRA+ ratio ${o.loraPlusRatio}` : ''}` : 'full fine-tuning'}; ` +
+    `fedtune train: ${model.config.modelType} ${mode === 'lora' ? `${lora!.useRslora ? 'rsLoRA' : 'LoRA'}${lora!.useDora ? ' + DoRA' : ''} r=${lora!.r} alpha=${lora!.alpha} dropout=${lora!.dropout} on ${lora!.targetModules.join(',')}${describePatterns(lora!, targets)}${o.loraPlusRatio !== 1 ? `, LoRA+ ratio ${o.loraPlusRatio}` : ''}${quantizeBase ? `, ${quantizeBase} base weights` : ''}` : 'full fine-tuning'}; ` +
       `${data.train.length} train / ${evalSet.length} eval examples${dropped ? ` (${dropped} dropped: too long)` : ''}; ${totalSteps} steps; ` +
       `lr ${o.lr} ${o.schedule}, warmup ${o.warmup}, batch ${o.batchSize} x ${o.gradAccum}`,
   );
@@ -699,6 +723,9 @@ export function register(program: Command): void {
     .option('--target-modules <list>', 'comma-separated modules (default: all of the architecture)')
     .option('--use-rslora', 'rsLoRA (Kalajdzievski 2023): scale the adapter by alpha/sqrt(r) instead of alpha/r (PEFT use_rslora)')
     .option('--use-dora', 'DoRA (Liu et al. 2024): W becomes m * (W + s*B*A) / ||W + s*B*A|| per output feature, m trained (PEFT use_dora)')
+    .option('--quantize-base <format>', '4-bit base weights (QLoRA): nf4 or int4, blocks of 64 with one scale each; the decoder linear layers are held 4-bit, LoRA trains in float32 on top')
+    .option('--recompute', 'recompute each decoder layer in the backward pass instead of keeping its activations (less memory, about a third more compute)')
+    .option('--plan', 'print the memory plan (weights, LoRA + AdamW, activations at --batch-size x --max-seq-len) against the device\'s memory and exit: 0 when it fits')
     .option('--rank-pattern <list>', "per-module ranks, PEFT rank_pattern: 'pattern=r,...' (a pattern is a module-name suffix or regex, first match wins), e.g. 'q_proj=16,layers.0.self_attn.v_proj=4'")
     .option('--alpha-pattern <list>', "per-module alphas, PEFT alpha_pattern: 'pattern=alpha,...', e.g. 'q_proj=32'")
     .option('--layers-to-transform <list>', 'adapt only these layer indices, PEFT layers_to_transform, e.g. 0,2 (default: every layer)')

@@ -12,6 +12,10 @@ import { TRAINER_BACKENDS, type TrainerBackendOptions, type TrainerFaults } from
 import { DEFAULT_EXEC_GRACE_SEC, splitCommand } from '../worker/trainers/exec.ts';
 import { parseByzantine, type ByzantineOptions } from '../worker/trainers/byzantine.ts';
 import type { TrainerFactoryOptions } from '../worker/trainers/trainer.ts';
+import { parseQuantizeBase } from '../worker/engine/quantize.ts';
+import { planRun } from '../worker/engine/memory-plan.ts';
+import { readModelDir } from '../common/hf-model.ts';
+import { validTargetModules } from '../common/lora.ts';
 
 
 
@@ -27,6 +31,14 @@ interface WorkerCliOpts {
   trainer: string;
   device: 'cpu' | 'cuda';
   threads?: number;
+  /** onnx trainer: 4-bit base weights, nf4 or int4. */
+  quantizeBase?: string;
+  /** onnx trainer: recompute each decoder layer in the backward pass. */
+  recompute?: boolean;
+  /** Print the memory plan for --batch-size x --max-seq-len and exit. */
+  plan?: boolean;
+  batchSize?: number;
+  loraR?: number;
   template?: string;
   maxSeqLen?: number;
   seed: number;
@@ -93,6 +105,11 @@ export function register(program: Command): void {
     .option('--exec-no-eval', 'with --trainer exec: do not run the command for evaluation (the worker registers no eval data)')
     .addOption(new Option('--device <device>', 'where to train').choices(['cpu', 'cuda']).default('cpu'))
     .option('--threads <n>', 'CPU threads for training', intArg('--threads', 1))
+    .option('--quantize-base <format>', 'onnx trainer: hold the base model\'s decoder linear weights 4-bit (QLoRA): nf4 or int4; LoRA trains in float32 on top')
+    .option('--recompute', 'onnx trainer: recompute each decoder layer in the backward pass instead of keeping its activations (less memory, about a third more compute)')
+    .option('--plan', 'print the memory plan of a task at --batch-size x --max-seq-len (LoRA at --lora-r on every module) against the device\'s memory and exit without joining: 0 when it fits')
+    .option('--batch-size <n>', 'with --plan: the run\'s training.batch_size (default 8)', intArg('--batch-size', 1))
+    .option('--lora-r <n>', 'with --plan: the run\'s lora.r (default 8)', intArg('--lora-r', 1))
     .option('--template <name>', "prompt template (default: the run's training.template)")
     .option('--max-seq-len <n>', "maximum sequence length (default: the run's training.max_seq_len)", intArg('--max-seq-len', 8))
     .option('--seed <n>', 'seed of the local eval split and data order', intArg('--seed', 0), 0)
@@ -115,12 +132,30 @@ export function register(program: Command): void {
       ).argParser(byzantineArg),
     )
     .action(async (o: WorkerCliOpts) => {
+      if (o.plan) {
+        // Tasks are checked against the plan as they arrive (worker/trainers/onnx.ts); --plan shows it beforehand.
+        const config = (await readModelDir(o.model)).config;
+        const quantizeBase = parseQuantizeBase(o.quantizeBase, '--quantize-base');
+        planRun(config, {
+          mode: 'lora',
+          lora: { r: o.loraR ?? 8, alpha: 2 * (o.loraR ?? 8), dropout: 0, targetModules: [...validTargetModules(config)] },
+          batchSize: o.batchSize ?? 8,
+          seqLen: o.maxSeqLen ?? 256,
+          recompute: o.recompute ?? false,
+          ...(quantizeBase ? { quantizeBase } : {}),
+          device: o.device,
+        }, (line) => console.log(line));
+        return;
+      }
+      if (o.batchSize !== undefined || o.loraR !== undefined) throw new Error('--batch-size and --lora-r go with --plan (a task\'s batch size and rank come from the run)');
       parseHostPort(o.coordinator, '--coordinator');
       const token = o.token ?? process.env.FEDTUNE_JOIN_TOKEN;
       if (!token) throw new Error('--token is required (or set FEDTUNE_JOIN_TOKEN)');
       const useTls = o.tls || o.tlsCa || o.tlsCert || o.tlsServerName;
       if ((o.tlsCert === undefined) !== (o.tlsKey === undefined)) throw new Error('--tls-cert and --tls-key go together');
       checkExecOptions(o);
+      const quantizeBase = parseQuantizeBase(o.quantizeBase, '--quantize-base');
+      if (quantizeBase && o.trainer !== 'onnx') throw new Error(`--quantize-base applies to the onnx trainer (the 4-bit base is held by its engine), not --trainer ${o.trainer}`);
       if (o.noopPerturb === false && o.trainer !== 'noop') throw new Error(`--no-noop-perturb applies to --trainer noop, not ${o.trainer}`);
       const presence = o.presenceNats
         ? startPresence({
@@ -140,6 +175,8 @@ export function register(program: Command): void {
         ...(o.template ? { template: o.template } : {}),
         ...(o.maxSeqLen ? { maxSeqLen: o.maxSeqLen } : {}),
         ...(o.threads ? { threads: o.threads } : {}),
+        ...(quantizeBase ? { quantizeBase } : {}),
+        ...(o.recompute ? { recompute: true } : {}),
         device: o.device,
         seed: o.seed,
         ...(o.noopStepMs !== undefined ? { noopStepMs: o.noopStepMs } : {}),

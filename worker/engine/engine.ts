@@ -15,6 +15,7 @@ import type { FloatDType } from './graph.ts';
 import { buildCausalLmGraph, type GraphSpec } from './model-graph.ts';
 import { initLoraAdapter, loraTargets, peftKey, peftMagnitudeKey, weightRowNorms } from '../../common/lora.ts';
 import { createSession, ort, type Device, type RuntimeSession } from './runtime.ts';
+import { baseMemory, baseWeightValues, parseQuantizeBase, quantizedBase, quantizedInputData, quantizeModel, type BaseMemory, type QuantFormat } from './quantize.ts';
 
 export interface EngineOptions {
   mode: 'lora' | 'full';
@@ -25,6 +26,14 @@ export interface EngineOptions {
   device?: Device;
   /** Seed for dropout masks inside training graphs. */
   seed?: number;
+  /**
+   * 4-bit base weights (QLoRA; LoRA mode only): the decoder's linear weights are
+   * held packed (quantize.ts) and dequantised in the graph. Pass a model already
+   * quantised with quantizeModel so that its float32 copies are not kept.
+   */
+  quantizeBase?: QuantFormat;
+  /** Recompute each decoder layer in the backward pass instead of keeping its activations (GraphSpec.recompute). */
+  recompute?: boolean;
 }
 
 export interface LossAndGrads {
@@ -99,6 +108,9 @@ export class Engine {
 
   private constructor(readonly model: LoadedModel, readonly opts: EngineOptions) {
     this.dtype = opts.dtype ?? 'float32';
+    if (quantizedBase(model) && opts.mode !== 'lora') {
+      throw new Error('quantize-base: 4-bit base weights are frozen, so they apply to LoRA training only, not full training (--full); drop one of them');
+    }
     if (opts.mode === 'lora') {
       if (!opts.lora) throw new Error('engine: LoRA mode needs a LoRA config (r, alpha, dropout, target_modules)');
       loraTargets(model.config, opts.lora); // validates target modules and ranks now, not at the first step
@@ -106,7 +118,19 @@ export class Engine {
   }
 
   static create(model: LoadedModel, opts: EngineOptions): Engine {
-    return new Engine(model, opts);
+    const q = parseQuantizeBase(opts.quantizeBase, 'quantizeBase');
+    if (q && opts.mode !== 'lora') {
+      throw new Error('--quantize-base: 4-bit base weights are frozen, so they apply to LoRA training only, not --full; drop --quantize-base or --full');
+    }
+    return new Engine(q ? quantizeModel(model, q) : model, opts);
+  }
+
+  /** Bytes held for the base weights (float ones, and packed 4-bit indices and scales with a quantised base). */
+  baseMemory(): BaseMemory {
+    const m = baseMemory(this.model);
+    let cast = 0;
+    for (const c of this.castWeights.values()) cast += c.byteLength;
+    return { ...m, floatBytes: m.floatBytes + cast, total: m.total + cast };
   }
 
   /** Device the sessions run on ('cpu' until the first session is built with CUDA available). */
@@ -132,7 +156,8 @@ export class Engine {
       const targets = loraTargets(this.model.config, this.opts.lora!);
       const norms = new Map<string, Float64Array>();
       for (const t of targets) {
-        if (t.dora) norms.set(t.module, weightRowNorms(t, this.model.weights.get(t.weight)!.data));
+        // A 4-bit base: the norms of the dequantised W the graph uses (as PEFT does with bitsandbytes).
+        if (t.dora) norms.set(t.module, weightRowNorms(t, baseWeightValues(this.model, t.weight)));
       }
       return initLoraAdapter(targets, undefined, seed, this.dtype, norms);
     }
@@ -290,6 +315,7 @@ export class Engine {
           dtype: this.dtype,
           kind,
           dropoutSeed: this.opts.seed ?? 0,
+          ...(this.opts.recompute ? { recompute: true } : {}),
           ...(perExample !== undefined ? { perExample: this.perExampleSpecs.get(perExample)! } : {}),
         };
         const built = buildCausalLmGraph(this.model, spec);
@@ -297,10 +323,14 @@ export class Engine {
           threads: this.opts.threads,
           device: this.opts.device,
           optimization: this.dtype === 'float64' ? 'basic' : 'all',
+          // Recompute is for memory: without the memory pattern a step's activations are held once, not twice.
+          ...(this.opts.recompute && kind === 'train' ? { memPattern: false } : {}),
         });
         this.resolvedDevice = rt.device;
         const frozen: Record<string, ort.Tensor> = {};
-        for (const f of built.frozen) frozen[f.name] = new ort.Tensor(this.dtype, this.weightAs(f.name), f.shape);
+        for (const f of built.frozen) {
+          frozen[f.name] = f.dtype === 'uint8' ? new ort.Tensor('uint8', this.weightAs(f.name) as Uint8Array, f.shape) : new ort.Tensor(this.dtype, this.weightAs(f.name) as FloatArray, f.shape);
+        }
         return { rt, params: built.params, frozen };
       })();
       p.catch(() => this.sessions.delete(key));
@@ -309,8 +339,17 @@ export class Engine {
     return p;
   }
 
-  private weightAs(name: string): FloatArray {
-    const t = this.model.weights.get(name)!;
+  private weightAs(name: string): FloatArray | Uint8Array {
+    const t = this.model.weights.get(name);
+    if (!t) {
+      // A 4-bit weight's packed bytes or scales (the scales cast once for float64 graphs).
+      const c = this.castWeights.get(name);
+      if (c) return c;
+      const d = quantizedInputData(this.model, name, this.dtype);
+      if (!d) throw new Error(`engine: the model has no base weight ${name}`);
+      if (d instanceof Float64Array) this.castWeights.set(name, d);
+      return d;
+    }
     if (this.dtype === 'float32' || t.data instanceof Float64Array) return t.data;
     let c = this.castWeights.get(name);
     if (!c) {

@@ -25,13 +25,14 @@ import {
 import { numel } from '../../common/tensor.ts';
 
 export type FloatDType = 'float32' | 'float64';
-export type ElemType = FloatDType | 'int64' | 'bool';
+export type ElemType = FloatDType | 'int64' | 'bool' | 'uint8';
 
 const ONNX_TYPE: Record<ElemType, DataType> = {
   float32: DataType.FLOAT,
   float64: DataType.DOUBLE,
   int64: DataType.INT64,
   bool: DataType.BOOL,
+  uint8: DataType.UINT8, // packed 4-bit base weights (quantize.ts)
 };
 
 export const OPSET = 17;
@@ -53,10 +54,18 @@ export class Value {
 }
 
 interface TapeEntry {
-  op: OpName;
+  op: OpName | 'checkpoint';
   inputs: Value[];
   outputs: Value[];
   attrs: OpAttrs;
+  /** Checkpoint entries: the segment's function, re-run in the backward pass. */
+  segment?: Segment;
+}
+
+/** A recomputed segment (Graph.checkpoint): its function and the dropout masks its forward drew. */
+interface Segment {
+  fn: (inputs: Value[]) => Value[];
+  masks: Value[];
 }
 
 interface OpAttrs {
@@ -71,6 +80,8 @@ interface OpAttrs {
   seed?: number;
   /** Extra node outputs an op keeps for its backward (e.g. dropout's mask). */
   saved?: Value[];
+  /** frozenGemm: emits a fresh copy of the frozen operand for the backward pass, computed after `after`. */
+  rebuild?: (after: Value) => Value;
 }
 
 /**
@@ -87,7 +98,7 @@ interface OpDef {
 type OpName =
   | 'add' | 'sub' | 'mul' | 'div' | 'neg' | 'exp' | 'log' | 'sqrt' | 'tanh' | 'sigmoid'
   | 'gemm' | 'matmul' | 'reduceSum' | 'reduceMean' | 'reshape' | 'transpose' | 'expand'
-  | 'softmax' | 'logSoftmax' | 'gather' | 'split' | 'concat' | 'dropout';
+  | 'softmax' | 'logSoftmax' | 'gather' | 'split' | 'concat' | 'dropout' | 'frozenGemm';
 
 function broadcastShapes(a: number[], b: number[]): number[] {
   const n = Math.max(a.length, b.length);
@@ -111,11 +122,19 @@ const unary = (onnx: string) => (g: Graph, [a]: Value[]): Value[] => [g.emit(onn
 const OPS: Record<OpName, OpDef> = {
   add: {
     forward: binary('Add'),
-    backward: (g, { inputs: [a, b] }, [gy]) => [g.unbroadcast(gy!, a!.shape), g.unbroadcast(gy!, b!.shape)],
+    // Only for inputs that need one: an unused gradient is a dead node that ONNX Runtime still runs
+    // (late, keeping its input alive: the attention mask's would hold every layer's scores).
+    backward: (g, { inputs: [a, b] }, [gy]) => [
+      a!.requiresGrad ? g.unbroadcast(gy!, a!.shape) : null,
+      b!.requiresGrad ? g.unbroadcast(gy!, b!.shape) : null,
+    ],
   },
   sub: {
     forward: binary('Sub'),
-    backward: (g, { inputs: [a, b] }, [gy]) => [g.unbroadcast(gy!, a!.shape), g.unbroadcast(g.neg(gy!), b!.shape)],
+    backward: (g, { inputs: [a, b] }, [gy]) => [
+      a!.requiresGrad ? g.unbroadcast(gy!, a!.shape) : null,
+      b!.requiresGrad ? g.unbroadcast(g.neg(gy!), b!.shape) : null,
+    ],
   },
   mul: {
     forward: binary('Mul'),
@@ -171,6 +190,18 @@ const OPS: Record<OpName, OpDef> = {
         db = !transB ? g.gemm(a!, G, !transA, false) : transA ? g.gemm(G, a!, true, true) : g.gemm(G, a!, true, false);
       }
       return [da, db];
+    },
+  },
+  frozenGemm: {
+    // y = a op(b), b frozen (no gradient) and re-emitted by `rebuild` for the backward pass
+    // instead of being kept alive from the forward pass (4-bit base weights, quantize.ts).
+    forward(g, [a, b], { transB }) {
+      if (b!.requiresGrad) throw new Error('graph: frozenGemm takes a frozen right operand');
+      return OPS.gemm.forward(g, [a!, b!], { transA: false, transB });
+    },
+    backward(g, { inputs: [a, b], attrs: { transB, rebuild } }, [gy]) {
+      if (!a!.requiresGrad) return [null, null];
+      return [g.gemm(gy!, rebuild ? rebuild(gy!) : b!, false, !transB), null];
     },
   },
   matmul: {
@@ -290,12 +321,22 @@ const OPS: Record<OpName, OpDef> = {
   },
   dropout: {
     // Training-mode dropout: y = a * mask / (1 - ratio); da = g * mask / (1 - ratio).
+    // y is computed from the mask (Where, then the scale in the graph's dtype) rather than taken from
+    // Dropout's own output: ONNX Runtime's EliminateDropout removes a Dropout whose mask nothing
+    // reads (a dropout whose input needs no gradient, e.g. on the first layer's frozen input), and
+    // Dropout scales in float32 even in float64 graphs. A recomputed segment reuses its forward's masks.
     forward(g, [a], attrs) {
-      const mask = new Value(g.fresh('dropout_mask'), a!.shape, 'bool', false);
-      const y = new Value(g.fresh('dropout'), a!.shape, a!.dtype, a!.requiresGrad);
-      g.node('Dropout', [a!.name, g.scalar(attrs.ratio!, a!.dtype).name, g.constBool(true).name], [y.name, mask.name], { seed: attrs.seed! });
+      let mask = g.replayedMask();
+      if (!mask) {
+        mask = new Value(g.fresh('dropout_mask'), a!.shape, 'bool', false);
+        const unused = new Value(g.fresh('dropout_unused'), a!.shape, a!.dtype, false);
+        g.values.set(mask.name, mask).set(unused.name, unused);
+        g.drewMask(mask);
+        g.node('Dropout', [a!.name, g.scalar(attrs.ratio!, a!.dtype).name, g.constBool(true).name], [unused.name, mask.name], { seed: attrs.seed! });
+      }
       attrs.saved = [mask];
-      return [y];
+      const kept = g.emit('Where', [mask, a!, g.scalar(0, a!.dtype)], a!.shape, a!.dtype, {}, a!.requiresGrad);
+      return [g.emit('Mul', [kept, g.scalar(1 / (1 - attrs.ratio!), a!.dtype)], a!.shape, a!.dtype, {}, a!.requiresGrad)];
     },
     backward(g, { inputs: [a], attrs: { ratio, saved } }, [gy]) {
       const m = g.cast(saved![0]!, a!.dtype);
@@ -324,7 +365,13 @@ export class Graph {
   readonly inputs: Value[] = [];
   readonly outputs: Value[] = [];
   readonly initializers: ConstTensor[] = [];
-  private readonly tape: TapeEntry[] = [];
+  /** Every node output by name, with its shape and dtype (memory planning reads it). */
+  readonly values = new Map<string, Value>();
+  private tape: TapeEntry[] = [];
+  /** Collects the dropout masks drawn inside a checkpointed segment's forward. */
+  private maskSink: Value[] | null = null;
+  /** While recomputing a segment: its masks, handed out in the order they were drawn. */
+  private maskReplay: { masks: Value[]; next: number } | null = null;
   private counter = 0;
   private readonly constCache = new Map<string, Value>();
   private recording = true;
@@ -395,6 +442,7 @@ export class Graph {
   output(v: Value, name?: string): Value {
     if (name && name !== v.name) {
       const out = new Value(name, v.shape, v.dtype, false);
+      this.values.set(name, out);
       this.node('Identity', [v.name], [name]);
       this.outputs.push(out);
       return out;
@@ -418,12 +466,14 @@ export class Graph {
 
   emit(opType: string, inputs: Value[], shape: number[], dtype: ElemType, attrs: Record<string, AttrValue>, requiresGrad: boolean): Value {
     const out = new Value(this.fresh(opType.toLowerCase()), shape, dtype, requiresGrad);
+    this.values.set(out.name, out);
     this.node(opType, inputs.map((v) => v.name), [out.name], attrs);
     return out;
   }
 
   emitMulti(opType: string, inputs: Value[], shapes: number[][], dtype: ElemType, attrs: Record<string, AttrValue>, requiresGrad: boolean): Value[] {
     const outs = shapes.map((s) => new Value(this.fresh(opType.toLowerCase()), s, dtype, requiresGrad));
+    for (const o of outs) this.values.set(o.name, o);
     this.node(opType, inputs.map((v) => v.name), outs.map((o) => o.name), attrs);
     return outs;
   }
@@ -490,6 +540,8 @@ export class Graph {
   tanh(a: Value): Value { return this.one('tanh', [a]); }
   sigmoid(a: Value): Value { return this.one('sigmoid', [a]); }
   gemm(a: Value, b: Value, transA = false, transB = false): Value { return this.one('gemm', [a, b], { transA, transB }); }
+  /** a op(b) with b frozen; the backward pass uses `rebuild(gradient)` (a fresh b) instead of keeping b. */
+  gemmFrozen(a: Value, b: Value, transB: boolean, rebuild?: (after: Value) => Value): Value { return this.one('frozenGemm', [a, b], { transB, rebuild }); }
   matmul(a: Value, b: Value): Value { return this.one('matmul', [a, b]); }
   reduceSum(a: Value, axes: number[]): Value { return this.one('reduceSum', [a], { axes }); }
   reduceMean(a: Value, axes: number[]): Value { return this.one('reduceMean', [a], { axes }); }
@@ -503,6 +555,107 @@ export class Graph {
   concat(parts: Value[], axis: number): Value { return this.one('concat', parts, { axis }); }
   dropout(a: Value, ratio: number, seed: number): Value {
     return ratio > 0 ? this.one('dropout', [a], { ratio, seed }) : a;
+  }
+
+  // ---- recompute (gradient checkpointing) -------------------------------------
+
+  /**
+   * A recomputed segment: `fn(inputs)` is emitted for the forward pass as usual,
+   * but the backward pass keeps none of its intermediates. When the gradient
+   * reaches the segment's outputs, the backward re-emits `fn` on its saved
+   * inputs and differentiates that copy, so between the forward and that point
+   * only the inputs (and any dropout masks, which are replayed, not redrawn)
+   * stay alive. `fn` must be free of side effects other than emitting ops, and
+   * may use values from outside the segment (parameters, constants): their
+   * gradients flow out as usual.
+   *
+   * The copy's inputs pass through a barrier, input + 0 · (one element of the
+   * incoming gradient), which makes the recomputation depend on the gradient:
+   * ONNX Runtime cannot run it before the backward reaches the segment, and its
+   * common-subexpression elimination cannot merge it with the forward copy.
+   */
+  checkpoint(inputs: Value[], fn: (inputs: Value[]) => Value[]): Value[] {
+    if (!this.recording || this.maskReplay) return fn(inputs); // inside a backward pass or another recomputation
+    const start = this.tape.length;
+    const outerSink = this.maskSink;
+    const masks: Value[] = [];
+    this.maskSink = masks;
+    let outputs: Value[];
+    try {
+      outputs = fn(inputs);
+    } finally {
+      this.maskSink = outerSink;
+    }
+    outerSink?.push(...masks);
+    // The segment's own tape entries are dropped: the backward differentiates the recomputed copy.
+    this.tape.length = start;
+    if (outputs.some((o) => o.requiresGrad)) this.tape.push({ op: 'checkpoint', inputs, outputs, attrs: {}, segment: { fn, masks } });
+    return outputs;
+  }
+
+  /** Dropout: the mask to reuse while a segment is recomputed (null otherwise). */
+  replayedMask(): Value | null {
+    const r = this.maskReplay;
+    if (!r) return null;
+    const m = r.masks[r.next++];
+    if (!m) throw new Error('graph: a recomputed segment drew more dropout masks than its forward');
+    return m;
+  }
+
+  /** Dropout: records a mask drawn inside a checkpointed segment. */
+  drewMask(mask: Value): void {
+    this.maskSink?.push(mask);
+  }
+
+  private recompute(e: TapeEntry, outGrads: Array<Value | null>, grads: Map<string, Value>, accumulate: (v: Value, g: Value) => void): Array<Value | null> {
+    const seg = e.segment!;
+    const gy = outGrads.find((gr): gr is Value => gr !== null)!;
+    const flat = this.emit('Reshape', [gy, this.constInt64([-1])], [numel(gy.shape)], gy.dtype, {}, false);
+    const first = this.emit('Slice', [flat, this.constInt64([0]), this.constInt64([1])], [1], gy.dtype, {}, false);
+    const zero = this.emit('Mul', [first, this.scalar(0, gy.dtype as FloatDType)], [1], gy.dtype, {}, false);
+    const barred = e.inputs.map((x) =>
+      x.dtype === 'float32' || x.dtype === 'float64'
+        ? this.emit('Add', [x, x.dtype === gy.dtype ? zero : this.cast(zero, x.dtype)], x.shape, x.dtype, {}, x.requiresGrad)
+        : x,
+    );
+    // Re-emit the segment with recording on, onto a tape of its own, replaying its dropout masks.
+    const outerTape = this.tape;
+    this.tape = [];
+    this.recording = true;
+    this.maskReplay = { masks: seg.masks, next: 0 };
+    let outs: Value[];
+    let local: TapeEntry[];
+    try {
+      outs = seg.fn(barred);
+      local = this.tape;
+    } finally {
+      this.tape = outerTape;
+      this.recording = false;
+      this.maskReplay = null;
+    }
+    outs.forEach((o, i) => {
+      const gr = outGrads[i];
+      if (gr && o.requiresGrad) accumulate(o, gr);
+    });
+    const before = new Map(grads);
+    this.reverse(local, grads, accumulate);
+    const inGrads = e.inputs.map((x, i) => (barred[i] !== x ? (grads.get(barred[i]!.name) ?? null) : null));
+    // The gradients the segment passes out to values from outside it (its parameters), made inputs
+    // of the gradients it passes down: ONNX Runtime then computes them with the segment's backward,
+    // freeing the recomputed intermediates, instead of late (it orders nodes by a depth-first walk
+    // from the graph outputs, and a parameter's gradient is an output only the walk from that
+    // output reaches).
+    const localNames = new Set(local.flatMap((t) => t.outputs.map((o) => o.name)));
+    const passedOut = [...grads].filter(([name, v]) => before.get(name) !== v && !localNames.has(name) && !barred.some((b) => b.name === name)).map(([, v]) => v);
+    if (passedOut.length === 0 || inGrads.every((gx) => gx === null)) return inGrads;
+    let dep: Value | null = null;
+    for (const v of passedOut) {
+      const f = this.emit('Reshape', [v, this.constInt64([-1])], [numel(v.shape)], v.dtype, {}, false);
+      const one = this.emit('Slice', [f, this.constInt64([0]), this.constInt64([1])], [1], v.dtype, {}, false);
+      dep = dep ? this.emit('Add', [dep, one], [1], v.dtype, {}, false) : one;
+    }
+    const zero2 = this.emit('Mul', [dep!, this.scalar(0, dep!.dtype as FloatDType)], [1], dep!.dtype, {}, false);
+    return inGrads.map((gx) => (gx ? this.emit('Add', [gx, gx.dtype === zero2.dtype ? zero2 : this.cast(zero2, gx.dtype)], gx.shape, gx.dtype, {}, false) : gx));
   }
 
   // ---- reverse mode -----------------------------------------------------------
@@ -521,18 +674,25 @@ export class Graph {
       grads.set(v.name, prev ? this.emit('Add', [prev, gv], v.shape, v.dtype, {}, false) : gv);
     };
     grads.set(loss.name, this.expand(this.scalar(1, loss.dtype as FloatDType), loss.shape));
-    for (let i = this.tape.length - 1; i >= 0; i--) {
-      const e = this.tape[i]!;
+    try {
+      this.reverse(this.tape, grads, accumulate);
+    } finally {
+      this.recording = true;
+    }
+    return wrt.map((w) => grads.get(w.name) ?? this.zeros(w.shape, w.dtype));
+  }
+
+  private reverse(tape: TapeEntry[], grads: Map<string, Value>, accumulate: (v: Value, g: Value) => void): void {
+    for (let i = tape.length - 1; i >= 0; i--) {
+      const e = tape[i]!;
       const outGrads = e.outputs.map((o) => grads.get(o.name) ?? null);
       if (outGrads.every((gr) => gr === null)) continue;
-      const inGrads = OPS[e.op].backward(this, e, outGrads);
+      const inGrads = e.op === 'checkpoint' ? this.recompute(e, outGrads, grads, accumulate) : OPS[e.op].backward(this, e, outGrads);
       e.inputs.forEach((inp, j) => {
         const gr = inGrads[j];
         if (gr && inp.requiresGrad) accumulate(inp, gr);
       });
     }
-    this.recording = true;
-    return wrt.map((w) => grads.get(w.name) ?? this.zeros(w.shape, w.dtype));
   }
 
   // ---- serialization ------------------------------------------------------------
@@ -571,7 +731,7 @@ export class Graph {
 }
 
 export function bytesPer(dtype: ElemType): number {
-  return dtype === 'float64' || dtype === 'int64' ? 8 : dtype === 'bool' ? 1 : 4;
+  return dtype === 'float64' || dtype === 'int64' ? 8 : dtype === 'bool' || dtype === 'uint8' ? 1 : 4;
 }
 
 function attribute(name: string, v: AttrValue): AttributeProto {

@@ -13,6 +13,7 @@
 import { Graph, type FloatDType, type Value } from './graph.ts';
 import type { LoadedModel, LoraConfig, ModelConfig } from '../../common/model-config.ts';
 import { loraTargets, peftKey, peftMagnitudeKey, type LoraTarget } from '../../common/lora.ts';
+import { quantizedBase, quantizedGraphWeights } from './quantize.ts';
 
 export interface GraphSpec {
   batchSize: number;
@@ -49,6 +50,13 @@ export interface GraphSpec {
    * head_dim], the new positions' (rotated) keys and values.
    */
   decode?: { pastLen: number };
+  /**
+   * Train graphs: recompute each decoder layer's forward in the backward pass
+   * from the layer's saved input instead of keeping its intermediates
+   * (Graph.checkpoint). Same gradients; activation memory per layer falls from
+   * every intermediate to the layer's input.
+   */
+  recompute?: boolean;
 }
 
 export interface BuiltGraph {
@@ -62,7 +70,9 @@ export interface BuiltGraph {
    * model. (Storing them as initializers instead measured the same speed but
    * one more copy of the model per session.)
    */
-  frozen: Array<{ name: string; shape: number[] }>;
+  frozen: Array<{ name: string; shape: number[]; dtype?: 'uint8' | FloatDType }>;
+  /** The graph's nodes and value shapes (memory planning: worker/engine/memory-plan.ts). */
+  graph: Graph;
 }
 
 export function buildCausalLmGraph(model: LoadedModel, spec: GraphSpec): BuiltGraph {
@@ -83,12 +93,20 @@ export function buildCausalLmGraph(model: LoadedModel, spec: GraphSpec): BuiltGr
   const lossMask = dec ? null : g.input('loss_mask', [N, 1], spec.dtype);
 
   const params: Array<{ name: string; value: Value }> = [];
-  const frozen: Array<{ name: string; shape: number[] }> = [];
+  const frozen: BuiltGraph['frozen'] = [];
   const weightValues = new Map<string, Value>();
-  /** A base weight: a trainable input in full mode, a stored constant in LoRA mode. */
+  const quantized = quantizedBase(model);
+  if (quantized && spec.mode !== 'lora') throw new Error('quantize-base: 4-bit base weights are frozen, so they apply to LoRA training only, not full training (--full); drop one of them');
+  const qw = quantized ? quantizedGraphWeights(g, quantized, frozen) : null;
+  /** A base weight: a trainable input in full mode, a stored constant in LoRA mode (4-bit ones dequantised in the graph, quantize.ts). */
   const W = (name: string): Value => {
     let v = weightValues.get(name);
     if (v) return v;
+    const qv = qw?.weight(name);
+    if (qv) {
+      weightValues.set(name, qv);
+      return qv;
+    }
     const t = model.weights.get(name);
     if (!t) throw new Error(`model ${model.dir} has no weight ${name}`);
     if (spec.mode === 'full') {
@@ -101,7 +119,7 @@ export function buildCausalLmGraph(model: LoadedModel, spec: GraphSpec): BuiltGr
     weightValues.set(name, v);
     return v;
   };
-  const hasWeight = (name: string): boolean => model.weights.has(name);
+  const hasWeight = (name: string): boolean => model.weights.has(name) || (quantized?.tensors.has(name) ?? false);
 
   let targetsByModule = new Map<string, LoraTarget>();
   if (spec.mode === 'lora') {
@@ -168,7 +186,7 @@ export function buildCausalLmGraph(model: LoadedModel, spec: GraphSpec): BuiltGr
 
   /** y = x Wᵀ (+ b) + (alpha/r) · dropout(x) Aᵀ Bᵀ, x [N, in] (DoRA targets: doraTerm instead). Conv1D weights are stored [in, out]. */
   const linear = (x: Value, module: string, conv1d: boolean): Value => {
-    const xw = g.gemm(x, W(`${module}.weight`), false, !conv1d);
+    const xw = qw?.product(x, `${module}.weight`, !conv1d) ?? g.gemm(x, W(`${module}.weight`), false, !conv1d);
     let y = xw;
     if (hasWeight(`${module}.bias`)) y = g.add(y, W(`${module}.bias`));
     const t = targetsByModule.get(module);
@@ -239,6 +257,9 @@ export function buildCausalLmGraph(model: LoadedModel, spec: GraphSpec): BuiltGr
     g.transpose(g.reshape(x, [B, T, heads, hd]), [0, 2, 1, 3]);
   const fromHeads = (x: Value, heads: number, hd: number): Value =>
     g.reshape(g.transpose(x, [0, 2, 1, 3]), [N, heads * hd]);
+  /** One decoder layer, x -> x: recomputed in the backward pass with spec.recompute. */
+  const recompute = spec.recompute === true && spec.kind === 'train' && !dec;
+  const layer = (x0: Value, body: (x: Value) => Value): Value => (recompute ? g.checkpoint([x0], ([xi]) => [body(xi!)])[0]! : body(x0));
 
   let x: Value;
   let logitsWeight: Value;
@@ -263,7 +284,7 @@ export function buildCausalLmGraph(model: LoadedModel, spec: GraphSpec): BuiltGr
     // gemma2 multiplies the embeddings by sqrt(hidden_size), rounded to the compute dtype as transformers does.
     if (gm) x = g.mul(x, g.scalar(g.dtype === 'float32' ? Math.fround(Math.sqrt(config.hiddenSize)) : Math.sqrt(config.hiddenSize)));
     const attnScale = gm ? Math.pow(gm.queryPreAttnScalar, -0.5) : 1 / Math.sqrt(hd);
-    for (let l = 0; l < config.numLayers; l++) {
+    for (let l = 0; l < config.numLayers; l++) x = layer(x, (x) => {
       const p = `model.layers.${l}`;
       const h = rms(x, `${p}.input_layernorm.weight`);
       // qwen3: RMSNorm over each head's head_dim values of q and k, before the rotation.
@@ -286,8 +307,8 @@ export function buildCausalLmGraph(model: LoadedModel, spec: GraphSpec): BuiltGr
         : [linear(h2, `${p}.mlp.gate_proj`, false), linear(h2, `${p}.mlp.up_proj`, false)];
       const act = g.mul(config.activation === 'gelu_new' ? gelu(gate) : g.mul(gate, g.sigmoid(gate)), up);
       const down = linear(act, `${p}.mlp.down_proj`, false);
-      x = g.add(x, gm ? rms(down, `${p}.post_feedforward_layernorm.weight`) : down);
-    }
+      return g.add(x, gm ? rms(down, `${p}.post_feedforward_layernorm.weight`) : down);
+    });
     x = rms(x, 'model.norm.weight');
     logitsWeight = config.tieWordEmbeddings ? W('model.embed_tokens.weight') : W('lm_head.weight');
   } else {
@@ -305,7 +326,7 @@ export function buildCausalLmGraph(model: LoadedModel, spec: GraphSpec): BuiltGr
       BigInt64Array.from({ length: N }, (_, i) => BigInt(i % T)),
     );
     x = g.add(g.gather(W('transformer.wte.weight'), inputIds), g.gather(W('transformer.wpe.weight'), positions));
-    for (let l = 0; l < config.numLayers; l++) {
+    for (let l = 0; l < config.numLayers; l++) x = layer(x, (x) => {
       const p = `transformer.h.${l}`;
       const h = ln(x, `${p}.ln_1`);
       const [q, k, v] = g.split(linear(h, `${p}.attn.c_attn`, true), 1, [H, H, H]);
@@ -314,8 +335,8 @@ export function buildCausalLmGraph(model: LoadedModel, spec: GraphSpec): BuiltGr
       const attn = fromHeads(attention(toHeads(q!, nh, hd), kc, cached(toHeads(v!, nh, hd), l, 'value'), scale, causalMask), nh, hd);
       x = g.add(x, linear(attn, `${p}.attn.c_proj`, true));
       const h2 = ln(x, `${p}.ln_2`);
-      x = g.add(x, linear(gelu(linear(h2, `${p}.mlp.c_fc`, true)), `${p}.mlp.c_proj`, true));
-    }
+      return g.add(x, linear(gelu(linear(h2, `${p}.mlp.c_fc`, true)), `${p}.mlp.c_proj`, true));
+    });
     x = ln(x, 'transformer.ln_f');
     logitsWeight = W('transformer.wte.weight');
   }
@@ -324,7 +345,7 @@ export function buildCausalLmGraph(model: LoadedModel, spec: GraphSpec): BuiltGr
   if (config.gemma2) logits = softcap(logits, config.gemma2.finalLogitSoftcap);
   if (dec) {
     g.output(g.gather(logits, g.constInt64([N - 1])), 'logits'); // the last new token's
-    return { bytes: g.toModel(), params: params.map((p) => ({ name: p.name, shape: p.value.shape })), frozen };
+    return { bytes: g.toModel(), params: params.map((p) => ({ name: p.name, shape: p.value.shape })), frozen, graph: g };
   }
   const logp = g.logSoftmax(logits);
   const picked = g.reduceSum(g.mul(logp, g.oneHot(targets!, config.vocabSize, spec.dtype)), [1]); // [N, 1]
@@ -338,7 +359,7 @@ export function buildCausalLmGraph(model: LoadedModel, spec: GraphSpec): BuiltGr
   } else {
     g.output(logits, 'logits');
   }
-  return { bytes: g.toModel(), params: params.map((p) => ({ name: p.name, shape: p.value.shape })), frozen };
+  return { bytes: g.toModel(), params: params.map((p) => ({ name: p.name, shape: p.value.shape })), frozen, graph: g };
 }
 
 /**

@@ -7,7 +7,8 @@ import type { TensorMap } from '../../common/tensor.ts';
 import { logger } from '../../common/log.ts';
 import type { LoadedModel, LoraConfig } from '../../common/model-config.ts';
 import { Engine } from '../engine/engine.ts';
-import { loadModel } from '../engine/model.ts';
+import { loadBaseModel, parseQuantizeBase } from '../engine/quantize.ts';
+import { deviceMemory, planRun, withOwnMemory } from '../engine/memory-plan.ts';
 import { loadTokenizer } from '../../common/tokenizer.ts';
 import { AdamW, loraPlusGroups } from '../../common/optim.ts';
 import { checkProxMu, dpTrainLoop, padBatchRows, trainLoop, type StepInfo } from '../engine/train.ts';
@@ -33,7 +34,8 @@ import type {
 const log = logger('onnx-trainer');
 
 export async function createOnnxTrainer(opts: TrainerFactoryOptions): Promise<Trainer> {
-  const model = await loadModel(opts.modelDir);
+  // --quantize-base: the decoder linear weights are held 4-bit from here on (the fingerprint stays the checkpoint's).
+  const model = await loadBaseModel(opts.modelDir, parseQuantizeBase(opts.quantizeBase, '--quantize-base'));
   const tok = await loadTokenizer(opts.modelDir);
   // training.template auto: this site's copy of the model's chat_template.
   const template = await resolveTemplate(opts.template, opts.modelDir);
@@ -71,6 +73,7 @@ function loopOptions(args: TrainArgs, anchor: TensorMap | null, steps: number) {
 class OnnxTrainer implements Trainer {
   readonly backend = 'onnx';
   private readonly engines = new Map<string, Engine>();
+  private readonly planned = new Set<string>();
 
   constructor(
     private readonly model: LoadedModel,
@@ -94,6 +97,23 @@ class OnnxTrainer implements Trainer {
     return this.model.fingerprint;
   }
 
+  /** Refuses a task whose step cannot fit in memory (worker/engine/memory-plan.ts); each batch shape is planned once. */
+  private checkMemory(spec: LocalTrainingSpec): void {
+    const key = JSON.stringify([spec.batchSize, spec.gradAccumulation > 1, spec.lora]);
+    if (this.planned.has(key)) return;
+    planRun(this.model.config, {
+      mode: 'lora',
+      lora: spec.lora,
+      batchSize: spec.batchSize,
+      seqLen: this.opts.maxSeqLen,
+      recompute: this.opts.recompute ?? false,
+      ...(this.opts.quantizeBase ? { quantizeBase: this.opts.quantizeBase } : {}),
+      accumulate: spec.gradAccumulation > 1,
+      device: this.opts.device ?? 'cpu',
+    }, undefined, withOwnMemory(deviceMemory(this.opts.device ?? 'cpu')));
+    this.planned.add(key);
+  }
+
   private engineFor(lora: LoraConfig): Engine {
     const key = JSON.stringify([
       lora.r,
@@ -110,7 +130,7 @@ class OnnxTrainer implements Trainer {
     ]);
     let e = this.engines.get(key);
     if (!e) {
-      e = Engine.create(this.model, { mode: 'lora', lora, threads: this.opts.threads, device: this.opts.device, seed: this.opts.seed });
+      e = Engine.create(this.model, { mode: 'lora', lora, threads: this.opts.threads, device: this.opts.device, seed: this.opts.seed, quantizeBase: this.opts.quantizeBase, recompute: this.opts.recompute ?? false });
       this.engines.set(key, e);
     }
     return e;
@@ -120,6 +140,8 @@ class OnnxTrainer implements Trainer {
     const { spec } = args;
     checkProxMu(spec.proxMu);
     this.checkGlobalAdapter(args.globalAdapter, spec.lora);
+    // The memory plan of this task's batch shape, before any session is built: a task that cannot fit is refused.
+    this.checkMemory(spec);
     const engine = this.engineFor(spec.lora);
     const params = toFloat32(args.globalAdapter);
     // FedProx pulls towards the adapter this task started from: a copy, since params change in place.

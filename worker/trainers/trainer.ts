@@ -8,6 +8,7 @@ import type { TensorMap } from '../../common/tensor.ts';
 import type { Batch, LoraConfig } from '../../common/model-config.ts';
 import type { AdamW } from '../../common/optim.ts';
 import type { DpSgdParams } from '../../common/privacy/dp-sgd.ts';
+import type { QuantFormat } from '../engine/quantize.ts';
 
 export interface LocalTrainingSpec {
   lora: LoraConfig;
@@ -113,6 +114,10 @@ export interface TrainerFactoryOptions {
   maxSeqLen: number;
   threads?: number;
   device?: 'cpu' | 'cuda';
+  /** onnx trainer: 4-bit base weights (worker/engine/quantize.ts), nf4 or int4. */
+  quantizeBase?: QuantFormat;
+  /** onnx trainer: recompute each decoder layer in the backward pass (less activation memory). */
+  recompute?: boolean;
   seed: number;
   /** This site's name (seeds DP-SGD's Poisson sampling together with training.seed and the round). */
   site?: string;
