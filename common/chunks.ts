@@ -16,7 +16,8 @@ export const DEFAULT_CHUNK_BYTES = 1 << 20;
 /** Largest chunk a receiver accepts by default (well under gRPC's 4 MiB message limit). */
 export const DEFAULT_MAX_CHUNK_BYTES = 2 << 20;
 
-export type WireDType = 'F32' | 'F16' | 'BF16' | 'F64';
+/** I8: int8_delta updates only (common/update-encoding.ts). */
+export type WireDType = 'F32' | 'F16' | 'BF16' | 'F64' | 'I8';
 
 export interface TensorSpecEntry {
   name: string;
@@ -65,7 +66,7 @@ export function manifestBytes(manifest: readonly TensorSpecEntry[]): number {
 }
 
 export function dtypeSize(d: WireDType): number {
-  return d === 'F64' ? 8 : d === 'F32' ? 4 : 2;
+  return d === 'F64' ? 8 : d === 'F32' ? 4 : d === 'I8' ? 1 : 2;
 }
 
 export interface PackedTensors {

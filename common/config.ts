@@ -11,6 +11,7 @@ import { LineCounter, parseDocument, isNode } from 'yaml';
 import { z } from 'zod';
 import { natsUrlIssue, templateIssue } from './limits.ts';
 import { privacyIssues, privacySchema } from './privacy/config.ts';
+import { MAX_INT8_BLOCK_SIZE, UPDATE_ENCODINGS, updateEncodingIssues } from './update-encoding.ts';
 
 export const SCHEDULES = ['constant', 'linear', 'cosine'] as const;
 export const RUN_MODES = ['federated', 'distributed'] as const;
@@ -114,6 +115,12 @@ export const runConfigSchema = z
         deadline_sec: positive().default(600),
         min_results: int().min(1).default(1),
         max_retries: int().min(0).default(3),
+        /** How workers send updates (common/update-encoding.ts): float32 | float16 | bfloat16 | int8_delta. */
+        update_encoding: z.enum(UPDATE_ENCODINGS).default('float32'),
+        /** int8_delta: elements per scale block (null: 64). */
+        int8_block_size: int().min(1).max(MAX_INT8_BLOCK_SIZE).nullable().default(null),
+        /** int8_delta: each worker carries its quantisation residual into its next update. */
+        error_feedback: z.boolean().default(false),
       })
       .prefault({}),
     /**
@@ -299,6 +306,7 @@ export const runConfigSchema = z
       });
     }
     for (const i of privacyIssues(c)) ctx.addIssue({ code: 'custom', path: i.path, message: i.message });
+    for (const i of updateEncodingIssues(c)) ctx.addIssue({ code: 'custom', path: i.path, message: i.message });
     if (c.server.join_token !== undefined && c.server.join_tokens !== null) {
       ctx.addIssue({
         code: 'custom',

@@ -16,8 +16,9 @@ export const DTYPE_NAMES: Record<number, WireDType | undefined> = {
   [DType.DTYPE_F16]: 'F16',
   [DType.DTYPE_BF16]: 'BF16',
   [DType.DTYPE_F64]: 'F64',
+  [DType.DTYPE_I8]: 'I8',
 };
-export const DTYPE_OF: Record<WireDType, DType> = { F32: DType.DTYPE_F32, F16: DType.DTYPE_F16, BF16: DType.DTYPE_BF16, F64: DType.DTYPE_F64 };
+export const DTYPE_OF: Record<WireDType, DType> = { F32: DType.DTYPE_F32, F16: DType.DTYPE_F16, BF16: DType.DTYPE_BF16, F64: DType.DTYPE_F64, I8: DType.DTYPE_I8 };
 
 export function toWireManifest(m: readonly TensorSpecEntry[]): TensorManifest {
   return { tensors: m.map((e) => ({ name: e.name, dtype: DTYPE_OF[e.dtype], shape: [...e.shape] })) };

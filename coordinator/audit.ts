@@ -2,7 +2,10 @@
  * The run's audit log: CHECKPOINT_DIR/<name>/audit.jsonl, one JSON object per
  * line, opened for appending only (O_APPEND, mode 0600) and never rewritten.
  * Every record is written with one write(2) and fsync'ed before the call
- * returns, so a record that was reported is on disk. Refusals that a remote
+ * returns, so a record that was reported is on disk; commit() writes at once
+ * and resolves after an fsync instead (group commit: the records of many
+ * registrations in flight share one fsync, and the event loop never waits on
+ * the disk). Refusals that a remote
  * peer can cause at will are bounded per address by the caller (the handshake
  * log's rate limit) and here by REFUSALS_PER_MINUTE overall.
  *
@@ -17,7 +20,7 @@
  * No record holds a join token, a key or any other secret: reasons are the
  * coordinator's own messages, which never echo a token.
  */
-import { closeSync, fsyncSync, mkdirSync, openSync, writeSync } from 'node:fs';
+import { closeSync, fsync, fsyncSync, mkdirSync, openSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { logger } from '../common/log.ts';
 
@@ -45,16 +48,21 @@ export class AuditLog {
   private windowStart = 0;
   private refusalsInWindow = 0;
   private refusalsHeld = 0;
+  /** commit() callers whose records were written after the fsync now in flight began (or with none in flight). */
+  private waiting: Array<() => void> = [];
+  /** Those whose records the fsync now in flight covers (null: none in flight). */
+  private syncing: Array<() => void> | null = null;
 
   private constructor(
     readonly path: string,
     fd: number,
+    private readonly sync: (fd: number, cb: (err: NodeJS.ErrnoException | null) => void) => void,
   ) {
     this.fd = fd;
   }
 
-  /** Open (create) runDir/audit.jsonl for appending. */
-  static open(runDir: string): AuditLog {
+  /** Open (create) runDir/audit.jsonl for appending. `sync`: the asynchronous fsync commit() uses (tests count them). */
+  static open(runDir: string, sync: (fd: number, cb: (err: NodeJS.ErrnoException | null) => void) => void = fsync): AuditLog {
     mkdirSync(runDir, { recursive: true });
     const path = join(runDir, AUDIT_FILE);
     let fd: number;
@@ -63,12 +71,52 @@ export class AuditLog {
     } catch (err) {
       throw new Error(`audit log: cannot open ${path} for appending (${(err as NodeJS.ErrnoException).code ?? String(err)}); check checkpoint.dir`);
     }
-    return new AuditLog(path, fd);
+    return new AuditLog(path, fd, sync);
   }
 
   /** Append one record and fsync it. A write error is logged and does not stop the run. */
   write(rec: AuditRecord, now = Date.now()): void {
-    if (this.fd === null) return;
+    if (!this.append(rec, now)) return;
+    try {
+      fsyncSync(this.fd!);
+    } catch (err) {
+      log.error({ path: this.path, err: (err as Error).message }, 'audit record not written');
+    }
+  }
+
+  /**
+   * Append one record now and resolve once it is on disk: after an fsync that
+   * began after the write. Records written while an fsync is in flight share
+   * the next one. Never rejects (a write or fsync error is logged, as in write()).
+   */
+  commit(rec: AuditRecord, now = Date.now()): Promise<void> {
+    if (!this.append(rec, now)) return Promise.resolve();
+    return new Promise((resolve) => {
+      this.waiting.push(resolve);
+      if (!this.syncing) this.flush();
+    });
+  }
+
+  private flush(): void {
+    const batch = this.waiting;
+    this.waiting = [];
+    if (this.fd === null) {
+      for (const r of batch) r();
+      return;
+    }
+    this.syncing = batch;
+    this.sync(this.fd, (err) => {
+      this.syncing = null;
+      // After close() (which synced) an fsync still in flight may find its descriptor gone: nothing was lost.
+      if (err && this.fd !== null) log.error({ path: this.path, err: err.message }, 'audit records not synced to disk');
+      for (const r of batch) r();
+      if (this.waiting.length > 0) this.flush();
+    });
+  }
+
+  /** One write(2) of the record; false when nothing was written (closed, refusal held back, write error). */
+  private append(rec: AuditRecord, now: number): boolean {
+    if (this.fd === null) return false;
     if (rec.type === 'refusal') {
       if (now - this.windowStart >= 60_000) {
         this.windowStart = now;
@@ -76,7 +124,7 @@ export class AuditLog {
       }
       if (++this.refusalsInWindow > REFUSALS_PER_MINUTE) {
         this.refusalsHeld++;
-        return;
+        return false;
       }
       rec = { ...rec, reason: clip(rec.reason), site: rec.site === null ? null : clip(rec.site), address: clip(rec.address) };
       if (this.refusalsHeld > 0) {
@@ -88,9 +136,10 @@ export class AuditLog {
     const line = `${JSON.stringify({ time: new Date(now).toISOString(), ...rec })}\n`;
     try {
       writeSync(this.fd, line);
-      fsyncSync(this.fd);
+      return true;
     } catch (err) {
       log.error({ path: this.path, err: (err as Error).message }, 'audit record not written');
+      return false;
     }
   }
 
@@ -103,6 +152,8 @@ export class AuditLog {
     }
     closeSync(this.fd);
     this.fd = null;
+    // Synced above: whoever still waits for a commit has its record on disk.
+    for (const r of [...(this.syncing ?? []), ...this.waiting.splice(0)]) r();
   }
 }
 

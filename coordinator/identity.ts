@@ -37,6 +37,9 @@ const log = logger('coordinator.identity');
 // ---------------------------------------------------------------------------
 // Per-site join tokens
 
+/** admitted() sweeps the certificate bindings of gone workers no sooner than at this many. */
+const BOUND_SWEEP_MIN = 64;
+
 /** A token: ftk_<id: 12 hex>_<secret: 32 random bytes, base64url>. Only its SHA-256 is stored. */
 export const TOKEN_RE = /^ftk_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$/;
 
@@ -327,6 +330,8 @@ type Admitted = { ok: true; peer: PeerIdentity | null; tokenId: string | null };
 
 export class Admission {
   private readonly bound = new Map<string, { w: WorkerRecord; peer: PeerIdentity }>();
+  /** Size of `bound` at which admitted() next sweeps out the bindings of gone workers. */
+  private sweepBoundAt = BOUND_SWEEP_MIN;
 
   constructor(private readonly o: AdmissionOptions) {
     if ((o.sharedToken === undefined) === !o.tokens) throw new Error('Admission: give exactly one of sharedToken and tokens');
@@ -398,13 +403,21 @@ export class Admission {
     return { ok: true, peer: cert.peer, tokenId: t.id };
   }
 
-  /** A registration went through: remember the certificate behind it and write the join record. */
-  admitted(w: WorkerRecord, a: Admitted, address: string): void {
+  /**
+   * A registration went through: remember the certificate behind it and write
+   * the join record. Resolves once the record is on disk (answer the Register
+   * then); the event loop does not wait for the disk meanwhile.
+   */
+  admitted(w: WorkerRecord, a: Admitted, address: string): Promise<void> {
     if (a.peer) {
-      for (const [id, b] of this.bound) if (!b.w.alive) this.bound.delete(id);
+      // Bindings of workers that are gone are swept when the map has doubled since the last sweep: O(1) per registration.
+      if (this.bound.size >= this.sweepBoundAt) {
+        for (const [id, b] of this.bound) if (!b.w.alive) this.bound.delete(id);
+        this.sweepBoundAt = Math.max(BOUND_SWEEP_MIN, 2 * this.bound.size);
+      }
       this.bound.set(w.workerId, { w, peer: a.peer });
     }
-    this.o.audit?.write({
+    const written = this.o.audit?.commit({
       type: 'join',
       site: w.site,
       worker_id: w.workerId,
@@ -413,6 +426,12 @@ export class Admission {
       cert_serial: a.peer?.serial ?? null,
       token_id: a.tokenId,
     });
+    return written ?? Promise.resolve();
+  }
+
+  /** Certificate bindings held (live workers, and gone ones not yet swept). */
+  get boundCount(): number {
+    return this.bound.size;
   }
 
   /** Every call of a registered worker: refused once its certificate is revoked. */

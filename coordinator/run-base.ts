@@ -37,10 +37,19 @@ export interface RunBaseOptions {
   resumed: boolean;
 }
 
+/** About how many unchanged-status heartbeat events per second all workers together publish (at most one per worker per 10 s). */
+export const HEARTBEAT_REFRESH_PER_SEC = 400;
+
+/** How often an unchanged status is published again, with `workers` registered: 10 s, stretched up to 25 s. */
+export function heartbeatRefreshMs(workers: number): number {
+  return Math.min(25_000, Math.max(10_000, (workers / HEARTBEAT_REFRESH_PER_SEC) * 1000));
+}
+
 export abstract class RunBase {
   protected readonly abort = new AbortController();
   protected readonly conditions = new Conditions(this.abort.signal);
-  private readonly lastHeartbeatEvent = new Map<string, { status: string; at: number }>();
+  /** Per connected worker: the last heartbeat event published for it (dropped when the worker leaves). */
+  protected readonly lastHeartbeatEvent = new Map<string, { status: string; at: number }>();
   private global: TensorMap;
   private version: number;
   private packed: PackedTensors;
@@ -112,11 +121,17 @@ export abstract class RunBase {
     this.conditions.notify();
   }
 
-  /** Heartbeat events only when a worker's status changes, or every 10 s. */
+  /**
+   * Heartbeat events only when a worker's status changes, or as a refresh of
+   * an unchanged one every 10 s; with many workers the refresh is stretched so
+   * that all of them together publish about HEARTBEAT_REFRESH_PER_SEC, up to
+   * 25 s (the dashboard marks a worker stale after 30 s without an event).
+   */
   onHeartbeat(w: WorkerRecord, status: string): void {
+    if (!w.alive) return;
     const last = this.lastHeartbeatEvent.get(w.workerId);
     const now = Date.now();
-    if (!last || last.status !== status || now - last.at > 10_000) {
+    if (!last || last.status !== status || now - last.at > heartbeatRefreshMs(this.registry.size)) {
       this.lastHeartbeatEvent.set(w.workerId, { status, at: now });
       this.publish({ type: 'worker.heartbeat', workerId: w.workerId, site: w.site, status });
     }
@@ -124,6 +139,7 @@ export abstract class RunBase {
 
   /** A worker's session ended: tell the run's consumers. */
   protected workerLeft(w: WorkerRecord, reason: string): void {
+    this.lastHeartbeatEvent.delete(w.workerId);
     this.publish({ type: 'worker.left', workerId: w.workerId, site: w.site, reason });
     log.info({ worker: w.workerId, site: w.site, reason }, 'worker left');
   }

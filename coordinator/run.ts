@@ -36,6 +36,8 @@ import { numel } from '../common/tensor.ts';
 import type { WorkerMessage } from '../proto/gen/fedtune/v1/coordinator.ts';
 import type { RegistryListener, WorkerRecord } from './workers.ts';
 import { loraConfigOf } from '../common/lora-spec.ts';
+import { decodeUpdate, encodingFromWire, EncodingError, encodingOfConfig, encodingToWire } from '../common/update-encoding.ts';
+import type { UpdateEncodingSpec } from '../proto/gen/fedtune/v1/coordinator.ts';
 
 export { UpdateRejected } from './tasks.ts';
 
@@ -104,6 +106,8 @@ export class FederatedRun extends RunBase implements RegistryListener {
   /** The secure-aggregation attempt now running (privacy.secure_aggregation). */
   private secagg: SecAggRound | null = null;
   private readonly secaggObserver: SecAggObserver | undefined;
+  /** defence.norm_factor's reference: the median of state.updateNorms (replaced, never changed in place, each round). */
+  private normMedian: { of: readonly number[]; median: number | null } | null = null;
 
   constructor(o: FederatedRunOptions) {
     super(o);
@@ -232,9 +236,19 @@ export class FederatedRun extends RunBase implements RegistryListener {
     for (const [k, v] of Object.entries(h.metrics)) {
       if (!Number.isFinite(v)) throw new UpdateRejected('INVALID_ARGUMENT', `metric ${k} is not finite (${v})`);
     }
+    // The encoding must be one the task accepts (service.ts checked it is known and fits the manifest's dtypes).
+    const enc = encodingFromWire(h.encoding ?? 0) ?? 'float32';
+    const choice = encodingOfConfig(this.cfg.round);
+    if (enc !== 'float32' && enc !== choice.encoding) {
+      throw new UpdateRejected('INVALID_ARGUMENT', `encoding ${enc} is not accepted for task ${t.taskId} (accepted: float32${choice.encoding !== 'float32' ? `, ${choice.encoding}` : ''}; round.update_encoding of the run is ${choice.encoding})`);
+    }
+    if (enc === 'int8_delta' && h.blockSize !== choice.blockSize) {
+      throw new UpdateRejected('INVALID_ARGUMENT', `block_size ${h.blockSize} in the header, but task ${t.taskId} asks for int8_delta blocks of ${choice.blockSize} (round.int8_block_size)`);
+    }
     const masked = kind === UpdateKind.UPDATE_KIND_SECAGG_MASKED ? this.secagg?.maskedNames() : undefined;
     if (kind === UpdateKind.UPDATE_KIND_SECAGG_MASKED && !masked) throw new UpdateRejected('FAILED_PRECONDITION', `task ${t.taskId}: no secure aggregation attempt is collecting masked inputs`);
-    const bad = manifestMismatch(manifest, masked ? t.manifest.filter((e) => masked.includes(e.name)) : t.manifest);
+    const asF32 = enc === 'float32' ? manifest : manifest.map((e) => ({ ...e, dtype: 'F32' as const }));
+    const bad = manifestMismatch(asF32, masked ? t.manifest.filter((e) => masked.includes(e.name)) : t.manifest);
     if (bad) {
       throw new UpdateRejected('INVALID_ARGUMENT', `update does not match the adapter task ${t.taskId} started from (site ${w.site} was assigned LoRA rank ${t.spec.rank}): ${bad}`);
     }
@@ -270,7 +284,7 @@ export class FederatedRun extends RunBase implements RegistryListener {
     if (d.max_norm !== null && norm > d.max_norm) {
       return { reason: `its distance from the adapter it started from is ${norm.toPrecision(4)}, beyond defence.max_norm = ${d.max_norm}`, norm };
     }
-    const ref = median(this.state.updateNorms ?? []);
+    const ref = d.norm_factor !== null ? this.normReference() : null;
     if (d.norm_factor !== null && ref !== null && ref > 0 && norm > d.norm_factor * ref) {
       open.refusedByNorm++;
       return {
@@ -279,6 +293,13 @@ export class FederatedRun extends RunBase implements RegistryListener {
       };
     }
     return { reason: null, norm };
+  }
+
+  /** The median of the last round's accepted distances, sorted once per round (not once per update). */
+  private normReference(): number | null {
+    const norms = this.state.updateNorms ?? [];
+    if (this.normMedian?.of !== norms) this.normMedian = { of: norms, median: median(norms) };
+    return this.normMedian.median;
   }
 
   /** Aggregation weight of an accepted update: examples (capped) or 1. */
@@ -294,14 +315,29 @@ export class FederatedRun extends RunBase implements RegistryListener {
       throw new UpdateRejected('FAILED_PRECONDITION', `stale update: round ${t.round} closed while task ${t.taskId} was uploading`);
     }
     if (h.kind === UpdateKind.UPDATE_KIND_SECAGG_MASKED) return this.acceptMasked(w, t, h, bytes);
-    const aligned = bytes.byteOffset % 4 === 0 ? bytes : bytes.slice();
-    const flat = new Float32Array(aligned.buffer, aligned.byteOffset, aligned.byteLength / 4);
     const refuse = (reason: string): never => {
       this.board.reopen(t);
       open.refused++;
       this.roundRefused++;
       throw new UpdateRejected('INVALID_ARGUMENT', reason);
     };
+    // A compressed update is decoded into float32 here (common/update-encoding.ts); everything
+    // after this point sees only the decoded values. `bytes` (as sent) is what the digest covered.
+    const enc = encodingFromWire(h.encoding ?? 0) ?? 'float32';
+    let aligned: Uint8Array;
+    if (enc === 'float32') {
+      aligned = bytes.byteOffset % 4 === 0 ? bytes : bytes.slice();
+    } else {
+      let decoded: Float32Array | null = null;
+      try {
+        decoded = decodeUpdate(t.manifest, bytes, enc, h.blockSize ?? 0, t.startFlat);
+      } catch (err) {
+        if (!(err instanceof EncodingError)) throw err;
+        refuse(err.message);
+      }
+      aligned = new Uint8Array(decoded!.buffer);
+    }
+    const flat = new Float32Array(aligned.buffer, aligned.byteOffset, aligned.byteLength / 4);
     const { reason, norm } = this.screen(t, flat, open);
     if (reason) refuse(reason);
     // The assembled upload is ours alone: the aggregator may keep views into it.
@@ -580,7 +616,7 @@ export class FederatedRun extends RunBase implements RegistryListener {
             round: t.round,
             deadlineUnixMs: deadline,
             global: { version: this.globalVersion, ...ref },
-            kind: t.kind === 'train' ? { $case: 'train', value: { spec, uploadKind: UpdateKind.UPDATE_KIND_ADAPTER_WEIGHTS } } : { $case: 'eval', value: { spec } },
+            kind: t.kind === 'train' ? { $case: 'train', value: { spec, uploadKind: UpdateKind.UPDATE_KIND_ADAPTER_WEIGHTS, encoding: this.encodingSpec() } } : { $case: 'eval', value: { spec } },
           },
         },
       });
@@ -590,6 +626,13 @@ export class FederatedRun extends RunBase implements RegistryListener {
     }
     if (t.kind === 'train') this.publish({ type: 'task.dispatched', round: t.round, taskId: t.taskId, workerId: t.workerId, site: t.site, bytes: ref.totalBytes });
     return true;
+  }
+
+  /** What a train task says about update encodings: the run's choice, and float32 always accepted. */
+  private encodingSpec(): UpdateEncodingSpec {
+    const c = encodingOfConfig(this.cfg.round);
+    const accepted = [...new Set(['float32' as const, c.encoding])].map(encodingToWire);
+    return { encoding: encodingToWire(c.encoding), blockSize: c.encoding === 'int8_delta' ? c.blockSize : 0, errorFeedback: c.errorFeedback, accepted };
   }
 
   /** The cohort and specs of one attempt, checked: known, idle workers, each once, sane specs. */

@@ -8,12 +8,14 @@ import {
   ChunkAssembler,
   ChunkError,
   chunkSlices,
-  manifestBytes,
   type TensorSpecEntry,
 } from '../common/chunks.ts';
 import type { RunConfig } from '../common/config.ts';
 import { fromWireManifest, PROTOCOL_VERSION, SESSION_KEY_HEADER, toWireManifest, WORKER_ID_HEADER } from '../common/wire.ts';
 import { logger } from '../common/log.ts';
+import { hardenRequestDecoding, isWireRefusal, type WireRefusal } from '../common/wire-decode.ts';
+import { CoordinatorService } from '../proto/gen/fedtune/v1/coordinator.ts';
+import { encodedStreamBytes, uploadEncodingOf } from '../common/update-encoding.ts';
 import {
   WorkerStatus,
   type CoordinatorServer,
@@ -116,6 +118,11 @@ export function createCoordinatorService<T>(ctx: ServiceContext<T>): Coordinator
   const { cfg, registry } = ctx;
   const admission = ctx.admission ?? Admission.fromConfig(cfg);
   const uploads = new Semaphore(cfg.server.max_concurrent_uploads);
+  // A request that does not decode (a 64-bit field beyond 2^53 - 1, malformed bytes) reaches the
+  // handlers below as a WireRefusal naming the field, not as an INTERNAL error that ends the call.
+  hardenRequestDecoding(CoordinatorService);
+  const refusalStatus = (r: WireRefusal): grpc.ServiceError => grpcError(grpc.status.INVALID_ARGUMENT, r.message);
+  const telemetryWarned = new WeakMap<WorkerRecord, Set<string>>();
 
   const runInfo = (): RunInfo => ({
     runId: ctx.run.runId,
@@ -143,12 +150,17 @@ export function createCoordinatorService<T>(ctx: ServiceContext<T>): Coordinator
 
   return {
     getRunInfo(call: grpc.ServerUnaryCall<RunInfoRequest, RunInfo>, cb: grpc.sendUnaryData<RunInfo>) {
+      if (isWireRefusal(call.request)) return cb(refusalStatus(call.request));
       const refused = admission.runInfo(call.request.joinToken, call);
       if (refused) return cb(grpcError(refused.code, refused.message));
       cb(null, runInfo());
     },
 
     register(call: grpc.ServerUnaryCall<RegisterRequest, RegisterResponse>, cb: grpc.sendUnaryData<RegisterResponse>) {
+      if (isWireRefusal(call.request)) {
+        log.warn({ peer: call.getPeer() }, `registration refused: ${call.request.message}`);
+        return cb(refusalStatus(call.request));
+      }
       const req = call.request;
       const peer = call.getPeer();
       const admitted = admission.register(req.joinToken, req.site.trim(), call);
@@ -174,7 +186,7 @@ export function createCoordinatorService<T>(ctx: ServiceContext<T>): Coordinator
         return cb(grpcError(grpc.status.FAILED_PRECONDITION, msg));
       }
       // One live session per site: a second worker for the same site would be averaged twice.
-      const live = registry.all().find((x) => x.alive && x.site === req.site.trim());
+      const live = registry.liveWorkerOf(req.site.trim());
       if (live) {
         if (req.previousWorkerId === live.workerId) {
           registry.detach(live, 'replaced by a new registration of the same worker');
@@ -195,16 +207,18 @@ export function createCoordinatorService<T>(ctx: ServiceContext<T>): Coordinator
         numEvalExamples: caps.numEvalExamples,
         client: caps.client,
       });
-      admission.admitted(w, admitted, peer);
       log.info({ worker: w.workerId, site: w.site, device: w.device, peer, train: w.numTrainExamples, eval: w.numEvalExamples }, 'worker registered');
-      cb(null, {
-        workerId: w.workerId,
-        sessionKey: w.sessionKey.toString('hex'),
-        runId: ctx.run.runId,
-        heartbeatIntervalMs: cfg.server.heartbeat_interval_ms,
-        chunkBytes: cfg.server.chunk_bytes,
-        maxChunkBytes: cfg.server.max_chunk_bytes,
-      });
+      // Answered once the join record is on disk; registrations in flight share one fsync.
+      void admission.admitted(w, admitted, peer).then(() =>
+        cb(null, {
+          workerId: w.workerId,
+          sessionKey: w.sessionKey.toString('hex'),
+          runId: ctx.run.runId,
+          heartbeatIntervalMs: cfg.server.heartbeat_interval_ms,
+          chunkBytes: cfg.server.chunk_bytes,
+          maxChunkBytes: cfg.server.max_chunk_bytes,
+        }),
+      );
     },
 
     session(call: SessionStream) {
@@ -220,6 +234,21 @@ export function createCoordinatorService<T>(ctx: ServiceContext<T>): Coordinator
       call.on('data', (msg: WorkerMessage) => {
         if (!w.alive) return;
         registry.touch(w);
+        if (isWireRefusal(msg)) {
+          // Telemetry (heartbeat, progress) is dropped and the session goes on; a refused result would be
+          // lost without the worker knowing, so the session ends with INVALID_ARGUMENT naming the field.
+          if (msg.topField === 'heartbeat' || msg.topField === 'progress') {
+            const warned = telemetryWarned.get(w) ?? new Set<string>();
+            telemetryWarned.set(w, warned);
+            const key = msg.unrepresentable?.field ?? msg.message;
+            if (!warned.has(key)) log.warn({ worker: w.workerId, site: w.site }, `${msg.topField} dropped (warned once per worker and field): ${msg.message}`);
+            warned.add(key);
+            return;
+          }
+          log.warn({ worker: w.workerId, site: w.site }, `session message refused, session closed: ${msg.message}`);
+          call.emit('error', grpcError(grpc.status.INVALID_ARGUMENT, `${msg.message}; the session is closed (register again)`));
+          return;
+        }
         const b = msg.body;
         if (!b) return; // a case this build does not know (a newer worker): ignored
         switch (b.$case) {
@@ -256,6 +285,7 @@ export function createCoordinatorService<T>(ctx: ServiceContext<T>): Coordinator
     download(call: grpc.ServerWritableStream<DownloadRequest, DownloadMessage>) {
       void (async () => {
         const w = authenticate(call.metadata, call);
+        if (isWireRefusal(call.request)) throw refusalStatus(call.request);
         const target = call.request.target;
         let packed: { bytes: Uint8Array; sha256: Uint8Array };
         let content: StreamHeader['content'];
@@ -351,6 +381,7 @@ export function createCoordinatorService<T>(ctx: ServiceContext<T>): Coordinator
           for await (const msg of call as AsyncIterable<UploadMessage>) {
             if (replied) return;
             touch();
+            if (isWireRefusal(msg)) throw new UpdateRejected('INVALID_ARGUMENT', msg.message);
             const b = msg.body;
             if (!b) throw new UpdateRejected('INVALID_ARGUMENT', 'empty upload message');
             if (b.$case === 'header') {
@@ -359,8 +390,9 @@ export function createCoordinatorService<T>(ctx: ServiceContext<T>): Coordinator
               const s = header.stream;
               if (!s || s.content?.$case !== 'tensors') throw new UpdateRejected('INVALID_ARGUMENT', 'upload header: stream must describe tensors (stream.tensors)');
               const manifest = fromWireManifest(s.content.value, (m) => new UpdateRejected('INVALID_ARGUMENT', m));
+              const enc = uploadEncodingOf(header, manifest, (m) => new UpdateRejected('INVALID_ARGUMENT', m));
               task = ctx.run.beginUpdate(w, header, manifest);
-              const want = manifestBytes(manifest);
+              const want = encodedStreamBytes(manifest, enc.encoding, enc.blockSize);
               if (s.totalBytes !== want) throw new UpdateRejected('INVALID_ARGUMENT', `stream.total_bytes is ${s.totalBytes}, the manifest needs ${want}`);
               asm = new ChunkAssembler({ totalBytes: want, maxChunkBytes: cfg.server.max_chunk_bytes, what: `upload of task ${header.taskId}` });
               release = await uploads.acquire();

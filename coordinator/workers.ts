@@ -35,6 +35,8 @@ export interface RegistryListener {
 
 export class WorkerRegistry {
   private readonly workers = new Map<string, WorkerRecord>();
+  /** The live worker of each site (Register looks it up once per call: no scan of every worker). */
+  private readonly bySite = new Map<string, WorkerRecord>();
   private sweeper: NodeJS.Timeout | null = null;
   listener: RegistryListener | null = null;
 
@@ -53,7 +55,19 @@ export class WorkerRegistry {
       alive: true,
     };
     this.workers.set(w.workerId, w);
+    this.bySite.set(w.site, w);
     return w;
+  }
+
+  /** The live worker registered for `site`, if any. */
+  liveWorkerOf(site: string): WorkerRecord | undefined {
+    const w = this.bySite.get(site);
+    return w?.alive ? w : undefined;
+  }
+
+  /** How many registrations the registry holds (live ones: gone workers are forgotten). */
+  get size(): number {
+    return this.workers.size;
   }
 
   /** The worker whose id and session key match, or null. */
@@ -113,6 +127,7 @@ export class WorkerRegistry {
       }
     }
     this.workers.delete(w.workerId);
+    if (this.bySite.get(w.site) === w) this.bySite.delete(w.site);
     this.listener?.onWorkerGone(w, reason);
   }
 
@@ -132,7 +147,8 @@ export class WorkerRegistry {
   startSweeper(intervalMs: number): void {
     this.sweeper = setInterval(() => {
       const now = Date.now();
-      for (const w of this.all()) {
+      // Straight over the map (detach deletes the entry being visited, which a Map iteration allows): no copy of every worker each tick.
+      for (const w of this.workers.values()) {
         if (w.alive && now - w.lastSeen > this.heartbeatTimeoutMs) {
           this.detach(w, `no heartbeat for ${Math.round((now - w.lastSeen) / 1000)} s`);
         }

@@ -20,6 +20,8 @@ import {
   streamTensorMap,
   unpackTensorMap,
   bytesEqual,
+  chunkSlices,
+  sha256,
   type TensorSpecEntry,
 } from '../common/chunks.ts';
 import { inspectModel } from '../common/hf-model.ts';
@@ -39,6 +41,7 @@ import {
   type TrainingSpec,
   type UploadAck,
   type UploadMessage,
+  type UpdateEncodingSpec,
   type WorkerMessage,
 } from '../proto/gen/fedtune/v1/coordinator.ts';
 import { createTrainer } from './trainers/index.ts';
@@ -48,6 +51,7 @@ import { diagnoseTlsFailure } from './tls-errors.ts';
 import { seqLenMismatch } from '../common/limits.ts';
 import type { LocalTrainingSpec, Trainer, TrainerFactoryOptions } from './trainers/trainer.ts';
 import { loraConfigFromSpec } from '../common/lora-spec.ts';
+import { encodeUpdate, encodingFromWire, encodingToWire, ErrorFeedback, MAX_INT8_BLOCK_SIZE, type EncodedUpdate, type EncodingChoice } from '../common/update-encoding.ts';
 
 const log = logger('worker');
 
@@ -177,11 +181,13 @@ export class CoordinatorConnection {
    */
   upload(
     header: { taskId: string; round: number; kind: UpdateKind; baseVersion: number; numExamples: number; metrics: Record<string, number> },
-    tensors: TensorMap,
+    tensors: TensorMap | EncodedUpdate,
     opts: { chunkBytes?: number; onChunk?: (index: number, total: number) => void; corrupt?: boolean } = {},
   ): Promise<UploadAck> {
-    const stream = streamTensorMap(tensors, opts.chunkBytes ?? DEFAULT_CHUNK_BYTES);
     const chunkBytes = opts.chunkBytes ?? DEFAULT_CHUNK_BYTES;
+    // A tensor map goes as float32 (no encoding field: what every coordinator accepts); an encoded update with its encoding.
+    const stream = tensors instanceof Map ? streamTensorMap(tensors, chunkBytes) : encodedStream(tensors, chunkBytes);
+    const encodingFields = tensors instanceof Map ? {} : { encoding: encodingToWire(tensors.encoding), ...(tensors.encoding === 'int8_delta' ? { blockSize: tensors.blockSize } : {}) };
     return new Promise<UploadAck>((resolve, reject) => {
       const call = this.client.upload(this.metadata(), (err, ack) => (err ? reject(err) : resolve(ack!)));
       const write = (m: UploadMessage): Promise<void> =>
@@ -195,6 +201,7 @@ export class CoordinatorConnection {
             $case: 'header',
             value: {
               ...header,
+              ...encodingFields,
               stream: {
                 totalBytes: stream.totalBytes,
                 chunkBytes,
@@ -223,6 +230,32 @@ export class CoordinatorConnection {
   close(): void {
     this.client.close();
   }
+}
+
+/** The chunks and digest of an encoded update's bytes, shaped like streamTensorMap's. */
+function encodedStream(u: EncodedUpdate, chunkBytes: number): ReturnType<typeof streamTensorMap> {
+  return {
+    manifest: u.manifest,
+    totalBytes: u.bytes.byteLength,
+    *chunks() {
+      yield* chunkSlices(u.bytes, chunkBytes);
+    },
+    sha256: () => sha256(u.bytes),
+  };
+}
+
+/**
+ * The encoding a worker uploads a train task's update in: the one the task asks for when this
+ * worker implements it and the task accepts it, else float32 (a coordinator that predates
+ * encodings sends no UpdateEncodingSpec).
+ */
+export function uploadEncodingFor(spec: UpdateEncodingSpec | undefined): EncodingChoice {
+  const plain: EncodingChoice = { encoding: 'float32', blockSize: 0, errorFeedback: false };
+  if (!spec) return plain;
+  const e = encodingFromWire(spec.encoding);
+  if (!e || e === 'float32' || !spec.accepted.includes(spec.encoding)) return plain;
+  if (e === 'int8_delta' && !(Number.isInteger(spec.blockSize) && spec.blockSize >= 1 && spec.blockSize <= MAX_INT8_BLOCK_SIZE)) return plain;
+  return { encoding: e, blockSize: e === 'int8_delta' ? spec.blockSize : 0, errorFeedback: e === 'int8_delta' && spec.errorFeedback };
 }
 
 export function localSpecOf(s: TrainingSpec): LocalTrainingSpec {
@@ -286,6 +319,8 @@ export class WorkerAgent {
   private readonly opts: WorkerAgentOptions;
   private trainer: Trainer | null = null;
   private cache: { version: number; adapter: TensorMap; sha256: Uint8Array } | null = null;
+  /** int8_delta error feedback: this process's quantisation residuals of the current run (in memory only). */
+  private readonly feedback = new ErrorFeedback();
   private tasksDone = 0;
   /** Distributed mode: shard cache and local SGD state, created with the trainer. */
   private steps: StepRunner | null = null;
@@ -644,15 +679,30 @@ export class WorkerAgent {
           if (i + 1 >= Math.max(1, Math.floor(total / 2))) process.kill(process.pid, 'SIGKILL');
         }
       : undefined;
+    // round.update_encoding: compress the update as the task asks (int8_delta against the adapter
+    // the task started from, with this run's error-feedback residual when asked).
+    const choice = uploadEncodingFor(kind.value.encoding);
+    const body: TensorMap | EncodedUpdate =
+      choice.encoding === 'float32'
+        ? outcome.adapter
+        : encodeUpdate(outcome.adapter, {
+            encoding: choice.encoding,
+            blockSize: choice.blockSize,
+            start: global,
+            residual: choice.errorFeedback ? this.feedback.take(reg.runId) : null,
+            errorFeedback: choice.errorFeedback,
+          });
     let ack: UploadAck;
     try {
-      ack = await conn.upload(header, outcome.adapter, { chunkBytes, ...(onChunk ? { onChunk } : {}), corrupt: this.opts.faultCorruptUpload === true });
+      ack = await conn.upload(header, body, { chunkBytes, ...(onChunk ? { onChunk } : {}), corrupt: this.opts.faultCorruptUpload === true });
     } catch (err) {
       // One retry for corruption in transit; anything else is reported as a task failure.
-      if (isServiceError(err) && err.code === grpc.status.DATA_LOSS) ack = await conn.upload(header, outcome.adapter, { chunkBytes });
+      if (isServiceError(err) && err.code === grpc.status.DATA_LOSS) ack = await conn.upload(header, body, { chunkBytes });
       else throw new Error(`upload refused: ${isServiceError(err) ? err.details : (err as Error).message}`);
     }
-    log.info({ round: task.round, bytes: ack.bytes, examples: outcome.numExamples, trainLoss: outcome.metrics.train_loss }, 'update uploaded');
+    // The residual counts only once the coordinator has accepted the update it belongs to.
+    if (!(body instanceof Map) && body.residual) this.feedback.commit(reg.runId, body.residual);
+    log.info({ round: task.round, bytes: ack.bytes, encoding: choice.encoding, examples: outcome.numExamples, trainLoss: outcome.metrics.train_loss }, 'update uploaded');
   }
 
   /** Distributed mode: gradients (or local SGD delta) of the task's micro-batches, uploaded in checked chunks. */

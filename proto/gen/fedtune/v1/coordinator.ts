@@ -59,6 +59,27 @@ export enum WorkerStatus {
   UNRECOGNIZED = -1,
 }
 
+/**
+ * How an update's tensors travel (docs/protocol.md#compressed-updates). The coordinator decodes
+ * every upload to float32 before it checks or aggregates it.
+ */
+export enum UpdateEncoding {
+  /** UPDATE_ENCODING_UNSPECIFIED - float32 (workers that predate encodings) */
+  UPDATE_ENCODING_UNSPECIFIED = 0,
+  /** UPDATE_ENCODING_FLOAT32 - DTYPE_F32, 4 bytes per element */
+  UPDATE_ENCODING_FLOAT32 = 1,
+  /** UPDATE_ENCODING_FLOAT16 - DTYPE_F16: IEEE binary16, rounded to nearest even, 2 bytes per element */
+  UPDATE_ENCODING_FLOAT16 = 2,
+  /** UPDATE_ENCODING_BFLOAT16 - DTYPE_BF16: the upper 16 bits of the float32, rounded to nearest even */
+  UPDATE_ENCODING_BFLOAT16 = 3,
+  /**
+   * UPDATE_ENCODING_INT8_DELTA - DTYPE_I8: per tensor, delta = update - start adapter in blocks of block_size elements; the tensor's
+   * bytes are its ceil(n / block_size) float32 scales, then n int8 values q; element = start + q * scale.
+   */
+  UPDATE_ENCODING_INT8_DELTA = 4,
+  UNRECOGNIZED = -1,
+}
+
 export enum UpdateKind {
   UPDATE_KIND_UNSPECIFIED = 0,
   /** UPDATE_KIND_ADAPTER_WEIGHTS - full local adapter after training */
@@ -261,6 +282,21 @@ export interface TrainTask {
     | undefined;
   /** ADAPTER_WEIGHTS for FedAvg-style strategies */
   uploadKind: UpdateKind;
+  /**
+   * The encoding the run asks for (round.update_encoding) and every encoding the coordinator accepts
+   * for this task's upload. Unset (an older coordinator): float32 only.
+   */
+  encoding?: UpdateEncodingSpec | undefined;
+}
+
+export interface UpdateEncodingSpec {
+  encoding: UpdateEncoding;
+  /** int8_delta: elements per scale block */
+  blockSize: number;
+  /** int8_delta: the worker carries its quantisation residual into the next round */
+  errorFeedback: boolean;
+  /** every encoding the coordinator accepts for the task (float32 among them) */
+  accepted: UpdateEncoding[];
 }
 
 /** Evaluation-only round: evaluate the global adapter on the local eval split, answer EvalResult. */
@@ -478,7 +514,15 @@ export interface UploadHeader {
   /** aggregate metrics only: train_loss, tokens, ... */
   metrics: { [key: string]: number };
   /** must describe tensors (content = tensors) */
-  stream: StreamHeader | undefined;
+  stream:
+    | StreamHeader
+    | undefined;
+  /** one of the task's UpdateEncodingSpec.accepted (unset: float32) */
+  encoding?:
+    | UpdateEncoding
+    | undefined;
+  /** int8_delta: the task's UpdateEncodingSpec.block_size */
+  blockSize?: number | undefined;
 }
 
 export interface UploadHeader_MetricsEntry {
@@ -2024,7 +2068,7 @@ export const AdapterRef: MessageFns<AdapterRef> = {
 };
 
 function createBaseTrainTask(): TrainTask {
-  return { spec: undefined, uploadKind: 0 };
+  return { spec: undefined, uploadKind: 0, encoding: undefined };
 }
 
 export const TrainTask: MessageFns<TrainTask> = {
@@ -2034,6 +2078,9 @@ export const TrainTask: MessageFns<TrainTask> = {
     }
     if (message.uploadKind !== 0) {
       writer.uint32(16).int32(message.uploadKind);
+    }
+    if (message.encoding !== undefined) {
+      UpdateEncodingSpec.encode(message.encoding, writer.uint32(26).fork()).join();
     }
     return writer;
   },
@@ -2066,6 +2113,107 @@ export const TrainTask: MessageFns<TrainTask> = {
 
             message.uploadKind = reader.int32() as any;
             continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.encoding = UpdateEncodingSpec.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+};
+
+function createBaseUpdateEncodingSpec(): UpdateEncodingSpec {
+  return { encoding: 0, blockSize: 0, errorFeedback: false, accepted: [] };
+}
+
+export const UpdateEncodingSpec: MessageFns<UpdateEncodingSpec> = {
+  encode(message: UpdateEncodingSpec, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.encoding !== 0) {
+      writer.uint32(8).int32(message.encoding);
+    }
+    if (message.blockSize !== 0) {
+      writer.uint32(16).uint32(message.blockSize);
+    }
+    if (message.errorFeedback !== false) {
+      writer.uint32(24).bool(message.errorFeedback);
+    }
+    if (message.accepted.length !== 0) {
+      writer.uint32(34).fork();
+      for (const v of message.accepted) {
+        writer.int32(v);
+      }
+      writer.join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): UpdateEncodingSpec {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseUpdateEncodingSpec();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.encoding = reader.int32() as any;
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.blockSize = reader.uint32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.errorFeedback = reader.bool();
+            continue;
+          }
+          case 4: {
+            if (tag === 32) {
+              message.accepted.push(reader.int32() as any);
+
+              continue;
+            }
+
+            if (tag === 34) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.accepted.push(reader.int32() as any);
+              }
+
+              continue;
+            }
+
+            break;
           }
         }
         if ((tag & 7) === 4 || tag === 0) {
@@ -3812,7 +3960,17 @@ export const DownloadMessage: MessageFns<DownloadMessage> = {
 };
 
 function createBaseUploadHeader(): UploadHeader {
-  return { taskId: "", round: 0, kind: 0, baseVersion: 0, numExamples: 0, metrics: {}, stream: undefined };
+  return {
+    taskId: "",
+    round: 0,
+    kind: 0,
+    baseVersion: 0,
+    numExamples: 0,
+    metrics: {},
+    stream: undefined,
+    encoding: undefined,
+    blockSize: undefined,
+  };
 }
 
 export const UploadHeader: MessageFns<UploadHeader> = {
@@ -3837,6 +3995,12 @@ export const UploadHeader: MessageFns<UploadHeader> = {
     });
     if (message.stream !== undefined) {
       StreamHeader.encode(message.stream, writer.uint32(58).fork()).join();
+    }
+    if (message.encoding !== undefined) {
+      writer.uint32(64).int32(message.encoding);
+    }
+    if (message.blockSize !== undefined) {
+      writer.uint32(72).uint32(message.blockSize);
     }
     return writer;
   },
@@ -3911,6 +4075,22 @@ export const UploadHeader: MessageFns<UploadHeader> = {
             }
 
             message.stream = StreamHeader.decode(reader, reader.uint32());
+            continue;
+          }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.encoding = reader.int32() as any;
+            continue;
+          }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.blockSize = reader.uint32();
             continue;
           }
         }

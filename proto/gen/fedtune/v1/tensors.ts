@@ -28,11 +28,16 @@ export const protobufFileName = "fedtune/v1/tensors.proto";
 
 export enum DType {
   DTYPE_UNSPECIFIED = 0,
-  /** DTYPE_F32 - IEEE 754 binary32, little-endian. The only dtype accepted for updates today. */
+  /** DTYPE_F32 - IEEE 754 binary32, little-endian. Updates travel in F32 unless compressed (UpdateEncoding). */
   DTYPE_F32 = 1,
   DTYPE_F16 = 2,
   DTYPE_BF16 = 3,
   DTYPE_F64 = 4,
+  /**
+   * DTYPE_I8 - Signed 8-bit integers: the values of an UPDATE_ENCODING_INT8_DELTA upload, each tensor's bytes
+   * preceded by its per-block float32 scales (coordinator.proto, UpdateEncoding).
+   */
+  DTYPE_I8 = 5,
   UNRECOGNIZED = -1,
 }
 
