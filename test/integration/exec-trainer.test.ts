@@ -231,7 +231,8 @@ describe('exec trainer in a federated round', () => {
     expect(taskDir).toBeDefined();
     const spec = JSON.parse(readFileSync(join(taskDir!, 'spec.json'), 'utf8'));
     expect(spec).toMatchObject({ mode: 'train', round: 1, steps: 2, batch_size: 4, lr: 0.02, template: 'plain', max_seq_len: 128, prox_mu: 0, freeze_lora_a: false, num_train_records: 6 });
-    expect(spec.lora).toEqual({ r: 8, alpha: 16, dropout: 0, target_modules: ['q_proj', 'v_proj'] });
+    expect(spec.lora).toEqual({ r: 8, alpha: 16, dropout: 0, target_modules: ['q_proj', 'v_proj'], use_rslora: false, use_dora: false });
+    expect(spec.lora_plus_ratio).toBe(1);
     expect(maxAbsDiff((await readPeftAdapter(join(taskDir!, 'global'))).adapter, init)).toBe(0);
     const a1 = (await readPeftAdapter(join(taskDir!, 'output'))).adapter;
     for (const [k, t] of a1) {
