@@ -16,7 +16,7 @@
  * for each engine variant given (--variants: fp32, and nf4 / int4 base weights
  * and per-layer recompute where the engine has them).
  *
- *   npm run bench:scale [-- --shapes qwen2.5-0.5b,llama-3.2-1b --seq 512 --steps 2 --threads 2 --variants fp32]
+ *   npm run bench:scale [-- --shapes qwen2.5-0.5b,llama-3.2-1b --seq 512 --steps 2 --threads 2 --variants fp32,nf4,recompute --no-torch --torch-timeout 900]
  *   node bin/run-ts.js bench/model-scale.ts make qwen2.5-0.5b DIR     # just write the random model
  *   node bin/run-ts.js bench/model-scale.ts probe DIR '{"seq":128}'   # one measurement (JSON line)
  */
@@ -28,6 +28,7 @@ import { join, resolve } from 'node:path';
 import { Engine, type EngineOptions } from '../worker/engine/engine.ts';
 import { initWeights } from '../worker/engine/init.ts';
 import { loadModel, writeModelFiles } from '../worker/engine/model.ts';
+import { baseMemory, loadBaseModel, type QuantFormat } from '../worker/engine/quantize.ts';
 import { Graph } from '../worker/engine/graph.ts';
 import { createSession, ort } from '../worker/engine/runtime.ts';
 import { normalizeConfig } from '../common/hf-model.ts';
@@ -140,10 +141,11 @@ export async function probe(dir: string, o: ProbeOptions): Promise<void> {
   if (!extra) throw new Error(`unknown variant ${variant}; known: ${Object.keys(VARIANTS).join(', ')}`);
   const rss0 = procStatus('VmRSS');
   const t0 = performance.now();
-  const model = await loadModel(dir);
+  // As a worker loads it: with a 4-bit base each weight is quantised as it is read (worker/engine/quantize.ts).
+  const quantize = (extra as { quantizeBase?: QuantFormat }).quantizeBase;
+  const model = quantize ? await loadBaseModel(dir, quantize) : await loadModel(dir);
   const loadSecs = (performance.now() - t0) / 1000;
-  let resident = 0;
-  for (const t of model.weights.values()) resident += t.data.byteLength;
+  const resident = baseMemory(model).total;
   const loadPeak = procStatus('VmHWM') - rss0;
   const lora = { r: 8, alpha: 16, dropout: 0, targetModules: TARGETS };
   const engine = Engine.create(model, { mode: 'lora', lora, threads: o.threads ?? 2, ...(extra as Partial<EngineOptions>) });
@@ -210,8 +212,9 @@ async function matmulGflops(T: number, k: number, n: number, threads: number): P
   return (2 * T * k * n) / best / 1e9;
 }
 
-function runChild(cmd: string, args: string[]): Record<string, number | string | null> | string {
-  const r = spawnSync(cmd, args, { encoding: 'utf8', maxBuffer: 1 << 24, env: { ...process.env, FEDTUNE_LOG_LEVEL: 'warn' } });
+function runChild(cmd: string, args: string[], timeoutSec = 0): Record<string, number | string | null> | string {
+  const r = spawnSync(cmd, args, { encoding: 'utf8', maxBuffer: 1 << 24, env: { ...process.env, FEDTUNE_LOG_LEVEL: 'warn' }, ...(timeoutSec > 0 ? { timeout: timeoutSec * 1000 } : {}) });
+  if (r.error && (r.error as NodeJS.ErrnoException).code === 'ETIMEDOUT') return `did not finish within ${timeoutSec} s (--torch-timeout)`;
   const line = r.stdout?.trim().split('\n').pop();
   if (r.status !== 0 || !line?.startsWith('{')) return `failed: ${(r.stderr || r.stdout || '').trim().split('\n').slice(-2).join(' | ')}`;
   return JSON.parse(line) as Record<string, number | string | null>;
@@ -233,7 +236,8 @@ async function main(): Promise<void> {
   const variants = arg('--variants', 'fp32,nf4,recompute').split(',');
   const cache = resolve(arg('--dir', join(tmpdir(), 'fedtune-bench-scale')));
   const self = join(ROOT, 'bench', 'model-scale.ts');
-  const haveTorch = spawnSync('/usr/bin/python3', ['-c', 'import torch'], { encoding: 'utf8' }).status === 0;
+  const haveTorch = !process.argv.includes('--no-torch') && spawnSync('/usr/bin/python3', ['-c', 'import torch'], { encoding: 'utf8' }).status === 0;
+  const torchTimeout = Number(arg('--torch-timeout', '900'));
   const load = () => readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' ');
   console.log(`bench:scale  seq ${seq}, batch 1, LoRA r 8 on every projection, ${steps} measured steps, ${threads} threads; load average ${load()}`);
   for (const shape of shapes) {
@@ -269,11 +273,11 @@ async function main(): Promise<void> {
       const t = runChild('/usr/bin/python3', [
         join(ROOT, 'bench', 'torch_llama_step.py'),
         JSON.stringify({ hidden: config.hiddenSize, layers: config.numLayers, heads: config.numHeads, kvHeads: config.numKvHeads, intermediate: config.intermediateSize, vocab: config.vocabSize, batch: 1, seq, r: 8, mode: 'lora', threads, warmup: 1, steps }),
-      ]);
+      ], torchTimeout);
       if (typeof t === 'string') console.log(`  PyTorch CPU      ${t}`);
       else console.log(`  PyTorch CPU      (random init in process)              ${(Number(t.peakRssBytes) / 2 ** 30).toFixed(2).padStart(5)} GiB   ${Number(t.tokensPerSec).toFixed(1).padStart(8)}   ${((stepFlops(config, seq) * Number(t.tokensPerSec)) / seq / 1e9).toFixed(1).padStart(7)}`);
     } else {
-      console.log('  PyTorch CPU      skipped: /usr/bin/python3 has no torch (apt install python3-torch)');
+      console.log(`  PyTorch CPU      skipped: ${process.argv.includes('--no-torch') ? '--no-torch' : '/usr/bin/python3 has no torch (apt install python3-torch)'}`);
     }
   }
   console.log(`\nload average at the end ${load()}`);
