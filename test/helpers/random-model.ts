@@ -2,7 +2,7 @@
  * In-memory random models for engine tests (no files): weights N(0, std) with
  * norms around 1, so that gradients are far from zero everywhere.
  */
-import type { LoadedModel, ModelConfig } from '../../common/model-config.ts';
+import type { Batch, LoadedModel, ModelConfig } from '../../common/model-config.ts';
 import type { TensorMap } from '../../common/tensor.ts';
 import { createRng } from '../../common/random.ts';
 
@@ -87,4 +87,13 @@ export function randomModel(config: ModelConfig, seed = 1, std = 0.2): LoadedMod
     add('transformer.ln_f.bias', [H], 'bias');
   }
   return { dir: `<random ${config.modelType}>`, config, weights: w, fingerprint: `random-${config.modelType}-${seed}` };
+}
+
+/** B random sequences of T tokens trained on themselves, the first token of each carrying no loss. */
+export function randomBatch(vocab: number, B: number, T: number, seed: number): Batch {
+  const rng = createRng(seed);
+  const inputIds = Int32Array.from({ length: B * T }, () => rng.int(vocab));
+  const labels = Int32Array.from(inputIds);
+  for (let b = 0; b < B; b++) labels[b * T] = -100;
+  return { batchSize: B, seqLen: T, inputIds, labels };
 }

@@ -45,3 +45,17 @@ export function randomIds(vocab: number, B: number, T: number, seed: number): nu
   const rng = createRng(seed);
   return Array.from({ length: B }, () => Array.from({ length: T }, () => rng.int(vocab)));
 }
+
+/** gemma2 with the fields Gemma 2 2B ships (soft-capping 50 / 30, query_pre_attn_scalar, a sliding window on alternating layers), at tiny size. */
+export function gemma2As2B(): Record<string, unknown> {
+  return archRaw('gemma2', {
+    num_hidden_layers: 3,
+    head_dim: 16,
+    hidden_activation: 'gelu_pytorch_tanh',
+    query_pre_attn_scalar: 24,
+    attn_logit_softcapping: 50.0,
+    final_logit_softcapping: 30.0,
+    sliding_window: 4,
+    tie_word_embeddings: true,
+  });
+}

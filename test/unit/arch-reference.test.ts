@@ -13,7 +13,7 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { Engine } from '../../worker/engine/engine.ts';
 import { writeModelFiles } from '../../worker/engine/model.ts';
 import { computeFingerprint, normalizeConfig } from '../../common/hf-model.ts';
-import { archModel, archRaw, randomIds } from './arch-models.ts';
+import { archModel, archRaw, randomIds, gemma2As2B } from './arch-models.ts';
 import { maxAbsDiffToReference, referenceAvailable, referenceLogits } from '../helpers/reference.ts';
 
 const haveTorch = referenceAvailable('arch-reference');
@@ -93,16 +93,7 @@ const CASES: Case[] = [
   },
   {
     name: 'gemma2 (as Gemma 2 2B ships: softcaps 50 / 30, query_pre_attn_scalar, sliding window on even layers)',
-    raw: archRaw('gemma2', {
-      num_hidden_layers: 3,
-      head_dim: 16,
-      hidden_activation: 'gelu_pytorch_tanh',
-      query_pre_attn_scalar: 24,
-      attn_logit_softcapping: 50.0,
-      final_logit_softcapping: 30.0,
-      sliding_window: 4,
-      tie_word_embeddings: true,
-    }),
+    raw: gemma2As2B(),
     seqLen: 12,
     off: { sliding_window: null },
   },

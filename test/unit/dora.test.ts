@@ -28,7 +28,7 @@ import type { FitUpdate, GlobalAdapter, Strategy } from '../../coordinator/strat
 import { createRng } from '../../common/random.ts';
 import type { Batch, LoadedModel, LoraConfig, ModelConfig } from '../../common/model-config.ts';
 import type { TensorMap } from '../../common/tensor.ts';
-import { randomConfig, randomModel } from '../helpers/random-model.ts';
+import { randomConfig, randomModel, randomBatch } from '../helpers/random-model.ts';
 import { gradCheck } from '../helpers/gradcheck.ts';
 import { referenceAvailable, referenceLogits } from '../helpers/reference.ts';
 import { archModel, archRaw, randomIds } from './arch-models.ts';
@@ -192,14 +192,6 @@ function detachedGradCheck(engine: Engine, targets: readonly LoraTarget[], weigh
     m.set(mk, { shape: [t.outFeatures], data: Float64Array.from(mag, (x, o) => (x * n[o]!) / n0.get(t.module)![o]!) });
     return m;
   });
-}
-
-function randomBatch(vocab: number, B: number, T: number, seed: number): Batch {
-  const rng = createRng(seed);
-  const inputIds = Int32Array.from({ length: B * T }, () => rng.int(vocab));
-  const labels = Int32Array.from(inputIds);
-  for (let b = 0; b < B; b++) labels[b * T] = -100;
-  return { batchSize: B, seqLen: T, inputIds, labels };
 }
 
 const ALL: Record<'llama' | 'gpt2', string[]> = {

@@ -20,17 +20,9 @@ import { initLoraAdapter, loraTargets } from '../../common/lora.ts';
 import type { Batch, LoraConfig } from '../../common/model-config.ts';
 import { cloneTensorMap, type TensorMap } from '../../common/tensor.ts';
 import { createRng } from '../../common/random.ts';
-import { randomConfig, randomModel } from '../helpers/random-model.ts';
+import { randomConfig, randomModel, randomBatch } from '../helpers/random-model.ts';
 
 const isA = (name: string): boolean => name.endsWith('.lora_A.weight');
-
-function randomBatch(vocab: number, B: number, T: number, seed: number): Batch {
-  const rng = createRng(seed);
-  const inputIds = Int32Array.from({ length: B * T }, () => rng.int(vocab));
-  const labels = Int32Array.from(inputIds);
-  for (let b = 0; b < B; b++) labels[b * T] = -100;
-  return { batchSize: B, seqLen: T, inputIds, labels };
-}
 
 function expectFrozenA(before: TensorMap, after: TensorMap): void {
   let aCount = 0;

@@ -19,7 +19,7 @@ import { initLoraAdapter, loraTargets } from '../../common/lora.ts';
 import { Engine } from '../../worker/engine/engine.ts';
 import { writePeftAdapter } from '../../common/peft.ts';
 import { createRng } from '../../common/random.ts';
-import { archModel, archRaw, randomIds } from './arch-models.ts';
+import { archModel, archRaw, randomIds, gemma2As2B } from './arch-models.ts';
 
 const root = mkdtempSync(join(tmpdir(), 'fedtune-generate-'));
 afterAll(() => rmSync(root, { recursive: true, force: true }));
@@ -71,16 +71,7 @@ const ARCHS: ArchCase[] = [
   },
   {
     name: 'gemma2 softcaps 50 / 30, sliding window 4 on alternating layers',
-    raw: archRaw('gemma2', {
-      num_hidden_layers: 3,
-      head_dim: 16,
-      hidden_activation: 'gelu_pytorch_tanh',
-      query_pre_attn_scalar: 24,
-      attn_logit_softcapping: 50.0,
-      final_logit_softcapping: 30.0,
-      sliding_window: 4,
-      tie_word_embeddings: true,
-    }),
+    raw: gemma2As2B(),
     off: { sliding_window: null },
   },
   {
