@@ -13,9 +13,8 @@ import { z } from 'zod';
 import { numel, type TensorMap } from '../../common/tensor.ts';
 import { BaseStrategy, type Aggregator, type FitUpdate, type GlobalAdapter, type StrategyDefinition } from './strategy.ts';
 
-/** Streaming weighted mean of tensor maps with the same names and shapes. */
 // One loop per source type keeps each monomorphic; indexing a view from 0 avoids
-// the offset add per element (about 1.5x the throughput of one shared loop).
+// the offset add per element (0.75 -> about 1 GB/s in bench (a)).
 function foldF32(sum: Float64Array, d: Float32Array, w: number): void {
   for (let j = 0; j < d.length; j++) sum[j]! += w * d[j]!;
 }
@@ -23,6 +22,7 @@ function foldF64(sum: Float64Array, d: Float64Array, w: number): void {
   for (let j = 0; j < d.length; j++) sum[j]! += w * d[j]!;
 }
 
+/** Streaming weighted mean of tensor maps with the same names and shapes. */
 export class MeanAggregator implements Aggregator {
   readonly kind = 'streaming';
   private readonly names: string[];
