@@ -11,6 +11,8 @@
  * process with a synthetic adapter of Llama-7B attention shapes, r=16.
  */
 import { mkdtempSync, rmSync } from 'node:fs';
+import { spawn } from 'node:child_process';
+import { createHash } from 'node:crypto';
 import { createServer, connect, type AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -20,7 +22,9 @@ import { parseRunConfig, type RunConfig } from '../common/config.ts';
 import { numel, type TensorMap } from '../common/tensor.ts';
 import { MemoryBus } from '../coordinator/events/memory.ts';
 import { FederatedRun } from '../coordinator/run.ts';
-import { createCoordinatorService } from '../coordinator/service.ts';
+import { createCoordinatorService, createTransfers } from '../coordinator/service.ts';
+import { startBulkServer, type BulkServer } from '../coordinator/bulk.ts';
+import { rawTcpBetweenProcesses } from './rounds.ts';
 import { MeanAggregator } from '../coordinator/strategies/fedavg.ts';
 import { createStrategy } from '../coordinator/strategies/index.ts';
 import { federatedStore, newRunState } from '../coordinator/store.ts';
@@ -84,25 +88,32 @@ export function paramCount(m: TensorMap): number {
 
 export function benchAggregation(adapter: TensorMap, updates = 4, repeats = 3): Row[] {
   const packed = packTensorMap(adapter);
-  const flat = new Float32Array(packed.bytes.buffer, packed.bytes.byteOffset, packed.bytes.byteLength / 4);
+  // One buffer per update, as uploads are: the fold reads `updates` distinct
+  // buffers (none of them hot in cache for the others), and the baselines copy
+  // the same buffers.
+  const uploads = Array.from({ length: updates }, () => packed.bytes.slice());
+  const flats = uploads.map((b) => new Float32Array(b.buffer, b.byteOffset, b.byteLength / 4));
   const bytes = packed.bytes.byteLength * updates;
   let best = Infinity;
   for (let r = 0; r < repeats; r++) {
+    // Outside the timing, as at round start: allocating and touching the float64 sum.
     const acc = new MeanAggregator(adapter);
-    const update = unpackTensorMap(packed.manifest, packed.bytes);
+    const maps = uploads.map((b) => unpackTensorMap(packed.manifest, b));
     const [, ms] = time(() => {
-      for (let k = 0; k < updates; k++) acc.add({ tensors: update, weight: 10 + k });
+      for (let k = 0; k < updates; k++) acc.add({ tensors: maps[k]!, weight: 10 + k });
+      acc.flush(); // whatever is still queued is folded inside the timed region
     });
     best = Math.min(best, ms);
   }
-  const dst = new Float32Array(flat.length);
+  const dst = new Float32Array(packed.bytes.byteLength / 4);
+  dst.fill(0); // its pages touched, as the aggregator's sum is by its constructor (outside the timing)
   const dstBuf = Buffer.from(dst.buffer);
-  const srcBuf = Buffer.from(packed.bytes.buffer, packed.bytes.byteOffset, packed.bytes.byteLength);
+  const srcBufs = uploads.map((b) => Buffer.from(b.buffer, b.byteOffset, b.byteLength));
   let bestSet = Infinity;
   let bestCopy = Infinity;
   for (let r = 0; r < repeats; r++) {
-    bestSet = Math.min(bestSet, time(() => { for (let k = 0; k < updates; k++) dst.set(flat); })[1]);
-    bestCopy = Math.min(bestCopy, time(() => { for (let k = 0; k < updates; k++) srcBuf.copy(dstBuf); })[1]);
+    bestSet = Math.min(bestSet, time(() => { for (let k = 0; k < updates; k++) dst.set(flats[k]!); })[1]);
+    bestCopy = Math.min(bestCopy, time(() => { for (let k = 0; k < updates; k++) srcBufs[k]!.copy(dstBuf); })[1]);
   }
   const gbps = (ms: number): number => bytes / 1e9 / (ms / 1000);
   return [
@@ -187,8 +198,12 @@ async function benchCoordinator(adapter: TensorMap, over: Record<string, unknown
   const run = new FederatedRun({ cfg, bus, registry, store, strategy: createStrategy(cfg, []), global: adapter, globalRank: 16, state: newRunState(cfg, ''), resumed: false });
   registry.listener = run;
   const server = new grpc.Server();
-  server.addService(CoordinatorService, createCoordinatorService({ cfg, run, registry, modelFingerprint: '' }));
+  let bulk: BulkServer | null = null;
+  const ctx = { cfg, run, registry, modelFingerprint: '', bulkPort: () => bulk?.port ?? 0 };
+  const transfers = createTransfers(ctx);
+  server.addService(CoordinatorService, createCoordinatorService(ctx, transfers));
   const port = await new Promise<number>((res, rej) => server.bindAsync('127.0.0.1:0', grpc.ServerCredentials.createInsecure(), (e, p) => (e ? rej(e) : res(p))));
+  bulk = await startBulkServer({ transfers, host: '127.0.0.1', port: 0, tls: null, mutual: false });
   return {
     address: `127.0.0.1:${port}`,
     cfg,
@@ -198,6 +213,7 @@ async function benchCoordinator(adapter: TensorMap, over: Record<string, unknown
       run.stop();
       registry.close();
       server.forceShutdown();
+      await bulk?.close();
       await bus.close();
       rmSync(dir, { recursive: true, force: true });
     },
@@ -206,35 +222,58 @@ async function benchCoordinator(adapter: TensorMap, over: Record<string, unknown
 
 // ---------------------------------------------------------------- (b)
 
+/** Milliseconds of each download by a separate process (bench/transfer-client.ts) over `mode`. */
+async function downloadsFromChild(address: string, mode: 'bulk' | 'grpc', n: number): Promise<number[]> {
+  const out = await new Promise<string>((resolve, reject) => {
+    const p = spawn(process.execPath, [join(import.meta.dirname, '..', 'bin', 'run-ts.js'), join(import.meta.dirname, 'transfer-client.ts'), address, mode, String(n)], {
+      stdio: ['ignore', 'pipe', 'inherit'],
+      env: { ...process.env, FEDTUNE_LOG_LEVEL: 'warn' },
+    });
+    let text = '';
+    p.stdout!.on('data', (d: Buffer) => (text += d.toString()));
+    p.on('error', reject);
+    p.on('exit', (code) => (code === 0 ? resolve(text) : reject(new Error(`bench (b): transfer client (${mode}) exited with ${code}`))));
+  });
+  return (JSON.parse(out.trim().split('\n').at(-1)!) as { ms: number[] }).ms;
+}
+
 export async function benchTransfer(adapter: TensorMap, repeats = 3): Promise<{ rows: Row[]; tcpBytesPerMs: number }> {
   const c = await benchCoordinator(adapter, {});
-  const conn = new CoordinatorConnection(c.address);
-  await conn.register({
-    joinToken: 'bench',
-    site: 'reader',
-    previousWorkerId: '',
-    capabilities: { device: 'cpu', memoryBytes: 0, backends: [], modelFingerprint: '', numTrainExamples: 0, numEvalExamples: 0, client: 'bench', protocolVersion: 1 },
-  });
   const packed = packTensorMap(adapter);
   const bytes = packed.bytes.byteLength;
-  let best = Infinity;
-  let bestTcp = Infinity;
-  for (let r = 0; r < repeats; r++) {
-    best = Math.min(best, (await timeAsync(() => conn.downloadAdapter(0, 4 << 20)))[1]);
-    bestTcp = Math.min(bestTcp, await rawTcp(packed.bytes, bytes));
-  }
-  conn.close();
+  // The downloading side is its own process, as a worker is; the baseline moves the same bytes between two processes.
+  const n = Math.max(3, repeats * 2);
+  const bulkMs = await downloadsFromChild(c.address, 'bulk', n);
+  const grpcMs = await downloadsFromChild(c.address, 'grpc', Math.max(2, repeats));
+  const tcpBytesPerMs = await rawTcpBetweenProcesses(bytes, Math.max(3, repeats));
+  // The receiver checks the digest of every byte: SHA-256's own rate on this machine bounds the transfer too.
+  let hashMs = Infinity;
+  for (let r = 0; r < 3; r++) hashMs = Math.min(hashMs, time(() => createHash('sha256').update(packed.bytes).digest())[1]);
   await c.close();
   const mbps = (ms: number): number => bytes / MB / (ms / 1000);
+  const tcp = (tcpBytesPerMs * 1000) / MB;
+  const best = (xs: number[]): number => Math.min(...xs);
   return {
     rows: [
       {
-        what: `(b) adapter download over gRPC, ${(bytes / MB).toFixed(0)} MB in 1 MiB chunks + SHA-256`,
-        value: `${mbps(best).toFixed(0)} MB/s`,
-        baseline: `raw TCP ${mbps(bestTcp).toFixed(0)} MB/s`,
-        ratio: `${(mbps(best) / mbps(bestTcp)).toFixed(2)}x`,
+        what: `(b) adapter download over the bulk channel by a worker process, ${(bytes / MB).toFixed(0)} MB + SHA-256 (best of ${n})`,
+        value: `${mbps(best(bulkMs)).toFixed(0)} MB/s`,
+        baseline: `raw TCP between processes ${tcp.toFixed(0)} MB/s`,
+        ratio: `${(mbps(best(bulkMs)) / tcp).toFixed(2)}x`,
+      },
+      {
+        what: '',
+        value: '',
+        baseline: `SHA-256 alone ${mbps(hashMs).toFixed(0)} MB/s`,
+        ratio: `${(mbps(best(bulkMs)) / mbps(hashMs)).toFixed(2)}x`,
+      },
+      {
+        what: `    the same over gRPC, 1 MiB chunks + SHA-256`,
+        value: `${mbps(best(grpcMs)).toFixed(0)} MB/s`,
+        baseline: `raw TCP between processes ${tcp.toFixed(0)} MB/s`,
+        ratio: `${(mbps(best(grpcMs)) / tcp).toFixed(2)}x`,
       },
     ],
-    tcpBytesPerMs: bytes / bestTcp,
+    tcpBytesPerMs,
   };
 }

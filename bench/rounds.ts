@@ -36,6 +36,8 @@ export interface ProcessRoundRow {
   /** 2 x N x adapter bytes at the raw TCP rate. */
   boundMs: number;
   coordinatorCpuSecPerClientRound: number;
+  /** Each worker process's CPU-seconds per round (utime + stime from /proc over the same warm rounds), mean over workers. */
+  workerCpuSecPerRound: number;
   coordinatorPeakRssMb: number;
   workerPeakRssMb: { min: number; max: number };
   load: number[];
@@ -97,6 +99,18 @@ export async function rawTcpBetweenProcesses(bytes: number, repeats = 3): Promis
   return (2 * bytes) / best;
 }
 
+/** utime + stime of a process in seconds (from /proc/PID/stat; NaN once it is gone). */
+function procCpuSec(pid: number): number {
+  try {
+    const f = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const rest = f.slice(f.lastIndexOf(')') + 2).split(' ');
+    // Fields after the command: state is rest[0], utime is field 14 (rest[11]), stime field 15 (rest[12]).
+    return (Number(rest[11]) + Number(rest[12])) / 100;
+  } catch {
+    return NaN;
+  }
+}
+
 function vmHwmMb(pid: number): number {
   try {
     const m = /VmHWM:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
@@ -148,11 +162,19 @@ export async function processRound(o: { model: string; dir: string; workers: num
   // CPU of this process between the start of round 2 and the end of the last round.
   let cpuAt: NodeJS.CpuUsage | null = null;
   let cpuUsed: NodeJS.CpuUsage | null = null;
+  let workerCpuAt: number[] = [];
+  let workerCpuUsed: number[] = [];
   const sub = coord.bus.subscribe({ runId: coord.runId, afterSeq: 0 });
   void (async () => {
     for await (const e of sub) {
-      if (e.type === 'round.started' && e.round === 2) cpuAt = process.cpuUsage();
-      if (e.type === 'round.completed' && e.round === rounds && cpuAt) cpuUsed = process.cpuUsage(cpuAt);
+      if (e.type === 'round.started' && e.round === 2) {
+        cpuAt = process.cpuUsage();
+        workerCpuAt = procs.map((p) => procCpuSec(p.pid!));
+      }
+      if (e.type === 'round.completed' && e.round === rounds && cpuAt) {
+        cpuUsed = process.cpuUsage(cpuAt);
+        workerCpuUsed = procs.map((p, i) => procCpuSec(p.pid!) - workerCpuAt[i]!);
+      }
     }
   })().catch(() => undefined);
   try {
@@ -189,6 +211,7 @@ export async function processRound(o: { model: string; dir: string; workers: num
       },
       boundMs: (2 * o.workers * adapterBytes) / o.tcpBytesPerMs,
       coordinatorCpuSecPerClientRound: cpuSec / (o.workers * warm.length),
+      workerCpuSecPerRound: workerCpuUsed.reduce((a, b) => a + b, 0) / (workerCpuUsed.length * warm.length),
       coordinatorPeakRssMb: process.resourceUsage().maxRSS / 1024,
       workerPeakRssMb: { min: Math.min(...rss), max: Math.max(...rss) },
       load: loads.length ? loads : [loadavg()[0]!],
@@ -206,14 +229,14 @@ export async function processRound(o: { model: string; dir: string; workers: num
 export function roundTable(rows: ProcessRoundRow[], tcpBytesPerMs: number): string {
   const lines = [
     `raw TCP between two processes: ${((tcpBytesPerMs * 1000) / 1e6).toFixed(0)} MB/s`,
-    '| N | round time | dispatch / train / upload / aggregate | bytes-once bound | ratio | coordinator CPU-s per client-round | coordinator peak RSS | worker peak RSS | load (1 min) |',
-    '|---|---|---|---|---|---|---|---|---|',
+    '| N | round time | dispatch / train / upload / aggregate | bytes-once bound | ratio | coordinator CPU-s per client-round | worker CPU-s per round | coordinator peak RSS | worker peak RSS | load (1 min) |',
+    '|---|---|---|---|---|---|---|---|---|---|',
   ];
   for (const r of rows) {
     const p = r.phases;
     lines.push(
       `| ${r.workers} | ${(r.roundMs / 1000).toFixed(2)} s | ${(p.dispatchMs / 1000).toFixed(2)} / ${(p.trainMs / 1000).toFixed(2)} / ${(p.uploadMs / 1000).toFixed(2)} / ${(p.aggregateMs / 1000).toFixed(2)} s | ` +
-        `${(r.boundMs / 1000).toFixed(2)} s | ${(r.roundMs / r.boundMs).toFixed(1)}x | ${r.coordinatorCpuSecPerClientRound.toFixed(3)} | ${r.coordinatorPeakRssMb.toFixed(0)} MB | ` +
+        `${(r.boundMs / 1000).toFixed(2)} s | ${(r.roundMs / r.boundMs).toFixed(1)}x | ${r.coordinatorCpuSecPerClientRound.toFixed(3)} | ${r.workerCpuSecPerRound.toFixed(3)} | ${r.coordinatorPeakRssMb.toFixed(0)} MB | ` +
         `${r.workerPeakRssMb.min.toFixed(0)}-${r.workerPeakRssMb.max.toFixed(0)} MB | ${Math.min(...r.load).toFixed(1)}-${Math.max(...r.load).toFixed(1)} |`,
     );
   }

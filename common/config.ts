@@ -226,6 +226,17 @@ export const runConfigSchema = z
         max_concurrent_uploads: int().min(1).default(8),
         /** An upload stream that sends nothing for this long is closed (its slot freed). */
         upload_idle_timeout_sec: positive().default(60),
+        /**
+         * An upload not complete this long after it got its upload slot is closed (the slot freed), however
+         * steadily it trickles: a slow sender cannot hold a slot forever.
+         */
+        upload_timeout_sec: positive().default(600),
+        /**
+         * The bulk tensor channel (docs/protocol.md): a TCP port on server.listen's host, with the same TLS,
+         * that carries Download and Upload bytes without gRPC framing. 0: any free port (advertised at
+         * registration); null: off, every transfer goes over the gRPC streams.
+         */
+        bulk_port: int().min(0).max(65535).nullable().default(0),
       }),
     dashboard: z
       .strictObject({

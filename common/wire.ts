@@ -11,6 +11,11 @@ export const PROTOCOL_VERSION = 1;
 export const WORKER_ID_HEADER = 'fedtune-worker-id';
 export const SESSION_KEY_HEADER = 'fedtune-session-key';
 
+/** Bulk tensor channel (proto: BulkRequest): the preamble a connection starts with, the digest after raw bytes, the largest request frame. */
+export const BULK_MAGIC = 'FTB1';
+export const BULK_DIGEST_BYTES = 32;
+export const BULK_MAX_REQUEST_BYTES = 4 << 20;
+
 export const DTYPE_NAMES: Record<number, WireDType | undefined> = {
   [DType.DTYPE_F32]: 'F32',
   [DType.DTYPE_F16]: 'F16',

@@ -449,6 +449,30 @@ export class Admission {
     );
   }
 
+  /**
+   * A second channel of a registered worker (the bulk tensor channel): revocation as check(), and
+   * under mutual TLS the connection must present the certificate the worker registered with.
+   */
+  checkChannel(w: WorkerRecord, peer: PeerIdentity | null, address: string): Refusal | null {
+    const revoked = this.check(w, address);
+    if (revoked || !this.o.mutual) return revoked;
+    const b = this.bound.get(w.workerId);
+    if (!peer || !b || peer.sha256 !== b.peer.sha256) {
+      return this.refuse(
+        'session',
+        {
+          code: grpc.status.PERMISSION_DENIED,
+          message: peer
+            ? `the client certificate on this connection (site "${peer.site}", serial ${peer.serial}) is not the one worker ${w.workerId} registered with: use one certificate for every connection of a worker`
+            : 'no client certificate on this connection (mutual TLS, server.tls.client_ca): every connection of a worker presents its certificate',
+        },
+        w.site,
+        address,
+      );
+    }
+    return null;
+  }
+
   /** After a CRL reload: end the sessions of workers whose certificate is now revoked. Returns how many. */
   endRevoked(registry: WorkerRegistry): number {
     let n = 0;

@@ -25,7 +25,8 @@ import { setupDistributed } from './distributed/setup.ts';
 import type { EventBus } from './events/bus.ts';
 import { MemoryBus } from './events/memory.ts';
 import { FederatedRun, type RunResult } from './run.ts';
-import { createCoordinatorService, type RunController } from './service.ts';
+import { createCoordinatorService, createTransfers, type RunController } from './service.ts';
+import { startBulkServer, type BulkServer } from './bulk.ts';
 import { createStrategy } from './strategies/index.ts';
 import type { StrategyState } from './strategies/strategy.ts';
 import { RunDirLock } from './lock.ts';
@@ -184,7 +185,10 @@ async function start(cfg: RunConfig, opts: CoordinatorOptions, lock: RunDirLock)
   })();
 
   const server = new grpc.Server({ 'grpc.keepalive_permit_without_calls': 1, 'grpc.http2.min_ping_interval_without_data_ms': 5000 });
-  server.addService(CoordinatorService, createCoordinatorService({ cfg, run, registry, modelFingerprint: model.fingerprint, admission }));
+  let bulk: BulkServer | null = null;
+  const serviceCtx = { cfg, run, registry, modelFingerprint: model.fingerprint, admission, bulkPort: () => bulk?.port ?? 0 };
+  const transfers = createTransfers(serviceCtx);
+  server.addService(CoordinatorService, createCoordinatorService(serviceCtx, transfers));
   const { host } = parseHostPort(cfg.server.listen, 'server.listen');
   const port = await new Promise<number>((resolve, reject) =>
     server.bindAsync(cfg.server.listen, revocations?.serverCredentials ?? creds, (err, p) =>
@@ -197,6 +201,22 @@ async function start(cfg: RunConfig, opts: CoordinatorOptions, lock: RunDirLock)
     audit.close();
     throw err;
   });
+  if (cfg.server.bulk_port !== null) {
+    // The bulk tensor channel: same host, same TLS identity (and CRL) as the gRPC server (bulk.ts).
+    const serverCreds = revocations?.serverCredentials ?? creds;
+    const tlsOptions = cfg.server.tls ? serverCreds._getSecureContextOptions() : null;
+    try {
+      bulk = await startBulkServer({ transfers, host: host.replace(/^\[(.*)\]$/, '$1'), port: cfg.server.bulk_port, tls: tlsOptions, mutual: cfg.server.tls?.client_ca != null });
+    } catch (err) {
+      server.forceShutdown();
+      revocations?.close();
+      auditSub.close();
+      await auditing;
+      audit.close();
+      throw err;
+    }
+    if (tlsOptions) serverCreds._addWatcher((o) => o && bulk?.setSecureContext(o));
+  }
   if (cfg.server.tls) {
     logRefusedHandshakes(server, {
       mutual: cfg.server.tls.client_ca !== null,
@@ -205,7 +225,7 @@ async function start(cfg: RunConfig, opts: CoordinatorOptions, lock: RunDirLock)
   }
   registry.startSweeper(Math.min(1000, cfg.server.heartbeat_interval_ms));
   const address = `${host.includes(':') ? `[${host}]` : host}:${port}`;
-  log.info({ address, run: cfg.name, mode: cfg.mode, tls: cfg.server.tls !== null, fingerprint: model.fingerprint }, 'coordinator listening');
+  log.info({ address, bulkPort: bulk?.port ?? null, run: cfg.name, mode: cfg.mode, tls: cfg.server.tls !== null, fingerprint: model.fingerprint }, 'coordinator listening');
 
   let closed = false;
   const runPromise = run.run().then((result) => {
@@ -237,6 +257,7 @@ async function start(cfg: RunConfig, opts: CoordinatorOptions, lock: RunDirLock)
           resolve();
         });
       });
+      await bulk?.close();
       revocations?.close();
       auditSub.close();
       await auditing;

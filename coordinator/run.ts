@@ -91,6 +91,32 @@ interface OpenAttempt {
   expected: number;
 }
 
+
+/**
+ * Sum of squared differences of two equal-length vectors (float64), and the largest |a[i]| when
+ * `wantMax`, in one pass (a second pass for the maximum costs as much again: bench (c)).
+ * A NaN anywhere in `a` makes the sum NaN; Math.max propagates it too.
+ */
+function sumSqDiff(a: Float32Array, b: Float32Array, wantMax: boolean): { sq: number; maxSeen: number } {
+  const n = a.length;
+  let s = 0;
+  if (!wantMax) {
+    for (let i = 0; i < n; i++) {
+      const x = a[i]! - b[i]!;
+      s += x * x;
+    }
+    return { sq: s, maxSeen: 0 };
+  }
+  let m = 0;
+  for (let i = 0; i < n; i++) {
+    const v = a[i]!;
+    const x = v - b[i]!;
+    s += x * x;
+    m = Math.max(m, Math.abs(v));
+  }
+  return { sq: s, maxSeen: m };
+}
+
 export class FederatedRun extends RunBase implements RegistryListener {
   private readonly store: CheckpointStore<RunStateFile>;
   private readonly strategy: Strategy;
@@ -267,18 +293,21 @@ export class FederatedRun extends RunBase implements RegistryListener {
     const d = this.cfg.defence;
     const maxAbs = d.max_abs ?? Infinity;
     const s = t.startFlat;
-    let sq = 0;
-    let off = 0;
-    for (const e of t.manifest) {
-      const n = e.shape.reduce((a, b) => a * b, 1);
-      for (let i = off; i < off + n; i++) {
-        const v = flat[i]!;
-        if (!Number.isFinite(v)) return { reason: `tensor ${e.name} has a non-finite value (${v}) at element ${i - off}`, norm: NaN };
-        if (Math.abs(v) > maxAbs) return { reason: `tensor ${e.name} has a value of ${v} at element ${i - off}, beyond defence.max_abs = ${maxAbs}`, norm: NaN };
-        const x = v - s[i]!;
-        sq += x * x;
+    // One branch-free pass: a NaN or infinity anywhere makes the sum of squares non-finite (float32
+    // values square to at most ~1.2e77, far inside float64), and the largest |value| is kept only when
+    // defence.max_abs is set. Only a failing update is walked again to name the element.
+    const { sq, maxSeen } = sumSqDiff(flat, s, maxAbs !== Infinity);
+    if (!Number.isFinite(sq) || maxSeen > maxAbs) {
+      let off = 0;
+      for (const e of t.manifest) {
+        const n = e.shape.reduce((a, b) => a * b, 1);
+        for (let i = off; i < off + n; i++) {
+          const v = flat[i]!;
+          if (!Number.isFinite(v)) return { reason: `tensor ${e.name} has a non-finite value (${v}) at element ${i - off}`, norm: NaN };
+          if (Math.abs(v) > maxAbs) return { reason: `tensor ${e.name} has a value of ${v} at element ${i - off}, beyond defence.max_abs = ${maxAbs}`, norm: NaN };
+        }
+        off += n;
       }
-      off += n;
     }
     const norm = Math.sqrt(sq);
     if (d.max_norm !== null && norm > d.max_norm) {
@@ -309,12 +338,27 @@ export class FederatedRun extends RunBase implements RegistryListener {
   }
 
   /** Complete bytes of a checked stream: screen the values and hand the update to the aggregator. */
-  acceptUpdate(w: WorkerRecord, t: TaskState, h: UploadHeader, bytes: Uint8Array): void {
+  acceptUpdate(w: WorkerRecord, t: TaskState, h: UploadHeader, bytes: Uint8Array, release?: () => void): void {
+    // `bytes` come from the upload buffer pool: given back once nothing reads them (an aggregator that
+    // folded the update in calls FitUpdate.release; a refused or decoded-then-dropped upload at once).
+    const own = { handedOn: false };
+    try {
+      this.acceptChecked(w, t, h, bytes, release, own);
+    } finally {
+      if (!own.handedOn) release?.();
+    }
+  }
+
+  /** acceptUpdate's work; sets own.handedOn once the update's bytes went on to the aggregator (which then owns `release`). */
+  private acceptChecked(w: WorkerRecord, t: TaskState, h: UploadHeader, bytes: Uint8Array, release: (() => void) | undefined, own: { handedOn: boolean }): void {
     const open = this.open;
     if (t.status !== 'uploading' || !open || open.round !== t.round || open.attempt !== t.attempt) {
       throw new UpdateRejected('FAILED_PRECONDITION', `stale update: round ${t.round} closed while task ${t.taskId} was uploading`);
     }
-    if (h.kind === UpdateKind.UPDATE_KIND_SECAGG_MASKED) return this.acceptMasked(w, t, h, bytes);
+    if (h.kind === UpdateKind.UPDATE_KIND_SECAGG_MASKED) {
+      this.acceptMasked(w, t, h, bytes); // folded into the masked sum at once: the bytes are free again
+      return;
+    }
     const refuse = (reason: string): never => {
       this.board.reopen(t);
       open.refused++;
@@ -343,10 +387,13 @@ export class FederatedRun extends RunBase implements RegistryListener {
     // The assembled upload is ours alone: the aggregator may keep views into it.
     const tensors = unpackTensorMap(t.manifest, aligned);
     const weight = this.weightOf(h.numExamples);
-    const update = { workerId: w.workerId, site: w.site, spec: t.spec, weight, tensors, start: t.start };
+    // Decoded updates were copied out of `bytes`: only float32 ones still read the pooled buffer.
+    const pooled = enc === 'float32' && aligned === bytes;
+    const update = { workerId: w.workerId, site: w.site, spec: t.spec, weight, tensors, start: t.start, ...(pooled && release ? { release } : {}) };
     const unfit = this.strategy.checkUpdate(update);
     if (unfit) refuse(unfit);
     open.aggregator.add(update);
+    own.handedOn = pooled;
     open.norms.push(norm);
     this.board.done(t, bytes.byteLength);
     t.numExamples = h.numExamples;

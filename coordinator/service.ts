@@ -5,6 +5,7 @@
  */
 import * as grpc from '@grpc/grpc-js';
 import {
+  BufferPool,
   ChunkAssembler,
   ChunkError,
   chunkSlices,
@@ -75,7 +76,12 @@ export interface RunController<T = unknown> {
   onDownloaded(w: WorkerRecord, bytes: number): void;
   beginUpdate(w: WorkerRecord, h: UploadHeader, manifest: TensorSpecEntry[]): T;
   abandonUpdate(t: T): void;
-  acceptUpdate(w: WorkerRecord, t: T, h: UploadHeader, bytes: Uint8Array): void;
+  /**
+   * `release`, when given, returns `bytes` to the upload buffer pool: the run calls it (once) when
+   * nothing reads them any more, e.g. through FitUpdate.release once an aggregator folded them in,
+   * or right away when it refuses the update. Not calling it is safe (the garbage collector frees them).
+   */
+  acceptUpdate(w: WorkerRecord, t: T, h: UploadHeader, bytes: Uint8Array, release?: () => void): void;
   rejectUpdate(w: WorkerRecord, h: Pick<UploadHeader, 'taskId' | 'round'> | null, reason: string): void;
 }
 
@@ -86,6 +92,8 @@ export interface ServiceContext<T = unknown> {
   modelFingerprint: string;
   /** Join tokens, certificate-to-site binding, revocation, audit records (default: the config's checks, no audit). */
   admission?: Admission;
+  /** The bulk tensor channel's port to advertise at registration (0 or absent: none). */
+  bulkPort?: () => number;
 }
 
 const STATUS_NAMES: Record<number, string> = {
@@ -114,10 +122,183 @@ class Semaphore {
   }
 }
 
-export function createCoordinatorService<T>(ctx: ServiceContext<T>): CoordinatorServer {
+/**
+ * Upload and download as the run sees them, shared by the gRPC streams below and the bulk tensor
+ * channel (bulk.ts): authentication, what a download serves, and the upload prologue
+ * (header checks, one slot taken only after a valid header), reassembly and acceptance.
+ */
+export interface Transfers {
+  /** The worker a (worker id, session key) pair belongs to; throws UNAUTHENTICATED / the revocation's status. */
+  authenticate(workerId: string, sessionKey: string, call: { getPeer(): string }): WorkerRecord;
+  /** What a DownloadRequest serves: the stream header, the bytes and their digest (packed once per version). */
+  download(w: WorkerRecord, req: DownloadRequest): { header: StreamHeader; bytes: Uint8Array; sha256: Uint8Array };
+  downloaded(w: WorkerRecord, bytes: number): void;
+  /**
+   * A receiver for one upload of this worker. `onTimeout` runs when the upload is still not complete
+   * server.upload_timeout_sec after its header was accepted (the receiver has dropped it by then):
+   * the transport answers with the error and closes the stream.
+   */
+  upload(w: WorkerRecord, onTimeout: (err: grpc.ServiceError) => void): UploadReceiver;
+  readonly cfg: RunConfig;
+  readonly admission: Admission;
+}
+
+/** One upload: begin(header) -> push(offset, bytes)* -> finish(trailer), or fail / drop at any point. */
+export interface UploadReceiver {
+  readonly header: UploadHeader | null;
+  readonly receivedBytes: number;
+  /** Checks the header against the worker's open task and takes an upload slot (waits for one). */
+  begin(header: UploadHeader, maxChunkBytes: number): Promise<void>;
+  push(offset: number, data: Uint8Array): void;
+  /** Checks length and digest, hands the update to the run; releases the slot. */
+  finish(trailer: { totalBytes: number; sha256: Uint8Array }): UploadAck;
+  /** A refused upload: the task is reopened, the refusal is published; returns the status to answer. */
+  fail(err: unknown): grpc.ServiceError;
+  /** The peer went away or went quiet: the task is reopened, nothing is published. */
+  drop(): void;
+}
+
+export function createTransfers<T>(ctx: ServiceContext<T>): Transfers {
   const { cfg, registry } = ctx;
   const admission = ctx.admission ?? Admission.fromConfig(cfg);
   const uploads = new Semaphore(cfg.server.max_concurrent_uploads);
+  // Reassembly buffers of the last round's uploads, reused by the next (chunks.ts, BufferPool).
+  // Up to max_concurrent_uploads are being filled while the aggregator may hold a few folded-later ones.
+  const buffers = new BufferPool(cfg.server.max_concurrent_uploads + 4);
+
+  const authenticate = (id: string, key: string, call: { getPeer(): string }): WorkerRecord => {
+    const w = id && key ? registry.authenticate(id, key) : null;
+    if (!w) {
+      throw grpcError(
+        grpc.status.UNAUTHENTICATED,
+        id ? `worker ${id} is not registered with this coordinator (or its session ended): register again` : `missing ${WORKER_ID_HEADER} / ${SESSION_KEY_HEADER} metadata: call Register first`,
+      );
+    }
+    const revoked = admission.check(w, call.getPeer());
+    if (revoked) throw grpcError(revoked.code, revoked.message);
+    return w;
+  };
+
+  const download = (_w: WorkerRecord, req: DownloadRequest): { header: StreamHeader; bytes: Uint8Array; sha256: Uint8Array } => {
+    const target = req.target;
+    if (target?.$case === 'dataShardId') {
+      const shard = ctx.run.dataShard?.(target.value);
+      if (!ctx.run.dataShard) throw grpcError(grpc.status.UNIMPLEMENTED, 'data shards are served in distributed mode only (allowed here: adapter_version)');
+      if (!shard) throw grpcError(grpc.status.NOT_FOUND, `data shard ${target.value || '(empty)'} is not part of the current data plan`);
+      return {
+        header: { totalBytes: shard.bytes.byteLength, chunkBytes: cfg.server.chunk_bytes, content: { $case: 'blob', value: { name: target.value, mediaType: shard.mediaType } } },
+        bytes: shard.bytes,
+        sha256: shard.sha256,
+      };
+    }
+    if (target?.$case === 'adapterVersion') {
+      const rank = req.adapterRank;
+      const p = ctx.run.adapterVersion(target.value, rank);
+      if (!p) {
+        throw grpcError(
+          grpc.status.NOT_FOUND,
+          `global adapter version ${target.value}${rank ? ` at rank ${rank}` : ''} is not available (current: ${ctx.run.globalVersion}; pass the rank of the task's AdapterRef)`,
+        );
+      }
+      return {
+        header: { totalBytes: p.bytes.byteLength, chunkBytes: cfg.server.chunk_bytes, content: { $case: 'tensors', value: toWireManifest(p.manifest) } },
+        bytes: p.bytes,
+        sha256: p.sha256,
+      };
+    }
+    throw grpcError(grpc.status.INVALID_ARGUMENT, 'download request names no target (allowed: adapter_version, data_shard_id)');
+  };
+
+  const upload = (w: WorkerRecord, onTimeout: (err: grpc.ServiceError) => void): UploadReceiver => {
+    let release: (() => void) | null = null;
+    let header: UploadHeader | null = null;
+    let task: T | null = null;
+    let asm: ChunkAssembler | null = null;
+    let over = false;
+    let deadline: NodeJS.Timeout | null = null;
+    const end = (): void => {
+      over = true;
+      if (deadline) clearTimeout(deadline);
+      release?.();
+      release = null;
+      asm?.discard();
+    };
+    return {
+      get header() {
+        return header;
+      },
+      get receivedBytes() {
+        return asm?.receivedBytes ?? 0;
+      },
+      async begin(h: UploadHeader, maxChunkBytes: number): Promise<void> {
+        if (header) throw new UpdateRejected('INVALID_ARGUMENT', 'second upload header in one stream');
+        header = h;
+        const s = h.stream;
+        if (!s || s.content?.$case !== 'tensors') throw new UpdateRejected('INVALID_ARGUMENT', 'upload header: stream must describe tensors (stream.tensors)');
+        const manifest = fromWireManifest(s.content.value, (m) => new UpdateRejected('INVALID_ARGUMENT', m));
+        const enc = uploadEncodingOf(h, manifest, (m) => new UpdateRejected('INVALID_ARGUMENT', m));
+        task = ctx.run.beginUpdate(w, h, manifest);
+        const want = encodedStreamBytes(manifest, enc.encoding, enc.blockSize);
+        if (s.totalBytes !== want) throw new UpdateRejected('INVALID_ARGUMENT', `stream.total_bytes is ${s.totalBytes}, the manifest needs ${want}`);
+        // The buffer is taken once the slot is: uploads waiting for a slot hold no memory.
+        const r = await uploads.acquire();
+        if (over) return r();
+        release = r;
+        asm = new ChunkAssembler({ totalBytes: want, maxChunkBytes, what: `upload of task ${h.taskId}`, pool: buffers });
+        deadline = setTimeout(() => {
+          if (over) return;
+          log.warn({ worker: w.workerId, task: h.taskId, received: asm?.receivedBytes ?? 0 }, 'upload past server.upload_timeout_sec; closed');
+          if (task !== null) ctx.run.abandonUpdate(task);
+          end();
+          onTimeout(
+            grpcError(
+              grpc.status.DEADLINE_EXCEEDED,
+              `upload of task ${h.taskId} not complete ${cfg.server.upload_timeout_sec} s after it got its slot (server.upload_timeout_sec; ${asm?.receivedBytes ?? 0} bytes arrived); nothing of it was used`,
+            ),
+          );
+        }, cfg.server.upload_timeout_sec * 1000);
+        deadline.unref();
+      },
+      push(offset: number, data: Uint8Array): void {
+        if (!header || !asm || task === null) throw new UpdateRejected('INVALID_ARGUMENT', 'upload must start with a header');
+        asm.push(offset, data);
+      },
+      finish(trailer: { totalBytes: number; sha256: Uint8Array }): UploadAck {
+        if (!header || !asm || task === null) throw new UpdateRejected('INVALID_ARGUMENT', 'upload must start with a header (got trailer)');
+        const bytes = asm.finish(trailer);
+        let given = false;
+        const release = (): void => {
+          if (given) return;
+          given = true;
+          buffers.give(bytes);
+        };
+        ctx.run.acceptUpdate(w, task, header, bytes, release);
+        end();
+        return { taskId: header.taskId, bytes: bytes.byteLength };
+      },
+      fail(err: unknown): grpc.ServiceError {
+        const status = statusOf(err);
+        if (!over) {
+          if (task !== null) ctx.run.abandonUpdate(task);
+          ctx.run.rejectUpdate(w, header, status.details);
+          end();
+        }
+        return status;
+      },
+      drop(): void {
+        if (over) return;
+        if (task !== null) ctx.run.abandonUpdate(task);
+        end();
+      },
+    };
+  };
+
+  return { authenticate, download, downloaded: (w, n) => ctx.run.onDownloaded(w, n), upload, cfg, admission };
+}
+
+export function createCoordinatorService<T>(ctx: ServiceContext<T>, transfers: Transfers = createTransfers(ctx)): CoordinatorServer {
+  const { cfg, registry } = ctx;
+  const admission = transfers.admission;
   // A request that does not decode (a 64-bit field beyond 2^53 - 1, malformed bytes) reaches the
   // handlers below as a WireRefusal naming the field, not as an INTERNAL error that ends the call.
   hardenRequestDecoding(CoordinatorService);
@@ -133,20 +314,8 @@ export function createCoordinatorService<T>(ctx: ServiceContext<T>): Coordinator
     protocolVersion: PROTOCOL_VERSION,
   });
 
-  const authenticate = (md: grpc.Metadata, call: { getPeer(): string }): WorkerRecord => {
-    const id = String(md.get(WORKER_ID_HEADER)[0] ?? '');
-    const key = String(md.get(SESSION_KEY_HEADER)[0] ?? '');
-    const w = id && key ? registry.authenticate(id, key) : null;
-    if (!w) {
-      throw grpcError(
-        grpc.status.UNAUTHENTICATED,
-        id ? `worker ${id} is not registered with this coordinator (or its session ended): register again` : `missing ${WORKER_ID_HEADER} / ${SESSION_KEY_HEADER} metadata: call Register first`,
-      );
-    }
-    const revoked = admission.check(w, call.getPeer());
-    if (revoked) throw grpcError(revoked.code, revoked.message);
-    return w;
-  };
+  const authenticate = (md: grpc.Metadata, call: { getPeer(): string }): WorkerRecord =>
+    transfers.authenticate(String(md.get(WORKER_ID_HEADER)[0] ?? ''), String(md.get(SESSION_KEY_HEADER)[0] ?? ''), call);
 
   return {
     getRunInfo(call: grpc.ServerUnaryCall<RunInfoRequest, RunInfo>, cb: grpc.sendUnaryData<RunInfo>) {
@@ -217,6 +386,7 @@ export function createCoordinatorService<T>(ctx: ServiceContext<T>): Coordinator
           heartbeatIntervalMs: cfg.server.heartbeat_interval_ms,
           chunkBytes: cfg.server.chunk_bytes,
           maxChunkBytes: cfg.server.max_chunk_bytes,
+          bulkPort: ctx.bulkPort?.() ?? 0,
         }),
       );
     },
@@ -286,43 +456,21 @@ export function createCoordinatorService<T>(ctx: ServiceContext<T>): Coordinator
       void (async () => {
         const w = authenticate(call.metadata, call);
         if (isWireRefusal(call.request)) throw refusalStatus(call.request);
-        const target = call.request.target;
-        let packed: { bytes: Uint8Array; sha256: Uint8Array };
-        let content: StreamHeader['content'];
-        if (target?.$case === 'dataShardId') {
-          const shard = ctx.run.dataShard?.(target.value);
-          if (!ctx.run.dataShard) throw grpcError(grpc.status.UNIMPLEMENTED, 'data shards are served in distributed mode only (allowed here: adapter_version)');
-          if (!shard) throw grpcError(grpc.status.NOT_FOUND, `data shard ${target.value || '(empty)'} is not part of the current data plan`);
-          packed = shard;
-          content = { $case: 'blob', value: { name: target.value, mediaType: shard.mediaType } };
-        } else if (target?.$case === 'adapterVersion') {
-          const rank = call.request.adapterRank;
-          const p = ctx.run.adapterVersion(target.value, rank);
-          if (!p) {
-            throw grpcError(
-              grpc.status.NOT_FOUND,
-              `global adapter version ${target.value}${rank ? ` at rank ${rank}` : ''} is not available (current: ${ctx.run.globalVersion}; pass the rank of the task's AdapterRef)`,
-            );
-          }
-          packed = p;
-          content = { $case: 'tensors', value: toWireManifest(p.manifest) };
-        } else {
-          throw grpcError(grpc.status.INVALID_ARGUMENT, 'download request names no target (allowed: adapter_version, data_shard_id)');
-        }
+        const { header, bytes, sha256 } = transfers.download(w, call.request);
         const chunk = cfg.server.chunk_bytes;
         const write = (m: DownloadMessage): Promise<void> =>
           new Promise((resolve) => {
             if (call.write(m)) resolve();
             else call.once('drain', resolve);
           });
-        await write({ body: { $case: 'header', value: { totalBytes: packed.bytes.byteLength, chunkBytes: chunk, content } } });
-        for (const c of chunkSlices(packed.bytes, chunk)) {
+        await write({ body: { $case: 'header', value: header } });
+        for (const c of chunkSlices(bytes, chunk)) {
           if (call.cancelled) return;
           await write({ body: { $case: 'chunk', value: { offset: c.offset, data: c.data } } });
         }
-        await write({ body: { $case: 'trailer', value: { totalBytes: packed.bytes.byteLength, sha256: packed.sha256 } } });
+        await write({ body: { $case: 'trailer', value: { totalBytes: bytes.byteLength, sha256 } } });
         call.end();
-        ctx.run.onDownloaded(w, packed.bytes.byteLength);
+        transfers.downloaded(w, bytes.byteLength);
       })().catch((err: unknown) => call.emit('error', statusOf(err)));
     },
 
@@ -336,18 +484,14 @@ export function createCoordinatorService<T>(ctx: ServiceContext<T>): Coordinator
         }
         // An upload slot is taken only once a header for an open task of this worker has been accepted,
         // and a stream that goes quiet is closed: streams that send nothing cannot hold the slots.
-        let release: (() => void) | null = null;
-        let header: UploadHeader | null = null;
-        let task: T | null = null;
-        let asm: ChunkAssembler | null = null;
         let replied = false;
+        const rx = transfers.upload(w, (err) => reply(err));
         const idleMs = cfg.server.upload_idle_timeout_sec * 1000;
         let idle: NodeJS.Timeout | null = null;
         const reply = (err: grpc.ServiceError | null, ack?: UploadAck): void => {
           if (replied) return;
           replied = true;
           if (idle) clearTimeout(idle);
-          release?.();
           if (err) cb(err);
           else cb(null, ack);
         };
@@ -355,26 +499,19 @@ export function createCoordinatorService<T>(ctx: ServiceContext<T>): Coordinator
           if (idle) clearTimeout(idle);
           idle = setTimeout(() => {
             if (replied) return;
-            log.warn({ worker: w.workerId, task: header?.taskId, received: asm?.receivedBytes ?? 0 }, 'upload idle; closed');
-            if (task !== null) ctx.run.abandonUpdate(task);
+            log.warn({ worker: w.workerId, task: rx.header?.taskId, received: rx.receivedBytes }, 'upload idle; closed');
+            rx.drop();
             reply(grpcError(grpc.status.DEADLINE_EXCEEDED, `upload sent nothing for ${cfg.server.upload_idle_timeout_sec} s (server.upload_idle_timeout_sec); nothing of it was used`));
           }, idleMs);
           idle.unref();
         };
         touch();
-        const reject = (err: unknown): void => {
-          const status = statusOf(err);
-          if (task !== null) ctx.run.abandonUpdate(task);
-          ctx.run.rejectUpdate(w, header, status.details);
-          reply(status);
-        };
         call.on('cancelled', () => {
           if (!replied) {
-            log.warn({ worker: w.workerId, task: header?.taskId, received: asm?.receivedBytes ?? 0 }, 'upload broke off; partial update discarded');
-            if (task !== null) ctx.run.abandonUpdate(task);
+            log.warn({ worker: w.workerId, task: rx.header?.taskId, received: rx.receivedBytes }, 'upload broke off; partial update discarded');
+            rx.drop();
             replied = true;
             if (idle) clearTimeout(idle);
-            release?.();
           }
         });
         try {
@@ -385,41 +522,32 @@ export function createCoordinatorService<T>(ctx: ServiceContext<T>): Coordinator
             const b = msg.body;
             if (!b) throw new UpdateRejected('INVALID_ARGUMENT', 'empty upload message');
             if (b.$case === 'header') {
-              if (header) throw new UpdateRejected('INVALID_ARGUMENT', 'second upload header in one stream');
-              header = b.value;
-              const s = header.stream;
-              if (!s || s.content?.$case !== 'tensors') throw new UpdateRejected('INVALID_ARGUMENT', 'upload header: stream must describe tensors (stream.tensors)');
-              const manifest = fromWireManifest(s.content.value, (m) => new UpdateRejected('INVALID_ARGUMENT', m));
-              const enc = uploadEncodingOf(header, manifest, (m) => new UpdateRejected('INVALID_ARGUMENT', m));
-              task = ctx.run.beginUpdate(w, header, manifest);
-              const want = encodedStreamBytes(manifest, enc.encoding, enc.blockSize);
-              if (s.totalBytes !== want) throw new UpdateRejected('INVALID_ARGUMENT', `stream.total_bytes is ${s.totalBytes}, the manifest needs ${want}`);
-              asm = new ChunkAssembler({ totalBytes: want, maxChunkBytes: cfg.server.max_chunk_bytes, what: `upload of task ${header.taskId}` });
-              release = await uploads.acquire();
+              await rx.begin(b.value, cfg.server.max_chunk_bytes);
               if (replied) {
-                release();
+                rx.drop();
                 return;
               }
-            } else if (!header || !asm || task === null) {
+            } else if (!rx.header) {
               throw new UpdateRejected('INVALID_ARGUMENT', `upload must start with a header (got ${b.$case})`);
             } else if (b.$case === 'chunk') {
-              asm.push(b.value.offset, b.value.data);
+              rx.push(b.value.offset, b.value.data);
             } else {
-              const bytes = asm.finish(b.value);
-              ctx.run.acceptUpdate(w, task, header, bytes);
-              reply(null, { taskId: header.taskId, bytes: bytes.byteLength });
+              reply(null, rx.finish(b.value));
               return;
             }
           }
           if (!replied) {
             // The client half-closed without a trailer.
-            if (task !== null) ctx.run.abandonUpdate(task);
-            log.warn({ worker: w.workerId, task: header?.taskId }, 'upload ended without a trailer; partial update discarded');
-            reply(grpcError(grpc.status.DATA_LOSS, `upload ended after ${asm?.receivedBytes ?? 0} bytes without a trailer; nothing was used`));
+            rx.drop();
+            log.warn({ worker: w.workerId, task: rx.header?.taskId }, 'upload ended without a trailer; partial update discarded');
+            reply(grpcError(grpc.status.DATA_LOSS, `upload ended after ${rx.receivedBytes} bytes without a trailer; nothing was used`));
           }
         } catch (err) {
-          if (!replied && !call.cancelled) reject(err);
-          else if (!replied) reply(statusOf(err));
+          if (!replied && !call.cancelled) reply(rx.fail(err));
+          else if (!replied) {
+            rx.drop();
+            reply(statusOf(err));
+          }
         }
       })();
     },

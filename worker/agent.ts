@@ -17,7 +17,10 @@ import {
   ChunkAssembler,
   DEFAULT_CHUNK_BYTES,
   hex,
+  manifestBytes,
+  manifestOf,
   streamTensorMap,
+  tensorViews,
   unpackTensorMap,
   bytesEqual,
   chunkSlices,
@@ -40,6 +43,7 @@ import {
   type Task,
   type TrainingSpec,
   type UploadAck,
+  type UploadHeader,
   type UploadMessage,
   type UpdateEncodingSpec,
   type WorkerMessage,
@@ -48,6 +52,8 @@ import { createTrainer } from './trainers/index.ts';
 import { isSecAggTask, SecAggSiteRunner } from './secagg-site.ts';
 import { StepRunner } from './trainers/step.ts';
 import { diagnoseTlsFailure } from './tls-errors.ts';
+import { BulkClient, BulkTransportError } from './bulk.ts';
+import { parseHostPort } from '../common/config.ts';
 import { seqLenMismatch } from '../common/limits.ts';
 import type { LocalTrainingSpec, Trainer, TrainerFactoryOptions } from './trainers/trainer.ts';
 import { loraConfigFromSpec } from '../common/lora-spec.ts';
@@ -87,9 +93,16 @@ export class CoordinatorConnection {
   readonly client: CoordinatorClient;
   readonly address: string;
   private auth: grpc.Metadata | null = null;
+  private readonly tls: TlsClientOptions | null;
+  /** The coordinator's bulk tensor channel (RegisterResponse.bulk_port), while it is usable. */
+  private bulk: BulkClient | null = null;
+  /** false: transfers stay on the gRPC streams even when the coordinator offers its bulk channel. */
+  private readonly useBulk: boolean;
 
-  constructor(address: string, tls: TlsClientOptions | null = null) {
+  constructor(address: string, tls: TlsClientOptions | null = null, opts: { bulk?: boolean } = {}) {
     this.address = address;
+    this.tls = tls;
+    this.useBulk = opts.bulk ?? true;
     const creds = tls
       ? grpc.credentials.createSsl(
           tls.caFile ? readFileSync(tls.caFile) : null,
@@ -111,7 +124,39 @@ export class CoordinatorConnection {
     this.auth = new grpc.Metadata();
     this.auth.set(WORKER_ID_HEADER, r.workerId);
     this.auth.set(SESSION_KEY_HEADER, r.sessionKey);
+    this.bulk = null;
+    if (this.useBulk && r.bulkPort > 0) {
+      let host: string | null = null;
+      try {
+        host = parseHostPort(this.address).host.replace(/^\[(.*)\]$/, '$1');
+      } catch {
+        log.warn({ address: this.address }, 'bulk tensor channel not used: the coordinator address is not HOST:PORT; transfers use the gRPC streams');
+      }
+      if (host !== null) this.bulk = new BulkClient(host, r.bulkPort, this.tls, { workerId: r.workerId, sessionKey: r.sessionKey });
+    }
     return r;
+  }
+
+  /** Where transfers go: 'bulk HOST:PORT' or 'grpc'. */
+  get transport(): string {
+    return this.bulk ? `bulk ${this.bulk.endpoint}` : 'grpc';
+  }
+
+  /**
+   * A transfer over the bulk channel when there is one; when it cannot be reached at all (a firewall,
+   * a proxy that passes only gRPC), one warning and the gRPC streams from then on.
+   */
+  private async viaBulk<R>(bulkOp: (b: BulkClient) => Promise<R>, grpcOp: () => Promise<R>): Promise<R> {
+    const b = this.bulk;
+    if (!b) return grpcOp();
+    try {
+      return await bulkOp(b);
+    } catch (err) {
+      if (!(err instanceof BulkTransportError) || !err.beforeConnect) throw err;
+      log.warn({ endpoint: b.endpoint, reason: err.message }, 'bulk tensor channel unreachable; transfers use the gRPC streams');
+      if (this.bulk === b) this.bulk = null;
+      return grpcOp();
+    }
   }
 
   private metadata(): grpc.Metadata {
@@ -124,7 +169,31 @@ export class CoordinatorConnection {
   }
 
   /** Download a global adapter version; the digest is checked before it is returned. */
-  async downloadAdapter(version: number, maxChunkBytes: number, rank = 0): Promise<{ adapter: TensorMap; bytes: number; sha256: Uint8Array }> {
+  async downloadAdapter(
+    version: number,
+    maxChunkBytes: number,
+    rank = 0,
+    /** Memory the adapter may be read into (bulk channel; used when the size matches). Its old contents are lost. */
+    reuse: Uint8Array | null = null,
+  ): Promise<{ adapter: TensorMap; bytes: number; sha256: Uint8Array; buffer: Uint8Array | null }> {
+    return this.viaBulk(
+      async (b) => {
+        const what = `global adapter v${version}`;
+        const got = await b.download({ target: { $case: 'adapterVersion', value: version }, adapterRank: rank }, what, Number.MAX_SAFE_INTEGER, reuse);
+        const h = got.header;
+        if (h.content?.$case !== 'tensors') throw new Error('download: header does not describe tensors');
+        const manifest = h.content.value.tensors.map((t) => {
+          const dtype = DTYPE_NAMES[t.dtype];
+          if (!dtype) throw new Error(`download: tensor ${t.name} has unknown dtype ${t.dtype}`);
+          return { name: t.name, dtype, shape: t.shape.map(Number) };
+        });
+        return { adapter: unpackTensorMap(manifest, got.bytes), bytes: got.bytes.byteLength, sha256: got.sha256, buffer: got.bytes as Uint8Array | null };
+      },
+      async () => ({ ...(await this.downloadAdapterGrpc(version, maxChunkBytes, rank)), buffer: null as Uint8Array | null }),
+    );
+  }
+
+  private async downloadAdapterGrpc(version: number, maxChunkBytes: number, rank: number): Promise<{ adapter: TensorMap; bytes: number; sha256: Uint8Array }> {
     const stream = this.client.download({ target: { $case: 'adapterVersion', value: version }, adapterRank: rank }, this.metadata());
     let asm: ChunkAssembler | null = null;
     let manifest: TensorSpecEntry[] = [];
@@ -154,6 +223,17 @@ export class CoordinatorConnection {
 
   /** Download a data shard (distributed mode); the digest is checked before it is returned. */
   async downloadShard(shardId: string, maxChunkBytes: number): Promise<{ bytes: Uint8Array; mediaType: string; sha256: Uint8Array }> {
+    return this.viaBulk(
+      async (b) => {
+        const got = await b.download({ target: { $case: 'dataShardId', value: shardId }, adapterRank: 0 }, `data shard ${shardId}`);
+        if (got.header.content?.$case !== 'blob') throw new Error(`download of data shard ${shardId}: header does not describe a blob`);
+        return { bytes: got.bytes, mediaType: got.header.content.value.mediaType, sha256: got.sha256 };
+      },
+      () => this.downloadShardGrpc(shardId, maxChunkBytes),
+    );
+  }
+
+  private async downloadShardGrpc(shardId: string, maxChunkBytes: number): Promise<{ bytes: Uint8Array; mediaType: string; sha256: Uint8Array }> {
     const stream = this.client.download({ target: { $case: 'dataShardId', value: shardId }, adapterRank: 0 }, this.metadata());
     let asm: ChunkAssembler | null = null;
     let mediaType = '';
@@ -186,8 +266,46 @@ export class CoordinatorConnection {
   ): Promise<UploadAck> {
     const chunkBytes = opts.chunkBytes ?? DEFAULT_CHUNK_BYTES;
     // A tensor map goes as float32 (no encoding field: what every coordinator accepts); an encoded update with its encoding.
-    const stream = tensors instanceof Map ? streamTensorMap(tensors, chunkBytes) : encodedStream(tensors, chunkBytes);
+    // gRPC chunks have one fixed size (only the last is shorter); the bulk channel frames nothing, so it sends the
+    // tensors' own memory as it is.
+    const grpcStream = (): ReturnType<typeof streamTensorMap> => (tensors instanceof Map ? streamTensorMap(tensors, chunkBytes) : encodedStream(tensors, chunkBytes));
+    const bulkStream = (): ReturnType<typeof streamTensorMap> => (tensors instanceof Map ? tensorViews(tensors, chunkBytes) : encodedStream(tensors, chunkBytes));
     const encodingFields = tensors instanceof Map ? {} : { encoding: encodingToWire(tensors.encoding), ...(tensors.encoding === 'int8_delta' ? { blockSize: tensors.blockSize } : {}) };
+    const manifest = tensors instanceof Map ? manifestOf(tensors) : tensors.manifest;
+    const totalBytes = tensors instanceof Map ? manifestBytes(manifest) : tensors.bytes.byteLength;
+    const fullHeader: UploadHeader = {
+      ...header,
+      ...encodingFields,
+      stream: {
+        totalBytes,
+        chunkBytes,
+        content: { $case: 'tensors', value: { tensors: manifest.map((e) => ({ name: e.name, dtype: DTYPE_OF[e.dtype], shape: e.shape })) } },
+      },
+    };
+    // Fault injection (tests): one flipped byte in the first chunk, as a bad link would; the digest then differs.
+    function* sent(stream: ReturnType<typeof streamTensorMap>): Generator<{ offset: number; data: Uint8Array }> {
+      const total = 'count' in stream ? (stream.count as number) : Math.ceil(stream.totalBytes / chunkBytes);
+      let i = 0;
+      for (const c of stream.chunks()) {
+        const data = opts.corrupt && i === 0 ? Uint8Array.from(c.data, (b, k) => (k === 0 ? b ^ 0xff : b)) : c.data;
+        yield { offset: c.offset, data };
+        opts.onChunk?.(i++, total);
+      }
+    }
+    return this.viaBulk(
+      (b) => {
+        const stream = bulkStream();
+        return b.upload(fullHeader, sent(stream), () => stream.sha256(), `task ${header.taskId}`);
+      },
+      () => {
+        const stream = grpcStream();
+        return this.uploadGrpc(fullHeader, () => sent(stream), () => stream.sha256());
+      },
+    );
+  }
+
+  private uploadGrpc(fullHeader: UploadHeader, sent: () => Generator<{ offset: number; data: Uint8Array }>, digest: () => Uint8Array): Promise<UploadAck> {
+    const totalBytes = fullHeader.stream!.totalBytes;
     return new Promise<UploadAck>((resolve, reject) => {
       const call = this.client.upload(this.metadata(), (err, ack) => (err ? reject(err) : resolve(ack!)));
       const write = (m: UploadMessage): Promise<void> =>
@@ -196,29 +314,9 @@ export class CoordinatorConnection {
           else call.once('drain', res);
         });
       void (async () => {
-        await write({
-          body: {
-            $case: 'header',
-            value: {
-              ...header,
-              ...encodingFields,
-              stream: {
-                totalBytes: stream.totalBytes,
-                chunkBytes,
-                content: { $case: 'tensors', value: { tensors: stream.manifest.map((e) => ({ name: e.name, dtype: DTYPE_OF[e.dtype], shape: e.shape })) } },
-              },
-            },
-          },
-        });
-        const total = Math.ceil(stream.totalBytes / chunkBytes);
-        let i = 0;
-        for (const c of stream.chunks()) {
-          // Fault injection (tests): one flipped byte in the first chunk, as a bad link would; the digest then differs.
-          const data = opts.corrupt && i === 0 ? Uint8Array.from(c.data, (b, k) => (k === 0 ? b ^ 0xff : b)) : c.data;
-          await write({ body: { $case: 'chunk', value: { offset: c.offset, data } } });
-          opts.onChunk?.(i++, total);
-        }
-        await write({ body: { $case: 'trailer', value: { totalBytes: stream.totalBytes, sha256: stream.sha256() } } });
+        await write({ body: { $case: 'header', value: fullHeader } });
+        for (const c of sent()) await write({ body: { $case: 'chunk', value: c } });
+        await write({ body: { $case: 'trailer', value: { totalBytes, sha256: digest() } } });
         call.end();
       })().catch((err: unknown) => {
         call.cancel();
@@ -318,7 +416,7 @@ type SessionEnd = { kind: 'finished'; state: string; message: string } | { kind:
 export class WorkerAgent {
   private readonly opts: WorkerAgentOptions;
   private trainer: Trainer | null = null;
-  private cache: { version: number; adapter: TensorMap; sha256: Uint8Array } | null = null;
+  private cache: { version: number; adapter: TensorMap; sha256: Uint8Array; bytes: Uint8Array | null } | null = null;
   /** int8_delta error feedback: this process's quantisation residuals of the current run (in memory only). */
   private readonly feedback = new ErrorFeedback();
   private tasksDone = 0;
@@ -561,12 +659,16 @@ export class WorkerAgent {
     const g = task.global;
     if (!g) throw new Error(`task ${task.taskId} names no global adapter`);
     if (this.cache && this.cache.version === g.version && bytesEqual(this.cache.sha256, g.sha256)) return this.cache.adapter;
-    const got = await conn.downloadAdapter(g.version, reg.maxChunkBytes, g.rank);
+    // Tasks run one at a time and none keeps the adapter it started from, so the new version may be read into the
+    // old one's memory (no fresh pages to fault in); the cache is cleared first, as the download overwrites it.
+    const reuse = this.cache?.bytes ?? null;
+    this.cache = null;
+    const got = await conn.downloadAdapter(g.version, reg.maxChunkBytes, g.rank, reuse);
     if (!bytesEqual(got.sha256, g.sha256)) {
       throw new Error(`global adapter v${g.version}: digest ${hex(got.sha256)} differs from the task's ${hex(g.sha256)}`);
     }
-    this.cache = { version: g.version, adapter: got.adapter, sha256: got.sha256 };
-    log.info({ version: g.version, bytes: got.bytes }, 'global adapter downloaded');
+    this.cache = { version: g.version, adapter: got.adapter, sha256: got.sha256, bytes: got.buffer };
+    log.info({ version: g.version, bytes: got.bytes, transport: conn.transport }, 'global adapter downloaded');
     return got.adapter;
   }
 
@@ -702,7 +804,7 @@ export class WorkerAgent {
     }
     // The residual counts only once the coordinator has accepted the update it belongs to.
     if (!(body instanceof Map) && body.residual) this.feedback.commit(reg.runId, body.residual);
-    log.info({ round: task.round, bytes: ack.bytes, encoding: choice.encoding, examples: outcome.numExamples, trainLoss: outcome.metrics.train_loss }, 'update uploaded');
+    log.info({ round: task.round, bytes: ack.bytes, transport: conn.transport, encoding: choice.encoding, examples: outcome.numExamples, trainLoss: outcome.metrics.train_loss }, 'update uploaded');
   }
 
   /** Distributed mode: gradients (or local SGD delta) of the task's micro-batches, uploaded in checked chunks. */

@@ -61,12 +61,20 @@ export interface FitUpdate {
   tensors: TensorMap;
   /** The adapter the worker started from (same shapes). */
   start: TensorMap;
+  /**
+   * Gives the memory behind `tensors` back for reuse (the upload buffer pool). An aggregator that
+   * has folded the update in and will not read `tensors` again calls it once; one that keeps the
+   * tensors (buffering aggregators) never does. Absent: nothing to give back.
+   */
+  release?: () => void;
 }
 
 /**
- * Collects one round attempt's updates. Streaming aggregators fold each update
- * in and drop it (memory O(adapter)); buffering ones keep every update because
- * the math needs them all at once (median, Krum, stacking).
+ * Collects one round attempt's updates. Streaming aggregators fold updates into
+ * a running sum, a few queued at a time, and drop them (memory O(adapter)): an
+ * update's tensors may still be read after add() returns, until its `release`
+ * is called. Buffering ones keep every update because the math needs them all
+ * at once (median, Krum, stacking).
  */
 export interface Aggregator {
   readonly kind: 'streaming' | 'buffering';

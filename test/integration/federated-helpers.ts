@@ -14,7 +14,7 @@ import type { EventBus } from '../../coordinator/events/bus.ts';
 import * as grpc from '@grpc/grpc-js';
 import { packTensorMap } from '../../common/chunks.ts';
 import type { TensorMap } from '../../common/tensor.ts';
-import { UpdateKind, WorkerStatus, type CoordinatorMessage, type Task, type UploadMessage } from '../../proto/gen/fedtune/v1/coordinator.ts';
+import { UpdateKind, WorkerStatus, type CoordinatorMessage, type Task, type RegisterResponse, type UploadMessage } from '../../proto/gen/fedtune/v1/coordinator.ts';
 import { DType } from '../../proto/gen/fedtune/v1/tensors.ts';
 import { CoordinatorConnection } from '../../worker/agent.ts';
 import { initModel } from '../../worker/engine/init.ts';
@@ -164,6 +164,8 @@ export class Probe {
   private call: grpc.ClientDuplexStream<unknown, CoordinatorMessage> | null = null;
   private timer: NodeJS.Timeout | null = null;
   chunkBytes = 0;
+  /** The Register answer (worker id, session key, bulk_port). */
+  registration: RegisterResponse | null = null;
 
   constructor(
     address: string,
@@ -180,6 +182,7 @@ export class Probe {
       capabilities: { device: 'cpu', memoryBytes: 1, backends: ['probe'], modelFingerprint: this.fingerprint, numTrainExamples, numEvalExamples, client: 'probe', protocolVersion: 1 },
     });
     this.chunkBytes = reg.chunkBytes;
+    this.registration = reg;
     const call = this.conn.session();
     this.call = call as unknown as grpc.ClientDuplexStream<unknown, CoordinatorMessage>;
     call.on('data', (m: CoordinatorMessage) => {

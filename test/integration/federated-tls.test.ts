@@ -5,7 +5,9 @@
  * refused handshake with the peer's address.
  */
 import { execFileSync } from 'node:child_process';
-import { writeFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
+import { connect as tlsConnect } from 'node:tls';
+import { BulkRequest, BulkResponse } from '../../proto/gen/fedtune/v1/coordinator.ts';
 import { join } from 'node:path';
 import { afterAll, afterEach, describe, expect, it } from 'vitest';
 import { stringify } from 'yaml';
@@ -54,7 +56,7 @@ describe.skipIf(!hasOpenssl())('coordinator with TLS (skipped without the openss
 });
 
 /** A CA, a second (wrong) CA, a server certificate for localhost / 127.0.0.1 and client certificates signed by each CA. */
-function makePki(dir: string): Record<'ca' | 'otherCa' | 'serverCert' | 'serverKey' | 'clientCert' | 'clientKey' | 'rogueCert' | 'rogueKey', string> {
+function makePki(dir: string): Record<'ca' | 'otherCa' | 'serverCert' | 'serverKey' | 'clientCert' | 'clientKey' | 'clientBCert' | 'clientBKey' | 'rogueCert' | 'rogueKey', string> {
   const p = (name: string): string => join(dir, name);
   const ssl = (...args: string[]): void => void execFileSync('openssl', args, { stdio: 'ignore' });
   for (const ca of ['ca', 'other-ca']) ssl('req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', p(`${ca}-key.pem`), '-out', p(`${ca}.pem`), '-days', '1', '-subj', `/CN=fedtune test ${ca}`);
@@ -69,11 +71,13 @@ function makePki(dir: string): Record<'ca' | 'otherCa' | 'serverCert' | 'serverK
   };
   leaf('server', 'ca', 'localhost', 'subjectAltName=DNS:localhost,IP:127.0.0.1');
   leaf('client', 'ca', 'site-a', null);
+  leaf('client-b', 'ca', 'site-b', null);
   leaf('rogue', 'other-ca', 'site-rogue', null);
   return {
     ca: p('ca.pem'), otherCa: p('other-ca.pem'),
     serverCert: p('server.pem'), serverKey: p('server-key.pem'),
     clientCert: p('client.pem'), clientKey: p('client-key.pem'),
+    clientBCert: p('client-b.pem'), clientBKey: p('client-b-key.pem'),
     rogueCert: p('rogue.pem'), rogueKey: p('rogue-key.pem'),
   };
 }
@@ -205,5 +209,57 @@ describe.skipIf(!hasOpenssl())('TLS mistakes are named at once (skipped without 
     await c.proc.waitFor(/\+ site-a joined/);
     expect(await w.exited).toBe(0);
     expect(c.proc.out()).not.toMatch(/refused a TLS handshake/);
+    // Adapter and update went over the bulk channel, under the same mutual TLS.
+    expect(w.out()).toMatch(/global adapter downloaded.*"transport":"bulk 127\.0\.0\.1:\d+"/);
+    expect(w.out()).toMatch(/update uploaded.*"transport":"bulk 127\.0\.0\.1:\d+"/);
+  });
+
+  it('the bulk channel takes only the certificate the worker registered with', async () => {
+    const { pki, model, dir } = await setup();
+    const cfg = runConfig(dir, model, { name: 'mtls-bulk', rounds: 1, cohort: { min_workers: 1 }, server: { tls: { cert: pki.serverCert, key: pki.serverKey, client_ca: pki.ca } } });
+    const c = await startCoordinator(cfg);
+    const conn = new CoordinatorConnection(c.address, { caFile: pki.ca, certFile: pki.clientCert, keyFile: pki.clientKey });
+    try {
+      const info = await conn.getRunInfo('test-token');
+      const reg = await conn.register({
+        joinToken: 'test-token',
+        site: 'site-a',
+        previousWorkerId: '',
+        capabilities: { device: 'cpu', memoryBytes: 1, backends: ['probe'], modelFingerprint: info.modelFingerprint, numTrainExamples: 1, numEvalExamples: 0, client: 'probe', protocolVersion: 1 },
+      });
+      expect(reg.bulkPort).toBeGreaterThan(0);
+      const req = BulkRequest.encode({ workerId: reg.workerId, sessionKey: reg.sessionKey, op: { $case: 'download', value: { target: { $case: 'adapterVersion', value: 0 }, adapterRank: 0 } } }).finish();
+      const ask = (cert: string | null, key: string | null): Promise<{ code: number; message: string } | { tlsError: string }> =>
+        new Promise((resolve) => {
+          const sock = tlsConnect({ host: '127.0.0.1', port: reg.bulkPort, ca: readFileSync(pki.ca), ...(cert ? { cert: readFileSync(cert), key: readFileSync(key!) } : {}) });
+          const got: Buffer[] = [];
+          let err: string | null = null;
+          sock.on('secureConnect', () => {
+            const head = Buffer.alloc(8);
+            head.write('FTB1', 0, 'latin1');
+            head.writeUInt32LE(req.byteLength, 4);
+            sock.write(Buffer.concat([head, req]));
+          });
+          sock.on('data', (d) => got.push(d));
+          sock.on('error', (e) => (err = e.message));
+          sock.on('close', () => {
+            const all = Buffer.concat(got);
+            if (all.byteLength < 4) return resolve({ tlsError: err ?? 'closed' });
+            const r = BulkResponse.decode(all.subarray(4, 4 + all.readUInt32LE(0)));
+            resolve({ code: r.code, message: r.message });
+          });
+        });
+      const own = await ask(pki.clientCert, pki.clientKey);
+      expect(own).toMatchObject({ code: 0 });
+      const other = await ask(pki.clientBCert, pki.clientBKey);
+      expect(other).toMatchObject({ code: 7 }); // PERMISSION_DENIED
+      expect((other as { message: string }).message).toMatch(/site "site-b".*is not the one worker .* registered with/);
+      expect((other as { message: string }).message).not.toContain(reg.sessionKey);
+      const none = await ask(null, null);
+      expect(none).toHaveProperty('tlsError');
+    } finally {
+      conn.close();
+      await c.close();
+    }
   });
 });

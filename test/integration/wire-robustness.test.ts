@@ -64,6 +64,50 @@ describe('upload slots', () => {
   });
 });
 
+describe('upload total timeout', () => {
+  it('an upload stream that trickles chunks is closed at server.upload_timeout_sec, its slot freed for the next', async () => {
+    const cfg = runConfig(dir, modelDir, {
+      name: 'trickle',
+      rounds: 1,
+      cohort: { min_workers: 1 },
+      round: { min_results: 1, deadline_sec: 60 },
+      eval: { every: 0 },
+      server: { max_concurrent_uploads: 1, upload_idle_timeout_sec: 30, upload_timeout_sec: 1.5 },
+    } as Record<string, unknown>);
+    const coord = await startCoordinator(cfg);
+    const p = new Probe(coord.address, fingerprint);
+    try {
+      await p.join('probe-a');
+      const task = await p.nextTask();
+      const g = await p.conn.downloadAdapter(task.global!.version, 1 << 20);
+      const msgs = updateMessages(task, g.adapter, {}, 64);
+      // Header, then one small chunk every 300 ms: never idle for 30 s, never done within 1.5 s.
+      const slow = new Promise<{ code: number; details: string }>((resolve) => {
+        const md = (p.conn as unknown as { metadata(): grpc.Metadata }).metadata();
+        const call = p.conn.client.upload(md, (err) => resolve(err ? { code: err.code, details: err.details } : { code: grpc.status.OK, details: '' }));
+        call.write(msgs[0]!);
+        let i = 1;
+        const t = setInterval(() => {
+          if (i >= msgs.length - 1) return clearInterval(t);
+          call.write(msgs[i++]!);
+        }, 300);
+        call.on('error', () => clearInterval(t));
+        call.on('status', () => clearInterval(t));
+      });
+      const res = await slow;
+      expect(grpc.status[res.code]).toBe('DEADLINE_EXCEEDED');
+      expect(res.details).toMatch(/not complete 1\.5 s after it got its slot \(server\.upload_timeout_sec/);
+      // The only slot is free again: a whole upload goes through.
+      const ok = await rawUpload(p.conn, updateMessages(task, g.adapter));
+      expect(grpc.status[ok.code]).toBe('OK');
+      await waitForEvent(coord.bus, coord.runId, 'round.completed', (e) => e.round === 1);
+    } finally {
+      p.close();
+      await coord.close();
+    }
+  });
+});
+
 describe('late uploads', () => {
   it('an upload for a task of a finished round is stale (FAILED_PRECONDITION), not unknown', async () => {
     const cfg = runConfig(dir, modelDir, {

@@ -1,12 +1,14 @@
 import { createHash } from 'node:crypto';
 import { describe, expect, it } from 'vitest';
 import {
+  BufferPool,
   ChunkAssembler,
   ChunkError,
   chunkSlices,
   findNonFinite,
   packTensorMap,
   streamTensorMap,
+  tensorViews,
   unpackTensorMap,
 } from '../../common/chunks.ts';
 import type { TensorMap } from '../../common/tensor.ts';
@@ -121,5 +123,76 @@ describe('ChunkAssembler', () => {
     flipped[7] ^= 1;
     bad.push(0, flipped);
     expect(codeOf(() => bad.finish({ totalBytes: 100, sha256: digest }))).toMatch(/^DATA_LOSS: .*SHA-256 mismatch/);
+  });
+});
+
+describe('tensorViews (the bulk channel\'s upload)', () => {
+  it('yields the packed bytes in order, float32 tensors as views of their own memory, with the SHA-256 of it all', () => {
+    const m = sample();
+    const v = tensorViews(m, 8);
+    const pieces = [...v.chunks()];
+    expect(pieces).toHaveLength(v.count);
+    expect(v.count).toBe(6); // 24 bytes per tensor in pieces of at most 8
+    const packed = packTensorMap(m);
+    const joined = Buffer.concat(pieces.map((p) => p.data));
+    expect(joined.equals(Buffer.from(packed.bytes))).toBe(true);
+    let off = 0;
+    for (const p of pieces) {
+      expect(p.offset).toBe(off);
+      off += p.data.byteLength;
+    }
+    expect(Buffer.from(v.sha256()).equals(createHash('sha256').update(joined).digest())).toBe(true);
+    // The float32 tensor is not copied: its pieces are views of its buffer.
+    const a = m.get('a.lora_A.weight')!.data as Float32Array;
+    expect(pieces[0]!.data.buffer).toBe(a.buffer);
+    expect(v.manifest.map((e) => e.dtype)).toEqual(['F32', 'F32']);
+  });
+
+  it('refuses a piece size below one element, and a digest asked for before the end', () => {
+    expect(() => tensorViews(sample(), 3)).toThrow(/maxBytes must be an integer >= 4 \(got 3\)/);
+    const v = tensorViews(sample());
+    expect(() => v.sha256()).toThrow(/before all views were consumed/);
+  });
+});
+
+describe('BufferPool', () => {
+  it('hands a given-back buffer out again for the same size only, keeps at most maxBuffers per size, and never holds one twice', () => {
+    const pool = new BufferPool(2);
+    const a = pool.take(16);
+    const b = pool.take(16);
+    const c = pool.take(16);
+    expect(new Set([a, b, c]).size).toBe(3);
+    pool.give(a);
+    pool.give(a);
+    expect(pool.size).toBe(1);
+    pool.give(b);
+    pool.give(c);
+    expect(pool.size).toBe(2);
+    expect(pool.take(32)).not.toBe(a);
+    const again = [pool.take(16), pool.take(16)];
+    expect(again).toContain(a);
+    expect(again).toContain(b);
+    expect(pool.size).toBe(0);
+    // A view into a larger buffer is not pooled (a later taker would share memory with its owner).
+    pool.give(new Uint8Array(64).subarray(0, 16));
+    expect(pool.size).toBe(0);
+  });
+
+  it('a ChunkAssembler gives its buffer back when discarded unfinished, not once its checked bytes were handed on', () => {
+    const pool = new BufferPool(4);
+    const bytes = Uint8Array.from({ length: 32 }, (_, i) => i);
+    const digest = new Uint8Array(createHash('sha256').update(bytes).digest());
+    const broken = new ChunkAssembler({ totalBytes: 32, pool });
+    broken.push(0, bytes.subarray(0, 10));
+    broken.discard();
+    broken.discard();
+    expect(pool.size).toBe(1);
+    const ok = new ChunkAssembler({ totalBytes: 32, pool });
+    expect(pool.size).toBe(0); // the same buffer again, old bytes and all
+    ok.push(0, bytes);
+    const out = ok.finish({ totalBytes: 32, sha256: digest });
+    expect(Buffer.from(out).equals(Buffer.from(bytes))).toBe(true);
+    ok.discard();
+    expect(pool.size).toBe(0);
   });
 });

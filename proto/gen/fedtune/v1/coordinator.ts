@@ -214,6 +214,12 @@ export interface RegisterResponse {
   chunkBytes: number;
   /** larger chunks are refused with RESOURCE_EXHAUSTED */
   maxChunkBytes: number;
+  /**
+   * > 0: the coordinator also serves Download and Upload on its bulk tensor channel, a TCP port on
+   * the same host (TLS with the same certificates when the gRPC server uses TLS); see BulkRequest.
+   * 0: downloads and uploads go over the gRPC streams only.
+   */
+  bulkPort: number;
 }
 
 export interface Heartbeat {
@@ -540,6 +546,41 @@ export interface UploadMessage {
 export interface UploadAck {
   taskId: string;
   bytes: number;
+}
+
+/**
+ * ---------------------------------------------------------------- bulk tensor channel
+ *
+ * The same transfers as Download and Upload, without gRPC framing: one TCP (or TLS) connection per
+ * transfer to RegisterResponse.bulk_port. Every frame below is a 4-byte little-endian length and a
+ * message; raw bytes follow where said.
+ *
+ *   client: "FTB1" (4 bytes), frame(BulkRequest)
+ *   download:  server: frame(BulkResponse{header}), header.total_bytes raw bytes, 32-byte SHA-256
+ *   upload:    client: upload.stream.total_bytes raw bytes, 32-byte SHA-256
+ *              server: frame(BulkResponse{ack}) once the update is checked and accepted
+ * A refusal is frame(BulkResponse{code != 0, message}) and the connection is closed. Codes are
+ * gRPC status codes, with the same meaning as on the gRPC calls.
+ */
+export interface BulkRequest {
+  workerId: string;
+  sessionKey: string;
+  op: { $case: "download"; value: DownloadRequest } | { $case: "upload"; value: UploadHeader } | undefined;
+}
+
+export interface BulkResponse {
+  /** gRPC status code; 0 = OK */
+  code: number;
+  /** the refusal's reason (code != 0) */
+  message: string;
+  body:
+    | //
+    /** download: the stream that follows */
+    { $case: "header"; value: StreamHeader }
+    | //
+    /** upload: accepted */
+    { $case: "ack"; value: UploadAck }
+    | undefined;
 }
 
 function createBaseRunInfoRequest(): RunInfoRequest {
@@ -1436,7 +1477,15 @@ export const RegisterRequest: MessageFns<RegisterRequest> = {
 };
 
 function createBaseRegisterResponse(): RegisterResponse {
-  return { workerId: "", sessionKey: "", runId: "", heartbeatIntervalMs: 0, chunkBytes: 0, maxChunkBytes: 0 };
+  return {
+    workerId: "",
+    sessionKey: "",
+    runId: "",
+    heartbeatIntervalMs: 0,
+    chunkBytes: 0,
+    maxChunkBytes: 0,
+    bulkPort: 0,
+  };
 }
 
 export const RegisterResponse: MessageFns<RegisterResponse> = {
@@ -1458,6 +1507,9 @@ export const RegisterResponse: MessageFns<RegisterResponse> = {
     }
     if (message.maxChunkBytes !== 0) {
       writer.uint32(48).uint32(message.maxChunkBytes);
+    }
+    if (message.bulkPort !== 0) {
+      writer.uint32(56).uint32(message.bulkPort);
     }
     return writer;
   },
@@ -1521,6 +1573,14 @@ export const RegisterResponse: MessageFns<RegisterResponse> = {
             }
 
             message.maxChunkBytes = reader.uint32();
+            continue;
+          }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.bulkPort = reader.uint32();
             continue;
           }
         }
@@ -4275,6 +4335,168 @@ export const UploadAck: MessageFns<UploadAck> = {
             }
 
             message.bytes = longToNumber(reader.uint64());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+};
+
+function createBaseBulkRequest(): BulkRequest {
+  return { workerId: "", sessionKey: "", op: undefined };
+}
+
+export const BulkRequest: MessageFns<BulkRequest> = {
+  encode(message: BulkRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.workerId !== "") {
+      writer.uint32(10).string(message.workerId);
+    }
+    if (message.sessionKey !== "") {
+      writer.uint32(18).string(message.sessionKey);
+    }
+    switch (message.op?.$case) {
+      case "download":
+        DownloadRequest.encode(message.op.value, writer.uint32(26).fork()).join();
+        break;
+      case "upload":
+        UploadHeader.encode(message.op.value, writer.uint32(34).fork()).join();
+        break;
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): BulkRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseBulkRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.workerId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.sessionKey = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.op = { $case: "download", value: DownloadRequest.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.op = { $case: "upload", value: UploadHeader.decode(reader, reader.uint32()) };
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+};
+
+function createBaseBulkResponse(): BulkResponse {
+  return { code: 0, message: "", body: undefined };
+}
+
+export const BulkResponse: MessageFns<BulkResponse> = {
+  encode(message: BulkResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.code !== 0) {
+      writer.uint32(8).uint32(message.code);
+    }
+    if (message.message !== "") {
+      writer.uint32(18).string(message.message);
+    }
+    switch (message.body?.$case) {
+      case "header":
+        StreamHeader.encode(message.body.value, writer.uint32(26).fork()).join();
+        break;
+      case "ack":
+        UploadAck.encode(message.body.value, writer.uint32(34).fork()).join();
+        break;
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): BulkResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseBulkResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.code = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.message = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.body = { $case: "header", value: StreamHeader.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.body = { $case: "ack", value: UploadAck.decode(reader, reader.uint32()) };
             continue;
           }
         }

@@ -1,0 +1,256 @@
+/**
+ * The bulk tensor channel: Download and Upload bytes over one plain TCP (or TLS)
+ * connection per transfer, without gRPC's framing. Control (registration, the
+ * session stream, tasks) stays on gRPC; only the bytes of adapters, updates and
+ * data shards move here, authenticated by the worker's session (worker id and
+ * session key from Register, and under mutual TLS the same client certificate
+ * the worker registered with).
+ *
+ * Why a second channel: over loopback, grpc-js moves a 64 MiB adapter at about
+ * a fifth of raw TCP speed (every 1 MiB chunk is copied into a protobuf message,
+ * framed, and copied again on the other side, and the garbage collector pays for
+ * it); here a download is the packed bytes of the version written to the socket
+ * as they are, and an upload is read once into its reassembly buffer and hashed
+ * as it arrives (docs/protocol.md, "Bulk tensor channel").
+ *
+ * The checks are the gRPC streams' (service.ts, Transfers): the upload slot is
+ * taken only after a valid header for an open task of this worker, one upload
+ * per task, a connection that goes quiet for server.upload_idle_timeout_sec is
+ * closed, and nothing of an upload counts before its digest checks.
+ */
+import * as grpc from '@grpc/grpc-js';
+import { createServer, type Server, type Socket } from 'node:net';
+import { createServer as createTlsServer, type SecureContextOptions, type TLSSocket } from 'node:tls';
+import { BULK_DIGEST_BYTES, BULK_MAGIC, BULK_MAX_REQUEST_BYTES } from '../common/wire.ts';
+import { logger } from '../common/log.ts';
+import { refusalOf } from '../common/wire-decode.ts';
+import { BulkRequest, BulkResponse } from '../proto/gen/fedtune/v1/coordinator.ts';
+import { peerIdentityOf } from './identity.ts';
+import { grpcError, type Transfers, type UploadReceiver } from './service.ts';
+import type { WorkerRecord } from './workers.ts';
+
+const log = logger('coordinator.bulk');
+
+export interface BulkServer {
+  readonly port: number;
+  /** Swap the TLS context (a reloaded CRL); new handshakes use it. */
+  setSecureContext(options: SecureContextOptions): void;
+  close(): Promise<void>;
+  /** Open connections (tests). */
+  readonly connections: number;
+}
+
+export interface BulkServerOptions {
+  transfers: Transfers;
+  host: string;
+  port: number;
+  /** The gRPC server's TLS options (cert, key, ca, crl); null: plain TCP. */
+  tls: SecureContextOptions | null;
+  /** Client certificates required (server.tls.client_ca). */
+  mutual: boolean;
+}
+
+function frame(msg: BulkResponse): Buffer {
+  const body = BulkResponse.encode(msg).finish();
+  const out = Buffer.allocUnsafe(4 + body.byteLength);
+  out.writeUInt32LE(body.byteLength, 0);
+  out.set(body, 4);
+  return out;
+}
+
+function statusOfError(err: unknown): { code: number; message: string } {
+  if (typeof err === 'object' && err !== null && 'code' in err) {
+    const c = (err as { code: unknown }).code;
+    const e = err as { details?: string; message?: string };
+    const message = e.details ?? e.message ?? '';
+    if (typeof c === 'number') return { code: c, message };
+    if (typeof c === 'string' && c in grpc.status) return { code: grpc.status[c as keyof typeof grpc.status] as number, message };
+  }
+  return { code: grpc.status.INTERNAL, message: err instanceof Error ? err.message : String(err) };
+}
+
+export async function startBulkServer(o: BulkServerOptions): Promise<BulkServer> {
+  const { transfers } = o;
+  const idleMs = transfers.cfg.server.upload_idle_timeout_sec * 1000;
+  const open = new Set<Socket>();
+
+  const handle = (sock: Socket): void => {
+    open.add(sock);
+    sock.on('close', () => open.delete(sock));
+    sock.setNoDelay(true);
+    const address = `${sock.remoteAddress ?? '?'}:${sock.remotePort ?? 0}`;
+    const peerCall = { getPeer: () => address };
+    let pending: Buffer[] = [];
+    let pendingBytes = 0;
+    let state: 'preamble' | 'request' | 'wait' | 'body' | 'digest' | 'done' = 'preamble';
+    let requestBytes = 0;
+    let rx: UploadReceiver | null = null;
+    let bodyBytes = 0;
+    let received = 0;
+    let w: WorkerRecord | null = null;
+
+    // A refusal: answer, stop reading what the client still sends, close after a grace period
+    // (closing with unread bytes would reset the connection before the client reads the answer).
+    const refuse = (err: unknown): void => {
+      if (state === 'done') return;
+      state = 'done';
+      const s = statusOfError(err);
+      const drained = rx ? (rx.header ? rx.fail(err) : (rx.drop(), null)) : null;
+      const { code, message } = drained ? { code: drained.code, message: drained.details } : s;
+      sock.end(frame({ code, message, body: undefined }));
+      sock.resume();
+      setTimeout(() => sock.destroy(), 5000).unref();
+    };
+    const take = (n: number): Buffer => {
+      const all = pending.length === 1 ? pending[0]! : Buffer.concat(pending, pendingBytes);
+      const head = all.subarray(0, n);
+      const rest = all.subarray(n);
+      pending = rest.byteLength > 0 ? [rest] : [];
+      pendingBytes = rest.byteLength;
+      return head;
+    };
+
+    sock.setTimeout(idleMs, () => {
+      if (state === 'done') return sock.destroy();
+      log.warn({ worker: w?.workerId, task: rx?.header?.taskId, received }, 'bulk transfer idle; closed');
+      if (rx) rx.drop();
+      rx = null;
+      refuse(grpcError(grpc.status.DEADLINE_EXCEEDED, `bulk transfer sent nothing for ${transfers.cfg.server.upload_idle_timeout_sec} s (server.upload_idle_timeout_sec); nothing of it was used`));
+    });
+    sock.on('error', () => {
+      if (rx && state !== 'done') {
+        log.warn({ worker: w?.workerId, task: rx.header?.taskId, received }, 'bulk upload broke off; partial update discarded');
+        rx.drop();
+      }
+      state = 'done';
+    });
+    sock.on('end', () => {
+      if (state === 'body' || state === 'digest' || state === 'wait') {
+        log.warn({ worker: w?.workerId, task: rx?.header?.taskId, received }, 'bulk upload ended before its digest; partial update discarded');
+        rx?.drop();
+        rx = null;
+        refuse(grpcError(grpc.status.DATA_LOSS, `upload ended after ${received} of ${bodyBytes} bytes without its digest; nothing was used`));
+      } else if (state !== 'done') {
+        sock.end();
+      }
+    });
+
+    const serveDownload = (wr: WorkerRecord, req: BulkRequest & { op: { $case: 'download' } }): void => {
+      const { header, bytes, sha256 } = transfers.download(wr, req.op.value);
+      state = 'done';
+      sock.write(frame({ code: 0, message: '', body: { $case: 'header', value: header } }));
+      sock.write(bytes);
+      sock.end(sha256, () => transfers.downloaded(wr, bytes.byteLength));
+    };
+
+    const onRequest = async (bytes: Buffer): Promise<void> => {
+      let req: BulkRequest;
+      try {
+        req = BulkRequest.decode(bytes);
+      } catch (err) {
+        throw grpcError(grpc.status.INVALID_ARGUMENT, refusalOf('fedtune.v1.BulkRequest', bytes, err).message);
+      }
+      w = transfers.authenticate(req.workerId, req.sessionKey, peerCall);
+      const bad = transfers.admission.checkChannel(w, (sock as TLSSocket).encrypted ? peerIdentityOf({ getAuthContext: () => ({ sslPeerCertificate: (sock as TLSSocket).getPeerCertificate() }) }) : null, address);
+      if (bad) throw grpcError(bad.code, bad.message);
+      const op = req.op;
+      if (!op) throw grpcError(grpc.status.INVALID_ARGUMENT, 'bulk request names no operation (allowed: download, upload)');
+      if (op.$case === 'download') return serveDownload(w, req as BulkRequest & { op: { $case: 'download' } });
+      rx = transfers.upload(w, (err) => {
+        rx = null;
+        refuse(err);
+      });
+      sock.pause();
+      // The whole upload arrives in socket-sized reads: no per-read limit beyond the announced total.
+      await rx.begin(op.value, Number.MAX_SAFE_INTEGER);
+      if ((state as string) === 'done') return;
+      bodyBytes = op.value.stream?.totalBytes ?? 0;
+      state = 'body';
+      sock.resume();
+      if (pendingBytes > 0) {
+        const rest = take(pendingBytes);
+        onData(rest);
+      }
+    };
+
+    const onData = (chunk: Buffer): void => {
+      if (state === 'done') return;
+      if (state === 'body' && rx) {
+        const n = Math.min(chunk.byteLength, bodyBytes - received);
+        if (n > 0) {
+          rx.push(received, chunk.subarray(0, n));
+          received += n;
+        }
+        if (received < bodyBytes) return;
+        state = 'digest';
+        chunk = chunk.subarray(n);
+        if (chunk.byteLength === 0) return;
+      }
+      pending.push(chunk);
+      pendingBytes += chunk.byteLength;
+      if (state === 'preamble' && pendingBytes >= 8) {
+        const head = take(8);
+        if (head.subarray(0, 4).toString('latin1') !== BULK_MAGIC) {
+          throw grpcError(grpc.status.INVALID_ARGUMENT, `not a fedtune bulk request (expected the preamble "${BULK_MAGIC}"): connect to this port with a fedtune worker, or use the gRPC address`);
+        }
+        requestBytes = head.readUInt32LE(4);
+        if (requestBytes > BULK_MAX_REQUEST_BYTES) {
+          throw grpcError(grpc.status.RESOURCE_EXHAUSTED, `bulk request of ${requestBytes} bytes exceeds the limit of ${BULK_MAX_REQUEST_BYTES}`);
+        }
+        state = 'request';
+      }
+      if (state === 'request' && pendingBytes >= requestBytes) {
+        state = 'wait';
+        onRequest(take(requestBytes)).catch(refuse);
+        return;
+      }
+      if (state === 'digest' && rx) {
+        if (pendingBytes < BULK_DIGEST_BYTES) return;
+        if (pendingBytes > BULK_DIGEST_BYTES) throw grpcError(grpc.status.INVALID_ARGUMENT, `upload sent ${pendingBytes - BULK_DIGEST_BYTES} bytes after its digest`);
+        const digest = take(BULK_DIGEST_BYTES);
+        const ack = rx.finish({ totalBytes: bodyBytes, sha256: new Uint8Array(digest) });
+        state = 'done';
+        rx = null;
+        sock.end(frame({ code: 0, message: '', body: { $case: 'ack', value: ack } }));
+      }
+    };
+    sock.on('data', (chunk: Buffer) => {
+      try {
+        onData(chunk);
+      } catch (err) {
+        refuse(err);
+      }
+    });
+  };
+
+  const server: Server = o.tls
+    ? createTlsServer({ ...o.tls, requestCert: o.mutual, rejectUnauthorized: o.mutual }, handle)
+    : createServer(handle);
+  server.on('tlsClientError', (err: Error, s: TLSSocket) => {
+    log.warn({ address: `${s.remoteAddress ?? '?'}:${s.remotePort ?? 0}`, reason: err.message }, 'bulk channel: TLS handshake refused');
+  });
+  const port = await new Promise<number>((resolve, reject) => {
+    server.once('error', (err: NodeJS.ErrnoException) =>
+      reject(new Error(`server.bulk_port: cannot listen on ${o.host}:${o.port} (${err.code ?? err.message}); choose another port, 0 for any free one, or null to carry transfers on gRPC only`)),
+    );
+    server.listen(o.port, o.host, () => {
+      const a = server.address();
+      resolve(typeof a === 'object' && a ? a.port : o.port);
+    });
+  });
+  return {
+    port,
+    get connections() {
+      return open.size;
+    },
+    setSecureContext(options: SecureContextOptions) {
+      if ('setSecureContext' in server) (server as unknown as { setSecureContext(o: SecureContextOptions): void }).setSecureContext(options);
+    },
+    close() {
+      return new Promise<void>((resolve) => {
+        for (const s of open) s.destroy();
+        server.close(() => resolve());
+      });
+    },
+  };
+}

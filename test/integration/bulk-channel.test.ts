@@ -1,0 +1,246 @@
+/**
+ * The bulk tensor channel (coordinator/bulk.ts, worker/bulk.ts): worker
+ * processes move adapters and updates over it, and at the byte level it holds
+ * the gRPC streams' line: a connection that sends nothing holds no upload slot
+ * and is closed when idle, a bad preamble, a wrong session, a 64-bit field out
+ * of range and a corrupted or cut-off upload are refused by name, and nothing of
+ * a refused upload counts.
+ */
+import { createHash } from 'node:crypto';
+import { connect } from 'node:net';
+import { join } from 'node:path';
+import * as grpc from '@grpc/grpc-js';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { packTensorMap } from '../../common/chunks.ts';
+import { readPeftAdapter } from '../../common/peft.ts';
+import { BinaryWriter } from '@bufbuild/protobuf/wire';
+import { startCoordinator, type CoordinatorHandle } from '../../coordinator/main.ts';
+import { BulkRequest, BulkResponse, UpdateKind, type Task, type UploadHeader } from '../../proto/gen/fedtune/v1/coordinator.ts';
+import { DType } from '../../proto/gen/fedtune/v1/tensors.ts';
+import { loadModel } from '../../worker/engine/model.ts';
+import type { TensorMap } from '../../common/tensor.ts';
+import { events, Probe, runConfig, tempDir, tinyModel, waitForEvent, worker, writeData } from './federated-helpers.ts';
+
+let dir: string;
+let modelDir: string;
+let fingerprint: string;
+
+beforeAll(async () => {
+  dir = tempDir('bulk');
+  modelDir = await tinyModel(join(dir, 'model'));
+  fingerprint = (await loadModel(modelDir)).fingerprint;
+});
+
+interface Answer {
+  code: number;
+  message: string;
+  response: BulkResponse | null;
+  /** Raw bytes after the response frame (a download's body and digest). */
+  rest: Buffer;
+}
+
+/** Connect to the bulk port, write `parts` (a part that is a number: wait that many ms), read until the server closes. */
+function bulkRaw(port: number, parts: Array<Uint8Array | number>): Promise<Answer> {
+  return new Promise((resolve, reject) => {
+    const sock = connect(port, '127.0.0.1');
+    const got: Buffer[] = [];
+    sock.on('data', (d) => got.push(d));
+    sock.on('error', () => {});
+    sock.on('close', () => {
+      const all = Buffer.concat(got);
+      if (all.byteLength < 4) return resolve({ code: -1, message: 'closed without an answer', response: null, rest: Buffer.alloc(0) });
+      const n = all.readUInt32LE(0);
+      const response = BulkResponse.decode(all.subarray(4, 4 + n));
+      resolve({ code: response.code, message: response.message, response, rest: all.subarray(4 + n) });
+    });
+    sock.on('connect', async () => {
+      try {
+        for (const p of parts) {
+          if (typeof p === 'number') await new Promise((r) => setTimeout(r, p));
+          else if (!sock.destroyed) sock.write(p);
+        }
+      } catch (err) {
+        reject(err);
+      }
+    });
+  });
+}
+
+function frame(body: Uint8Array, magic = 'FTB1'): Buffer {
+  const out = Buffer.alloc(8 + body.byteLength);
+  out.write(magic, 0, 'latin1');
+  out.writeUInt32LE(body.byteLength, 4);
+  out.set(body, 8);
+  return out;
+}
+
+function request(p: Probe, op: BulkRequest['op'], sessionKey?: string): Buffer {
+  const reg = p.registration!;
+  return frame(BulkRequest.encode({ workerId: reg.workerId, sessionKey: sessionKey ?? reg.sessionKey, op }).finish());
+}
+
+function uploadHeader(task: Task, adapter: TensorMap, over: Partial<UploadHeader> = {}): { header: UploadHeader; bytes: Uint8Array; sha256: Uint8Array } {
+  const p = packTensorMap(adapter);
+  return {
+    header: {
+      taskId: task.taskId,
+      round: task.round,
+      kind: UpdateKind.UPDATE_KIND_ADAPTER_WEIGHTS,
+      baseVersion: task.global!.version,
+      numExamples: 10,
+      metrics: { train_loss: 1 },
+      stream: { totalBytes: p.bytes.byteLength, chunkBytes: p.bytes.byteLength, content: { $case: 'tensors', value: { tensors: p.manifest.map((e) => ({ name: e.name, dtype: DType.DTYPE_F32, shape: e.shape })) } } },
+      ...over,
+    },
+    bytes: p.bytes,
+    sha256: p.sha256,
+  };
+}
+
+describe('worker processes over the bulk channel', () => {
+  it('a round moves every adapter and update over the bulk channel; with server.bulk_port null over gRPC, to the same result', async () => {
+    const results: Record<string, number[]> = {};
+    const finals: Record<string, TensorMap> = {};
+    for (const [name, bulkPort] of [
+      ['bulk-on', 0],
+      ['bulk-off', null],
+    ] as const) {
+      const cfg = runConfig(dir, modelDir, {
+        name,
+        rounds: 2,
+        cohort: { min_workers: 2 },
+        round: { min_results: 2, deadline_sec: 60 },
+        eval: { every: 0 },
+        server: { bulk_port: bulkPort },
+      } as Record<string, unknown>);
+      const coord = await startCoordinator(cfg);
+      const ws = ['a', 'b'].map((s) => worker({ address: coord.address, site: `site-${s}`, data: writeData(join(dir, `${name}-${s}.jsonl`), 20, s), model: modelDir }));
+      try {
+        const done = await coord.run;
+        expect(done.state).toBe('completed');
+        for (const w of ws) {
+          const out = w.out();
+          const transports = [...out.matchAll(/"transport":"([^"]+)"/g)].map((m) => m[1]!);
+          expect(transports.length).toBeGreaterThanOrEqual(4); // 2 downloads + 2 uploads
+          for (const t of transports) expect(t).toMatch(bulkPort === null ? /^grpc$/ : /^bulk 127\.0\.0\.1:\d+$/);
+        }
+        const ev = await events(coord.bus, coord.runId);
+        results[name] = ev.filter((e) => e.type === 'update.received').map((e) => (e as { bytes: number }).bytes);
+        finals[name] = (await readPeftAdapter(done.finalAdapterPath!)).adapter;
+      } finally {
+        for (const w of ws) w.kill();
+        await coord.close();
+      }
+    }
+    expect(results['bulk-on']!.length).toBe(4);
+    expect(results['bulk-on']).toEqual(results['bulk-off']);
+    // The noop trainer's deterministic perturbation makes both runs' final adapters bit-identical when every byte arrived intact.
+    expect([...finals['bulk-on']!.keys()]).toEqual([...finals['bulk-off']!.keys()]);
+    for (const [k, t] of finals['bulk-on']!) expect(Buffer.from(t.data.buffer, t.data.byteOffset, t.data.byteLength).equals(Buffer.from(finals['bulk-off']!.get(k)!.data.buffer, finals['bulk-off']!.get(k)!.data.byteOffset, finals['bulk-off']!.get(k)!.data.byteLength))).toBe(true);
+  });
+});
+
+describe('bulk channel at the byte level', () => {
+  let coord: CoordinatorHandle;
+  let p: Probe;
+  let port: number;
+  let task: Task;
+  let adapter: TensorMap;
+
+  beforeAll(async () => {
+    const cfg = runConfig(dir, modelDir, {
+      name: 'bulk-raw',
+      rounds: 1,
+      cohort: { min_workers: 1 },
+      round: { min_results: 1, deadline_sec: 120 },
+      eval: { every: 0 },
+      server: { max_concurrent_uploads: 2, upload_idle_timeout_sec: 1.5, upload_timeout_sec: 2.5 },
+    } as Record<string, unknown>);
+    coord = await startCoordinator(cfg);
+    p = new Probe(coord.address, fingerprint);
+    await p.join('probe-bulk');
+    port = p.registration!.bulkPort;
+    task = await p.nextTask();
+    adapter = (await p.conn.downloadAdapter(task.global!.version, 1 << 20)).adapter;
+  });
+  afterAll(async () => {
+    p?.close();
+    await coord?.close();
+  });
+
+  it('the advertised port serves the global adapter: raw bytes then their SHA-256', async () => {
+    expect(port).toBeGreaterThan(0);
+    expect(p.conn.transport).toBe(`bulk 127.0.0.1:${port}`);
+    const a = await bulkRaw(port, [request(p, { $case: 'download', value: { target: { $case: 'adapterVersion', value: task.global!.version }, adapterRank: 0 } })]);
+    expect(a.code).toBe(0);
+    const total = a.response!.body?.$case === 'header' ? a.response!.body.value.totalBytes : -1;
+    const packed = packTensorMap(adapter);
+    expect(total).toBe(packed.bytes.byteLength);
+    expect(a.rest.byteLength).toBe(total + 32);
+    expect(Buffer.compare(a.rest.subarray(0, total), Buffer.from(packed.bytes))).toBe(0);
+    const digest = createHash('sha256').update(a.rest.subarray(0, total)).digest();
+    expect(Buffer.compare(a.rest.subarray(total), digest)).toBe(0);
+    expect(Buffer.from(task.global!.sha256).equals(digest)).toBe(true);
+  });
+
+  it('refuses a bad preamble, an unknown session and a 64-bit field out of range, by name', async () => {
+    const bad = await bulkRaw(port, [Buffer.from('GET / HTTP/1.1\r\n\r\n')]);
+    expect(grpc.status[bad.code]).toBe('INVALID_ARGUMENT');
+    expect(bad.message).toMatch(/preamble "FTB1"/);
+
+    const stranger = await bulkRaw(port, [request(p, { $case: 'download', value: { target: { $case: 'adapterVersion', value: 0 }, adapterRank: 0 } }, 'ab'.repeat(32))]);
+    expect(grpc.status[stranger.code]).toBe('UNAUTHENTICATED');
+    expect(stranger.message).not.toContain(p.registration!.sessionKey);
+
+    // BulkRequest{worker_id, session_key, upload{ task_id, num_examples = 2^60 }} written by hand: 2^60 does not fit a double exactly.
+    const reg = p.registration!;
+    const inner = new BinaryWriter().uint32(10).string(task.taskId).uint32(40).uint64(1n << 60n).finish();
+    const req = new BinaryWriter().uint32(10).string(reg.workerId).uint32(18).string(reg.sessionKey).uint32(34).bytes(inner).finish();
+    const huge = await bulkRaw(port, [frame(req)]);
+    expect(grpc.status[huge.code]).toBe('INVALID_ARGUMENT');
+    expect(huge.message).toMatch(/UploadHeader\.num_examples/);
+  });
+
+  it('an upload that trickles (never idle for long) is closed at server.upload_timeout_sec, and nothing of it counts', async () => {
+    const u = uploadHeader(task, adapter);
+    const parts: Array<Uint8Array | number> = [request(p, { $case: 'upload', value: u.header })];
+    for (let i = 0; i < 8; i++) parts.push(500, u.bytes.subarray(i * 10, (i + 1) * 10));
+    const t0 = Date.now();
+    const slow = await bulkRaw(port, parts);
+    expect(grpc.status[slow.code]).toBe('DEADLINE_EXCEEDED');
+    expect(slow.message).toMatch(/not complete 2\.5 s after it got its slot \(server\.upload_timeout_sec; \d+ bytes arrived\); nothing of it was used/);
+    expect(Date.now() - t0).toBeLessThan(8000);
+  });
+
+  it('connections that send nothing hold no slot and are closed when idle; a corrupted upload is refused and a clean one then counts', async () => {
+    // Four silent connections, twice the slots there are, and one that stops after its preamble.
+    const silent = Array.from({ length: 4 }, () => bulkRaw(port, []));
+    const half = bulkRaw(port, [Buffer.from('FTB1')]);
+    await new Promise((r) => setTimeout(r, 200));
+    const u = uploadHeader(task, adapter);
+    const corrupt = Uint8Array.from(u.bytes);
+    corrupt[5]! ^= 0xff;
+    const bad = await bulkRaw(port, [request(p, { $case: 'upload', value: u.header }), corrupt, u.sha256]);
+    expect(grpc.status[bad.code]).toBe('DATA_LOSS');
+    expect(bad.message).toMatch(/SHA-256 mismatch/);
+    // Cut off half way: nothing counts, the task stays open.
+    const cut = await bulkRaw(port, [request(p, { $case: 'upload', value: u.header }), u.bytes.subarray(0, 100)]).catch(() => null);
+    void cut;
+    const ok = await bulkRaw(port, [request(p, { $case: 'upload', value: u.header }), u.bytes.subarray(0, 1000), 20, u.bytes.subarray(1000), u.sha256]);
+    expect(grpc.status[ok.code]).toBe('OK');
+    expect(ok.response!.body?.$case === 'ack' && ok.response!.body.value.bytes).toBe(u.bytes.byteLength);
+    for (const s of [...(await Promise.all(silent)), await half]) {
+      expect(grpc.status[s.code]).toBe('DEADLINE_EXCEEDED');
+      expect(s.message).toMatch(/sent nothing for 1\.5 s \(server\.upload_idle_timeout_sec\)/);
+    }
+    // A second upload for the same task is refused: one upload per task.
+    const again = await bulkRaw(port, [request(p, { $case: 'upload', value: u.header }), u.bytes, u.sha256]);
+    expect(grpc.status[again.code]).toMatch(/FAILED_PRECONDITION|ALREADY_EXISTS/);
+    const done = await waitForEvent(coord.bus, coord.runId, 'round.completed', (e) => e.round === 1);
+    expect(done.round).toBe(1);
+    const ev = await events(coord.bus, coord.runId);
+    expect(ev.filter((e) => e.type === 'update.received')).toHaveLength(1);
+    const rejected = ev.filter((e) => e.type === 'update.rejected').map((e) => (e as { reason: string }).reason);
+    expect(rejected.some((r) => /SHA-256 mismatch/.test(r))).toBe(true);
+  });
+});
