@@ -7,7 +7,7 @@
  * a refused upload counts.
  */
 import { createHash } from 'node:crypto';
-import { connect } from 'node:net';
+import { connect, createServer, type AddressInfo } from 'node:net';
 import { join } from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -242,5 +242,39 @@ describe('bulk channel at the byte level', () => {
     expect(ev.filter((e) => e.type === 'update.received')).toHaveLength(1);
     const rejected = ev.filter((e) => e.type === 'update.rejected').map((e) => (e as { reason: string }).reason);
     expect(rejected.some((r) => /SHA-256 mismatch/.test(r))).toBe(true);
+  });
+});
+
+describe('a worker that cannot reach the bulk port', () => {
+  it('uses the gRPC streams after one failed connection, and its transfers still arrive', async () => {
+    // The coordinator listens on 127.0.0.2; the worker reaches its gRPC port only through a proxy on
+    // 127.0.0.1, where nothing listens on the advertised bulk port (a firewall that passes only gRPC).
+    const cfg = runConfig(dir, modelDir, { name: 'bulk-unreachable', rounds: 1, cohort: { min_workers: 1 }, round: { min_results: 1, deadline_sec: 60 }, eval: { every: 0 }, server: { listen: '127.0.0.2:0' } } as Record<string, unknown>);
+    const coord = await startCoordinator(cfg);
+    const proxy = createServer((c) => {
+      const up = connect(coord.port, '127.0.0.2');
+      c.pipe(up).pipe(c);
+      c.on('error', () => up.destroy());
+      up.on('error', () => c.destroy());
+    });
+    await new Promise<void>((r) => proxy.listen(0, '127.0.0.1', r));
+    const p = new Probe(`127.0.0.1:${(proxy.address() as AddressInfo).port}`, fingerprint);
+    try {
+      await p.join('probe-fallback');
+      expect(p.registration!.bulkPort).toBeGreaterThan(0);
+      expect(p.conn.transport).toMatch(/^bulk 127\.0\.0\.1:/);
+      const task = await p.nextTask();
+      const got = await p.conn.downloadAdapter(task.global!.version, 1 << 20);
+      expect(Buffer.from(got.sha256).equals(Buffer.from(task.global!.sha256))).toBe(true);
+      expect(p.conn.transport).toBe('grpc');
+      const ack = await p.conn.upload({ taskId: task.taskId, round: task.round, kind: UpdateKind.UPDATE_KIND_ADAPTER_WEIGHTS, baseVersion: task.global!.version, numExamples: 10, metrics: { train_loss: 1 } }, got.adapter);
+      expect(ack.bytes).toBe(got.bytes);
+      const done = await waitForEvent(coord.bus, coord.runId, 'round.completed', (e) => e.round === 1);
+      expect(done.participants).toBe(1);
+    } finally {
+      p.close();
+      proxy.close();
+      await coord.close();
+    }
   });
 });
