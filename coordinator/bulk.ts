@@ -161,9 +161,12 @@ export async function startBulkServer(o: BulkServerOptions): Promise<BulkServer>
         refuse(err);
       });
       sock.pause();
+      // Waiting for a slot is the coordinator's doing, not the sender's: no idle clock meanwhile.
+      sock.setTimeout(0);
       // The whole upload arrives in socket-sized reads: no per-read limit beyond the announced total.
       await rx.begin(op.value, Number.MAX_SAFE_INTEGER);
       if ((state as string) === 'done') return;
+      sock.setTimeout(idleMs);
       bodyBytes = op.value.stream?.totalBytes ?? 0;
       state = 'body';
       sock.resume();

@@ -522,11 +522,14 @@ export function createCoordinatorService<T>(ctx: ServiceContext<T>, transfers: T
             const b = msg.body;
             if (!b) throw new UpdateRejected('INVALID_ARGUMENT', 'empty upload message');
             if (b.$case === 'header') {
+              // Waiting for a slot is the coordinator's doing, not the sender's: no idle clock meanwhile.
+              if (idle) clearTimeout(idle);
               await rx.begin(b.value, cfg.server.max_chunk_bytes);
               if (replied) {
                 rx.drop();
                 return;
               }
+              touch();
             } else if (!rx.header) {
               throw new UpdateRejected('INVALID_ARGUMENT', `upload must start with a header (got ${b.$case})`);
             } else if (b.$case === 'chunk') {

@@ -7,6 +7,7 @@ import { join } from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { startCoordinator } from '../../coordinator/main.ts';
+import { packTensorMap } from '../../common/chunks.ts';
 import { loadModel } from '../../worker/engine/model.ts';
 import type { UploadMessage } from '../../proto/gen/fedtune/v1/coordinator.ts';
 import { Probe, rawUpload, runConfig, tempDir, tinyModel, updateMessages, waitForEvent } from './federated-helpers.ts';
@@ -103,6 +104,53 @@ describe('upload total timeout', () => {
       await waitForEvent(coord.bus, coord.runId, 'round.completed', (e) => e.round === 1);
     } finally {
       p.close();
+      await coord.close();
+    }
+  });
+});
+
+describe('waiting for a slot', () => {
+  it('an upload queued behind a slow one is not closed as idle while it waits, and goes through', async () => {
+    const cfg = runConfig(dir, modelDir, {
+      name: 'queued',
+      rounds: 1,
+      cohort: { min_workers: 2 },
+      round: { min_results: 2, deadline_sec: 60 },
+      eval: { every: 0 },
+      server: { max_concurrent_uploads: 1, upload_idle_timeout_sec: 1, upload_timeout_sec: 30 },
+    } as Record<string, unknown>);
+    const coord = await startCoordinator(cfg);
+    const a = new Probe(coord.address, fingerprint);
+    const b = new Probe(coord.address, fingerprint);
+    try {
+      await a.join('probe-a');
+      await b.join('probe-b');
+      const [ta, tb] = [await a.nextTask(), await b.nextTask()];
+      const g = await a.conn.downloadAdapter(ta.global!.version, 1 << 20);
+      // A takes the only slot and trickles its chunks for about 2.5 s (never 1 s quiet) before its trailer.
+      const msgsA = updateMessages(ta, g.adapter, {}, Math.ceil(packTensorMap(g.adapter).bytes.byteLength / 6));
+      const slowA = new Promise<{ code: number; details: string }>((resolve) => {
+        const md = (a.conn as unknown as { metadata(): grpc.Metadata }).metadata();
+        const call = a.conn.client.upload(md, (err) => resolve(err ? { code: err.code, details: err.details } : { code: grpc.status.OK, details: '' }));
+        call.write(msgsA[0]!);
+        let i = 1;
+        const t = setInterval(() => {
+          call.write(msgsA[i++]!);
+          if (i === msgsA.length) {
+            clearInterval(t);
+            call.end();
+          }
+        }, 300);
+      });
+      await new Promise((r) => setTimeout(r, 200));
+      // B's header arrives while A holds the slot; B then waits well past the 1 s idle timeout.
+      const okB = await rawUpload(b.conn, updateMessages(tb, g.adapter));
+      expect(grpc.status[okB.code], okB.details).toBe('OK');
+      expect(grpc.status[(await slowA).code]).toBe('OK');
+      await waitForEvent(coord.bus, coord.runId, 'round.completed', (e) => e.round === 1);
+    } finally {
+      a.close();
+      b.close();
       await coord.close();
     }
   });
