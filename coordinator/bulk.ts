@@ -31,6 +31,9 @@ import type { WorkerRecord } from './workers.ts';
 
 const log = logger('coordinator.bulk');
 
+/** The longest a connection may take to send its whole request (preamble and BulkRequest frame). */
+export const BULK_REQUEST_TIMEOUT_MS = 10_000;
+
 export interface BulkServer {
   readonly port: number;
   /** Swap the TLS context (a reloaded CRL); new handshakes use it. */
@@ -109,6 +112,16 @@ export async function startBulkServer(o: BulkServerOptions): Promise<BulkServer>
       pendingBytes = rest.byteLength;
       return head;
     };
+
+    // Before it is authenticated a connection gets one short deadline for its whole request, however it
+    // trickles: unauthenticated peers cannot hold connections open.
+    const requestMs = Math.min(idleMs, BULK_REQUEST_TIMEOUT_MS);
+    const requestTimer = setTimeout(() => {
+      if (state !== 'preamble' && state !== 'request') return;
+      refuse(grpcError(grpc.status.DEADLINE_EXCEEDED, `no complete bulk request within ${requestMs / 1000} s of connecting; connect when the request is ready to send`));
+    }, requestMs);
+    requestTimer.unref();
+    sock.on('close', () => clearTimeout(requestTimer));
 
     sock.setTimeout(idleMs, () => {
       if (state === 'done') return sock.destroy();
@@ -203,6 +216,7 @@ export async function startBulkServer(o: BulkServerOptions): Promise<BulkServer>
         state = 'request';
       }
       if (state === 'request' && pendingBytes >= requestBytes) {
+        clearTimeout(requestTimer);
         state = 'wait';
         onRequest(take(requestBytes)).catch(refuse);
         return;
