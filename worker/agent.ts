@@ -175,11 +175,13 @@ export class CoordinatorConnection {
     rank = 0,
     /** Memory the adapter may be read into (bulk channel; used when the size matches). Its old contents are lost. */
     reuse: Uint8Array | null = null,
+    /** The size the task announced (AdapterRef.total_bytes): a stream announcing more is refused before anything is allocated. */
+    expectBytes?: number,
   ): Promise<{ adapter: TensorMap; bytes: number; sha256: Uint8Array; buffer: Uint8Array | null }> {
     return this.viaBulk(
       async (b) => {
         const what = `global adapter v${version}`;
-        const got = await b.download({ target: { $case: 'adapterVersion', value: version }, adapterRank: rank }, what, Number.MAX_SAFE_INTEGER, reuse);
+        const got = await b.download({ target: { $case: 'adapterVersion', value: version }, adapterRank: rank }, what, expectBytes ?? Number.MAX_SAFE_INTEGER, reuse);
         const h = got.header;
         if (h.content?.$case !== 'tensors') throw new Error('download: header does not describe tensors');
         const manifest = h.content.value.tensors.map((t) => {
@@ -189,11 +191,11 @@ export class CoordinatorConnection {
         });
         return { adapter: unpackTensorMap(manifest, got.bytes), bytes: got.bytes.byteLength, sha256: got.sha256, buffer: got.bytes as Uint8Array | null };
       },
-      async () => ({ ...(await this.downloadAdapterGrpc(version, maxChunkBytes, rank)), buffer: null as Uint8Array | null }),
+      async () => ({ ...(await this.downloadAdapterGrpc(version, maxChunkBytes, rank, expectBytes)), buffer: null as Uint8Array | null }),
     );
   }
 
-  private async downloadAdapterGrpc(version: number, maxChunkBytes: number, rank: number): Promise<{ adapter: TensorMap; bytes: number; sha256: Uint8Array }> {
+  private async downloadAdapterGrpc(version: number, maxChunkBytes: number, rank: number, expectBytes?: number): Promise<{ adapter: TensorMap; bytes: number; sha256: Uint8Array }> {
     const stream = this.client.download({ target: { $case: 'adapterVersion', value: version }, adapterRank: rank }, this.metadata());
     let asm: ChunkAssembler | null = null;
     let manifest: TensorSpecEntry[] = [];
@@ -208,7 +210,7 @@ export class CoordinatorConnection {
           if (!dtype) throw new Error(`download: tensor ${t.name} has unknown dtype ${t.dtype}`);
           return { name: t.name, dtype, shape: t.shape.map(Number) };
         });
-        asm = new ChunkAssembler({ totalBytes: h.totalBytes, maxChunkBytes, what: `global adapter v${version}` });
+        asm = new ChunkAssembler({ totalBytes: h.totalBytes, maxChunkBytes, what: `global adapter v${version}`, ...(expectBytes !== undefined ? { maxTotalBytes: expectBytes } : {}) });
       } else if (b.$case === 'chunk') {
         if (!asm) throw new Error('download: chunk before header');
         asm.push(b.value.offset, b.value.data);
@@ -663,7 +665,7 @@ export class WorkerAgent {
     // old one's memory (no fresh pages to fault in); the cache is cleared first, as the download overwrites it.
     const reuse = this.cache?.bytes ?? null;
     this.cache = null;
-    const got = await conn.downloadAdapter(g.version, reg.maxChunkBytes, g.rank, reuse);
+    const got = await conn.downloadAdapter(g.version, reg.maxChunkBytes, g.rank, reuse, g.totalBytes || undefined);
     if (!bytesEqual(got.sha256, g.sha256)) {
       throw new Error(`global adapter v${g.version}: digest ${hex(got.sha256)} differs from the task's ${hex(g.sha256)}`);
     }

@@ -18,6 +18,7 @@ import { startCoordinator, type CoordinatorHandle } from '../../coordinator/main
 import { BulkRequest, BulkResponse, UpdateKind, type Task, type UploadHeader } from '../../proto/gen/fedtune/v1/coordinator.ts';
 import { DType } from '../../proto/gen/fedtune/v1/tensors.ts';
 import { loadModel } from '../../worker/engine/model.ts';
+import { BulkClient } from '../../worker/bulk.ts';
 import type { TensorMap } from '../../common/tensor.ts';
 import { events, Probe, runConfig, tempDir, tinyModel, waitForEvent, worker, writeData } from './federated-helpers.ts';
 
@@ -285,6 +286,45 @@ describe('a worker that cannot reach the bulk port', () => {
       p.close();
       proxy.close();
       await coord.close();
+    }
+  });
+});
+
+describe('the worker side against a coordinator that lies', () => {
+  it('refuses a download announcing more bytes than the task did, before allocating them, and a wrong digest', async () => {
+    const answers: Buffer[] = [];
+    const fake = createServer((c) => {
+      c.once('data', () => {
+        const a = answers.shift()!;
+        c.end(a);
+      });
+      c.on('error', () => {});
+    });
+    await new Promise<void>((r) => fake.listen(0, '127.0.0.1', r));
+    const port = (fake.address() as AddressInfo).port;
+    const respond = (totalBytes: number, body: Uint8Array, digest: Uint8Array): Buffer => {
+      const msg = BulkResponse.encode({ code: 0, message: '', body: { $case: 'header', value: { totalBytes, chunkBytes: 0, content: { $case: 'tensors', value: { tensors: [] } } } } }).finish();
+      const len = Buffer.alloc(4);
+      len.writeUInt32LE(msg.byteLength, 0);
+      return Buffer.concat([len, msg, body, digest]);
+    };
+    const client = new BulkClient('127.0.0.1', port, null, { workerId: 'w', sessionKey: 'k' });
+    const req = { target: { $case: 'adapterVersion' as const, value: 1 }, adapterRank: 0 };
+    try {
+      answers.push(respond(2 ** 40, new Uint8Array(0), new Uint8Array(32)));
+      const huge = await client.download(req, 'global adapter v1', 1024).catch((e: unknown) => e as { code: number; details: string });
+      expect(grpc.status[(huge as { code: number }).code]).toBe('RESOURCE_EXHAUSTED');
+      expect((huge as { details: string }).details).toMatch(/announces 1099511627776 bytes, more than the 1024 allowed/);
+      const body = Uint8Array.from({ length: 100 }, (_, i) => i);
+      answers.push(respond(100, body, new Uint8Array(32)));
+      const bad = await client.download(req, 'global adapter v1', 1024).catch((e: unknown) => e as { code: number; details: string });
+      expect(grpc.status[(bad as { code: number }).code]).toBe('DATA_LOSS');
+      const good = createHash('sha256').update(body).digest();
+      answers.push(respond(100, body, good));
+      const ok = await client.download(req, 'global adapter v1', 1024);
+      expect(Buffer.from(ok.bytes).equals(Buffer.from(body))).toBe(true);
+    } finally {
+      fake.close();
     }
   });
 });
