@@ -31,6 +31,29 @@ function stalledUpload(p: Probe, first: UploadMessage[] = []): Promise<{ code: n
   });
 }
 
+/**
+ * An upload stream that writes messages[0] at once, then one more every `everyMs`; it ends the
+ * stream after the last one when `end` is set. Resolves with its final status.
+ */
+function trickledUpload(p: Probe, messages: UploadMessage[], everyMs: number, end: boolean): Promise<{ code: number; details: string }> {
+  return new Promise((resolve) => {
+    const md = (p.conn as unknown as { metadata(): grpc.Metadata }).metadata();
+    const call = p.conn.client.upload(md, (err) => resolve(err ? { code: err.code, details: err.details } : { code: grpc.status.OK, details: '' }));
+    call.write(messages[0]!);
+    let i = 1;
+    const t = setInterval(() => {
+      if (i >= messages.length) {
+        clearInterval(t);
+        if (end) call.end();
+        return;
+      }
+      call.write(messages[i++]!);
+    }, everyMs);
+    call.on('error', () => clearInterval(t));
+    call.on('status', () => clearInterval(t));
+  });
+}
+
 describe('upload slots', () => {
   it('streams that send nothing hold no slot and are closed when idle; a real upload goes through meanwhile', async () => {
     const cfg = runConfig(dir, modelDir, {
@@ -82,19 +105,8 @@ describe('upload total timeout', () => {
       const task = await p.nextTask();
       const g = await p.conn.downloadAdapter(task.global!.version, 1 << 20);
       const msgs = updateMessages(task, g.adapter, {}, 64);
-      // Header, then one small chunk every 300 ms: never idle for 30 s, never done within 1.5 s.
-      const slow = new Promise<{ code: number; details: string }>((resolve) => {
-        const md = (p.conn as unknown as { metadata(): grpc.Metadata }).metadata();
-        const call = p.conn.client.upload(md, (err) => resolve(err ? { code: err.code, details: err.details } : { code: grpc.status.OK, details: '' }));
-        call.write(msgs[0]!);
-        let i = 1;
-        const t = setInterval(() => {
-          if (i >= msgs.length - 1) return clearInterval(t);
-          call.write(msgs[i++]!);
-        }, 300);
-        call.on('error', () => clearInterval(t));
-        call.on('status', () => clearInterval(t));
-      });
+      // Header, then one small chunk every 300 ms (no trailer): never idle for 30 s, never done within 1.5 s.
+      const slow = trickledUpload(p, msgs.slice(0, -1), 300, false);
       const res = await slow;
       expect(grpc.status[res.code]).toBe('DEADLINE_EXCEEDED');
       expect(res.details).toMatch(/not complete 1\.5 s after it got its slot \(server\.upload_timeout_sec/);
@@ -129,19 +141,7 @@ describe('waiting for a slot', () => {
       const g = await a.conn.downloadAdapter(ta.global!.version, 1 << 20);
       // A takes the only slot and trickles its chunks for about 2.5 s (never 1 s quiet) before its trailer.
       const msgsA = updateMessages(ta, g.adapter, {}, Math.ceil(packTensorMap(g.adapter).bytes.byteLength / 6));
-      const slowA = new Promise<{ code: number; details: string }>((resolve) => {
-        const md = (a.conn as unknown as { metadata(): grpc.Metadata }).metadata();
-        const call = a.conn.client.upload(md, (err) => resolve(err ? { code: err.code, details: err.details } : { code: grpc.status.OK, details: '' }));
-        call.write(msgsA[0]!);
-        let i = 1;
-        const t = setInterval(() => {
-          call.write(msgsA[i++]!);
-          if (i === msgsA.length) {
-            clearInterval(t);
-            call.end();
-          }
-        }, 300);
-      });
+      const slowA = trickledUpload(a, msgsA, 300, true);
       await new Promise((r) => setTimeout(r, 200));
       // B's header arrives while A holds the slot; B then waits well past the 1 s idle timeout.
       const okB = await rawUpload(b.conn, updateMessages(tb, g.adapter));
