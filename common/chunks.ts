@@ -240,18 +240,35 @@ export function tensorViews(m: TensorMap, maxBytes = DEFAULT_CHUNK_BYTES): Retur
  */
 export class BufferPool {
   private readonly free = new Map<number, Uint8Array[]>();
-  constructor(readonly maxBuffers: number) {}
+  private held = 0;
+  /**
+   * `maxBuffers` per size, and at most `maxBytes` held in all (default 1 GiB): with adapters of
+   * gigabytes the pool keeps nothing, and memory is what it would be without it.
+   */
+  constructor(
+    readonly maxBuffers: number,
+    readonly maxBytes = 1 << 30,
+  ) {}
 
   take(n: number): Uint8Array {
-    return this.free.get(n)?.pop() ?? new Uint8Array(n);
+    const b = this.free.get(n)?.pop();
+    if (!b) return new Uint8Array(n);
+    this.held -= b.byteLength;
+    return b;
   }
 
   give(buf: Uint8Array): void {
     if (buf.byteOffset !== 0 || buf.byteLength !== buf.buffer.byteLength) return;
     const list = this.free.get(buf.byteLength) ?? [];
-    if (list.length >= this.maxBuffers || list.includes(buf)) return;
+    if (list.length >= this.maxBuffers || this.held + buf.byteLength > this.maxBytes || list.includes(buf)) return;
     list.push(buf);
+    this.held += buf.byteLength;
     this.free.set(buf.byteLength, list);
+  }
+
+  /** Bytes held for reuse (tests). */
+  get heldBytes(): number {
+    return this.held;
   }
 
   /** Buffers held for reuse (tests). */

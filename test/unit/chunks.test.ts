@@ -178,6 +178,20 @@ describe('BufferPool', () => {
     expect(pool.size).toBe(0);
   });
 
+  it('holds at most maxBytes in all, so buffers too large for it are left to the garbage collector', () => {
+    const pool = new BufferPool(8, 100);
+    const small = [pool.take(40), pool.take(40), pool.take(40)];
+    for (const b of small) pool.give(b);
+    expect(pool.size).toBe(2);
+    expect(pool.heldBytes).toBe(80);
+    pool.give(new Uint8Array(200));
+    expect(pool.size).toBe(2);
+    pool.take(40);
+    expect(pool.heldBytes).toBe(40);
+    pool.give(new Uint8Array(60));
+    expect(pool.heldBytes).toBe(100);
+  });
+
   it('a ChunkAssembler gives its buffer back when discarded unfinished, not once its checked bytes were handed on', () => {
     const pool = new BufferPool(4);
     const bytes = Uint8Array.from({ length: 32 }, (_, i) => i);
