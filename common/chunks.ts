@@ -132,12 +132,17 @@ export function* chunkSlices(bytes: Uint8Array, chunkBytes = DEFAULT_CHUNK_BYTES
  * copied. The SHA-256 is computed as the chunks go by; `sha256()` is valid once
  * `chunks()` has been consumed to the end.
  */
-export function streamTensorMap(m: TensorMap, chunkBytes = DEFAULT_CHUNK_BYTES): {
+/** A tensor stream as a sender produces it: its pieces (with their number), and the digest once they are consumed. */
+export interface OutgoingStream {
   manifest: TensorSpecEntry[];
   totalBytes: number;
+  /** How many pieces chunks() yields. */
+  count: number;
   chunks(): Generator<ChunkSlice>;
   sha256(): Uint8Array;
-} {
+}
+
+export function streamTensorMap(m: TensorMap, chunkBytes = DEFAULT_CHUNK_BYTES): OutgoingStream {
   if (!Number.isInteger(chunkBytes) || chunkBytes < 1) throw new Error(`streamTensorMap: chunkBytes must be a positive integer (got ${chunkBytes})`);
   const manifest = manifestOf(m);
   const totalBytes = manifestBytes(manifest);
@@ -146,6 +151,7 @@ export function streamTensorMap(m: TensorMap, chunkBytes = DEFAULT_CHUNK_BYTES):
   return {
     manifest,
     totalBytes,
+    count: Math.ceil(totalBytes / chunkBytes),
     *chunks() {
       let offset = 0;
       let pending: Uint8Array | null = null;
@@ -194,7 +200,7 @@ export function streamTensorMap(m: TensorMap, chunkBytes = DEFAULT_CHUNK_BYTES):
  * chunk size, for a transport that frames nothing (the bulk channel), so no chunk
  * straddling two tensors is ever copied.
  */
-export function tensorViews(m: TensorMap, maxBytes = DEFAULT_CHUNK_BYTES): ReturnType<typeof streamTensorMap> & { count: number } {
+export function tensorViews(m: TensorMap, maxBytes = DEFAULT_CHUNK_BYTES): OutgoingStream {
   if (!Number.isInteger(maxBytes) || maxBytes < 4) throw new Error(`tensorViews: maxBytes must be an integer >= 4 (got ${maxBytes})`);
   const manifest = manifestOf(m);
   const totalBytes = manifestBytes(manifest);

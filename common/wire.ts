@@ -16,6 +16,14 @@ export const BULK_MAGIC = 'FTB1';
 export const BULK_DIGEST_BYTES = 32;
 export const BULK_MAX_REQUEST_BYTES = 4 << 20;
 
+/** A bulk-channel frame: the message's length (4 bytes, little-endian), then the message. */
+export function lengthPrefixed(body: Uint8Array): Buffer {
+  const out = Buffer.allocUnsafe(4 + body.byteLength);
+  out.writeUInt32LE(body.byteLength, 0);
+  out.set(body, 4);
+  return out;
+}
+
 export const DTYPE_NAMES: Record<number, WireDType | undefined> = {
   [DType.DTYPE_F32]: 'F32',
   [DType.DTYPE_F16]: 'F16',

@@ -21,12 +21,12 @@
 import * as grpc from '@grpc/grpc-js';
 import { createServer, type Server, type Socket } from 'node:net';
 import { createServer as createTlsServer, type SecureContextOptions, type TLSSocket } from 'node:tls';
-import { BULK_DIGEST_BYTES, BULK_MAGIC, BULK_MAX_REQUEST_BYTES } from '../common/wire.ts';
+import { BULK_DIGEST_BYTES, BULK_MAGIC, BULK_MAX_REQUEST_BYTES, lengthPrefixed } from '../common/wire.ts';
 import { logger } from '../common/log.ts';
 import { refusalOf } from '../common/wire-decode.ts';
 import { BulkRequest, BulkResponse } from '../proto/gen/fedtune/v1/coordinator.ts';
 import { peerIdentityOf } from './identity.ts';
-import { grpcError, type Transfers, type UploadReceiver } from './service.ts';
+import { grpcError, statusOf, type Transfers, type UploadReceiver } from './service.ts';
 import type { WorkerRecord } from './workers.ts';
 
 const log = logger('coordinator.bulk');
@@ -54,22 +54,7 @@ export interface BulkServerOptions {
 }
 
 function frame(msg: BulkResponse): Buffer {
-  const body = BulkResponse.encode(msg).finish();
-  const out = Buffer.allocUnsafe(4 + body.byteLength);
-  out.writeUInt32LE(body.byteLength, 0);
-  out.set(body, 4);
-  return out;
-}
-
-function statusOfError(err: unknown): { code: number; message: string } {
-  if (typeof err === 'object' && err !== null && 'code' in err) {
-    const c = (err as { code: unknown }).code;
-    const e = err as { details?: string; message?: string };
-    const message = e.details ?? e.message ?? '';
-    if (typeof c === 'number') return { code: c, message };
-    if (typeof c === 'string' && c in grpc.status) return { code: grpc.status[c as keyof typeof grpc.status] as number, message };
-  }
-  return { code: grpc.status.INTERNAL, message: err instanceof Error ? err.message : String(err) };
+  return lengthPrefixed(BulkResponse.encode(msg).finish());
 }
 
 export async function startBulkServer(o: BulkServerOptions): Promise<BulkServer> {
@@ -79,7 +64,6 @@ export async function startBulkServer(o: BulkServerOptions): Promise<BulkServer>
 
   const handle = (sock: Socket): void => {
     open.add(sock);
-    sock.on('close', () => open.delete(sock));
     sock.setNoDelay(true);
     const address = `${sock.remoteAddress ?? '?'}:${sock.remotePort ?? 0}`;
     const peerCall = { getPeer: () => address };
@@ -97,10 +81,10 @@ export async function startBulkServer(o: BulkServerOptions): Promise<BulkServer>
     const refuse = (err: unknown): void => {
       if (state === 'done') return;
       state = 'done';
-      const s = statusOfError(err);
-      const drained = rx ? (rx.header ? rx.fail(err) : (rx.drop(), null)) : null;
-      const { code, message } = drained ? { code: drained.code, message: drained.details } : s;
-      sock.end(frame({ code, message, body: undefined }));
+      // A refused upload is published as such (fail); one refused before its header only let go of (drop).
+      if (rx && !rx.header) rx.drop();
+      const status = rx?.header ? rx.fail(err) : statusOf(err);
+      sock.end(frame({ code: status.code, message: status.details, body: undefined }));
       sock.resume();
       setTimeout(() => sock.destroy(), 5000).unref();
     };
@@ -121,7 +105,10 @@ export async function startBulkServer(o: BulkServerOptions): Promise<BulkServer>
       refuse(grpcError(grpc.status.DEADLINE_EXCEEDED, `no complete bulk request within ${requestMs / 1000} s of connecting; connect when the request is ready to send`));
     }, requestMs);
     requestTimer.unref();
-    sock.on('close', () => clearTimeout(requestTimer));
+    sock.on('close', () => {
+      open.delete(sock);
+      clearTimeout(requestTimer);
+    });
 
     sock.setTimeout(idleMs, () => {
       if (state === 'done') return sock.destroy();

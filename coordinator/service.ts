@@ -51,7 +51,8 @@ export function grpcError(code: grpc.status, details: string): grpc.ServiceError
   return e;
 }
 
-function statusOf(err: unknown): grpc.ServiceError {
+/** The gRPC status an error is answered with (refusals keep their code; anything else is INTERNAL). */
+export function statusOf(err: unknown): grpc.ServiceError {
   if (err instanceof UpdateRejected || err instanceof ChunkError) return grpcError(grpc.status[err.code], err.message);
   if (typeof err === 'object' && err !== null && 'code' in err && typeof (err as { code: unknown }).code === 'number') return err as grpc.ServiceError;
   return grpcError(grpc.status.INTERNAL, err instanceof Error ? err.message : String(err));

@@ -25,10 +25,11 @@ import {
   bytesEqual,
   chunkSlices,
   sha256,
+  type OutgoingStream,
   type TensorSpecEntry,
 } from '../common/chunks.ts';
 import { inspectModel } from '../common/hf-model.ts';
-import { DTYPE_NAMES, DTYPE_OF, PROTOCOL_VERSION, SESSION_KEY_HEADER, WORKER_ID_HEADER } from '../common/wire.ts';
+import { DTYPE_OF, fromWireManifest, PROTOCOL_VERSION, SESSION_KEY_HEADER, WORKER_ID_HEADER } from '../common/wire.ts';
 import { logger } from '../common/log.ts';
 import type { TensorMap } from '../common/tensor.ts';
 import {
@@ -184,11 +185,7 @@ export class CoordinatorConnection {
         const got = await b.download({ target: { $case: 'adapterVersion', value: version }, adapterRank: rank }, what, expectBytes ?? Number.MAX_SAFE_INTEGER, reuse);
         const h = got.header;
         if (h.content?.$case !== 'tensors') throw new Error('download: header does not describe tensors');
-        const manifest = h.content.value.tensors.map((t) => {
-          const dtype = DTYPE_NAMES[t.dtype];
-          if (!dtype) throw new Error(`download: tensor ${t.name} has unknown dtype ${t.dtype}`);
-          return { name: t.name, dtype, shape: t.shape.map(Number) };
-        });
+        const manifest = fromWireManifest(h.content.value, (m) => new Error(`download: ${m}`));
         return { adapter: unpackTensorMap(manifest, got.bytes), bytes: got.bytes.byteLength, sha256: got.sha256, buffer: got.bytes as Uint8Array | null };
       },
       async () => ({ ...(await this.downloadAdapterGrpc(version, maxChunkBytes, rank, expectBytes)), buffer: null as Uint8Array | null }),
@@ -205,11 +202,7 @@ export class CoordinatorConnection {
       if (b.$case === 'header') {
         const h = b.value;
         if (h.content?.$case !== 'tensors') throw new Error('download: header does not describe tensors');
-        manifest = h.content.value.tensors.map((t) => {
-          const dtype = DTYPE_NAMES[t.dtype];
-          if (!dtype) throw new Error(`download: tensor ${t.name} has unknown dtype ${t.dtype}`);
-          return { name: t.name, dtype, shape: t.shape.map(Number) };
-        });
+        manifest = fromWireManifest(h.content.value, (m) => new Error(`download: ${m}`));
         asm = new ChunkAssembler({ totalBytes: h.totalBytes, maxChunkBytes, what: `global adapter v${version}`, ...(expectBytes !== undefined ? { maxTotalBytes: expectBytes } : {}) });
       } else if (b.$case === 'chunk') {
         if (!asm) throw new Error('download: chunk before header');
@@ -270,8 +263,8 @@ export class CoordinatorConnection {
     // A tensor map goes as float32 (no encoding field: what every coordinator accepts); an encoded update with its encoding.
     // gRPC chunks have one fixed size (only the last is shorter); the bulk channel frames nothing, so it sends the
     // tensors' own memory as it is.
-    const grpcStream = (): ReturnType<typeof streamTensorMap> => (tensors instanceof Map ? streamTensorMap(tensors, chunkBytes) : encodedStream(tensors, chunkBytes));
-    const bulkStream = (): ReturnType<typeof streamTensorMap> => (tensors instanceof Map ? tensorViews(tensors, chunkBytes) : encodedStream(tensors, chunkBytes));
+    const grpcStream = (): OutgoingStream => (tensors instanceof Map ? streamTensorMap(tensors, chunkBytes) : encodedStream(tensors, chunkBytes));
+    const bulkStream = (): OutgoingStream => (tensors instanceof Map ? tensorViews(tensors, chunkBytes) : encodedStream(tensors, chunkBytes));
     const encodingFields = tensors instanceof Map ? {} : { encoding: encodingToWire(tensors.encoding), ...(tensors.encoding === 'int8_delta' ? { blockSize: tensors.blockSize } : {}) };
     const manifest = tensors instanceof Map ? manifestOf(tensors) : tensors.manifest;
     const totalBytes = tensors instanceof Map ? manifestBytes(manifest) : tensors.bytes.byteLength;
@@ -285,13 +278,12 @@ export class CoordinatorConnection {
       },
     };
     // Fault injection (tests): one flipped byte in the first chunk, as a bad link would; the digest then differs.
-    function* sent(stream: ReturnType<typeof streamTensorMap>): Generator<{ offset: number; data: Uint8Array }> {
-      const total = 'count' in stream ? (stream.count as number) : Math.ceil(stream.totalBytes / chunkBytes);
+    function* sent(stream: OutgoingStream): Generator<{ offset: number; data: Uint8Array }> {
       let i = 0;
       for (const c of stream.chunks()) {
         const data = opts.corrupt && i === 0 ? Uint8Array.from(c.data, (b, k) => (k === 0 ? b ^ 0xff : b)) : c.data;
         yield { offset: c.offset, data };
-        opts.onChunk?.(i++, total);
+        opts.onChunk?.(i++, stream.count);
       }
     }
     return this.viaBulk(
@@ -333,10 +325,11 @@ export class CoordinatorConnection {
 }
 
 /** The chunks and digest of an encoded update's bytes, shaped like streamTensorMap's. */
-function encodedStream(u: EncodedUpdate, chunkBytes: number): ReturnType<typeof streamTensorMap> {
+function encodedStream(u: EncodedUpdate, chunkBytes: number): OutgoingStream {
   return {
     manifest: u.manifest,
     totalBytes: u.bytes.byteLength,
+    count: Math.ceil(u.bytes.byteLength / chunkBytes),
     *chunks() {
       yield* chunkSlices(u.bytes, chunkBytes);
     },

@@ -13,7 +13,7 @@ import { readFileSync } from 'node:fs';
 import { connect as netConnect, isIP, type Socket } from 'node:net';
 import { connect as tlsConnect } from 'node:tls';
 import { bytesEqual, hex, type ChunkSlice } from '../common/chunks.ts';
-import { BULK_DIGEST_BYTES, BULK_MAGIC } from '../common/wire.ts';
+import { BULK_DIGEST_BYTES, BULK_MAGIC, lengthPrefixed } from '../common/wire.ts';
 import { BulkRequest, BulkResponse, type DownloadRequest, type UploadAck, type UploadHeader } from '../proto/gen/fedtune/v1/coordinator.ts';
 import type { StreamHeader } from '../proto/gen/fedtune/v1/tensors.ts';
 
@@ -58,12 +58,7 @@ export interface BulkTls {
 const SCRATCH = 64 << 10;
 
 function requestFrame(req: BulkRequest): Buffer {
-  const body = BulkRequest.encode(req).finish();
-  const out = Buffer.allocUnsafe(8 + body.byteLength);
-  out.write(BULK_MAGIC, 0, 'latin1');
-  out.writeUInt32LE(body.byteLength, 4);
-  out.set(body, 8);
-  return out;
+  return Buffer.concat([Buffer.from(BULK_MAGIC, 'latin1'), lengthPrefixed(BulkRequest.encode(req).finish())]);
 }
 
 /** Parses 4-byte length + BulkResponse frames out of arriving bytes. */
