@@ -47,6 +47,25 @@ async function syncTree(dir: string): Promise<void> {
 }
 
 /**
+ * Write `parts` one after another as the content of `path` (created or truncated; not atomic by
+ * itself: for files inside a writeDirAtomic temporary, or behind a rename of one's own). Saves
+ * joining large pieces into one buffer first.
+ */
+export async function writeParts(path: string, parts: readonly Uint8Array[]): Promise<void> {
+  const fh = await open(path, 'w');
+  try {
+    for (const p of parts) {
+      for (let off = 0; off < p.byteLength; ) {
+        const { bytesWritten } = await fh.write(p, off, p.byteLength - off);
+        off += bytesWritten;
+      }
+    }
+  } finally {
+    await fh.close();
+  }
+}
+
+/**
  * Write `data` to `path` through a temporary file in the same directory and a
  * rename. A failure is a FileWriteError naming `path` and the reason (its
  * `code` is the errno code: ENOSPC, EROFS, ...).

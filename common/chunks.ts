@@ -75,10 +75,18 @@ export interface PackedTensors {
   sha256: Uint8Array;
 }
 
-/** Pack a tensor map into one float32 little-endian buffer plus its manifest and digest. */
+/**
+ * Pack a tensor map into one float32 little-endian buffer plus its manifest and digest. A map whose
+ * tensors already are consecutive float32 views of one buffer, in map order and covering all of it
+ * (an aggregator's mean, unpackTensorMap's result), is used as it is: the packed bytes are then that
+ * buffer, so its tensors must not change afterwards (a global adapter never does).
+ */
 export function packTensorMap(m: TensorMap): PackedTensors {
   const manifest = manifestOf(m);
-  const out = new Float32Array(manifestBytes(manifest) / 4);
+  const total = manifestBytes(manifest);
+  const shared = sharedFloat32Buffer(m, total);
+  if (shared) return { manifest, bytes: shared, sha256: sha256(shared) };
+  const out = new Float32Array(total / 4);
   let off = 0;
   for (const t of m.values()) {
     out.set(t.data, off); // Float64Array sources are converted element-wise
@@ -86,6 +94,25 @@ export function packTensorMap(m: TensorMap): PackedTensors {
   }
   const bytes = new Uint8Array(out.buffer);
   return { manifest, bytes, sha256: sha256(bytes) };
+}
+
+/** The one buffer that `m`'s tensors are consecutive float32 views of, as bytes, or null. */
+function sharedFloat32Buffer(m: TensorMap, total: number): Uint8Array | null {
+  let buffer: ArrayBufferLike | null = null;
+  let start = 0;
+  let end = 0;
+  for (const t of m.values()) {
+    const d = t.data;
+    if (!(d instanceof Float32Array)) return null;
+    if (buffer === null) {
+      buffer = d.buffer;
+      start = end = d.byteOffset;
+    }
+    if (d.buffer !== buffer || d.byteOffset !== end) return null;
+    end += d.byteLength;
+  }
+  if (buffer === null || end - start !== total || buffer.byteLength !== total) return null;
+  return new Uint8Array(buffer, start, total);
 }
 
 /**
@@ -300,7 +327,13 @@ export class ChunkAssembler {
   private done = false;
   private readonly pool: BufferPool | null;
 
-  constructor(opts: { totalBytes: number; maxChunkBytes?: number; maxTotalBytes?: number; what?: string; pool?: BufferPool }) {
+  private readonly heldUntil: Promise<void> | null;
+
+  /**
+   * `heldUntil`: a buffer someone else may still write into (a socket reading straight into `region()`)
+   * goes back to the pool only once that settles, whenever the stream is discarded.
+   */
+  constructor(opts: { totalBytes: number; maxChunkBytes?: number; maxTotalBytes?: number; what?: string; pool?: BufferPool; heldUntil?: Promise<void> }) {
     const what = opts.what ?? 'stream';
     if (!Number.isSafeInteger(opts.totalBytes) || opts.totalBytes < 0) {
       throw new ChunkError('INVALID_ARGUMENT', `${what}: total_bytes must be a non-negative integer (got ${opts.totalBytes})`);
@@ -313,6 +346,7 @@ export class ChunkAssembler {
     this.pool = opts.pool ?? null;
     this.buf = this.pool ? this.pool.take(opts.totalBytes) : new Uint8Array(opts.totalBytes);
     this.what = what;
+    this.heldUntil = opts.heldUntil ?? null;
   }
 
   /** The stream will not be finished (refused, broken off): its buffer goes back to the pool. */
@@ -321,7 +355,10 @@ export class ChunkAssembler {
     if (this.given || this.checked) return;
     this.given = true;
     this.done = true;
-    this.pool?.give(this.buf);
+    const pool = this.pool;
+    if (!pool) return;
+    if (this.heldUntil) void this.heldUntil.then(() => pool.give(this.buf));
+    else pool.give(this.buf);
   }
 
   private checked = false;
@@ -345,6 +382,24 @@ export class ChunkAssembler {
     this.buf.set(data, this.received);
     this.hash.update(data);
     this.received += data.byteLength;
+  }
+
+  /**
+   * Where the next bytes go, for a reader that writes them in place (a socket's `onread`): the
+   * unwritten rest of the buffer. Bytes written there count once `advance` says so.
+   */
+  region(): Uint8Array {
+    return this.done ? new Uint8Array(0) : this.buf.subarray(this.received);
+  }
+
+  /** `n` bytes were written at the start of `region()`: hashed and counted as one chunk. */
+  advance(n: number): void {
+    if (this.done) throw new ChunkError('INVALID_ARGUMENT', `${this.what}: bytes after the trailer`);
+    if (!Number.isSafeInteger(n) || n < 0 || this.received + n > this.totalBytes) {
+      throw new ChunkError('RESOURCE_EXHAUSTED', `${this.what}: ${n} more bytes exceed the announced ${this.totalBytes} bytes`);
+    }
+    this.hash.update(this.buf.subarray(this.received, this.received + n));
+    this.received += n;
   }
 
   /** Check the trailer against what arrived; returns the complete bytes. */

@@ -9,8 +9,8 @@ import { readFile, writeFile, access } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { TensorMap } from './tensor.ts';
 import { numel } from './tensor.ts';
-import { readSafetensors, serializeSafetensors, toFloat32, type StWriteEntry } from './safetensors.ts';
-import { writeDirAtomic } from './atomic.ts';
+import { readSafetensors, safetensorsParts, toFloat32, type StWriteEntry } from './safetensors.ts';
+import { writeDirAtomic, writeParts } from './atomic.ts';
 import type { LoraConfig } from './model-config.ts';
 import { checkReadKeys, disallowedWrittenKeys } from './peft-keys.ts';
 import { checkLoraPatternFields, layerIndexOf, layerSelected, patternRankAlpha, peftMagnitudeKey } from './lora.ts';
@@ -222,12 +222,13 @@ export async function writePeftAdapter(dir: string, adapter: TensorMap, cfg: Pef
   if (bad.length) throw new Error(`${where}: adapter_config.json would hold ${bad.join(', ')}, which PEFT 0.6 does not define`);
   const tensors = new Map<string, StWriteEntry>();
   for (const [k, t] of adapter) tensors.set(k, { dtype: 'F32', shape: t.shape, data: t.data });
-  const bytes = serializeSafetensors(tensors, { format: 'pt' });
+  // Written piece by piece from the adapter's own arrays: no second copy of the weights in memory.
+  const parts = safetensorsParts(tensors, { format: 'pt' });
   const json = `${JSON.stringify(config, null, 2)}\n`;
   await writeDirAtomic(
     dir,
     async (tmp) => {
-      await writeFile(join(tmp, ADAPTER_WEIGHTS), bytes);
+      await writeParts(join(tmp, ADAPTER_WEIGHTS), parts);
       await writeFile(join(tmp, ADAPTER_CONFIG), json);
     },
     { overwrite: true },

@@ -438,6 +438,22 @@ function encode(entry: StWriteEntry, name: string): Uint8Array {
  * is padded with spaces to a multiple of 8 bytes.
  */
 export function serializeSafetensors(tensors: Map<string, StWriteEntry>, metadata?: Record<string, string>): Uint8Array {
+  const parts = safetensorsParts(tensors, metadata);
+  const out = new Uint8Array(parts.reduce((n, b) => n + b.byteLength, 0));
+  let pos = 0;
+  for (const b of parts) {
+    out.set(b, pos);
+    pos += b.byteLength;
+  }
+  return out;
+}
+
+/**
+ * The bytes of a safetensors file as the pieces it is made of, to be written one after another:
+ * the length-prefixed header, then each tensor's bytes in file order. Float32 and float64 tensors
+ * are views of the caller's arrays (not copies), so they must not change until the pieces are written.
+ */
+export function safetensorsParts(tensors: Map<string, StWriteEntry>, metadata?: Record<string, string>): Uint8Array[] {
   for (const [name, e] of tensors) {
     if (name === '__metadata__') throw new Error('safetensors write: "__metadata__" cannot be a tensor name');
     if (!e.shape.every((d) => Number.isSafeInteger(d) && d >= 0)) {
@@ -471,15 +487,10 @@ export function serializeSafetensors(tensors: Map<string, StWriteEntry>, metadat
     padded.set(json);
     json = padded;
   }
-  const out = new Uint8Array(8 + json.length + offset);
-  new DataView(out.buffer).setBigUint64(0, BigInt(json.length), true);
-  out.set(json, 8);
-  let pos = 8 + json.length;
-  for (const b of blobs) {
-    out.set(b, pos);
-    pos += b.length;
-  }
-  return out;
+  const head = new Uint8Array(8 + json.length);
+  new DataView(head.buffer).setBigUint64(0, BigInt(json.length), true);
+  head.set(json, 8);
+  return [head, ...blobs];
 }
 
 /** Write a safetensors file atomically (temporary file + rename). */

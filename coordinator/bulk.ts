@@ -19,7 +19,7 @@
  * closed, and nothing of an upload counts before its digest checks.
  */
 import * as grpc from '@grpc/grpc-js';
-import { createServer, type Server, type Socket } from 'node:net';
+import { createServer, Socket, type Server } from 'node:net';
 import { createServer as createTlsServer, type SecureContextOptions, type TLSSocket } from 'node:tls';
 import { BULK_DIGEST_BYTES, BULK_MAGIC, BULK_MAX_REQUEST_BYTES, lengthPrefixed } from '../common/wire.ts';
 import { logger } from '../common/log.ts';
@@ -41,6 +41,38 @@ export interface BulkServer {
   close(): Promise<void>;
   /** Open connections (tests). */
   readonly connections: number;
+  /** Upload bytes the sockets wrote straight into reassembly buffers (plain TCP; tests and benchmarks). */
+  readonly bytesReadInPlace: number;
+}
+
+/** The scratch buffer of a plain TCP connection: its request, an upload's digest, a body's first bytes. */
+const SCRATCH_BYTES = 64 * 1024;
+
+interface StreamHandle {
+  readStop(): number;
+  useUserBuffer(buf: Uint8Array): void;
+}
+
+/**
+ * The accepted connection, re-wrapped as a socket that reads through `onread` (node's net offers
+ * onread on sockets it creates, not on the ones a server accepts): its handle moves to the new
+ * socket, still paused (the server accepts with pauseOnConnect), and the accepted socket is let go of.
+ * The callback must read what arrived from the buffer it last handed out (from `buffer()` or
+ * `readInto`), not from its `buf` argument, which is the last one `buffer()` returned.
+ */
+function readingInto(
+  accepted: Socket,
+  onread: { buffer: () => Uint8Array; callback: (n: number, buf: Uint8Array) => boolean },
+): { sock: Socket; readInto(buf: Uint8Array): void } | null {
+  const a = accepted as unknown as { _handle: StreamHandle | null };
+  const handle = a._handle;
+  // A runtime without it reads through 'data' events, copying once, as under TLS.
+  if (!handle || typeof handle.useUserBuffer !== 'function') return null;
+  a._handle = null;
+  accepted.destroy();
+  const sock = new Socket({ handle, onread, allowHalfOpen: accepted.allowHalfOpen, readable: true, writable: true, pauseOnCreate: true } as ConstructorParameters<typeof Socket>[0]);
+  // Between reads, where the next one goes (onread's buffer() picks it only after a read).
+  return { sock, readInto: (buf) => handle.useUserBuffer(buf) };
 }
 
 export interface BulkServerOptions {
@@ -62,11 +94,10 @@ export async function startBulkServer(o: BulkServerOptions): Promise<BulkServer>
   const idleMs = transfers.cfg.server.upload_idle_timeout_sec * 1000;
   const open = new Set<Socket>();
 
-  const handle = (sock: Socket): void => {
-    open.add(sock);
-    sock.setNoDelay(true);
-    const address = `${sock.remoteAddress ?? '?'}:${sock.remotePort ?? 0}`;
-    const peerCall = { getPeer: () => address };
+  let inPlaceBytes = 0;
+  let warnedCopying = false;
+
+  const handle = (accepted: Socket): void => {
     let pending: Buffer[] = [];
     let pendingBytes = 0;
     let state: 'preamble' | 'request' | 'wait' | 'body' | 'digest' | 'done' = 'preamble';
@@ -75,6 +106,45 @@ export async function startBulkServer(o: BulkServerOptions): Promise<BulkServer>
     let bodyBytes = 0;
     let received = 0;
     let w: WorkerRecord | null = null;
+
+    // Plain TCP: the socket reads an upload's body straight into its reassembly buffer (net's onread),
+    // everything else (request, digest) into a small scratch buffer. TLS connections read through
+    // 'data' events, and the body is copied into place once.
+    const scratch = Buffer.allocUnsafe(SCRATCH_BYTES);
+    let current: Uint8Array = scratch;
+    const onread = {
+      buffer: (): Uint8Array => {
+        const region = state === 'body' && rx ? rx.region() : null;
+        current = region && region.byteLength > 0 ? region : scratch;
+        return current;
+      },
+      callback: (n: number): boolean => {
+        try {
+          if (current === scratch) onData(Buffer.from(scratch.subarray(0, n)));
+          else if (state === 'body' && rx) {
+            rx.advance(n);
+            received += n;
+            inPlaceBytes += n;
+            if (received === bodyBytes) state = 'digest';
+          }
+        } catch (err) {
+          refuse(err);
+        }
+        return true;
+      },
+    };
+    const inPlace = o.tls ? null : readingInto(accepted, onread);
+    if (!o.tls && !inPlace && !warnedCopying) {
+      warnedCopying = true;
+      log.warn({}, 'bulk channel: this Node.js cannot read sockets into place; uploads are copied once');
+    }
+    const sock = inPlace?.sock ?? accepted;
+    // Where the socket reads into an upload's buffer, a dropped upload's buffer is reused only once the socket is closed.
+    const closed = new Promise<void>((resolve) => sock.once('close', () => resolve()));
+    open.add(sock);
+    sock.setNoDelay(true);
+    const address = `${sock.remoteAddress ?? '?'}:${sock.remotePort ?? 0}`;
+    const peerCall = { getPeer: () => address };
 
     // A refusal: answer, stop reading what the client still sends, close after a grace period
     // (closing with unread bytes would reset the connection before the client reads the answer).
@@ -156,10 +226,14 @@ export async function startBulkServer(o: BulkServerOptions): Promise<BulkServer>
       const op = req.op;
       if (!op) throw grpcError(grpc.status.INVALID_ARGUMENT, 'bulk request names no operation (allowed: download, upload)');
       if (op.$case === 'download') return serveDownload(w, req as BulkRequest & { op: { $case: 'download' } });
-      rx = transfers.upload(w, (err) => {
-        rx = null;
-        refuse(err);
-      });
+      rx = transfers.upload(
+        w,
+        (err) => {
+          rx = null;
+          refuse(err);
+        },
+        inPlace ? { bufferHeldUntil: closed } : {},
+      );
       sock.pause();
       // Waiting for a slot is the coordinator's doing, not the sender's: no idle clock meanwhile.
       sock.setTimeout(0);
@@ -169,11 +243,13 @@ export async function startBulkServer(o: BulkServerOptions): Promise<BulkServer>
       sock.setTimeout(idleMs);
       bodyBytes = op.value.stream?.totalBytes ?? 0;
       state = 'body';
-      sock.resume();
       if (pendingBytes > 0) {
         const rest = take(pendingBytes);
         onData(rest);
       }
+      // The socket's next read goes straight into the body's place (after what came with the request), not into scratch.
+      if (inPlace && state === 'body') inPlace.readInto(onread.buffer());
+      sock.resume();
     };
 
     const onData = (chunk: Buffer): void => {
@@ -218,18 +294,22 @@ export async function startBulkServer(o: BulkServerOptions): Promise<BulkServer>
         sock.end(frame({ code: 0, message: '', body: { $case: 'ack', value: ack } }));
       }
     };
-    sock.on('data', (chunk: Buffer) => {
-      try {
-        onData(chunk);
-      } catch (err) {
-        refuse(err);
-      }
-    });
+    if (!inPlace) {
+      sock.on('data', (chunk: Buffer) => {
+        try {
+          onData(chunk);
+        } catch (err) {
+          refuse(err);
+        }
+      });
+    }
+    // Accepted paused (pauseOnConnect) so that no byte is read before the handlers are in place.
+    sock.resume();
   };
 
   const server: Server = o.tls
     ? createTlsServer({ ...o.tls, requestCert: o.mutual, rejectUnauthorized: o.mutual }, handle)
-    : createServer(handle);
+    : createServer({ pauseOnConnect: true }, handle);
   server.on('tlsClientError', (err: Error, s: TLSSocket) => {
     log.warn({ address: `${s.remoteAddress ?? '?'}:${s.remotePort ?? 0}`, reason: err.message }, 'bulk channel: TLS handshake refused');
   });
@@ -246,6 +326,9 @@ export async function startBulkServer(o: BulkServerOptions): Promise<BulkServer>
     port,
     get connections() {
       return open.size;
+    },
+    get bytesReadInPlace() {
+      return inPlaceBytes;
     },
     setSecureContext(options: SecureContextOptions) {
       if ('setSecureContext' in server) (server as unknown as { setSecureContext(o: SecureContextOptions): void }).setSecureContext(options);

@@ -58,6 +58,8 @@ export interface CoordinatorHandle {
   /** HOST:PORT the gRPC server listens on (the real port when the config says 0). */
   address: string;
   port: number;
+  /** The bulk tensor channel (server.bulk_port), null when off: its port, and the upload bytes read straight into place (plain TCP). */
+  readonly bulk: { port: number; bytesReadInPlace: number } | null;
   runId: string;
   /** CHECKPOINT_DIR/<name> */
   runDir: string;
@@ -238,6 +240,9 @@ async function start(cfg: RunConfig, opts: CoordinatorOptions, lock: RunDirLock)
   return {
     address,
     port,
+    get bulk() {
+      return bulk ? { port: bulk.port, bytesReadInPlace: bulk.bytesReadInPlace } : null;
+    },
     runId: run.runId,
     runDir: setup.runDir,
     bus,

@@ -139,7 +139,7 @@ export interface Transfers {
    * server.upload_timeout_sec after its header was accepted (the receiver has dropped it by then):
    * the transport answers with the error and closes the stream.
    */
-  upload(w: WorkerRecord, onTimeout: (err: grpc.ServiceError) => void): UploadReceiver;
+  upload(w: WorkerRecord, onTimeout: (err: grpc.ServiceError) => void, opts?: { bufferHeldUntil?: Promise<void> }): UploadReceiver;
   readonly cfg: RunConfig;
   readonly admission: Admission;
 }
@@ -151,6 +151,14 @@ export interface UploadReceiver {
   /** Checks the header against the worker's open task and takes an upload slot (waits for one). */
   begin(header: UploadHeader, maxChunkBytes: number): Promise<void>;
   push(offset: number, data: Uint8Array): void;
+  /**
+   * For a transport that reads straight into the reassembly buffer: its unwritten rest (empty before
+   * the slot is taken and once the upload is over) and `advance(n)` once n bytes were written there.
+   * Whoever writes there passes `bufferHeldUntil` to `upload()`, so that a dropped upload's buffer goes
+   * back to the pool only when nothing can write into it any more.
+   */
+  region(): Uint8Array;
+  advance(n: number): void;
   /** Checks length and digest, hands the update to the run; releases the slot. */
   finish(trailer: { totalBytes: number; sha256: Uint8Array }): UploadAck;
   /** A refused upload: the task is reopened, the refusal is published; returns the status to answer. */
@@ -210,7 +218,7 @@ export function createTransfers<T>(ctx: ServiceContext<T>): Transfers {
     throw grpcError(grpc.status.INVALID_ARGUMENT, 'download request names no target (allowed: adapter_version, data_shard_id)');
   };
 
-  const upload = (w: WorkerRecord, onTimeout: (err: grpc.ServiceError) => void): UploadReceiver => {
+  const upload = (w: WorkerRecord, onTimeout: (err: grpc.ServiceError) => void, opts: { bufferHeldUntil?: Promise<void> } = {}): UploadReceiver => {
     let release: (() => void) | null = null;
     let header: UploadHeader | null = null;
     let task: T | null = null;
@@ -245,7 +253,7 @@ export function createTransfers<T>(ctx: ServiceContext<T>): Transfers {
         const r = await uploads.acquire();
         if (over) return r();
         release = r;
-        asm = new ChunkAssembler({ totalBytes: want, maxChunkBytes, what: `upload of task ${h.taskId}`, pool: buffers });
+        asm = new ChunkAssembler({ totalBytes: want, maxChunkBytes, what: `upload of task ${h.taskId}`, pool: buffers, heldUntil: opts.bufferHeldUntil });
         deadline = setTimeout(() => {
           if (over) return;
           log.warn({ worker: w.workerId, task: h.taskId, received: asm?.receivedBytes ?? 0 }, 'upload past server.upload_timeout_sec; closed');
@@ -263,6 +271,13 @@ export function createTransfers<T>(ctx: ServiceContext<T>): Transfers {
       push(offset: number, data: Uint8Array): void {
         if (!header || !asm || task === null) throw new UpdateRejected('INVALID_ARGUMENT', 'upload must start with a header');
         asm.push(offset, data);
+      },
+      region(): Uint8Array {
+        return asm && !over ? asm.region() : new Uint8Array(0);
+      },
+      advance(n: number): void {
+        if (!header || !asm || task === null) throw new UpdateRejected('INVALID_ARGUMENT', 'upload must start with a header');
+        asm.advance(n);
       },
       finish(trailer: { totalBytes: number; sha256: Uint8Array }): UploadAck {
         if (!header || !asm || task === null) throw new UpdateRejected('INVALID_ARGUMENT', 'upload must start with a header (got trailer)');

@@ -171,19 +171,20 @@ export class MeanAggregator implements Aggregator {
     for (const u of q) u.release?.();
   }
 
-  /** The weighted mean as float32 tensors. Throws when nothing was added. */
+  /**
+   * The weighted mean as float32 tensors, views of one buffer in the order of the tensors given to
+   * the constructor (so the coordinator packs it for the wire without copying). Throws when nothing
+   * was added.
+   */
   mean(): TensorMap {
     if (this.n === 0) throw new Error('mean: no updates to average');
     this.flush();
     const out: TensorMap = new Map();
     const inv = 1 / this.weight;
+    const all = new Float32Array(this.sum.length);
+    for (let j = 0; j < all.length; j++) all[j] = this.sum[j]! * inv;
     for (const [i, name] of this.names.entries()) {
-      const shape = this.shapes[i]!;
-      const off = this.offsets[i]!;
-      const n = numel(shape);
-      const data = new Float32Array(n);
-      for (let j = 0; j < n; j++) data[j] = this.sum[off + j]! * inv;
-      out.set(name, { shape: [...shape], data });
+      out.set(name, { shape: [...this.shapes[i]!], data: all.subarray(this.offsets[i]!, this.offsets[i + 1]!) });
     }
     return out;
   }

@@ -236,8 +236,13 @@ describe('bulk channel at the byte level', () => {
     const cut = await bulkRaw(port, [request(p, { $case: 'upload', value: u.header }), u.bytes.subarray(0, 100)]);
     expect(grpc.status[cut.code]).toBe('DEADLINE_EXCEEDED');
     expect(cut.message).toMatch(/bulk transfer sent nothing for 1\.5 s \(server\.upload_idle_timeout_sec\)/);
+    const inPlaceBefore = coord.bulk!.bytesReadInPlace;
     const ok = await bulkRaw(port, [request(p, { $case: 'upload', value: u.header }), u.bytes.subarray(0, 1000), 20, u.bytes.subarray(1000), u.sha256]);
     expect(grpc.status[ok.code]).toBe('OK');
+    // Plain TCP: what came after the request's own read went from the socket straight into the reassembly buffer.
+    const inPlace = coord.bulk!.bytesReadInPlace - inPlaceBefore;
+    expect(inPlace).toBeGreaterThanOrEqual(u.bytes.byteLength - 1000);
+    expect(inPlace).toBeLessThanOrEqual(u.bytes.byteLength);
     expect(ok.response!.body?.$case === 'ack' && ok.response!.body.value.bytes).toBe(u.bytes.byteLength);
     for (const s of [...(await Promise.all(silent)), await half]) {
       expect(grpc.status[s.code]).toBe('DEADLINE_EXCEEDED');

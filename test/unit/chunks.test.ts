@@ -59,6 +59,30 @@ describe('tensor packing', () => {
     expect(() => streamTensorMap(m, 8).sha256()).toThrow(/before all chunks were consumed/);
   });
 
+  it('packs consecutive float32 views of one whole buffer without copying, anything else into a new buffer', () => {
+    const all = Float32Array.from([1, 2, 3, 4, 5, 6, 7]);
+    const views: TensorMap = new Map([
+      ['x', { shape: [3], data: all.subarray(0, 3) }],
+      ['y', { shape: [2, 2], data: all.subarray(3) }],
+    ]);
+    const copied = (m: TensorMap): TensorMap => new Map([...m].map(([k, t]) => [k, { shape: t.shape, data: Float32Array.from(t.data) }]));
+    const shared = packTensorMap(views);
+    expect(shared.bytes.buffer).toBe(all.buffer);
+    const reference = packTensorMap(copied(views));
+    expect(reference.bytes.buffer).not.toBe(all.buffer);
+    expect(Buffer.from(shared.bytes).equals(Buffer.from(reference.bytes))).toBe(true);
+    expect(Buffer.from(shared.sha256).equals(Buffer.from(reference.sha256))).toBe(true);
+    // Out of order, with a gap, or part of a larger buffer: copied.
+    const swapped: TensorMap = new Map([['y', views.get('y')!], ['x', views.get('x')!]]);
+    const gap: TensorMap = new Map([['x', { shape: [3], data: all.subarray(0, 3) }], ['y', { shape: [3], data: all.subarray(4) }]]);
+    const part: TensorMap = new Map([['x', { shape: [3], data: all.subarray(0, 3) }]]);
+    for (const m of [swapped, gap, part]) {
+      const p = packTensorMap(m);
+      expect(p.bytes.buffer).not.toBe(all.buffer);
+      expect(Buffer.from(p.bytes).equals(Buffer.from(packTensorMap(copied(m)).bytes))).toBe(true);
+    }
+  });
+
   it('refuses a manifest that does not fit the bytes or has a non-F32 dtype', () => {
     const p = packTensorMap(sample());
     expect(() => unpackTensorMap(p.manifest.slice(1), p.bytes)).toThrow(/manifest describes 24 bytes but 48 arrived/);
@@ -208,5 +232,33 @@ describe('BufferPool', () => {
     expect(Buffer.from(out).equals(Buffer.from(bytes))).toBe(true);
     ok.discard();
     expect(pool.size).toBe(0);
+  });
+
+  it('reads written in place count through advance; a buffer held for a reader goes back only once that reader is done', async () => {
+    const pool = new BufferPool(4);
+    const bytes = Uint8Array.from({ length: 32 }, (_, i) => 100 + i);
+    const digest = new Uint8Array(createHash('sha256').update(bytes).digest());
+    const a = new ChunkAssembler({ totalBytes: 32, pool });
+    a.push(0, bytes.subarray(0, 5));
+    const region = a.region();
+    expect(region.byteLength).toBe(27);
+    region.set(bytes.subarray(5, 20));
+    a.advance(15);
+    expect(a.receivedBytes).toBe(20);
+    a.region().set(bytes.subarray(20));
+    expect(() => a.advance(13)).toThrow(/13 more bytes exceed the announced 32 bytes/);
+    a.advance(12);
+    expect(Buffer.from(a.finish({ totalBytes: 32, sha256: digest })).equals(Buffer.from(bytes))).toBe(true);
+    expect(a.region().byteLength).toBe(0);
+
+    let readerDone!: () => void;
+    const held = new ChunkAssembler({ totalBytes: 32, pool, heldUntil: new Promise<void>((r) => (readerDone = r)) });
+    held.region().set(bytes.subarray(0, 8));
+    held.advance(8);
+    held.discard();
+    expect(pool.size).toBe(0); // a socket may still write into it
+    readerDone();
+    await new Promise((r) => setImmediate(r));
+    expect(pool.size).toBe(1);
   });
 });

@@ -9,12 +9,14 @@ import {
   f32ToF16Bits,
   parseSafetensors,
   readSafetensors,
+  safetensorsParts,
   serializeSafetensors,
   toFloat32,
   toFloat64,
   writeSafetensors,
   type StWriteEntry,
 } from '../../common/safetensors.ts';
+import { writeParts } from '../../common/atomic.ts';
 
 let dir: string;
 beforeAll(async () => {
@@ -36,6 +38,29 @@ function rawFile(header: unknown, data: Uint8Array = new Uint8Array(0), lengthOv
 }
 
 describe('safetensors round trip', () => {
+  it('writes a file piece by piece from the tensors\' own float32 memory, byte for byte the serialized file', async () => {
+    const big = Float32Array.from({ length: 1000 }, (_, i) => i / 7);
+    const small = Float32Array.from([1, 2, 3]);
+    const half = Float32Array.from([0.5, 1.5]);
+    const tensors = new Map<string, StWriteEntry>([
+      ['b', { dtype: 'F32', shape: [10, 100], data: big }],
+      ['a', { dtype: 'F32', shape: [3], data: small }],
+      ['h', { dtype: 'BF16', shape: [2], data: half }],
+    ]);
+    const parts = safetensorsParts(tensors, { format: 'pt' });
+    // Header, then file order: float32 by name (a, b), then the 2-byte dtype; float32 pieces are views.
+    expect(parts).toHaveLength(4);
+    expect(parts[1]!.buffer).toBe(small.buffer);
+    expect(parts[2]!.buffer).toBe(big.buffer);
+    const path = join(dir, 'parts.safetensors');
+    await writeParts(path, parts);
+    expect(Buffer.from(await readFile(path)).equals(Buffer.from(serializeSafetensors(tensors, { format: 'pt' })))).toBe(true);
+    const st = await readSafetensors(path);
+    expect(Array.from(toFloat32(st.tensors.get('b')!))).toEqual(Array.from(big));
+    expect(Array.from(toFloat32(st.tensors.get('h')!))).toEqual([0.5, 1.5]);
+    await rm(path);
+  });
+
   it('writes and reads every float dtype with shapes, values and metadata', async () => {
     const f32 = Float32Array.from([1.5, -2.25, 3.0e-8, 123456.789, 0, -0]);
     const f64 = Float64Array.from([Math.PI, -1e-300, 1e300, 0.1]);
