@@ -525,8 +525,8 @@ export function register(program: Command): void {
     .command('demo')
     .description('run a federated spam-detection demo on this machine: coordinator + 3 worker processes')
     .option('--dir <dir>', 'working directory (model, data, checkpoints, logs)', '.fedtune/demo')
-    .option('--rounds <n>', 'federated rounds', intArg('--rounds', 1), 10)
-    .option('--steps <n>', 'local training steps per round', intArg('--steps', 1), 30)
+    .option('--rounds <n>', 'federated rounds', intArg('--rounds', 1), 30)
+    .option('--steps <n>', 'local training steps per round', intArg('--steps', 1), 10)
     .option('--base <dir>', 'base model directory (default: examples/models/demo-base, pre-trained on emails no site holds)')
     .addOption(new Option('--trainer <backend>', 'trainer backend of the workers').choices(['onnx', 'noop']).default('onnx').hideHelp())
     .action(async (o: DemoOpts) => {
