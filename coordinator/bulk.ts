@@ -49,7 +49,6 @@ export interface BulkServer {
 const SCRATCH_BYTES = 64 * 1024;
 
 interface StreamHandle {
-  readStop(): number;
   useUserBuffer(buf: Uint8Array): void;
 }
 
@@ -123,9 +122,8 @@ export async function startBulkServer(o: BulkServerOptions): Promise<BulkServer>
           if (current === scratch) onData(Buffer.from(scratch.subarray(0, n)));
           else if (state === 'body' && rx) {
             rx.advance(n);
-            received += n;
             inPlaceBytes += n;
-            if (received === bodyBytes) state = 'digest';
+            bodyArrived(n);
           }
         } catch (err) {
           refuse(err);
@@ -252,16 +250,19 @@ export async function startBulkServer(o: BulkServerOptions): Promise<BulkServer>
       sock.resume();
     };
 
+    /** `n` more body bytes are in the reassembly buffer (copied or read in place); after the last, the digest. */
+    const bodyArrived = (n: number): void => {
+      received += n;
+      if (received === bodyBytes) state = 'digest';
+    };
+
     const onData = (chunk: Buffer): void => {
       if (state === 'done') return;
       if (state === 'body' && rx) {
         const n = Math.min(chunk.byteLength, bodyBytes - received);
-        if (n > 0) {
-          rx.push(received, chunk.subarray(0, n));
-          received += n;
-        }
-        if (received < bodyBytes) return;
-        state = 'digest';
+        if (n > 0) rx.push(received, chunk.subarray(0, n));
+        bodyArrived(n);
+        if ((state as string) === 'body') return;
         chunk = chunk.subarray(n);
         if (chunk.byteLength === 0) return;
       }
