@@ -8,7 +8,7 @@
 import { readFile, writeFile, access } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { TensorMap } from './tensor.ts';
-import { numel } from './tensor.ts';
+import { firstNonFinite, numel } from './tensor.ts';
 import { readSafetensors, safetensorsParts, toFloat32, type StWriteEntry } from './safetensors.ts';
 import { writeDirAtomic, writeParts } from './atomic.ts';
 import type { LoraConfig } from './model-config.ts';
@@ -99,9 +99,8 @@ export function checkAdapterStructure(adapter: TensorMap, lora: LoraConfig, wher
       if (key !== peftMagnitudeKey(mag.module)) throw new Error(`${where}: key ${key} is not in PEFT's saved form ${peftMagnitudeKey(mag.module)}`);
       if (t.shape.length !== 1) throw new Error(`${where}: key ${key} must be a vector [out_features], got shape [${t.shape.join(', ')}]`);
       if (t.data.length !== t.shape[0]) throw new Error(`${where}: key ${key} has ${t.data.length} values for shape [${t.shape.join(', ')}]`);
-      for (let i = 0; i < t.data.length; i++) {
-        if (!Number.isFinite(t.data[i]!)) throw new Error(`${where}: key ${key} has a non-finite value ${t.data[i]} at index ${i}`);
-      }
+      const bad = firstNonFinite(t.data);
+      if (bad >= 0) throw new Error(`${where}: key ${key} has a non-finite value ${t.data[bad]} at index ${bad}`);
       magnitudes.set(mag.module, t.shape);
       continue;
     }
@@ -129,9 +128,8 @@ export function checkAdapterStructure(adapter: TensorMap, lora: LoraConfig, wher
       const from = want.rankKey !== undefined ? `rank_pattern key "${want.rankKey}" gives module ${p.module} rank ${want.r}` : `module ${p.module} has r=${want.r}`;
       throw new Error(`${where}: key ${key} has shape [${t.shape.join(', ')}] (rank ${rDim}), expected ${shape}: ${from}`);
     }
-    for (let i = 0; i < t.data.length; i++) {
-      if (!Number.isFinite(t.data[i]!)) throw new Error(`${where}: key ${key} has a non-finite value ${t.data[i]} at index ${i}`);
-    }
+    const bad = firstNonFinite(t.data);
+    if (bad >= 0) throw new Error(`${where}: key ${key} has a non-finite value ${t.data[bad]} at index ${bad}`);
     const e = pairs.get(p.module) ?? {};
     e[p.which] = t.shape;
     pairs.set(p.module, e);

@@ -26,13 +26,14 @@ import { UpdateKind, type EvalResult, type TaskFailed, type TaskProgress, type U
 import { RunBase, manifestMismatch, type RunBaseOptions, type RunResult } from './run-base.ts';
 import { weightedMean, type Candidate, type EvalReport, type FitFailure, type FitResult, type FitSpec, type GlobalAdapter, type Strategy } from './strategies/strategy.ts';
 import type { Aggregator } from './strategies/strategy.ts';
+import { squaredDistance } from './strategies/math/sum.ts';
 import type { CheckpointStore, RoundRecord, RunStateFile, WorkerStats } from './store.ts';
 import { checkClientDp, ClientDp, ClientDpAggregator } from './privacy/client-dp.ts';
 import { exceeds, PrivacyLedger } from './privacy/ledger.ts';
 import { TaskBoard, trainingSpecOf, UpdateRejected, type TaskBase } from './tasks.ts';
 import { SecAggBelowThreshold, SecAggRound, updateFromSum } from './secagg-round.ts';
 import type { SecAggObserver } from '../common/secagg/server.ts';
-import { numel } from '../common/tensor.ts';
+import { firstNonFinite, numel } from '../common/tensor.ts';
 import type { WorkerMessage } from '../proto/gen/fedtune/v1/coordinator.ts';
 import type { RegistryListener, WorkerRecord } from './workers.ts';
 import { loraConfigOf } from '../common/lora-spec.ts';
@@ -91,31 +92,6 @@ interface OpenAttempt {
   expected: number;
 }
 
-
-/**
- * Sum of squared differences of two equal-length vectors (float64), and the largest |a[i]| when
- * `wantMax`, in one pass (a second pass for the maximum costs as much again: bench (c)).
- * A NaN anywhere in `a` makes the sum NaN; Math.max propagates it too.
- */
-function sumSqDiff(a: Float32Array, b: Float32Array, wantMax: boolean): { sq: number; maxSeen: number } {
-  const n = a.length;
-  let s = 0;
-  if (!wantMax) {
-    for (let i = 0; i < n; i++) {
-      const x = a[i]! - b[i]!;
-      s += x * x;
-    }
-    return { sq: s, maxSeen: 0 };
-  }
-  let m = 0;
-  for (let i = 0; i < n; i++) {
-    const v = a[i]!;
-    const x = v - b[i]!;
-    s += x * x;
-    m = Math.max(m, Math.abs(v));
-  }
-  return { sq: s, maxSeen: m };
-}
 
 export class FederatedRun extends RunBase implements RegistryListener {
   private readonly store: CheckpointStore<RunStateFile>;
@@ -296,7 +272,7 @@ export class FederatedRun extends RunBase implements RegistryListener {
     // One branch-free pass: a NaN or infinity anywhere makes the sum of squares non-finite (float32
     // values square to at most ~1.2e77, far inside float64), and the largest |value| is kept only when
     // defence.max_abs is set. Only a failing update is walked again to name the element.
-    const { sq, maxSeen } = sumSqDiff(flat, s, maxAbs !== Infinity);
+    const { sq, maxSeen } = squaredDistance(flat, s, maxAbs !== Infinity);
     if (!Number.isFinite(sq) || maxSeen > maxAbs) {
       let off = 0;
       for (const e of t.manifest) {
@@ -754,6 +730,7 @@ export class FederatedRun extends RunBase implements RegistryListener {
         this.clientDp && !cfg.privacy.secure_aggregation
           ? new ClientDpAggregator(this.current, this.clientDp, chosen.length, (name) => frozenA && name.includes('.lora_A.'))
           : this.strategy.aggregator(this.current);
+      this.open?.aggregator.dispose?.(); // the failed attempt's
       this.open = { round, attempt, aggregator, norms: [], refused: 0, refusedByNorm: 0, q, expected: chosen.length };
       this.publish({ type: 'round.started', round, cohort: chosen.map((x) => x.c.workerId), globalVersion: this.globalVersion });
       log.info({ round, attempt, cohort: chosen.length, ranks: [...new Set(chosen.map((x) => x.spec.rank))] }, 'round started');
@@ -807,6 +784,7 @@ export class FederatedRun extends RunBase implements RegistryListener {
     const failures: FitFailure[] = tasks.filter((t) => t.status !== 'done').map((t) => ({ workerId: t.workerId, site: t.site, reason: t.failReason ?? t.status }));
     const ta = Date.now();
     const next = this.strategy.aggregateFit(round, this.current, open.aggregator, results, failures);
+    open.aggregator.dispose?.();
     phases.aggregateMs = Date.now() - ta;
     this.checkNext(next, round);
     this.chargeClientDp(round, open.q, open.expected);
@@ -886,9 +864,7 @@ export class FederatedRun extends RunBase implements RegistryListener {
       const prev = next.rank === this.globalRank ? this.globalAdapter.get(name) : undefined;
       const want = prev && !name.endsWith('.lora_magnitude_vector') ? (name.includes('.lora_A.') ? prev.shape[0] : prev.shape[1]) : next.rank;
       if (r !== want) throw new Error(`strategy ${this.strategy.name}: round ${round} produced tensor ${name} of rank ${r}, but says the rank is ${want}`);
-      for (let i = 0; i < t.data.length; i++) {
-        if (!Number.isFinite(t.data[i]!)) throw new Error(`strategy ${this.strategy.name}: round ${round} produced a non-finite value in ${name}; the global adapter was kept`);
-      }
+      if (firstNonFinite(t.data) >= 0) throw new Error(`strategy ${this.strategy.name}: round ${round} produced a non-finite value in ${name}; the global adapter was kept`);
     }
   }
 

@@ -363,6 +363,7 @@ export class DistributedRun extends RunBase implements RegistryListener {
         log.warn({ step: step + 1, worker: t.workerId, site: t.site, attempt }, `worker dropped from the step: ${t.failReason}`);
       }
       for (const t of tasks) if (t.status === 'done') t.status = 'cancelled';
+      this.open?.sum.dispose();
       this.open = null;
       if (attempt >= cfg.distributed.max_step_retries) {
         throw new Error(`step ${step + 1} failed ${attempt + 1} time(s) (distributed.max_step_retries is ${cfg.distributed.max_step_retries}): ${reasons.slice(-3).join('; ')}`);
@@ -446,6 +447,7 @@ export class DistributedRun extends RunBase implements RegistryListener {
     const examples = tasks.reduce((s, t) => s + t.expectedExamples, 0);
     const ta = Date.now();
     const { next, gradNorm } = this.strategy.step(this.globalAdapter, open.sum, tokens, lrs[0]!);
+    open.sum.dispose();
     if (gradNorm !== null && !Number.isFinite(gradNorm)) {
       this.publish({ type: 'log', level: 'warn', message: `step ${step + 1}: gradient norm is ${gradNorm}; the update was skipped` });
     }

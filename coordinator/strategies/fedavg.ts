@@ -12,38 +12,8 @@
  */
 import { z } from 'zod';
 import { numel, type TensorMap } from '../../common/tensor.ts';
+import { Float64Sum, type SumKernel } from './math/sum.ts';
 import { BaseStrategy, type Aggregator, type FitUpdate, type GlobalAdapter, type StrategyDefinition } from './strategy.ts';
-
-// The fold is sum[j] += w * d[j] per update. One pass per update moves 20 bytes
-// per element (float32 read, float64 sum read and written) against 8 for a copy,
-// and is slow in V8: about 1 GB/s of update bytes in bench (a). Folding up to four
-// queued updates in one loop reads and writes each sum element once for all four
-// (4 + 16/4 bytes per update element). One function per arity keeps each
-// monomorphic (float32 sources only), and every array is indexed by the same j
-// (views that start at the tensor, no offset add per element).
-function fold1(s: Float64Array, from: number, to: number, a: Float32Array, wa: number): void {
-  for (let j = from; j < to; j++) s[j] = s[j]! + wa * a[j]!;
-}
-function fold2(s: Float64Array, from: number, to: number, a: Float32Array, wa: number, b: Float32Array, wb: number): void {
-  for (let j = from; j < to; j++) s[j] = s[j]! + (wa * a[j]! + wb * b[j]!);
-}
-function fold3(s: Float64Array, from: number, to: number, a: Float32Array, wa: number, b: Float32Array, wb: number, c: Float32Array, wc: number): void {
-  for (let j = from; j < to; j++) s[j] = s[j]! + (wa * a[j]! + wb * b[j]! + wc * c[j]!);
-}
-function fold4(s: Float64Array, from: number, to: number, a: Float32Array, wa: number, b: Float32Array, wb: number, c: Float32Array, wc: number, d: Float32Array, wd: number): void {
-  for (let j = from; j < to; j++) s[j] = s[j]! + (wa * a[j]! + wb * b[j]! + wc * c[j]! + wd * d[j]!);
-}
-// An update with a float64 tensor is folded on its own at once (off the hot path).
-function foldAny(s: Float64Array, d: Float32Array | Float64Array, w: number): void {
-  for (let j = 0; j < d.length; j++) s[j] = s[j]! + w * d[j]!;
-}
-
-/**
- * Sum elements per block when more than four updates are folded together: the
- * sum block (32 KiB of float64) stays in L1 while every group of four passes
- * over it, so the sum crosses memory once per flush, not once per group.
- */
-const BLOCK = 4096;
 
 export interface MeanAggregatorOptions {
   /**
@@ -53,25 +23,24 @@ export interface MeanAggregatorOptions {
    * memory is the float64 sum plus up to batch - 1 updates.
    */
   batch?: number;
+  /** The fold's kernel (default: WebAssembly SIMD where available, see math/sum.ts); both give the same bits. */
+  kernel?: SumKernel;
 }
 
 /**
  * Streaming weighted mean of tensor maps with the same names and shapes, in a
  * float64 sum. add() checks an update and queues it; once `batch` updates are
  * queued, or when mean() or flush() is called, the queue is folded into the sum
- * in one cache-blocked pass. The mean is the float64 weighted mean up to the
- * order of the additions.
+ * in one cache-blocked pass (Float64Sum, math/sum.ts). The mean is the float64
+ * weighted mean up to the order of the additions.
  *
  * Memory: the float64 sum (8 bytes per parameter) plus at most batch - 1 queued
  * updates (4 bytes per parameter each; default batch 4: 3 updates, 201 MB for a
  * 16.8M-parameter adapter besides its 134 MB sum).
  *
- * bench (a), 16.8M parameters, 4 distinct 67 MB updates, 2-core VM, same run:
- * one pass per update (batch 1, the old fold) 0.9-1.3 GB/s of update bytes,
- * 0.13-0.17x TypedArray.set; batch 4 4.4-5.3 GB/s against TypedArray.set
- * 6.8-7.7 GB/s, 0.65-0.72x (load average 3-8). That excludes the constructor
- * (allocating and touching the 134 MB sum, about 60 ms, once per round attempt,
- * before uploads arrive); with it timed too, 2.5 GB/s.
+ * Batch 4 reads and writes each sum element once per four updates (4 + 16/4
+ * bytes per update element, against 20 folding one update per pass); bench (a)
+ * numbers are in math/sum.ts.
  */
 export class MeanAggregator implements Aggregator {
   readonly kind = 'streaming';
@@ -79,7 +48,7 @@ export class MeanAggregator implements Aggregator {
   private readonly shapes: number[][];
   /** Start of each tensor in `sum`; offsets[names.length] is its length. */
   private readonly offsets: number[];
-  private readonly sum: Float64Array;
+  private readonly sum: Float64Sum;
   private readonly batch: number;
   /** Checked float32 updates not yet in `sum`: their tensors in `names` order. */
   private pending: Array<{ parts: Float32Array[]; weight: number; release: (() => void) | undefined }> = [];
@@ -94,11 +63,12 @@ export class MeanAggregator implements Aggregator {
     this.shapes = [...like.values()].map((t) => [...t.shape]);
     this.offsets = [0];
     for (const sh of this.shapes) this.offsets.push(this.offsets[this.offsets.length - 1]! + numel(sh));
-    this.sum = new Float64Array(this.offsets[this.offsets.length - 1]!);
-    // Touch every page of the sum now, at round start, so the first fold does not
-    // take the page faults of a fresh allocation (0.4 ms per MB of sum on the
-    // bench VM, more than the fold itself) while uploads are arriving.
-    this.sum.fill(0);
+    this.sum = new Float64Sum(this.offsets[this.offsets.length - 1]!, opts.kernel ? { kernel: opts.kernel } : {});
+  }
+
+  /** The fold's kernel. */
+  get kernel(): SumKernel {
+    return this.sum.kernel;
   }
 
   /** Updates added (queued ones included). */
@@ -141,7 +111,10 @@ export class MeanAggregator implements Aggregator {
       this.pending.push({ parts: parts as Float32Array[], weight: w, release: u.release });
       if (this.pending.length >= this.batch) this.flush();
     } else {
-      for (const [i, d] of parts.entries()) foldAny(this.sum.subarray(this.offsets[i]!, this.offsets[i + 1]!), d, w);
+      for (const [i, d] of parts.entries()) {
+        if (d instanceof Float64Array) this.sum.foldFloat64(this.offsets[i]!, d, w);
+        else this.sum.fold(this.offsets[i]!, [d], [w]);
+      }
       u.release?.();
     }
   }
@@ -151,24 +124,15 @@ export class MeanAggregator implements Aggregator {
     const q = this.pending;
     if (q.length === 0) return;
     this.pending = [];
-    for (let i = 0; i < this.names.length; i++) {
-      // A view per tensor, as the sources are: one index j addresses both.
-      const s = this.sum.subarray(this.offsets[i]!, this.offsets[i + 1]!);
-      for (let from = 0; from < s.length; from += BLOCK) {
-        const to = Math.min(s.length, from + BLOCK);
-        for (let k = 0; k < q.length; k += 4) {
-          const a = q[k]!;
-          const b = q[k + 1];
-          const c = q[k + 2];
-          const d = q[k + 3];
-          if (d) fold4(s, from, to, a.parts[i]!, a.weight, b!.parts[i]!, b!.weight, c!.parts[i]!, c!.weight, d.parts[i]!, d.weight);
-          else if (c) fold3(s, from, to, a.parts[i]!, a.weight, b!.parts[i]!, b!.weight, c.parts[i]!, c.weight);
-          else if (b) fold2(s, from, to, a.parts[i]!, a.weight, b.parts[i]!, b.weight);
-          else fold1(s, from, to, a.parts[i]!, a.weight);
-        }
-      }
-    }
+    const weights = q.map((u) => u.weight);
+    for (let i = 0; i < this.names.length; i++) this.sum.fold(this.offsets[i]!, q.map((u) => u.parts[i]!), weights);
     for (const u of q) u.release?.();
+  }
+
+  /** Gives the sum's memory back for the next aggregator (math/sum.ts); the aggregator is unusable afterwards. */
+  dispose(): void {
+    this.pending = [];
+    this.sum.dispose();
   }
 
   /**
@@ -182,7 +146,7 @@ export class MeanAggregator implements Aggregator {
     const out: TensorMap = new Map();
     const inv = 1 / this.weight;
     const all = new Float32Array(this.sum.length);
-    for (let j = 0; j < all.length; j++) all[j] = this.sum[j]! * inv;
+    this.sum.scaleTo(0, all, inv);
     for (const [i, name] of this.names.entries()) {
       out.set(name, { shape: [...this.shapes[i]!], data: all.subarray(this.offsets[i]!, this.offsets[i + 1]!) });
     }

@@ -24,17 +24,18 @@ import type { RunConfig } from '../../common/config.ts';
 import { AdamW, clipGradNorm, loraPlusGroups } from '../../common/optim.ts';
 import { OuterOptimizer, type OuterKind } from '../../common/outer.ts';
 import { numel, type TensorMap } from '../../common/tensor.ts';
+import { Float64Sum } from './math/sum.ts';
 import type { StrategyState } from './strategy.ts';
 
 export class FlatSum {
   readonly manifest: readonly TensorSpecEntry[];
-  private readonly sum: Float64Array;
+  private readonly sum: Float64Sum;
   private weight = 0;
   private n = 0;
 
   constructor(manifest: readonly TensorSpecEntry[]) {
     this.manifest = manifest;
-    this.sum = new Float64Array(manifestBytes(manifest) / 4);
+    this.sum = new Float64Sum(manifestBytes(manifest) / 4);
   }
 
   get count(): number {
@@ -47,11 +48,14 @@ export class FlatSum {
   /** sum += scale * values; `weight` is added to the total weight. */
   add(values: Float32Array, scale: number, weight: number): void {
     if (values.length !== this.sum.length) throw new Error(`update has ${values.length} elements, the adapter has ${this.sum.length}`);
-    const s = this.sum;
-    if (scale === 1) for (let i = 0; i < s.length; i++) s[i]! += values[i]!;
-    else for (let i = 0; i < s.length; i++) s[i]! += scale * values[i]!;
+    this.sum.fold(0, [values], [scale]);
     this.weight += weight;
     this.n++;
+  }
+
+  /** Gives the sum's memory back for the next step's (math/sum.ts); unusable afterwards. */
+  dispose(): void {
+    this.sum.dispose();
   }
 
   /** sum * factor as float32 tensors named by the manifest. */
@@ -61,7 +65,7 @@ export class FlatSum {
     for (const e of this.manifest) {
       const n = numel(e.shape);
       const data = new Float32Array(n);
-      for (let i = 0; i < n; i++) data[i] = this.sum[off + i]! * factor;
+      this.sum.scaleTo(off, data, factor);
       out.set(e.name, { shape: [...e.shape], data });
       off += n;
     }

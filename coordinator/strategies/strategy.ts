@@ -80,6 +80,12 @@ export interface Aggregator {
   readonly kind: 'streaming' | 'buffering';
   add(u: FitUpdate): void;
   readonly count: number;
+  /**
+   * The round loop is done with this aggregator (after aggregateFit, or when the attempt is
+   * retried): memory it holds may serve the next one. What aggregateFit returned must not depend
+   * on it. Optional.
+   */
+  dispose?(): void;
 }
 
 export interface FitResult {

@@ -3,7 +3,8 @@
 // hand (or in closed form) in the comments, not by running the aggregator.
 import { describe, expect, it } from 'vitest';
 import type { TensorMap } from '../../common/tensor.ts';
-import { MeanAggregator } from '../../coordinator/strategies/fedavg.ts';
+import { MeanAggregator as Mean, type MeanAggregatorOptions } from '../../coordinator/strategies/fedavg.ts';
+import type { SumKernel } from '../../coordinator/strategies/math/sum.ts';
 
 // Two tensors: A [1, 3] and B [2].
 function up(a: number[], b: number[], f64 = false): TensorMap {
@@ -44,7 +45,16 @@ function expectMean(m: TensorMap, want: { A: number[]; B: number[] }): void {
   close(m.get('B')!.data, want.B);
 }
 
-describe('MeanAggregator batched fold', () => {
+for (const kernel of ['wasm', 'js'] as SumKernel[]) {
+// The same cases with either fold kernel (math/sum.ts).
+const MeanAggregator = class extends Mean {
+  constructor(like: TensorMap, opts: MeanAggregatorOptions = {}) {
+    super(like, { ...opts, kernel });
+  }
+};
+describe(`MeanAggregator batched fold (${kernel} kernel)`, () => {
+  it('uses the kernel asked for', () => expect(new MeanAggregator(like()).kernel).toBe(kernel));
+
   for (const batch of [1, 2, 3, 4, 5, 8]) {
     it(`batch ${batch}: the weighted mean of five updates; count and totalWeight exact after every add`, () => {
       const acc = new MeanAggregator(like(), { batch });
@@ -166,3 +176,4 @@ describe('MeanAggregator batched fold', () => {
     expect(() => new MeanAggregator(like()).mean()).toThrow(/mean: no updates to average/);
   });
 });
+}
