@@ -411,6 +411,9 @@ async function resolveTrainOptions(cli: TrainCliOpts, explicit: (key: keyof Trai
           : 'a config in epochs is matched by passes over the union';
     notes.push(`--sites ${sites} does not change the length: ${why}`);
   }
+  if (cfg.mode === 'federated' && cfg.training.schedule_scope === 'round') {
+    notes.push(`training.schedule_scope round: the sites warm up${cfg.training.schedule === 'constant' ? '' : ' and decay'} every round; this run follows the schedule once over all its steps, as schedule_scope run does`);
+  }
   if (cfg.mode === 'distributed') {
     // A distributed run trains on every record of distributed.dataset: hold nothing out unless asked to.
     if (!explicit('evalFraction') && !cli.evalData) {

@@ -39,6 +39,19 @@ const trainingSchema = z
     lr: positive().default(1e-3),
     schedule: z.enum(SCHEDULES).default('constant'),
     warmup_steps: int().min(0).default(0),
+    /**
+     * What the schedule (warmup and decay) spans in federated mode: 'run', all rounds x each task's
+     * local steps (warmup once, the decay ends at the last round; the schedule a centralised run of
+     * the same steps follows), or 'round', each task's local steps alone (warmup and decay in every round).
+     * Distributed mode always runs its schedule once over all its steps.
+     */
+    schedule_scope: z.enum(['run', 'round']).default('run'),
+    /**
+     * What a site's AdamW state (moments, step count) spans in federated mode: 'round', each train
+     * task starts a fresh optimizer (FedAvg as usually run), or 'run', a site's next train task of
+     * the run continues from the state its last one ended with (the state never leaves the site).
+     */
+    optimizer_scope: z.enum(['round', 'run']).default('round'),
     weight_decay: z.number().min(0).default(0),
     max_grad_norm: z.number().min(0).default(1),
     max_seq_len: int().min(8).max(1 << 20).default(256),
@@ -286,6 +299,20 @@ export const runConfigSchema = z
         code: 'custom',
         path: ['training', 'epochs'],
         message: `must be a whole number in federated mode (tasks carry whole local epochs); use training.steps for part of an epoch (got ${c.training.epochs})`,
+      });
+    }
+    if (c.mode === 'distributed' && c.training.optimizer_scope === 'run') {
+      ctx.addIssue({
+        code: 'custom',
+        path: ['training', 'optimizer_scope'],
+        message: "'run' applies to federated runs; in distributed mode the coordinator's optimizer (sync-sgd) or each worker's inner one (local-sgd) already runs over the whole run: remove it",
+      });
+    }
+    if (c.mode === 'distributed' && c.training.schedule_scope === 'round') {
+      ctx.addIssue({
+        code: 'custom',
+        path: ['training', 'schedule_scope'],
+        message: "'round' applies to federated runs; distributed mode runs the schedule once over all its steps: remove it",
       });
     }
     if (c.mode === 'distributed' && c.distributed.dataset === null) {

@@ -341,6 +341,27 @@ export interface Schedule {
 }
 
 /**
+ * The schedule a task of `steps` local steps follows, and the index in it of the task's first step.
+ * scheduleRounds 0: the schedule spans the task alone (offset 0, totalSteps = steps). Otherwise
+ * (training.schedule_scope 'run') it spans scheduleRounds rounds of `steps` steps and the task is
+ * round scheduleRound (1-based) of them: warmup once at the start of round 1, the decay ending with
+ * the last round, as one run of scheduleRounds * steps steps would.
+ */
+export function taskSchedule(
+  s: { schedule: ScheduleKind; lr: number; warmupSteps: number; scheduleRound: number; scheduleRounds: number },
+  steps: number,
+): { schedule: Schedule; offset: number } {
+  const spans = s.scheduleRounds > 0;
+  if (spans && !(Number.isInteger(s.scheduleRound) && s.scheduleRound >= 1 && s.scheduleRound <= s.scheduleRounds)) {
+    throw new Error(`the task is round ${s.scheduleRound} of a schedule over ${s.scheduleRounds} round(s): schedule_round must be in 1..schedule_rounds`);
+  }
+  return {
+    schedule: { kind: s.schedule, baseLr: s.lr, warmupSteps: s.warmupSteps, totalSteps: spans ? s.scheduleRounds * steps : steps },
+    offset: spans ? (s.scheduleRound - 1) * steps : 0,
+  };
+}
+
+/**
  * Learning rate at `step` (counted from 0), as the Hugging Face transformers
  * schedules get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
  * and get_cosine_schedule_with_warmup (half a cosine cycle). With minLrRatio r

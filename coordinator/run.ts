@@ -30,7 +30,7 @@ import { squaredDistance } from './strategies/math/sum.ts';
 import type { CheckpointStore, RoundRecord, RunStateFile, WorkerStats } from './store.ts';
 import { checkClientDp, ClientDp, ClientDpAggregator } from './privacy/client-dp.ts';
 import { exceeds, PrivacyLedger } from './privacy/ledger.ts';
-import { TaskBoard, trainingSpecOf, UpdateRejected, type TaskBase } from './tasks.ts';
+import { roundSpecOf, TaskBoard, trainingSpecOf, UpdateRejected, type TaskBase } from './tasks.ts';
 import { SecAggBelowThreshold, SecAggRound, updateFromSum } from './secagg-round.ts';
 import type { SecAggObserver } from '../common/secagg/server.ts';
 import { firstNonFinite, numel } from '../common/tensor.ts';
@@ -435,7 +435,7 @@ export class FederatedRun extends RunBase implements RegistryListener {
       round,
       attempt,
       cfg: sa,
-      members: made.map((m, i) => ({ index: i + 1, workerId: m.t.workerId, site: m.t.site, taskId: m.t.taskId, weight: raw[i]! / maxW, spec: trainingSpecOf(cfg, m.t.spec), ref: { version: this.globalVersion, ...m.ref } })),
+      members: made.map((m, i) => ({ index: i + 1, workerId: m.t.workerId, site: m.t.site, taskId: m.t.taskId, weight: raw[i]! / maxW, spec: roundSpecOf(cfg, round, m.t.spec), ref: { version: this.globalVersion, ...m.ref } })),
       masked,
       clipNorm: bounds.length > 0 ? Math.min(...bounds) : 0,
       noiseStd: this.clientDp?.siteNoiseStd(sa.threshold) ?? 0,
@@ -628,7 +628,7 @@ export class FederatedRun extends RunBase implements RegistryListener {
 
   private dispatch(t: TaskState, ref: { rank: number; totalBytes: number; sha256: Uint8Array }, deadline: number): boolean {
     const w = this.registry.get(t.workerId);
-    const spec = trainingSpecOf(this.cfg, t.spec);
+    const spec = t.kind === 'train' ? roundSpecOf(this.cfg, t.round, t.spec) : trainingSpecOf(this.cfg, t.spec);
     const ok =
       w !== undefined &&
       this.registry.send(w, {

@@ -178,6 +178,16 @@ export interface SpecOverrides {
 }
 
 /**
+ * The TrainingSpec of a federated train task of round `round`: trainingSpecOf's, with
+ * training.schedule_scope 'run' the place of the round in a schedule over all rounds, and whether
+ * the site keeps its optimizer state (training.optimizer_scope).
+ */
+export function roundSpecOf(cfg: RunConfig, round: number, o?: SpecOverrides): TrainingSpec {
+  const spec = { ...trainingSpecOf(cfg, o), keepOptimizerState: cfg.training.optimizer_scope === 'run' };
+  return cfg.training.schedule_scope === 'run' ? { ...spec, scheduleRound: round, scheduleRounds: Math.max(cfg.rounds, round) } : spec;
+}
+
+/**
  * The TrainingSpec a task carries: the run's `training` and `lora` sections,
  * with a strategy's per-worker rank (alpha keeps the run's alpha / r), FedProx
  * mu and frozen-A flag.
@@ -201,6 +211,9 @@ export function trainingSpecOf(cfg: RunConfig, o?: SpecOverrides): TrainingSpec 
     proxMu: o?.proxMu ?? 0,
     freezeLoraA: o?.freezeLoraA ?? false,
     loraPlusRatio: t.lora_plus_ratio,
+    scheduleRound: 0,
+    scheduleRounds: 0,
+    keepOptimizerState: false,
     dpSgd: cfg.privacy.dp_sgd
       ? { maxGradNorm: cfg.privacy.dp_sgd.max_grad_norm, noiseMultiplier: cfg.privacy.dp_sgd.noise_multiplier, sampleRate: cfg.privacy.dp_sgd.sample_rate }
       : undefined,

@@ -362,6 +362,9 @@ export function localSpecOf(s: TrainingSpec): LocalTrainingSpec {
     lr: s.lr,
     schedule,
     warmupSteps: s.warmupSteps,
+    scheduleRound: s.scheduleRound ?? 0,
+    scheduleRounds: s.scheduleRounds ?? 0,
+    keepOptimizerState: s.keepOptimizerState ?? false,
     weightDecay: s.weightDecay,
     maxGradNorm: s.maxGradNorm,
     maxSeqLen: s.maxSeqLen,
@@ -689,7 +692,7 @@ export class WorkerAgent {
         },
         train: (t, s, global) => {
           setStatus(WorkerStatus.WORKER_STATUS_TRAINING, t.taskId);
-          return tr.train({ taskId: t.taskId, round: t.round, globalAdapter: global, spec: localSpecOf(s), signal, onProgress: (p) => send({ body: { $case: 'progress', value: { taskId: t.taskId, ...p } } }) });
+          return tr.train({ taskId: t.taskId, runId: reg.runId, round: t.round, globalAdapter: global, spec: localSpecOf(s), signal, onProgress: (p) => send({ body: { $case: 'progress', value: { taskId: t.taskId, ...p } } }) });
         },
         upload: async (h, tensors) => {
           setStatus(WorkerStatus.WORKER_STATUS_UPLOADING, h.taskId);
@@ -746,6 +749,7 @@ export class WorkerAgent {
     let lastSent = 0;
     const outcome = await tr.train({
       taskId: task.taskId,
+      runId: reg.runId,
       round: task.round,
       globalAdapter: global,
       spec,

@@ -559,6 +559,18 @@ def save_adapter(out_dir, cfg, lora):
 # ---------------------------------------------------------------------------
 # Train / eval
 
+def schedule_of(spec, steps):
+    """(offset, total): where this task's first step sits in its schedule, and the schedule's length.
+    schedule_rounds > 0 (training.schedule_scope 'run'): the schedule spans that many rounds of
+    `steps` and this task is round schedule_round (1-based); else it spans this task alone."""
+    rounds, rnd = spec.get("schedule_rounds", 0), spec.get("schedule_round", 0)
+    if not rounds:
+        return 0, steps
+    if not 1 <= rnd <= rounds:
+        raise ValueError(f"schedule_round {rnd} is outside 1..schedule_rounds ({rounds})")
+    return (rnd - 1) * steps, rounds * steps
+
+
 def lr_at(step, spec, total):
     base, warm, kind = spec["lr"], spec["warmup_steps"], spec["schedule"]
     if step < warm:
@@ -593,6 +605,7 @@ def train(spec, paths, model, tok):
     data = examples_of(paths["data"], tok, spec, "training")
     n, bs, ga = len(data), spec["batch_size"], spec["grad_accumulation"]
     steps = spec["steps"] if spec["steps"] is not None else max(1, math.ceil(spec["epochs"] * math.ceil(n / bs) / ga))
+    offset, total = schedule_of(spec, steps)
     seed = spec["seed"] * 1_000_003 + spec["round"] * 7919
     torch.manual_seed(seed)
 
@@ -633,7 +646,7 @@ def train(spec, paths, model, tok):
     for step in range(1, steps + 1):
         ts = time.time()
         for g in opt.param_groups:
-            g["lr"] = lr_at(step - 1, spec, steps) * g["lr_scale"]
+            g["lr"] = lr_at(offset + step - 1, spec, total) * g["lr_scale"]
         opt.zero_grad(set_to_none=True)
         batches = [make_batch(next_examples(), tok.pad, model.device) for _ in range(ga)]
         tokens = sum(int((y[:, 1:] != IGNORE).sum()) for _, y in batches)

@@ -43,7 +43,7 @@ const SITES = [
 async function noopUpdate(task: Task, global: TensorMap, n: number): Promise<TensorMap> {
   if (task.kind?.$case !== 'train') throw new Error('not a train task');
   const tr = new NoopTrainer({ numTrainExamples: n, numEvalExamples: 0 });
-  const out = await tr.train({ taskId: task.taskId, round: task.round, globalAdapter: global, spec: localSpecOf(task.kind.value.spec!), signal: new AbortController().signal, onProgress: () => {} });
+  const out = await tr.train({ taskId: task.taskId, runId: 'r', round: task.round, globalAdapter: global, spec: localSpecOf(task.kind.value.spec!), signal: new AbortController().signal, onProgress: () => {} });
   return out.adapter;
 }
 

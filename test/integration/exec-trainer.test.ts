@@ -159,6 +159,10 @@ describe('exec trainer: creation, evaluation switch, cancellation', () => {
     expect(off.numTrainExamples).toBe(7);
     expect(off.numEvalExamples).toBe(0);
     await expect(off.evaluate({ globalAdapter: global, spec, signal: new AbortController().signal })).rejects.toThrow(/evaluation is turned off on this worker \(--exec-no-eval\)/);
+    // training.optimizer_scope run: a new command per task keeps no optimizer state; refused naming the field, nothing run.
+    await expect(off.train({ taskId: 't', runId: 'r', round: 1, globalAdapter: global, spec: { ...spec, keepOptimizerState: true }, signal: new AbortController().signal, onProgress: () => {} })).rejects.toThrow(
+      /training\.optimizer_scope is 'run', but the exec trainer .* keeps no optimizer state between them; use the onnx trainer \(--trainer onnx\) or set training\.optimizer_scope: round/,
+    );
     await off.close();
 
     // A script that stops on SIGTERM: the task fails at once (well within the grace period) saying so.
@@ -168,7 +172,7 @@ describe('exec trainer: creation, evaluation switch, cancellation', () => {
     expect(tr.numEvalExamples).toBe(3);
     const ac = new AbortController();
     const t0 = Date.now();
-    const running = tr.train({ taskId: 't', round: 2, globalAdapter: global, spec, signal: ac.signal, onProgress: () => {} });
+    const running = tr.train({ taskId: 't', runId: 'r', round: 2, globalAdapter: global, spec, signal: ac.signal, onProgress: () => {} });
     await new Promise((r) => setTimeout(r, 1500));
     ac.abort(new Error('cancelled by the test'));
     await expect(running).rejects.toThrow(/round 2 training command .* was stopped because cancelled by the test; it exited on SIGTERM\nlast stderr lines:\nsleeper: waiting$/);
@@ -231,6 +235,8 @@ describe('exec trainer in a federated round', () => {
     expect(taskDir).toBeDefined();
     const spec = JSON.parse(readFileSync(join(taskDir!, 'spec.json'), 'utf8'));
     expect(spec).toMatchObject({ mode: 'train', round: 1, steps: 2, batch_size: 4, lr: 0.02, template: 'plain', max_seq_len: 128, prox_mu: 0, freeze_lora_a: false, num_train_records: 6 });
+    // training.schedule_scope defaults to 'run': round 1 of a schedule over the run's 1 round.
+    expect(spec).toMatchObject({ schedule_round: 1, schedule_rounds: 1 });
     expect(spec.lora).toEqual({ r: 8, alpha: 16, dropout: 0, target_modules: ['q_proj', 'v_proj'], use_rslora: false, use_dora: false });
     expect(spec.lora_plus_ratio).toBe(1);
     expect(maxAbsDiff((await readPeftAdapter(join(taskDir!, 'global'))).adapter, init)).toBe(0);
@@ -521,6 +527,9 @@ function localSpec(o: { lora: LocalTrainingSpec['lora']; template: string; maxSe
     lr: 1e-3,
     schedule: 'constant',
     warmupSteps: 0,
+    scheduleRound: 0,
+    scheduleRounds: 0,
+    keepOptimizerState: false,
     weightDecay: 0,
     maxGradNorm: 1,
     maxSeqLen: o.maxSeqLen,

@@ -57,6 +57,49 @@ describe('federated rounds with the onnx trainer', () => {
   });
 });
 
+describe('training.schedule_scope in a federated run', () => {
+  it("'run': warmup spans the rounds (round 1 at lr 0, round 2 at half the rate); 'round': every round warms up from lr 0", async () => {
+    const dir = tempDir('onnx-schedule');
+    const model = await tinyModel(join(dir, 'model'));
+    const lr = 0.01;
+    const data = writeData(join(dir, 'site.jsonl'), 8, 'site');
+    const maxB = async (round: number): Promise<number> => {
+      let m = 0;
+      for (const [k, t] of (await readPeftAdapter(join(coord!.runDir, `round-000${round}`))).adapter) if (k.includes('lora_B')) for (const x of t.data) m = Math.max(m, Math.abs(x));
+      return m;
+    };
+    for (const scope of ['run', 'round'] as const) {
+      coord = await startCoordinator(
+        runConfig(dir, model, {
+          name: `schedule-${scope}`,
+          rounds: 2,
+          lora: { r: 4, alpha: 8, target_modules: ['q_proj', 'v_proj'] },
+          // One local step per round, warmup 2: schedule step g = round - 1 runs at lr * g / 2 ('run'); every task's
+          // only step is its step 0, at lr 0 ('round'). B starts at 0 and AdamW's first step moves it by +-lr per entry.
+          training: { steps: 1, batch_size: 4, lr, warmup_steps: 2, schedule_scope: scope, max_grad_norm: 0, weight_decay: 0, max_seq_len: 128, template: 'plain' },
+          cohort: { min_workers: 1 },
+          round: { min_results: 1, deadline_sec: 120 },
+          eval: { every: 0 },
+        }),
+      );
+      const w = worker({ address: coord.address, site: 'site', data, model, trainer: 'onnx', extra: ['--threads', '1', '--eval-fraction', '0'] });
+      procs.push(w);
+      const result = await coord.run;
+      expect(result.error ?? '').toBe('');
+      expect(await maxB(1)).toBe(0);
+      if (scope === 'run') {
+        expect(await maxB(2)).toBeGreaterThan((lr / 2) * 0.99);
+        expect(await maxB(2)).toBeLessThanOrEqual((lr / 2) * 1.001);
+      } else {
+        expect(await maxB(2)).toBe(0);
+      }
+      expect(await w.exited).toBe(0);
+      await coord.close();
+      coord = null;
+    }
+  });
+});
+
 describe('PEFT LoRA variants in a federated run', () => {
   it('rsLoRA, rank_pattern, alpha_pattern, layers_to_transform and LoRA+ reach worker processes; the checkpoint is that PEFT adapter', async () => {
     const dir = tempDir('onnx-variants');

@@ -110,6 +110,7 @@ describe.skipIf(!havePython)('a Python worker (clients/python) next to a TypeScr
     const pyUpdate = demoUpdate(v0.adapter, 1);
     const noop = await new NoopTrainer({ numTrainExamples: 10, numEvalExamples: 0 }).train({
       taskId: 'recomputed',
+      runId: 'r',
       round: 1,
       globalAdapter: v0.adapter,
       spec: localSpecOf(trainingSpecOf(cfg)),

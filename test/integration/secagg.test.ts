@@ -72,7 +72,7 @@ describe('secure aggregation with worker processes', () => {
     const updates = [];
     for (const x of summed) {
       const tr = new NoopTrainer({ numTrainExamples: x.n, numEvalExamples: 0 });
-      const out = await tr.train({ taskId: 't', round: 1, globalAdapter: g0, spec, signal: new AbortController().signal, onProgress: () => {} });
+      const out = await tr.train({ taskId: 't', runId: 'r', round: 1, globalAdapter: g0, spec, signal: new AbortController().signal, onProgress: () => {} });
       updates.push({ tensors: out.adapter, weight: x.n });
     }
     const want = plainFedAvg(updates);

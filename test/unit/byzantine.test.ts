@@ -28,7 +28,7 @@ const global: TensorMap = new Map([
 describe('Byzantine trainer', () => {
   it('sends global + scale * (local - global) and multiplies the example counts', async () => {
     const t = new ByzantineTrainer(new AddHalf(), { scale: -10, factor: 100 });
-    const out = await t.train({ taskId: 't', round: 1, globalAdapter: global, spec: {} as LocalTrainingSpec, onProgress: () => {}, signal: new AbortController().signal });
+    const out = await t.train({ taskId: 't', runId: 'r', round: 1, globalAdapter: global, spec: {} as LocalTrainingSpec, onProgress: () => {}, signal: new AbortController().signal });
     // local - global = 0.5 everywhere, so every weight moves by -10 * 0.5 = -5.
     expect([...out.adapter.get('a')!.data]).toEqual([-4, -7]);
     expect([...out.adapter.get('b')!.data]).toEqual([-5]);

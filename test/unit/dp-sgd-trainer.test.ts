@@ -13,7 +13,7 @@ import { ROOT, tempDir, tinyModel, writeData } from '../integration/federated-he
 
 const spec = (over: Partial<LocalTrainingSpec> = {}): LocalTrainingSpec => ({
   lora: { r: 4, alpha: 8, dropout: 0, targetModules: ['q_proj', 'v_proj'] },
-  steps: null, epochs: 2, batchSize: 4, gradAccumulation: 1, lr: 0.02, schedule: 'constant', warmupSteps: 0,
+  steps: null, epochs: 2, batchSize: 4, gradAccumulation: 1, lr: 0.02, schedule: 'constant', warmupSteps: 0, scheduleRound: 0, scheduleRounds: 0, keepOptimizerState: false,
   weightDecay: 0, maxGradNorm: 1, maxSeqLen: 128, template: 'plain', seed: 3, proxMu: 0, freezeLoraA: false, loraPlusRatio: 1,
   dpSgd: { maxGradNorm: 1, noiseMultiplier: 0.5, sampleRate: 0.25 },
   ...over,
@@ -33,7 +33,7 @@ describe('ONNX trainer with dp_sgd', () => {
     };
     const steps: number[] = [];
     const out = await trainer.train({
-      taskId: 't', round: 1, globalAdapter: await engineParams(), spec: spec(),
+      taskId: 't', runId: 'r', round: 1, globalAdapter: await engineParams(), spec: spec(),
       onProgress: (p) => steps.push(p.step), signal: new AbortController().signal,
     });
     expect(steps.length).toBe(8); // 2 epochs * round(1 / 0.25)
@@ -57,7 +57,7 @@ describe('ONNX trainer with dp_sgd', () => {
     const model = await tinyModel(join(dir, 'model'));
     const trainer = await createTrainer('noop', { modelDir: model, dataPath: writeData(join(dir, 'd.jsonl'), 5, 'x'), evalFraction: 0, template: 'plain', maxSeqLen: 128, seed: 0 });
     await expect(trainer.train({
-      taskId: 't', round: 1, globalAdapter: new Map(), spec: spec(), onProgress: () => {}, signal: new AbortController().signal,
+      taskId: 't', runId: 'r', round: 1, globalAdapter: new Map(), spec: spec(), onProgress: () => {}, signal: new AbortController().signal,
     })).rejects.toThrow(/privacy\.dp_sgd/);
     await trainer.close();
   });

@@ -119,6 +119,9 @@ describe('worker trainers honour freeze_lora_a and prox_mu', () => {
     lr: 2e-2,
     schedule: 'constant',
     warmupSteps: 0,
+    scheduleRound: 0,
+    scheduleRounds: 0,
+    keepOptimizerState: false,
     weightDecay: 0.01,
     maxGradNorm: 1,
     maxSeqLen: 64,
@@ -130,7 +133,7 @@ describe('worker trainers honour freeze_lora_a and prox_mu', () => {
     ...over,
   });
   const train = (tr: Trainer, globalAdapter: TensorMap, s: LocalTrainingSpec) =>
-    tr.train({ taskId: 't1', round: 0, globalAdapter, spec: s, onProgress: () => {}, signal: new AbortController().signal });
+    tr.train({ taskId: 't1', runId: 'r', round: 0, globalAdapter, spec: s, onProgress: () => {}, signal: new AbortController().signal });
 
   beforeAll(async () => {
     dir = await mkdtemp(join(tmpdir(), 'fedtune-ffa-'));
@@ -154,6 +157,41 @@ describe('worker trainers honour freeze_lora_a and prox_mu', () => {
     for (const [name, t] of g) if (!isA(name)) for (let i = 0; i < t.data.length; i++) t.data[i] = 0.05 * rng.normal();
     return g;
   };
+
+  it('onnx: keepOptimizerState (training.optimizer_scope run) continues the last task\'s AdamW within a run; otherwise every task starts afresh', async () => {
+    // One step, no decay, no clipping: a fresh AdamW's first step moves every entry with a gradient by lr * |g| / (|g| + eps),
+    // i.e. by lr where |g| >> eps. A continued one (its second step: moments of two gradients) moves most entries by other amounts.
+    const lr = 2e-2;
+    const s = (keep: boolean) => spec({ steps: 1, lr, weightDecay: 0, maxGradNorm: 0, keepOptimizerState: keep });
+    const run = (runId: string, g: TensorMap, keep: boolean) => onnx.train({ taskId: 't', runId, round: 0, globalAdapter: g, spec: s(keep), onProgress: () => {}, signal: new AbortController().signal });
+    /** Share of the entries that moved whose move is not lr (beyond 1%). */
+    const offLr = (from: TensorMap, to: TensorMap): number => {
+      let moved = 0;
+      let off = 0;
+      for (const [name, t] of to) {
+        const f = from.get(name)!.data;
+        for (let i = 0; i < t.data.length; i++) {
+          const d = Math.abs(t.data[i]! - f[i]!);
+          if (d === 0) continue;
+          moved++;
+          if (Math.abs(d - lr) > 0.01 * lr) off++;
+        }
+      }
+      expect(moved).toBeGreaterThan(100);
+      return off / moved;
+    };
+    const g0 = await globalFor(4);
+    const first = (await run('run-1', g0, true)).adapter;
+    expect(offLr(g0, first)).toBeLessThan(0.01); // a fresh optimizer (the rare entries off are those whose |g| is near eps)
+    const g1 = cloneTensorMap(first);
+    const continued = (await run('run-1', g1, true)).adapter;
+    expect(offLr(g1, continued)).toBeGreaterThan(0.2);
+    // The same task without keeping, or in another run, or after a task that did not keep: a fresh optimizer.
+    expect(offLr(g1, (await run('run-1', g1, false)).adapter)).toBeLessThan(0.01);
+    expect(offLr(g1, (await run('run-1', g1, true)).adapter)).toBeLessThan(0.01);
+    await run('run-1', g1, true);
+    expect(offLr(g1, (await run('run-2', g1, true)).adapter)).toBeLessThan(0.01);
+  });
 
   it('onnx: freeze_lora_a returns every lora_A unchanged and trains lora_B; prox_mu adds a prox_loss metric', async () => {
     const global = await globalFor(4);

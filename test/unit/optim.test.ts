@@ -11,6 +11,7 @@ import {
   loadOptimizerState,
   lrAt,
   saveOptimizerState,
+  taskSchedule,
   type ScheduleKind,
 } from '../../common/optim.ts';
 import { loadOuterState, OuterOptimizer, saveOuterState, type OuterKind } from '../../common/outer.ts';
@@ -333,5 +334,44 @@ describe('OuterOptimizer', () => {
     expect(() => opt.step(g, map32({ a: { shape: [2], data: [NaN, 0] } }))).toThrow(/delta "a" has a non-finite value/);
     expect(() => new OuterOptimizer({ kind: 'fedadam', momentum: 0.9 })).toThrow(/option "momentum" does not apply to "fedadam"/);
     expect(() => new OuterOptimizer({ kind: 'sgd' as OuterKind })).toThrow(/"sgd" is not known; use one of average, nesterov, fedavgm, fedadam, fedyogi/);
+  });
+});
+
+describe('taskSchedule (training.schedule_scope)', () => {
+  const lrs = (o: { schedule: 'constant' | 'linear' | 'cosine'; warmupSteps: number; scheduleRound: number; scheduleRounds: number }, steps: number): number[] => {
+    const { schedule, offset } = taskSchedule({ lr: 1, ...o }, steps);
+    return Array.from({ length: steps }, (_, s) => lrAt(offset + s, schedule));
+  };
+
+  it("'run': warmup once over the first rounds, then the base rate, as one run of rounds x steps", () => {
+    // Warmup 5, 3 local steps per round: schedule step g = (round - 1) * 3 + s has lr g / 5 below 5, then 1.
+    const at = (r: number) => lrs({ schedule: 'constant', warmupSteps: 5, scheduleRound: r, scheduleRounds: 4 }, 3);
+    expect(at(1)).toEqual([0, 0.2, 0.4]);
+    expect(at(2)).toEqual([0.6, 0.8, 1]);
+    expect(at(3)).toEqual([1, 1, 1]);
+    expect(at(4)).toEqual([1, 1, 1]);
+  });
+
+  it("'run' with cosine: the decay spans all rounds and ends with the last", () => {
+    // 4 rounds x 3 steps = 12, warmup 2: lr(g) = 0.5 (1 + cos(pi (g - 2) / 10)) from g = 2.
+    const cos = (g: number) => 0.5 * (1 + Math.cos((Math.PI * (g - 2)) / 10));
+    const r1 = lrs({ schedule: 'cosine', warmupSteps: 2, scheduleRound: 1, scheduleRounds: 4 }, 3);
+    const r4 = lrs({ schedule: 'cosine', warmupSteps: 2, scheduleRound: 4, scheduleRounds: 4 }, 3);
+    expect(r1[0]).toBe(0);
+    expect(r1[1]).toBe(0.5);
+    expect(r1[2]).toBeCloseTo(1, 12);
+    [9, 10, 11].forEach((g, s) => expect(r4[s]).toBeCloseTo(cos(g), 12));
+    expect(r4[2]).toBeCloseTo(0.0244717418524232, 12); // 0.5 (1 + cos(0.9 pi))
+  });
+
+  it("'round' (schedule_rounds 0): every task warms up and decays on its own", () => {
+    for (const r of [0, 1, 7]) expect(lrs({ schedule: 'constant', warmupSteps: 5, scheduleRound: r, scheduleRounds: 0 }, 3)).toEqual([0, 0.2, 0.4]);
+    expect(lrs({ schedule: 'linear', warmupSteps: 0, scheduleRound: 0, scheduleRounds: 0 }, 4)).toEqual([1, 0.75, 0.5, 0.25]);
+  });
+
+  it('refuses a round outside 1..schedule_rounds by name', () => {
+    for (const r of [0, 5, 1.5]) {
+      expect(() => taskSchedule({ schedule: 'constant', lr: 1, warmupSteps: 0, scheduleRound: r, scheduleRounds: 4 }, 3)).toThrow(/schedule_round must be in 1\.\.schedule_rounds/);
+    }
   });
 });

@@ -26,7 +26,7 @@ describe('wire contract encoding', () => {
             },
             steps: 20,
             batchSize: 8, gradAccumulation: 1, lr: 0.001, schedule: 'cosine', warmupSteps: 2,
-            weightDecay: 0, maxGradNorm: 1, maxSeqLen: 256, template: 'alpaca', seed: 5, proxMu: 0, freezeLoraA: false, loraPlusRatio: 16,
+            weightDecay: 0, maxGradNorm: 1, maxSeqLen: 256, template: 'alpaca', seed: 5, proxMu: 0, freezeLoraA: false, loraPlusRatio: 16, scheduleRound: 4, scheduleRounds: 10, keepOptimizerState: true,
             dpSgd: { maxGradNorm: 0.5, noiseMultiplier: 1.1, sampleRate: 0.01 },
           },
         },
@@ -44,6 +44,7 @@ describe('wire contract encoding', () => {
     expect(spec.epochs).toBeUndefined(); // optional: absent stays absent
     expect((t.kind!.value as { spec: { dpSgd?: { noiseMultiplier: number } } }).spec.dpSgd?.noiseMultiplier).toBe(1.1);
     expect(spec.lora.targetModules).toEqual(['q_proj', 'v_proj']);
+    expect((t.kind!.value as { spec: { scheduleRound: number; scheduleRounds: number; keepOptimizerState: boolean } }).spec).toMatchObject({ scheduleRound: 4, scheduleRounds: 10, keepOptimizerState: true });
   });
 
   it('keeps the field numbers other implementations rely on', () => {

@@ -162,6 +162,13 @@ export interface ExecSpec {
   lr: number;
   schedule: LocalTrainingSpec['schedule'];
   warmup_steps: number;
+  /**
+   * training.schedule_scope 'run': this task is round schedule_round (1-based) of a schedule that
+   * spans schedule_rounds rounds of its `steps` (local step s is schedule step
+   * (schedule_round - 1) * steps + s of schedule_rounds * steps). 0: the schedule spans this task alone.
+   */
+  schedule_round: number;
+  schedule_rounds: number;
   weight_decay: number;
   max_grad_norm: number;
   max_seq_len: number;
@@ -255,6 +262,8 @@ export async function prepareTaskDir(args: {
     lr: s.lr,
     schedule: s.schedule,
     warmup_steps: s.warmupSteps,
+    schedule_round: s.scheduleRound,
+    schedule_rounds: s.scheduleRounds,
     weight_decay: s.weightDecay,
     max_grad_norm: s.maxGradNorm,
     max_seq_len: args.maxSeqLen,
@@ -522,6 +531,9 @@ export class ExecTrainer implements Trainer {
     checkProxMu(spec.proxMu);
     if (spec.dpSgd) {
       throw new Error('privacy.dp_sgd is set, but the exec trainer runs an external command that fedtune cannot make clip per example and add noise; use the onnx trainer (--trainer onnx) or remove privacy.dp_sgd');
+    }
+    if (spec.keepOptimizerState) {
+      throw new Error("training.optimizer_scope is 'run', but the exec trainer starts a new command for every task and keeps no optimizer state between them; use the onnx trainer (--trainer onnx) or set training.optimizer_scope: round");
     }
     this.checkGlobal(args.globalAdapter, spec);
     return this.withTask('train', args.taskId, args.round, args.globalAdapter, spec, args.signal, args.onProgress, async (task, run) => {

@@ -10,7 +10,7 @@ import { Engine } from '../engine/engine.ts';
 import { loadBaseModel, parseQuantizeBase } from '../engine/quantize.ts';
 import { deviceMemory, planRun, withOwnMemory } from '../engine/memory-plan.ts';
 import { loadTokenizer } from '../../common/tokenizer.ts';
-import { AdamW, loraPlusGroups } from '../../common/optim.ts';
+import { AdamW, loraPlusGroups, taskSchedule } from '../../common/optim.ts';
 import { checkProxMu, dpTrainLoop, padBatchRows, trainLoop, type StepInfo } from '../engine/train.ts';
 import { checkDpSgd, dpSgdSteps, secretPoissonSampler } from '../../common/privacy/dp-sgd.ts';
 import { loraTargets, validateAdapter } from '../../common/lora.ts';
@@ -57,12 +57,14 @@ export async function createOnnxTrainer(opts: TrainerFactoryOptions): Promise<Tr
 }
 
 /** Options the plain and the DP-SGD training loops take alike from a task. */
-function loopOptions(args: TrainArgs, anchor: TensorMap | null, steps: number) {
+function loopOptions(args: TrainArgs, anchor: TensorMap | null, steps: number, optimizer: AdamW) {
   const { spec } = args;
+  const { schedule, offset } = taskSchedule(spec, steps);
   return {
     steps,
-    optimizer: new AdamW({ lr: spec.lr, weightDecay: spec.weightDecay, groups: loraPlusGroups(spec.loraPlusRatio) }),
-    schedule: { kind: spec.schedule, baseLr: spec.lr, warmupSteps: spec.warmupSteps, totalSteps: steps },
+    optimizer,
+    schedule,
+    scheduleOffset: offset,
     signal: args.signal,
     ...(anchor ? { proximal: { mu: spec.proxMu, anchor } } : {}),
     ...(spec.freezeLoraA ? { frozen: isLoraA } : {}),
@@ -74,6 +76,8 @@ class OnnxTrainer implements Trainer {
   readonly backend = 'onnx';
   private readonly engines = new Map<string, Engine>();
   private readonly planned = new Set<string>();
+  /** training.optimizer_scope 'run': the AdamW the last train task ended with, and what it was for. */
+  private kept: { key: string; optimizer: AdamW } | null = null;
 
   constructor(
     private readonly model: LoadedModel,
@@ -136,7 +140,36 @@ class OnnxTrainer implements Trainer {
     return e;
   }
 
+  /**
+   * The task's AdamW: a fresh one, or with training.optimizer_scope 'run' the one the last train
+   * task of the same run ended with, when it had the same adapter tensors and shapes and the same
+   * decay and LoRA+ groups (a site whose rank changes starts afresh).
+   */
+  private optimizerFor(args: TrainArgs): AdamW {
+    const { spec } = args;
+    const fresh = (): AdamW => new AdamW({ lr: spec.lr, weightDecay: spec.weightDecay, groups: loraPlusGroups(spec.loraPlusRatio) });
+    if (!spec.keepOptimizerState) {
+      this.kept = null;
+      return fresh();
+    }
+    const key = JSON.stringify([args.runId, spec.weightDecay, spec.loraPlusRatio, [...args.globalAdapter].map(([name, t]) => [name, t.shape])]);
+    if (this.kept?.key !== key) {
+      if (this.kept) log.info({ round: args.round }, 'optimizer state not kept: the adapter or the run changed; a fresh AdamW');
+      this.kept = { key, optimizer: fresh() };
+    }
+    return this.kept.optimizer;
+  }
+
   async train(args: TrainArgs): Promise<TrainOutcome> {
+    try {
+      return await this.trainTask(args);
+    } catch (err) {
+      this.kept = null; // a task that failed part-way leaves no state to continue from
+      throw err;
+    }
+  }
+
+  private async trainTask(args: TrainArgs): Promise<TrainOutcome> {
     const { spec } = args;
     checkProxMu(spec.proxMu);
     this.checkGlobalAdapter(args.globalAdapter, spec.lora);
@@ -157,7 +190,7 @@ class OnnxTrainer implements Trainer {
         makeBatches(this.trainSet, { batchSize: spec.batchSize, padId: this.padId, shuffle: true, seed: seedBase + epoch, maxSeqLen: spec.maxSeqLen }),
       gradAccumulation: spec.gradAccumulation,
       maxGradNorm: spec.maxGradNorm,
-      ...loopOptions(args, anchor, steps),
+      ...loopOptions(args, anchor, steps, this.optimizerFor(args)),
     });
     return this.outcome(params, result, anchor, {});
   }
@@ -187,7 +220,7 @@ class OnnxTrainer implements Trainer {
         makeBatches(indices.map((i) => this.trainSet[i]!), { batchSize: spec.batchSize, padId: this.padId, shuffle: false, seed: 0, maxSeqLen: spec.maxSeqLen })
           .map((b) => padBatchRows(b, spec.batchSize, this.padId)),
       dp,
-      ...loopOptions(args, anchor, steps),
+      ...loopOptions(args, anchor, steps, this.optimizerFor(args)),
     });
     return this.outcome(params, result, anchor, { dp_clipped_fraction: result.clippedFraction, dp_mean_batch_size: result.meanBatchSize });
   }

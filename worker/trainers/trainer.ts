@@ -19,6 +19,19 @@ export interface LocalTrainingSpec {
   lr: number;
   schedule: 'constant' | 'linear' | 'cosine';
   warmupSteps: number;
+  /**
+   * training.schedule_scope 'run': this task is round scheduleRound (1-based) of a schedule spanning
+   * scheduleRounds rounds of the task's local steps (common/optim.ts taskSchedule). 0: the schedule
+   * spans this task alone.
+   */
+  scheduleRound: number;
+  scheduleRounds: number;
+  /**
+   * training.optimizer_scope 'run': continue from the optimizer state this trainer's previous train
+   * task of the same run ended with (same adapter tensors and shapes; else start fresh). A trainer
+   * that cannot must fail the task naming training.optimizer_scope.
+   */
+  keepOptimizerState: boolean;
   weightDecay: number;
   maxGradNorm: number;
   maxSeqLen: number;
@@ -46,6 +59,8 @@ export interface TrainProgress {
 /** One local training task: start from the global adapter, train per spec, report progress. */
 export interface TrainArgs {
   taskId: string;
+  /** The run the task belongs to (the session's registration). */
+  runId: string;
   round: number;
   globalAdapter: TensorMap;
   spec: LocalTrainingSpec;

@@ -122,6 +122,14 @@ def spec_dict(task: pb.Task, s: pb.TrainingSpec) -> Dict[str, Any]:
         "lr": s.lr,
         "schedule": s.schedule,
         "warmup_steps": s.warmup_steps,
+        # training.schedule_scope 'run': this task is round schedule_round (1-based) of a schedule spanning
+        # schedule_rounds rounds of its steps (local step s is schedule step (schedule_round - 1) * steps + s
+        # of schedule_rounds * steps); 0: the schedule spans this task alone.
+        "schedule_round": s.schedule_round,
+        "schedule_rounds": s.schedule_rounds,
+        # training.optimizer_scope 'run': keep this site's optimizer state (moments, step count) from its
+        # previous train task of the run and continue from it; a train() that cannot must raise naming it.
+        "keep_optimizer_state": s.keep_optimizer_state,
         "weight_decay": s.weight_decay,
         "max_grad_norm": s.max_grad_norm,
         "max_seq_len": s.max_seq_len,

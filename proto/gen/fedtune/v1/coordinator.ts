@@ -152,6 +152,20 @@ export interface TrainingSpec {
   /** LoRA+ (Hayou et al. 2024): lora_B trains at lr * lora_plus_ratio (0 or unset: 1, plain LoRA). */
   loraPlusRatio: number;
   /**
+   * training.schedule_scope 'run': the warmup and decay span schedule_rounds rounds of this task's
+   * local steps, and this task is round schedule_round (1-based) of them: its local step s (0-based)
+   * is step (schedule_round - 1) * S + s of a schedule of schedule_rounds * S steps, S being the
+   * task's own step count. 0 (unset): the schedule spans this task's steps alone.
+   */
+  scheduleRound: number;
+  scheduleRounds: number;
+  /**
+   * training.optimizer_scope 'run': continue from the AdamW state (moments, step count) this site's
+   * previous train task of the run ended with, when it had this adapter's tensors and shapes (else
+   * start fresh). false: every train task starts a fresh optimizer. The state never leaves the site.
+   */
+  keepOptimizerState: boolean;
+  /**
    * Sample-level DP-SGD (privacy.dp_sgd): per-example clipping, Gaussian noise, Poisson sampling.
    * Unset: ordinary training. A trainer that cannot honour it fails the task naming privacy.dp_sgd.
    */
@@ -874,6 +888,9 @@ function createBaseTrainingSpec(): TrainingSpec {
     proxMu: 0,
     freezeLoraA: false,
     loraPlusRatio: 0,
+    scheduleRound: 0,
+    scheduleRounds: 0,
+    keepOptimizerState: false,
     dpSgd: undefined,
   };
 }
@@ -927,6 +944,15 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
     }
     if (message.loraPlusRatio !== 0) {
       writer.uint32(129).double(message.loraPlusRatio);
+    }
+    if (message.scheduleRound !== 0) {
+      writer.uint32(136).uint32(message.scheduleRound);
+    }
+    if (message.scheduleRounds !== 0) {
+      writer.uint32(144).uint32(message.scheduleRounds);
+    }
+    if (message.keepOptimizerState !== false) {
+      writer.uint32(152).bool(message.keepOptimizerState);
     }
     if (message.dpSgd !== undefined) {
       DpSgdSpec.encode(message.dpSgd, writer.uint32(322).fork()).join();
@@ -1073,6 +1099,30 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
             }
 
             message.loraPlusRatio = reader.double();
+            continue;
+          }
+          case 17: {
+            if (tag !== 136) {
+              break;
+            }
+
+            message.scheduleRound = reader.uint32();
+            continue;
+          }
+          case 18: {
+            if (tag !== 144) {
+              break;
+            }
+
+            message.scheduleRounds = reader.uint32();
+            continue;
+          }
+          case 19: {
+            if (tag !== 152) {
+              break;
+            }
+
+            message.keepOptimizerState = reader.bool();
             continue;
           }
           case 40: {
