@@ -42,26 +42,25 @@ describe('run config', () => {
     ]);
   });
 
-  it("training.optimizer_scope: 'round' by default, 'run' kept, anything else refused by name; 'run' refused in distributed mode", () => {
-    expect(parseRunConfig(base()).training.optimizer_scope).toBe('round');
-    expect(parseRunConfig({ ...base(), training: { steps: 3, optimizer_scope: 'run' } }).training.optimizer_scope).toBe('run');
-    expect(issues({ ...base(), training: { steps: 3, optimizer_scope: 'keep' } })).toEqual(['training.optimizer_scope: must be one of round, run (got "keep")']);
-    const dist = { ...base(), mode: 'distributed', distributed: { dataset: 'd.jsonl' } };
-    expect(issues({ ...dist, training: { steps: 3, optimizer_scope: 'run' } })).toEqual([
-      "training.optimizer_scope: 'run' applies to federated runs; in distributed mode the coordinator's optimizer (sync-sgd) or each worker's inner one (local-sgd) already runs over the whole run: remove it",
-    ]);
-  });
-
-  it("training.schedule_scope: 'run' by default, 'round' kept, anything else refused by name; 'round' refused in distributed mode", () => {
-    expect(parseRunConfig(base()).training.schedule_scope).toBe('run');
-    expect(parseRunConfig({ ...base(), training: { steps: 3, schedule_scope: 'round' } }).training.schedule_scope).toBe('round');
-    expect(issues({ ...base(), training: { steps: 3, schedule_scope: 'epoch' } })).toEqual(['training.schedule_scope: must be one of run, round (got "epoch")']);
-    const dist = { ...base(), mode: 'distributed', distributed: { dataset: 'd.jsonl' } };
-    expect(parseRunConfig(dist).training.schedule_scope).toBe('run');
-    expect(issues({ ...dist, training: { steps: 3, schedule_scope: 'round' } })).toEqual([
-      "training.schedule_scope: 'round' applies to federated runs; distributed mode runs the schedule once over all its steps: remove it",
-    ]);
-  });
+  // The two scopes: their default (what distributed mode does), the other value kept in federated mode and refused
+  // in distributed mode, anything else refused by name.
+  const scopes = [
+    { field: 'schedule_scope', dflt: 'run', other: 'round', values: 'run, round',
+      distributed: "'round' applies to federated runs; distributed mode runs the schedule once over all its steps: remove it" },
+    { field: 'optimizer_scope', dflt: 'round', other: 'run', values: 'round, run',
+      distributed: "'run' applies to federated runs; in distributed mode the coordinator's optimizer (sync-sgd) or each worker's inner one (local-sgd) already runs over the whole run: remove it" },
+  ] as const;
+  for (const sc of scopes) {
+    it(`training.${sc.field}: '${sc.dflt}' by default, '${sc.other}' kept, anything else refused by name; '${sc.other}' refused in distributed mode`, () => {
+      const training = (v: string) => ({ steps: 3, [sc.field]: v });
+      expect(parseRunConfig(base()).training[sc.field]).toBe(sc.dflt);
+      expect(parseRunConfig({ ...base(), training: training(sc.other) }).training[sc.field]).toBe(sc.other);
+      expect(issues({ ...base(), training: training('epoch') })).toEqual([`training.${sc.field}: must be one of ${sc.values} (got "epoch")`]);
+      const dist = { ...base(), mode: 'distributed', distributed: { dataset: 'd.jsonl' } };
+      expect(parseRunConfig(dist).training[sc.field]).toBe(sc.dflt);
+      expect(issues({ ...dist, training: training(sc.other) })).toEqual([`training.${sc.field}: ${sc.distributed}`]);
+    });
+  }
 
   it('names nested fields, ranges, types, missing and unknown fields', () => {
     const got = issues({
