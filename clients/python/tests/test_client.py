@@ -72,6 +72,7 @@ class FakeCoordinator(pb_grpc.CoordinatorServicer):
         self.finished = list(finished or [])
         self.registrations: List[pb.RegisterRequest] = []
         self.received: List[tuple] = []  # (time, WorkerMessage)
+        self.upload_done_at: Dict[str, float] = {}
         self.uploads: Dict[str, List[pb.UploadMessage]] = {}
         self.downloads: List[pb.DownloadRequest] = []
         self.settled = threading.Condition()
@@ -90,6 +91,17 @@ class FakeCoordinator(pb_grpc.CoordinatorServicer):
             if k == "task_failed" and m.task_failed.task_id == task_id or k == "eval_result" and m.eval_result.task_id == task_id:
                 return True
         return False
+
+    def idle_after(self, task_id: str) -> bool:
+        """An IDLE heartbeat came after the task's answer: every message the worker queued before it
+        (the session stream is in order) has arrived, the status heartbeats of the task's phases included;
+        an upload goes on another call and may overtake them."""
+        times = [self.upload_done_at[task_id]] if task_id in self.upload_done_at else []
+        for t, m in self.received:
+            k = m.WhichOneof("body")
+            if k == "task_failed" and m.task_failed.task_id == task_id or k == "eval_result" and m.eval_result.task_id == task_id:
+                times.append(t)
+        return bool(times) and any(m.WhichOneof("body") == "heartbeat" and m.heartbeat.status == pb.WORKER_STATUS_IDLE and t >= min(times) for t, m in self.received)
 
     def messages(self, kind: str) -> List[Any]:
         return [getattr(m, kind) for _, m in self.received if m.WhichOneof("body") == kind]
@@ -134,6 +146,7 @@ class FakeCoordinator(pb_grpc.CoordinatorServicer):
             if item.WhichOneof("body") == "task":
                 with self.settled:
                     self.settled.wait_for(lambda: self.answered(item.task.task_id), timeout=15)
+                    self.settled.wait_for(lambda: self.idle_after(item.task.task_id), timeout=5)
         time.sleep(self.linger_s)
         state = self.finished.pop(0) if self.finished else "completed"
         yield pb.CoordinatorMessage(finished=pb.RunFinished(state=state, message="done"))
@@ -161,6 +174,7 @@ class FakeCoordinator(pb_grpc.CoordinatorServicer):
         msgs = list(request_iterator)
         task_id = msgs[0].header.task_id
         self.uploads[task_id] = msgs
+        self.upload_done_at[task_id] = time.monotonic()
         self._settle()
         return pb.UploadAck(task_id=task_id, bytes=sum(len(m.chunk.data) for m in msgs if m.WhichOneof("body") == "chunk"))
 
