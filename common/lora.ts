@@ -6,7 +6,7 @@
  * `base_model.model.<module>.lora_A.weight` [r, in] and `.lora_B.weight` [out, r],
  * also for gpt2's Conv1D modules (whose base weight is stored [in, out]).
  */
-import { numel, type TensorMap } from './tensor.ts';
+import { firstNonFinite, numel, type TensorMap } from './tensor.ts';
 import { createRng } from './random.ts';
 import { GPT2_TARGET_MODULES, LLAMA_TARGET_MODULES, PHI3_TARGET_MODULES, type LoraConfig, type ModelConfig } from './model-config.ts';
 
@@ -479,13 +479,8 @@ export function validateAdapter(adapter: TensorMap, targets: readonly LoraTarget
       problems.push(`key ${key}: has ${t.data.length} values but shape [${shape.join(', ')}] needs ${numel(shape)}`);
       continue;
     }
-    const d = t.data;
-    for (let i = 0; i < d.length; i++) {
-      if (!Number.isFinite(d[i]!)) {
-        problems.push(`key ${key}: non-finite value ${d[i]} at index ${i}`);
-        break;
-      }
-    }
+    const bad = firstNonFinite(t.data);
+    if (bad >= 0) problems.push(`key ${key}: non-finite value ${t.data[bad]} at index ${bad}`);
   }
   for (const key of adapter.keys()) {
     if (!expected.has(key)) {

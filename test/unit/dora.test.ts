@@ -369,6 +369,20 @@ describe('DoRA adapters in PEFT format', () => {
     short.set(peftMagnitudeKey(targets[0]!.module), { shape: [3], data: new Float32Array(3) });
     await expect(writePeftAdapter(dir, short, { lora, baseModel: 'm' })).rejects.toThrow(/lora_magnitude_vector has shape \[3\], expected \[16\]/);
     expect(() => validateAdapter(adapter, loraTargets(model.config, { ...lora, useDora: false }))).toThrow(/unknown key .*lora_magnitude_vector .*a DoRA magnitude, but the configuration has no use_dora/);
+    // A non-finite value is named with its key and index, wherever it is (past the first four elements too).
+    const bKey = peftKey(targets[0]!.module, 'B');
+    const withNaN = new Map(adapter);
+    const b = Float32Array.from(adapter.get(bKey)!.data);
+    b[5] = NaN;
+    withNaN.set(bKey, { shape: adapter.get(bKey)!.shape, data: b });
+    await expect(writePeftAdapter(dir, withNaN, { lora, baseModel: 'm' })).rejects.toThrow(new RegExp(`key ${bKey.replace(/\./g, '\\.')} has a non-finite value NaN at index 5`));
+    expect(() => validateAdapter(withNaN, targets)).toThrow(new RegExp(`key ${bKey.replace(/\./g, '\\.')}: non-finite value NaN at index 5`));
+    const mKey = peftMagnitudeKey(targets[0]!.module);
+    const withInf = new Map(adapter);
+    const mag = Float32Array.from(adapter.get(mKey)!.data);
+    mag[2] = Infinity;
+    withInf.set(mKey, { shape: [mag.length], data: mag });
+    await expect(writePeftAdapter(dir, withInf, { lora, baseModel: 'm' })).rejects.toThrow(/lora_magnitude_vector has a non-finite value Infinity at index 2/);
   });
 });
 
