@@ -82,6 +82,11 @@ export interface BulkServerOptions {
   tls: SecureContextOptions | null;
   /** Client certificates required (server.tls.client_ca). */
   mutual: boolean;
+  /**
+   * false: plain-TCP uploads are read through 'data' events and copied into place once, as under TLS
+   * and on a runtime that cannot read sockets into place (tests of that path). Default true.
+   */
+  readInPlace?: boolean;
 }
 
 function frame(msg: BulkResponse): Buffer {
@@ -131,8 +136,8 @@ export async function startBulkServer(o: BulkServerOptions): Promise<BulkServer>
         return true;
       },
     };
-    const inPlace = o.tls ? null : readingInto(accepted, onread);
-    if (!o.tls && !inPlace && !warnedCopying) {
+    const inPlace = o.tls || o.readInPlace === false ? null : readingInto(accepted, onread);
+    if (!o.tls && o.readInPlace !== false && !inPlace && !warnedCopying) {
       warnedCopying = true;
       log.warn({}, 'bulk channel: this Node.js cannot read sockets into place; uploads are copied once');
     }

@@ -52,6 +52,8 @@ export interface CoordinatorOptions {
   lock?: RunDirLock;
   /** Event bus to publish to (default: a MemoryBus logging to the run directory). */
   bus?: EventBus;
+  /** false: the bulk channel copies plain-TCP uploads into place instead of reading them there (BulkServerOptions.readInPlace; tests). */
+  bulkReadInPlace?: boolean;
 }
 
 export interface CoordinatorHandle {
@@ -208,7 +210,7 @@ async function start(cfg: RunConfig, opts: CoordinatorOptions, lock: RunDirLock)
     const serverCreds = revocations?.serverCredentials ?? creds;
     const tlsOptions = cfg.server.tls ? serverCreds._getSecureContextOptions() : null;
     try {
-      bulk = await startBulkServer({ transfers, host: host.replace(/^\[(.*)\]$/, '$1'), port: cfg.server.bulk_port, tls: tlsOptions, mutual: cfg.server.tls?.client_ca != null });
+      bulk = await startBulkServer({ transfers, host: host.replace(/^\[(.*)\]$/, '$1'), port: cfg.server.bulk_port, tls: tlsOptions, mutual: cfg.server.tls?.client_ca != null, ...(opts.bulkReadInPlace === false ? { readInPlace: false } : {}) });
     } catch (err) {
       server.forceShutdown();
       revocations?.close();

@@ -333,3 +333,34 @@ describe('the worker side against a coordinator that lies', () => {
     }
   });
 });
+
+describe('the bulk channel copying uploads into place (as under TLS, or where a socket cannot read into place)', () => {
+  it('a corrupted upload is refused, a clean one written in pieces counts and is the round\'s mean; nothing was read in place', async () => {
+    const cfg = runConfig(dir, modelDir, { name: 'bulk-copying', rounds: 1, cohort: { min_workers: 1 }, round: { min_results: 1, deadline_sec: 120 }, eval: { every: 0 } });
+    const coord = await startCoordinator(cfg, { bulkReadInPlace: false });
+    const p = new Probe(coord.address, fingerprint);
+    try {
+      await p.join('probe-copying');
+      const port = p.registration!.bulkPort;
+      const task = await p.nextTask();
+      const start = (await p.conn.downloadAdapter(task.global!.version, 1 << 20)).adapter;
+      // A trained update: start + a known offset per element, so the mean (one update) is checkable element by element.
+      const trained: TensorMap = new Map([...start].map(([k, t]) => [k, { shape: t.shape, data: Float32Array.from(t.data, (x, i) => x + 0.001 * ((i % 5) + 1)) }]));
+      const u = uploadHeader(task, trained);
+      const corrupt = Uint8Array.from(u.bytes);
+      corrupt[7]! ^= 0x40;
+      const bad = await bulkRaw(port, [request(p, { $case: 'upload', value: u.header }), corrupt, u.sha256]);
+      expect(grpc.status[bad.code]).toBe('DATA_LOSS');
+      const ok = await bulkRaw(port, [request(p, { $case: 'upload', value: u.header }), u.bytes.subarray(0, 333), 20, u.bytes.subarray(333, 5000), 20, u.bytes.subarray(5000), u.sha256]);
+      expect(grpc.status[ok.code]).toBe('OK');
+      expect(ok.response!.body?.$case === 'ack' && ok.response!.body.value.bytes).toBe(u.bytes.byteLength);
+      expect(coord.bulk!.bytesReadInPlace).toBe(0);
+      expect((await coord.run).state).toBe('completed');
+      const global = (await readPeftAdapter(join(coord.runDir, 'round-0001'))).adapter;
+      for (const [k, t] of trained) expect(Array.from(global.get(k)!.data)).toEqual(Array.from(t.data));
+    } finally {
+      p.close();
+      await coord.close();
+    }
+  });
+});
