@@ -153,6 +153,11 @@ export class Float64Sum {
     if (this.disposed) throw new Error('sum: used after dispose()');
   }
 
+  /** Elements offset..offset + n lie inside the sum. */
+  private within(offset: number, n: number): void {
+    if (!Number.isInteger(offset) || offset < 0 || offset + n > this.length) throw new Error(`sum: elements ${offset}..${offset + n} are outside the sum of ${this.length}`);
+  }
+
   /**
    * sum[offset + j] += w_1*x_1[j] + ... + w_k*x_k[j] for j < n (n: the sources' common length),
    * four sources per pass over each block of the sum, in the order given.
@@ -162,7 +167,7 @@ export class Float64Sum {
     if (sources.length === 0) return;
     const n = sources[0]!.length;
     if (sources.some((x) => x.length !== n) || weights.length !== sources.length) throw new Error('sum: sources must have one length and one weight each');
-    if (!Number.isInteger(offset) || offset < 0 || offset + n > this.length) throw new Error(`sum: elements ${offset}..${offset + n} are outside the sum of ${this.length}`);
+    this.within(offset, n);
     for (let from = 0; from < n; from += BLOCK) {
       const to = Math.min(n, from + BLOCK);
       for (let k = 0; k < sources.length; k += 4) {
@@ -199,7 +204,7 @@ export class Float64Sum {
   /** sum[offset + j] += w * x[j] for a float64 source (off the hot path: always the JavaScript loop). */
   foldFloat64(offset: number, x: Float64Array, w: number): void {
     this.live();
-    if (!Number.isInteger(offset) || offset < 0 || offset + x.length > this.length) throw new Error(`sum: elements ${offset}..${offset + x.length} are outside the sum of ${this.length}`);
+    this.within(offset, x.length);
     const s = this.sum;
     for (let j = 0; j < x.length; j++) s[offset + j] = s[offset + j]! + w * x[j]!;
   }
@@ -208,7 +213,7 @@ export class Float64Sum {
   scaleTo(offset: number, out: Float32Array, factor: number): void {
     this.live();
     const n = out.length;
-    if (!Number.isInteger(offset) || offset < 0 || offset + n > this.length) throw new Error(`sum: elements ${offset}..${offset + n} are outside the sum of ${this.length}`);
+    this.within(offset, n);
     if (!this.k) {
       const s = this.sum;
       for (let j = 0; j < n; j++) out[j] = s[offset + j]! * factor;
