@@ -136,8 +136,9 @@ export async function startBulkServer(o: BulkServerOptions): Promise<BulkServer>
         return true;
       },
     };
-    const inPlace = o.tls || o.readInPlace === false ? null : readingInto(accepted, onread);
-    if (!o.tls && o.readInPlace !== false && !inPlace && !warnedCopying) {
+    const wantInPlace = !o.tls && o.readInPlace !== false;
+    const inPlace = wantInPlace ? readingInto(accepted, onread) : null;
+    if (wantInPlace && !inPlace && !warnedCopying) {
       warnedCopying = true;
       log.warn({}, 'bulk channel: this Node.js cannot read sockets into place; uploads are copied once');
     }

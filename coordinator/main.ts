@@ -210,7 +210,7 @@ async function start(cfg: RunConfig, opts: CoordinatorOptions, lock: RunDirLock)
     const serverCreds = revocations?.serverCredentials ?? creds;
     const tlsOptions = cfg.server.tls ? serverCreds._getSecureContextOptions() : null;
     try {
-      bulk = await startBulkServer({ transfers, host: host.replace(/^\[(.*)\]$/, '$1'), port: cfg.server.bulk_port, tls: tlsOptions, mutual: cfg.server.tls?.client_ca != null, ...(opts.bulkReadInPlace === false ? { readInPlace: false } : {}) });
+      bulk = await startBulkServer({ transfers, host: host.replace(/^\[(.*)\]$/, '$1'), port: cfg.server.bulk_port, tls: tlsOptions, mutual: cfg.server.tls?.client_ca != null, readInPlace: opts.bulkReadInPlace ?? true });
     } catch (err) {
       server.forceShutdown();
       revocations?.close();
