@@ -21,6 +21,8 @@ import { numel, type TensorMap } from '../common/tensor.ts';
 import { createRng } from '../common/random.ts';
 import { AdamW } from '../common/optim.ts';
 import { Engine } from '../worker/engine/engine.ts';
+import { isHalfWeight, toFloat16, type HalfModel, type HalfTensor } from '../worker/engine/half.ts';
+import { baseMemory } from '../worker/engine/quantize.ts';
 import { memoryPlan } from '../worker/engine/memory-plan.ts';
 
 export interface ProbeConfig {
@@ -38,6 +40,8 @@ export interface ProbeConfig {
   r?: number;
   targets?: string[];
   threads?: number;
+  /** float16: the 2-D weights made and held in float16 (--compute-dtype float16). */
+  computeDtype?: 'float32' | 'float16';
 }
 
 export interface ProbeResult {
@@ -69,11 +73,18 @@ export function probeModel(c: ProbeConfig): LoadedModel {
   const config = normalizeConfig(raw, 'memory-probe');
   const rng = createRng(1);
   const weights: TensorMap = new Map();
+  const half = new Map<string, HalfTensor>();
   for (const [name, shape] of expectedWeightShapes(config)) {
     const data = new Float32Array(numel(shape));
     const norm = /(norm|ln_\d|ln_f)\.weight$/.test(name);
     for (let i = 0; i < data.length; i++) data[i] = norm ? 1 : 0.02 * rng.normal();
-    weights.set(name, { shape: [...shape], data });
+    // float16: converted tensor by tensor, so that the float32 model is never held whole.
+    if (c.computeDtype === 'float16' && isHalfWeight(name, shape)) half.set(name, { shape: [...shape], data: toFloat16(data, name) });
+    else weights.set(name, { shape: [...shape], data });
+  }
+  if (c.computeDtype === 'float16') {
+    const m: HalfModel = { dir: '(memory)', config, weights, half, fingerprint: 'memory-probe' };
+    return m;
   }
   return { dir: '(memory)', config, weights, fingerprint: computeFingerprint(config, weights) };
 }
@@ -88,7 +99,7 @@ async function main(): Promise<void> {
     dropout: 0,
     targetModules: c.targets ?? (model.config.family === 'gpt2' ? ['c_attn', 'c_proj', 'c_fc'] : ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj']),
   };
-  const engine = Engine.create(model, { mode, ...(mode === 'lora' ? { lora } : {}), threads: c.threads ?? 2, recompute: c.recompute ?? false });
+  const engine = Engine.create(model, { mode, ...(mode === 'lora' ? { lora } : {}), threads: c.threads ?? 2, recompute: c.recompute ?? false, computeDtype: c.computeDtype ?? 'float32' });
   const params = engine.initParams(0);
   const optimizer = new AdamW({ lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weightDecay: 0 });
   const rng = createRng(2);
@@ -109,7 +120,8 @@ async function main(): Promise<void> {
     seqLen: c.seq,
     recompute: c.recompute ?? false,
     dtype: 'float32',
-    weightBytes: [...model.weights.values()].reduce((s, t) => s + t.data.byteLength, 0),
+    computeDtype: c.computeDtype ?? 'float32',
+    weightBytes: baseMemory(model).total,
   });
   const out: ProbeResult = { baseline, peak, plan };
   process.stdout.write(`${JSON.stringify(out)}\n`);

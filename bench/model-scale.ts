@@ -13,8 +13,8 @@
  *   PyTorch    the same step on the same shapes and threads in PyTorch CPU
  *              (bench/torch_llama_step.py, Debian's python3-torch)
  *
- * for each engine variant given (--variants: fp32, and nf4 / int4 base weights
- * and per-layer recompute where the engine has them).
+ * for each engine variant given (--variants: fp32, and nf4 / int4 base weights,
+ * fp16 base weights (--compute-dtype float16) and per-layer recompute).
  *
  *   npm run bench:scale [-- --shapes qwen2.5-0.5b,llama-3.2-1b --seq 512 --steps 2 --threads 2 --variants fp32,nf4,recompute --no-torch --torch-timeout 900]
  *   node bin/run-ts.js bench/model-scale.ts make qwen2.5-0.5b DIR     # just write the random model
@@ -87,6 +87,7 @@ const VARIANTS: Record<string, Record<string, unknown>> = {
   int4: { quantizeBase: 'int4' },
   recompute: { recompute: true },
   'nf4+recompute': { quantizeBase: 'nf4', recompute: true },
+  fp16: { computeDtype: 'float16' },
 };
 
 /** Write a random model of `shape` to dir (bfloat16 safetensors, config.json, a placeholder tokenizer). */
@@ -143,7 +144,8 @@ export async function probe(dir: string, o: ProbeOptions): Promise<void> {
   const t0 = performance.now();
   // As a worker loads it: with a 4-bit base each weight is quantised as it is read (worker/engine/quantize.ts).
   const quantize = (extra as { quantizeBase?: QuantFormat }).quantizeBase;
-  const model = quantize ? await loadBaseModel(dir, quantize) : await loadModel(dir);
+  const compute = (extra as { computeDtype?: 'float16' }).computeDtype;
+  const model = quantize || compute ? await loadBaseModel(dir, quantize, { compute }) : await loadModel(dir);
   const loadSecs = (performance.now() - t0) / 1000;
   const resident = baseMemory(model).total;
   const loadPeak = procStatus('VmHWM') - rss0;

@@ -3,7 +3,8 @@
  * A mid-size random llama (default hidden 1024, 8 layers, intermediate 2816,
  * ~100M parameters) is written to a temporary directory; then, each in its own
  * process so that its RSS is its own, the model is loaded for LoRA training
- * with a float32, an nf4 and an int4 base, an engine is built and a few LoRA
+ * with a float32, an nf4 and an int4 base and with float16 compute (its base
+ * weights held in float16, --compute-dtype float16), an engine is built and a few LoRA
  * training steps run. Each child reports:
  *
  *   base    bytes the engine holds for the base weights (Engine.baseMemory)
@@ -12,8 +13,9 @@
  *           float32 checkpoint, which every mode goes through)
  *   step    mean seconds per training step after the first
  *
- * and the bench prints the ratios float32 / nf4 and float32 / int4 (memory)
- * and nf4 / float32 (step time), all measured in the same run.
+ * and the bench prints the ratios float32 / nf4, float32 / int4 and
+ * float32 / float16 (memory) and each mode / float32 (step time), all
+ * measured in the same run.
  *
  *   node bin/run-ts.js bench/quantize-memory.ts [--hidden 1024] [--layers 8]
  *     [--intermediate 2816] [--heads 16] [--seq 64] [--steps 3]
@@ -31,7 +33,7 @@ const arg = (name: string, def: string): string => {
   return i >= 0 && process.argv[i + 1] ? process.argv[i + 1]! : def;
 };
 
-type Mode = 'float32' | 'nf4' | 'int4';
+type Mode = 'float32' | 'nf4' | 'int4' | 'float16';
 interface ChildResult {
   mode: Mode;
   base: number;
@@ -47,10 +49,11 @@ interface ChildResult {
 async function child(mode: Mode, dir: string): Promise<void> {
   const { Engine } = await import('../worker/engine/engine.ts');
   const { loadBaseModel } = await import('../worker/engine/quantize.ts');
-  const format = mode === 'float32' ? undefined : mode;
-  const model = await loadBaseModel(dir, format);
+  const format = mode === 'nf4' || mode === 'int4' ? mode : undefined;
+  const computeDtype = mode === 'float16' ? 'float16' : 'float32';
+  const model = await loadBaseModel(dir, format, { compute: computeDtype });
   const lora = { r: 8, alpha: 16, dropout: 0, targetModules: ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'] };
-  const engine = Engine.create(model, { mode: 'lora', lora, quantizeBase: format });
+  const engine = Engine.create(model, { mode: 'lora', lora, quantizeBase: format, computeDtype });
   const params = engine.initParams(0);
   const T = Number(arg('seq', '64'));
   const steps = Math.max(2, Number(arg('steps', '3')));
@@ -118,7 +121,7 @@ async function main(): Promise<void> {
     for (const t of (await loadModel(dir)).weights.values()) params += t.data.length;
     console.log(`model: llama hidden ${hidden}, ${layers} layers, intermediate ${intermediate}, ${(params / 1e6).toFixed(1)}M parameters (float32 ${mb(params * 4)})`);
     const results: ChildResult[] = [];
-    for (const mode of ['float32', 'nf4', 'int4'] as const) {
+    for (const mode of ['float32', 'nf4', 'int4', 'float16'] as const) {
       const r = await measure(mode, dir);
       results.push(r);
       console.log(

@@ -22,6 +22,7 @@ import type { LoadedModel } from '../common/model-config.ts';
 import { Engine } from '../worker/engine/engine.ts';
 import { loadModel, saveModel } from '../worker/engine/model.ts';
 import { loadBaseModel, parseQuantizeBase } from '../worker/engine/quantize.ts';
+import { parseComputeDtype } from '../worker/engine/half.ts';
 import { planRun } from '../worker/engine/memory-plan.ts';
 import { readModelDir } from '../common/hf-model.ts';
 import { loadTokenizer } from '../common/tokenizer.ts';
@@ -62,6 +63,8 @@ interface TrainCliOpts {
   quantizeBase?: string;
   /** Recompute each decoder layer in the backward pass (less activation memory, about a third more compute). */
   recompute?: boolean;
+  /** float32 or float16 (base matrices in float16; their products in float16 on CUDA). */
+  computeDtype?: string;
   /** Print the memory plan and exit (0 when it fits). */
   plan?: boolean;
   /** PEFT rank_pattern / alpha_pattern as 'pattern=value,...'; layers_to_transform as '0,2'; layers_pattern as 'layers' (or 'a,b'). */
@@ -467,6 +470,14 @@ async function train(o: TrainOpts): Promise<void> {
   if (o.steps !== undefined && o.epochs !== undefined) throw new Error('give --steps or --epochs, not both');
   const quantizeBase = parseQuantizeBase(o.quantizeBase, '--quantize-base');
   if (quantizeBase && o.full) throw new Error('--quantize-base applies to LoRA training (the 4-bit base weights stay frozen), not --full; drop one of them');
+  const computeDtype = parseComputeDtype(o.computeDtype);
+  if (computeDtype === 'float16') {
+    if (o.full) throw new Error('--compute-dtype float16 holds the frozen base weights in float16, so it applies to LoRA training only, not --full; drop one of them');
+    if (quantizeBase) throw new Error('--compute-dtype float16 and --quantize-base cannot be combined (the 4-bit products are dequantised to float32); drop one of them');
+    if (o.dpMaxGradNorm !== undefined || o.dpNoiseMultiplier !== undefined || o.dpSampleRate !== undefined) {
+      throw new Error('--dp-* (DP-SGD): per-example gradients are computed in float32 only; drop --compute-dtype float16');
+    }
+  }
   // The memory plan, from config.json alone: --plan prints it; a run that cannot fit is refused before loading.
   const planConfig = (await readModelDir(o.model)).config;
   planRun(planConfig, {
@@ -476,11 +487,12 @@ async function train(o: TrainOpts): Promise<void> {
     seqLen: o.maxSeqLen,
     recompute: o.recompute ?? false,
     ...(quantizeBase ? { quantizeBase } : {}),
+    computeDtype,
     accumulate: o.gradAccum > 1,
     device: o.device,
   }, o.plan ? (line) => console.log(line) : undefined);
   if (o.plan) return;
-  const model = await loadBaseModel(o.model, quantizeBase);
+  const model = await loadBaseModel(o.model, quantizeBase, { compute: computeDtype });
   if (o.fingerprint && model.fingerprint !== o.fingerprint) {
     throw new Error(`model.fingerprint: ${o.model} has fingerprint ${model.fingerprint}, the config expects ${o.fingerprint}`);
   }
@@ -515,7 +527,7 @@ async function train(o: TrainOpts): Promise<void> {
   const plainTargets = targets.filter((t) => t.pattern?.rankKey === undefined);
   const tooHigh = lora ? rankIssue(lora.r, plainTargets, { r: named('lora.r', '--lora-r'), modules: named('lora.target_modules', '--target-modules') }) : null;
   if (tooHigh) throw new Error(`${named('lora.r', '--lora-r')}: ${tooHigh}`);
-  const engine = Engine.create(model, { mode, lora, threads: o.threads, device: o.device, seed: o.seed, quantizeBase, recompute: o.recompute ?? false });
+  const engine = Engine.create(model, { mode, lora, threads: o.threads, device: o.device, seed: o.seed, quantizeBase, recompute: o.recompute ?? false, computeDtype });
   // This command prints its own warning about dropped records (warnDropped), so prepareDataset stays quiet.
   const data = await prepareDataset(o.data, tok, { template, maxSeqLen: o.maxSeqLen, evalFraction: o.evalData ? 0 : o.evalFraction, seed: o.seed, reportDropped: false });
   const evalData = o.evalData ? await prepareDataset(o.evalData, tok, { template, maxSeqLen: o.maxSeqLen, seed: o.seed, reportDropped: false }) : undefined;
@@ -539,7 +551,7 @@ async function train(o: TrainOpts): Promise<void> {
   warnDropped([...data.droppedSources, ...(evalData?.droppedSources ?? [])], o.maxSeqLen, seqLenName);
   const dropped = data.dropped + (evalData?.dropped ?? 0);
   console.log(
-    `fedtune train: ${model.config.modelType} ${mode === 'lora' ? `${lora!.useRslora ? 'rsLoRA' : 'LoRA'}${lora!.useDora ? ' + DoRA' : ''} r=${lora!.r} alpha=${lora!.alpha} dropout=${lora!.dropout} on ${lora!.targetModules.join(',')}${describePatterns(lora!, targets)}${o.loraPlusRatio !== 1 ? `, LoRA+ ratio ${o.loraPlusRatio}` : ''}${quantizeBase ? `, ${quantizeBase} base weights` : ''}` : 'full fine-tuning'}; ` +
+    `fedtune train: ${model.config.modelType} ${mode === 'lora' ? `${lora!.useRslora ? 'rsLoRA' : 'LoRA'}${lora!.useDora ? ' + DoRA' : ''} r=${lora!.r} alpha=${lora!.alpha} dropout=${lora!.dropout} on ${lora!.targetModules.join(',')}${describePatterns(lora!, targets)}${o.loraPlusRatio !== 1 ? `, LoRA+ ratio ${o.loraPlusRatio}` : ''}${quantizeBase ? `, ${quantizeBase} base weights` : ''}${computeDtype === 'float16' ? ', float16 base weights' : ''}` : 'full fine-tuning'}; ` +
       `${data.train.length} train / ${evalSet.length} eval examples${dropped ? ` (${dropped} dropped: too long)` : ''}; ${totalSteps} steps; ` +
       `lr ${o.lr} ${o.schedule}, warmup ${o.warmup}, batch ${o.batchSize} x ${o.gradAccum}`,
   );
@@ -728,6 +740,7 @@ export function register(program: Command): void {
     .option('--use-dora', 'DoRA (Liu et al. 2024): W becomes m * (W + s*B*A) / ||W + s*B*A|| per output feature, m trained (PEFT use_dora)')
     .option('--quantize-base <format>', '4-bit base weights (QLoRA): nf4 or int4, blocks of 64 with one scale each; the decoder linear layers are held 4-bit, LoRA trains in float32 on top')
     .option('--recompute', 'recompute each decoder layer in the backward pass instead of keeping its activations (less memory, about a third more compute)')
+    .option('--compute-dtype <dtype>', 'float32 (default) or float16: the base model\'s matrices held in float16 (half the memory); on CUDA their products run in float16 with dynamic loss scaling; LoRA and AdamW stay float32')
     .option('--plan', 'print the memory plan (weights, LoRA + AdamW, activations at --batch-size x --max-seq-len) against the device\'s memory and exit: 0 when it fits')
     .option('--rank-pattern <list>', "per-module ranks, PEFT rank_pattern: 'pattern=r,...' (a pattern is a module-name suffix or regex, first match wins), e.g. 'q_proj=16,layers.0.self_attn.v_proj=4'")
     .option('--alpha-pattern <list>', "per-module alphas, PEFT alpha_pattern: 'pattern=alpha,...', e.g. 'q_proj=32'")

@@ -13,6 +13,7 @@ import { DEFAULT_EXEC_GRACE_SEC, splitCommand } from '../worker/trainers/exec.ts
 import { parseByzantine, type ByzantineOptions } from '../worker/trainers/byzantine.ts';
 import type { TrainerFactoryOptions } from '../worker/trainers/trainer.ts';
 import { parseQuantizeBase } from '../worker/engine/quantize.ts';
+import { parseComputeDtype } from '../worker/engine/half.ts';
 import { planRun } from '../worker/engine/memory-plan.ts';
 import { readModelDir } from '../common/hf-model.ts';
 import { validTargetModules } from '../common/lora.ts';
@@ -35,6 +36,8 @@ interface WorkerCliOpts {
   quantizeBase?: string;
   /** onnx trainer: recompute each decoder layer in the backward pass. */
   recompute?: boolean;
+  /** onnx trainer: float32 or float16 (base weights, and products on CUDA). */
+  computeDtype?: string;
   /** Print the memory plan for --batch-size x --max-seq-len and exit. */
   plan?: boolean;
   batchSize?: number;
@@ -107,6 +110,7 @@ export function register(program: Command): void {
     .option('--threads <n>', 'CPU threads for training', intArg('--threads', 1))
     .option('--quantize-base <format>', 'onnx trainer: hold the base model\'s decoder linear weights 4-bit (QLoRA): nf4 or int4; LoRA trains in float32 on top')
     .option('--recompute', 'onnx trainer: recompute each decoder layer in the backward pass instead of keeping its activations (less memory, about a third more compute)')
+    .option('--compute-dtype <dtype>', 'onnx trainer: float32 (default) or float16: the base model\'s matrices held in float16 (half the memory); on CUDA their products run in float16 with dynamic loss scaling; LoRA and AdamW stay float32')
     .option('--plan', 'print the memory plan of a task at --batch-size x --max-seq-len (LoRA at --lora-r on every module) against the device\'s memory and exit without joining: 0 when it fits')
     .option('--batch-size <n>', 'with --plan: the run\'s training.batch_size (default 8)', intArg('--batch-size', 1))
     .option('--lora-r <n>', 'with --plan: the run\'s lora.r (default 8)', intArg('--lora-r', 1))
@@ -136,6 +140,8 @@ export function register(program: Command): void {
         // Tasks are checked against the plan as they arrive (worker/trainers/onnx.ts); --plan shows it beforehand.
         const config = (await readModelDir(o.model)).config;
         const quantizeBase = parseQuantizeBase(o.quantizeBase, '--quantize-base');
+        const computeDtype = parseComputeDtype(o.computeDtype);
+        if (quantizeBase && computeDtype === 'float16') throw new Error('--compute-dtype float16 and --quantize-base cannot be combined (the 4-bit products are dequantised to float32); drop one of them');
         planRun(config, {
           mode: 'lora',
           lora: { r: o.loraR ?? 8, alpha: 2 * (o.loraR ?? 8), dropout: 0, targetModules: [...validTargetModules(config)] },
@@ -143,6 +149,7 @@ export function register(program: Command): void {
           seqLen: o.maxSeqLen ?? 256,
           recompute: o.recompute ?? false,
           ...(quantizeBase ? { quantizeBase } : {}),
+          computeDtype,
           device: o.device,
         }, (line) => console.log(line));
         return;
@@ -156,6 +163,9 @@ export function register(program: Command): void {
       checkExecOptions(o);
       const quantizeBase = parseQuantizeBase(o.quantizeBase, '--quantize-base');
       if (quantizeBase && o.trainer !== 'onnx') throw new Error(`--quantize-base applies to the onnx trainer (the 4-bit base is held by its engine), not --trainer ${o.trainer}`);
+      const computeDtype = parseComputeDtype(o.computeDtype);
+      if (o.computeDtype !== undefined && o.trainer !== 'onnx') throw new Error(`--compute-dtype applies to the onnx trainer (its engine holds the base weights), not --trainer ${o.trainer}`);
+      if (quantizeBase && computeDtype === 'float16') throw new Error('--compute-dtype float16 and --quantize-base cannot be combined (the 4-bit products are dequantised to float32); drop one of them');
       if (o.noopPerturb === false && o.trainer !== 'noop') throw new Error(`--no-noop-perturb applies to --trainer noop, not ${o.trainer}`);
       const presence = o.presenceNats
         ? startPresence({
@@ -177,6 +187,7 @@ export function register(program: Command): void {
         ...(o.threads ? { threads: o.threads } : {}),
         ...(quantizeBase ? { quantizeBase } : {}),
         ...(o.recompute ? { recompute: true } : {}),
+        ...(computeDtype === 'float16' ? { computeDtype } : {}),
         device: o.device,
         seed: o.seed,
         ...(o.noopStepMs !== undefined ? { noopStepMs: o.noopStepMs } : {}),

@@ -520,7 +520,13 @@ export class WorkerAgent {
       throw new FatalWorkerError(`cannot start the ${this.opts.trainer} trainer: ${(err as Error).message}`);
     }
     log.info(
-      { backend: this.trainer.backend, device: this.trainer.device, train: this.trainer.numTrainExamples, eval: this.trainer.numEvalExamples },
+      {
+        backend: this.trainer.backend,
+        device: this.trainer.device,
+        ...(factory.computeDtype ? { computeDtype: factory.computeDtype } : {}),
+        train: this.trainer.numTrainExamples,
+        eval: this.trainer.numEvalExamples,
+      },
       'trainer ready',
     );
   }

@@ -57,6 +57,34 @@ describe('federated rounds with the onnx trainer', () => {
   });
 });
 
+describe('a worker with --compute-dtype float16', () => {
+  it('trains beside a float32 worker over gRPC: both updates count and the global eval loss goes down', async () => {
+    const dir = tempDir('onnx-half');
+    const model = await tinyModel(join(dir, 'model'));
+    coord = await startCoordinator(runConfig(dir, model, {
+      name: 'onnx-half',
+      rounds: 2,
+      lora: { r: 4, alpha: 8, target_modules: ['q_proj', 'v_proj', 'o_proj'] },
+      training: { steps: 6, batch_size: 4, lr: 0.02, max_seq_len: 128, template: 'plain' },
+      cohort: { min_workers: 2 },
+      round: { min_results: 2, deadline_sec: 120 },
+      eval: { every: 1, initial: true },
+    }));
+    const half = worker({ address: coord.address, site: 'half', data: writeData(join(dir, 'half.jsonl'), 24, 'half'), model, trainer: 'onnx', extra: ['--threads', '1', '--compute-dtype', 'float16'] });
+    const full = worker({ address: coord.address, site: 'full', data: writeData(join(dir, 'full.jsonl'), 24, 'full'), model, trainer: 'onnx', extra: ['--threads', '1'] });
+    procs.push(half, full);
+    const result = await coord.run;
+    expect(result.error ?? '').toBe('');
+    expect(result.state).toBe('completed');
+    const state = JSON.parse(readFileSync(join(coord.runDir, 'round-0002', 'state.json'), 'utf8'));
+    expect(state.history.map((h: { participants: number }) => h.participants)).toEqual([2, 2]);
+    expect(state.history[1].evalLoss).toBeLessThan(state.baseline.evalLoss);
+    expect(half.out()).toMatch(/"computeDtype":"float16".*trainer ready|trainer ready.*"computeDtype":"float16"/);
+    expect(full.out()).not.toMatch(/computeDtype/);
+    expect(await Promise.all([half.exited, full.exited])).toEqual([0, 0]);
+  });
+});
+
 describe('training.schedule_scope in a federated run', () => {
   it("'run': warmup spans the rounds (round 1 at lr 0, round 2 at half the rate); 'round': every round warms up from lr 0", async () => {
     const dir = tempDir('onnx-schedule');

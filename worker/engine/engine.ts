@@ -14,7 +14,8 @@ import { IGNORE_INDEX, type Batch, type LoadedModel, type LoraConfig } from '../
 import type { FloatDType } from './graph.ts';
 import { buildCausalLmGraph, type GraphSpec } from './model-graph.ts';
 import { initLoraAdapter, loraTargets, peftKey, peftMagnitudeKey, weightRowNorms } from '../../common/lora.ts';
-import { createSession, ort, type Device, type RuntimeSession } from './runtime.ts';
+import { createSession, cudaProviderInstalled, ort, type Device, type RuntimeSession } from './runtime.ts';
+import { halfModel, halfWeights, LossScaler, parseComputeDtype, unscaleFinite, type ComputeDtype, type LossScaleOptions } from './half.ts';
 import { baseMemory, baseWeightValues, parseQuantizeBase, quantizedBase, quantizedInputData, quantizeModel, type BaseMemory, type QuantFormat } from './quantize.ts';
 
 export interface EngineOptions {
@@ -34,6 +35,17 @@ export interface EngineOptions {
   quantizeBase?: QuantFormat;
   /** Recompute each decoder layer in the backward pass instead of keeping its activations (GraphSpec.recompute). */
   recompute?: boolean;
+  /**
+   * float16: the 2-D base weights held in float16, the rest and the adapters
+   * in float32 (half.ts). On CUDA the products with them run in float16, with
+   * dynamic loss scaling; on CPU (no float16 Gemm) each weight is widened to
+   * float32 for its product. LoRA mode, float32 graphs, no 4-bit base.
+   */
+  computeDtype?: ComputeDtype;
+  /** float16: the graphs' variant (GraphSpec.half); default 'compute' where the sessions run on CUDA, 'storage' on CPU. */
+  halfVariant?: 'compute' | 'storage';
+  /** The dynamic loss scale's start and growth interval (float16 compute). */
+  lossScale?: LossScaleOptions;
 }
 
 export interface LossAndGrads {
@@ -97,6 +109,8 @@ interface CompiledGraph {
   params: Array<{ name: string; shape: number[] }>;
   /** Frozen base weights fed from the engine's single copy on every run. */
   frozen: Record<string, ort.Tensor>;
+  /** float16 products: the graph takes `loss_scale`. */
+  lossScaled: boolean;
 }
 
 export class Engine {
@@ -105,6 +119,8 @@ export class Engine {
   private readonly castWeights = new Map<string, FloatArray>();
   readonly dtype: FloatDType;
   private resolvedDevice: Device | null = null;
+  /** float16 compute: the dynamic loss scale (null in float32). */
+  readonly lossScaler: LossScaler | null;
 
   private constructor(readonly model: LoadedModel, readonly opts: EngineOptions) {
     this.dtype = opts.dtype ?? 'float32';
@@ -115,6 +131,8 @@ export class Engine {
       if (!opts.lora) throw new Error('engine: LoRA mode needs a LoRA config (r, alpha, dropout, target_modules)');
       loraTargets(model.config, opts.lora); // validates target modules and ranks now, not at the first step
     }
+    this.lossScaler = opts.computeDtype === 'float16' ? new LossScaler(opts.lossScale) : null;
+    if (opts.halfVariant && opts.computeDtype !== 'float16') throw new Error('engine: halfVariant applies to computeDtype float16 only');
   }
 
   static create(model: LoadedModel, opts: EngineOptions): Engine {
@@ -122,6 +140,14 @@ export class Engine {
     if (q && opts.mode !== 'lora') {
       throw new Error('--quantize-base: 4-bit base weights are frozen, so they apply to LoRA training only, not --full; drop --quantize-base or --full');
     }
+    const compute = parseComputeDtype(opts.computeDtype, 'computeDtype');
+    if (compute === 'float16') {
+      if (opts.mode !== 'lora') throw new Error('--compute-dtype float16 holds the frozen base weights in float16, so it applies to LoRA training only, not --full; drop one of them');
+      if (q) throw new Error('--compute-dtype float16 and --quantize-base cannot be combined (the 4-bit products are dequantised to float32); drop one of them');
+      if ((opts.dtype ?? 'float32') !== 'float32') throw new Error('--compute-dtype float16 mixes float16 products into float32 graphs, not float64 ones');
+      return new Engine(halfModel(model), opts);
+    }
+    if (halfWeights(model)) throw new Error('engine: the model holds float16 base weights (loaded for --compute-dtype float16); create the engine with computeDtype float16 or load the model again');
     return new Engine(q ? quantizeModel(model, q) : model, opts);
   }
 
@@ -171,12 +197,28 @@ export class Engine {
   async lossAndGrads(params: TensorMap, batch: Batch): Promise<LossAndGrads> {
     const g = await this.compiled('train', batch.batchSize, batch.seqLen);
     const { feeds, tokens } = this.feeds(g, params, batch);
-    const out = await g.rt.session.run(feeds);
-    const grads: TensorMap = new Map();
-    for (const p of g.params) {
-      grads.set(p.name, { shape: [...p.shape], data: out[`grad:${p.name}`]!.data as FloatArray });
+    const scaler = g.lossScaled ? this.lossScaler : null;
+    for (;;) {
+      // float16: the backward is seeded with S / tokens, so the float16 products carry S x the mean loss's gradients.
+      const seed = scaler ? scaler.scale / Math.max(tokens, 1) : 1;
+      if (scaler) feeds.loss_scale = new ort.Tensor('float32', Float32Array.of(seed), [1]);
+      const out = await g.rt.session.run(feeds);
+      const lossSum = Number((out.loss_sum!.data as FloatArray)[0]);
+      const grads: TensorMap = new Map();
+      for (const p of g.params) {
+        grads.set(p.name, { shape: [...p.shape], data: out[`grad:${p.name}`]!.data as FloatArray });
+      }
+      if (!scaler) return { lossSum, tokens, grads };
+      if (!Number.isFinite(lossSum)) {
+        throw new Error(`--compute-dtype float16: the loss of this batch is ${lossSum} (an activation overflowed float16's range of ±65504); train this model with --compute-dtype float32`);
+      }
+      if (unscaleFinite([...grads.values()].map((t) => t.data), seed)) {
+        scaler.finite();
+        return { lossSum, tokens, grads };
+      }
+      // Scaled gradients overflowed: run the batch again at half the scale.
+      if (!scaler.backoff()) return { lossSum, tokens, grads };
     }
-    return { lossSum: Number((out.loss_sum!.data as FloatArray)[0]), tokens, grads };
   }
 
   /**
@@ -194,6 +236,7 @@ export class Engine {
     if (this.opts.mode !== 'lora') {
       throw new Error('privacy.dp_sgd: per-example gradients are implemented for LoRA training only (not training mode full); use LoRA or remove privacy.dp_sgd');
     }
+    if (this.lossScaler) throw new Error('privacy.dp_sgd: per-example gradients are computed in float32 only; run this worker with --compute-dtype float32');
     const frozen = this.paramSpecs().map((p) => p.name).filter((n) => o.frozen?.(n) ?? false);
     const peKey = `${frozen.join(',')}|${o.outputClipped ? 1 : 0}`;
     this.perExampleSpecs.set(peKey, { frozen, outputClipped: o.outputClipped ?? false });
@@ -316,22 +359,32 @@ export class Engine {
           kind,
           dropoutSeed: this.opts.seed ?? 0,
           ...(this.opts.recompute ? { recompute: true } : {}),
+          ...(this.lossScaler ? { half: this.halfVariant() } : {}),
           ...(perExample !== undefined ? { perExample: this.perExampleSpecs.get(perExample)! } : {}),
         };
-        const built = buildCausalLmGraph(this.model, spec);
-        const rt = await createSession(built.bytes, {
-          threads: this.opts.threads,
-          device: this.opts.device,
-          optimization: this.dtype === 'float64' ? 'basic' : 'all',
-          // Recompute is for memory: without the memory pattern a step's activations are held once, not twice.
-          ...(this.opts.recompute && kind === 'train' ? { memPattern: false } : {}),
-        });
+        const session = (sp: GraphSpec) => {
+          const b = buildCausalLmGraph(this.model, sp);
+          return createSession(b.bytes, {
+            threads: this.opts.threads,
+            device: this.opts.device,
+            optimization: this.dtype === 'float64' ? 'basic' : 'all',
+            // Recompute is for memory: without the memory pattern a step's activations are held once, not twice.
+            ...(this.opts.recompute && kind === 'train' ? { memPattern: false } : {}),
+          }).then((rt) => ({ built: b, rt }));
+        };
+        let { built, rt } = await session(spec);
+        if (spec.half === 'compute' && rt.device === 'cpu' && !this.opts.halfVariant) {
+          // CUDA was expected but the session fell back to CPU: float16 products would be widened by ONNX Runtime, all at once.
+          await rt.session.release();
+          ({ built, rt } = await session({ ...spec, half: 'storage' }));
+        }
         this.resolvedDevice = rt.device;
         const frozen: Record<string, ort.Tensor> = {};
         for (const f of built.frozen) {
-          frozen[f.name] = f.dtype === 'uint8' ? new ort.Tensor('uint8', this.weightAs(f.name) as Uint8Array, f.shape) : new ort.Tensor(this.dtype, this.weightAs(f.name) as FloatArray, f.shape);
+          const data = this.weightAs(f.name);
+          frozen[f.name] = f.dtype === 'uint8' || f.dtype === 'float16' ? new ort.Tensor(f.dtype, data as Uint8Array | Uint16Array, f.shape) : new ort.Tensor(this.dtype, data as FloatArray, f.shape);
         }
-        return { rt, params: built.params, frozen };
+        return { rt, params: built.params, frozen, lossScaled: built.graph.inputs.some((v) => v.name === 'loss_scale') };
       })();
       p.catch(() => this.sessions.delete(key));
       this.sessions.set(key, p);
@@ -339,8 +392,17 @@ export class Engine {
     return p;
   }
 
-  private weightAs(name: string): FloatArray | Uint8Array {
+  /** float16 graphs: products in float16 where the sessions run on CUDA, widened to float32 on CPU. */
+  private halfVariant(): 'compute' | 'storage' {
+    if (this.opts.halfVariant) return this.opts.halfVariant;
+    const device = this.resolvedDevice ?? (this.opts.device === 'cuda' && cudaProviderInstalled() ? 'cuda' : 'cpu');
+    return device === 'cuda' ? 'compute' : 'storage';
+  }
+
+  private weightAs(name: string): FloatArray | Uint8Array | Uint16Array {
     const t = this.model.weights.get(name);
+    const h = halfWeights(this.model)?.get(name);
+    if (h) return h.data;
     if (!t) {
       // A 4-bit weight's packed bytes or scales (the scales cast once for float64 graphs).
       const c = this.castWeights.get(name);

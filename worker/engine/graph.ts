@@ -25,11 +25,14 @@ import {
 import { numel } from '../../common/tensor.ts';
 
 export type FloatDType = 'float32' | 'float64';
-export type ElemType = FloatDType | 'int64' | 'bool' | 'uint8';
+/** Half precision: frozen base weights and the products computed from them (GraphSpec.compute). */
+export type HalfDType = 'float16';
+export type ElemType = FloatDType | HalfDType | 'int64' | 'bool' | 'uint8';
 
 const ONNX_TYPE: Record<ElemType, DataType> = {
   float32: DataType.FLOAT,
   float64: DataType.DOUBLE,
+  float16: DataType.FLOAT16,
   int64: DataType.INT64,
   bool: DataType.BOOL,
   uint8: DataType.UINT8, // packed 4-bit base weights (quantize.ts)
@@ -76,6 +79,8 @@ interface OpAttrs {
   transB?: boolean;
   sizes?: number[];
   axis?: number;
+  /** cast: the element type of the output. */
+  to?: ElemType;
   ratio?: number;
   seed?: number;
   /** Extra node outputs an op keeps for its backward (e.g. dropout's mask). */
@@ -98,7 +103,7 @@ interface OpDef {
 type OpName =
   | 'add' | 'sub' | 'mul' | 'div' | 'neg' | 'exp' | 'log' | 'sqrt' | 'tanh' | 'sigmoid'
   | 'gemm' | 'matmul' | 'reduceSum' | 'reduceMean' | 'reshape' | 'transpose' | 'expand'
-  | 'softmax' | 'logSoftmax' | 'gather' | 'split' | 'concat' | 'dropout' | 'frozenGemm';
+  | 'softmax' | 'logSoftmax' | 'gather' | 'split' | 'concat' | 'dropout' | 'frozenGemm' | 'cast';
 
 function broadcastShapes(a: number[], b: number[]): number[] {
   const n = Math.max(a.length, b.length);
@@ -318,6 +323,11 @@ const OPS: Record<OpName, OpDef> = {
       const shapes = sizes.map((s) => gy!.shape.map((d, i) => (i === ax ? s : d)));
       return g.emitMulti('Split', [gy!, g.constInt64(sizes)], shapes, gy!.dtype, { axis: ax }, true);
     },
+  },
+  cast: {
+    // A change of float precision (mixed-precision products): the gradient is cast back to the input's type.
+    forward: (g, [a], { to }) => [g.emit('Cast', [a!], a!.shape, to!, { to: ONNX_TYPE[to!] }, a!.requiresGrad)],
+    backward: (g, { inputs: [a] }, [gy]) => [g.cast(gy!, a!.dtype)],
   },
   dropout: {
     // Training-mode dropout: y = a * mask / (1 - ratio); da = g * mask / (1 - ratio).
@@ -553,6 +563,10 @@ export class Graph {
   gather(table: Value, ids: Value): Value { return this.one('gather', [table, ids]); }
   split(a: Value, axis: number, sizes: number[]): Value[] { return this.apply('split', [a], { axis, sizes }); }
   concat(parts: Value[], axis: number): Value { return this.one('concat', parts, { axis }); }
+  /** `a` in another float type, differentiable (the plain `cast` is not recorded). */
+  castTo(a: Value, to: ElemType): Value {
+    return a.dtype === to ? a : this.one('cast', [a], { to });
+  }
   dropout(a: Value, ratio: number, seed: number): Value {
     return ratio > 0 ? this.one('dropout', [a], { ratio, seed }) : a;
   }
@@ -662,10 +676,11 @@ export class Graph {
 
   /**
    * Emit the gradient of the scalar `loss` with respect to each of `wrt`
-   * (seeded with d loss = 1). Returns one gradient value per entry of `wrt`
-   * (zeros for parameters the loss does not depend on).
+   * (seeded with d loss = 1, or with `seed`, a [1] value: loss scaling). Returns
+   * one gradient value per entry of `wrt` (zeros for parameters the loss does
+   * not depend on).
    */
-  backward(loss: Value, wrt: Value[]): Value[] {
+  backward(loss: Value, wrt: Value[], seed?: Value): Value[] {
     if (numel(loss.shape) !== 1) throw new Error(`graph: backward needs a scalar loss, got shape [${loss.shape}]`);
     this.recording = false;
     const grads = new Map<string, Value>();
@@ -673,7 +688,7 @@ export class Graph {
       const prev = grads.get(v.name);
       grads.set(v.name, prev ? this.emit('Add', [prev, gv], v.shape, v.dtype, {}, false) : gv);
     };
-    grads.set(loss.name, this.expand(this.scalar(1, loss.dtype as FloatDType), loss.shape));
+    grads.set(loss.name, seed ? this.reshape(seed, loss.shape) : this.expand(this.scalar(1, loss.dtype as FloatDType), loss.shape));
     try {
       this.reverse(this.tape, grads, accumulate);
     } finally {
@@ -731,7 +746,7 @@ export class Graph {
 }
 
 export function bytesPer(dtype: ElemType): number {
-  return dtype === 'float64' || dtype === 'int64' ? 8 : dtype === 'bool' || dtype === 'uint8' ? 1 : 4;
+  return dtype === 'float64' || dtype === 'int64' ? 8 : dtype === 'bool' || dtype === 'uint8' ? 1 : dtype === 'float16' ? 2 : 4;
 }
 
 function attribute(name: string, v: AttrValue): AttributeProto {

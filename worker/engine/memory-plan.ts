@@ -31,6 +31,7 @@ import { loraTargets } from '../../common/lora.ts';
 import { numel } from '../../common/tensor.ts';
 import { bytesPer, type FloatDType, type Graph } from './graph.ts';
 import { buildCausalLmGraph } from './model-graph.ts';
+import { isHalfWeight, type ComputeDtype } from './half.ts';
 import type { Device } from './runtime.ts';
 import { DEQUANT_CHUNK, isQuantizableWeight } from './quantize.ts';
 
@@ -56,6 +57,8 @@ export interface PlanOptions {
   dtype?: FloatDType;
   /** The decoder linears held 4-bit (`--quantize-base nf4|int4`). */
   quantizeBase?: string;
+  /** float16: the 2-D base weights held in float16 (`--compute-dtype float16`, half.ts). */
+  computeDtype?: ComputeDtype;
   /** Micro-batch accumulation (more than one micro-batch per step) keeps a running gradient sum. */
   accumulate?: boolean;
   device?: Device;
@@ -205,6 +208,12 @@ export function memoryPlan(config: ModelConfig, o: PlanOptions): MemoryPlan {
     weights = (totalWeights - linear) * 4 + linear * FOUR_BIT_BYTES_PER_WEIGHT;
     weightDetail = `${(linear / 1e6).toFixed(1)}M decoder linear weights ${o.quantizeBase} (4-bit + a float32 scale per 64, dequantised in pieces of ${fmt(DEQUANT_CHUNK * e)}), the rest float32`;
   }
+  if (o.computeDtype === 'float16' && o.weightBytes === undefined) {
+    // 2-D weights in float16; on CPU each is widened to float32 for its product (graph activations below).
+    const twoD = [...shapes].filter(([name, sh]) => isHalfWeight(name, sh)).reduce((s, [, sh]) => s + numel(sh), 0);
+    weights = (totalWeights - twoD) * 4 + twoD * 2;
+    weightDetail = `${(twoD / 1e6).toFixed(1)}M matrix weights float16, the rest float32`;
+  }
   lines.push({ item: 'weights', bytes: weights, detail: weightDetail });
 
   // Trainable parameters and optimizer state.
@@ -228,6 +237,7 @@ export function memoryPlan(config: ModelConfig, o: PlanOptions): MemoryPlan {
     dtype,
     kind: 'train',
     recompute: o.recompute,
+    ...(o.computeDtype === 'float16' ? { half: o.device === 'cuda' ? ('compute' as const) : ('storage' as const) } : {}),
   });
   const g = built.graph;
   const { peak } = liveness(g);
@@ -303,7 +313,8 @@ export function planAdvice(config: ModelConfig, o: PlanOptions, available: numbe
       break;
     }
   }
-  if (!o.quantizeBase && o.mode === 'lora' && fits({ quantizeBase: 'nf4' })) out.push('--quantize-base nf4 (4-bit base weights)');
+  if (!o.quantizeBase && o.mode === 'lora' && o.computeDtype !== 'float16' && fits({ computeDtype: 'float16' })) out.push('--compute-dtype float16 (float16 base weights)');
+  if (!o.quantizeBase && o.mode === 'lora' && fits({ quantizeBase: 'nf4', computeDtype: 'float32' })) out.push(`--quantize-base nf4 (4-bit base weights${o.computeDtype === 'float16' ? ', instead of --compute-dtype float16' : ''})`);
   if (!o.recompute && out.length === 0) {
     const both = { recompute: true, batchSize: 1 };
     if (fits(both)) out.push('--recompute together with a batch size of 1');

@@ -10,10 +10,11 @@
  * `grad:<param>` for each trainable parameter (train graphs) or logits [N, V]
  * (forward graphs).
  */
-import { Graph, type FloatDType, type Value } from './graph.ts';
+import { Graph, type FloatDType, type HalfDType, type Value } from './graph.ts';
 import type { LoadedModel, LoraConfig, ModelConfig } from '../../common/model-config.ts';
 import { loraTargets, peftKey, peftMagnitudeKey, type LoraTarget } from '../../common/lora.ts';
 import { quantizedBase, quantizedGraphWeights } from './quantize.ts';
+import { halfWeights, isHalfWeight } from './half.ts';
 
 export interface GraphSpec {
   batchSize: number;
@@ -51,6 +52,19 @@ export interface GraphSpec {
    */
   decode?: { pastLen: number };
   /**
+   * float16 base weights (LoRA mode; worker/engine/half.ts): the 2-D base
+   * weights are float16 inputs.
+   * - 'compute' (CUDA): every product with one runs in float16 (its input cast
+   *   down, its output cast back up, likewise in the backward pass); the rest of
+   *   the graph stays in `dtype`. Train graphs take `loss_scale` [1], the seed
+   *   of the backward pass (the gradients come out multiplied by it).
+   * - 'storage' (CPU, whose provider has no float16 Gemm): each weight is
+   *   widened to `dtype` just before its product, after the product's input
+   *   exists, and again in the backward pass, so no float32 copy of the base
+   *   outlives its product.
+   */
+  half?: 'compute' | 'storage';
+  /**
    * Train graphs: recompute each decoder layer's forward in the backward pass
    * from the layer's saved input instead of keeping its intermediates
    * (Graph.checkpoint). Same gradients; activation memory per layer falls from
@@ -70,7 +84,7 @@ export interface BuiltGraph {
    * model. (Storing them as initializers instead measured the same speed but
    * one more copy of the model per session.)
    */
-  frozen: Array<{ name: string; shape: number[]; dtype?: 'uint8' | FloatDType }>;
+  frozen: Array<{ name: string; shape: number[]; dtype?: 'uint8' | FloatDType | HalfDType }>;
   /** The graph's nodes and value shapes (memory planning: worker/engine/memory-plan.ts). */
   graph: Graph;
 }
@@ -98,6 +112,10 @@ export function buildCausalLmGraph(model: LoadedModel, spec: GraphSpec): BuiltGr
   const quantized = quantizedBase(model);
   if (quantized && spec.mode !== 'lora') throw new Error('quantize-base: 4-bit base weights are frozen, so they apply to LoRA training only, not full training (--full); drop one of them');
   const qw = quantized ? quantizedGraphWeights(g, quantized, frozen) : null;
+  const half: HalfDType | null = spec.half ? 'float16' : null;
+  if (half && spec.mode !== 'lora') throw new Error('compute dtype float16: the float16 base weights are frozen, so it applies to LoRA training only, not full training (--full); drop one of them');
+  if (half && quantized) throw new Error('compute dtype float16 and a 4-bit base (--quantize-base) cannot be combined: the 4-bit products are dequantised to float32; drop one of them');
+  if (half && spec.perExample) throw new Error('compute dtype float16: DP-SGD\'s per-example gradients are computed in float32 only; use --compute-dtype float32 with privacy.dp_sgd');
   /** A base weight: a trainable input in full mode, a stored constant in LoRA mode (4-bit ones dequantised in the graph, quantize.ts). */
   const W = (name: string): Value => {
     let v = weightValues.get(name);
@@ -107,11 +125,14 @@ export function buildCausalLmGraph(model: LoadedModel, spec: GraphSpec): BuiltGr
       weightValues.set(name, qv);
       return qv;
     }
-    const t = model.weights.get(name);
+    const t = model.weights.get(name) ?? halfWeights(model)?.get(name);
     if (!t) throw new Error(`model ${model.dir} has no weight ${name}`);
     if (spec.mode === 'full') {
       v = g.input(name, t.shape, spec.dtype, true);
       params.push({ name, value: v });
+    } else if (half && isHalfWeight(name, t.shape)) {
+      v = g.input(name, t.shape, half, false);
+      frozen.push({ name, shape: t.shape, dtype: half });
     } else {
       v = g.input(name, t.shape, spec.dtype, false);
       frozen.push({ name, shape: t.shape });
@@ -119,7 +140,15 @@ export function buildCausalLmGraph(model: LoadedModel, spec: GraphSpec): BuiltGr
     weightValues.set(name, v);
     return v;
   };
-  const hasWeight = (name: string): boolean => model.weights.has(name) || (quantized?.tensors.has(name) ?? false);
+  const hasWeight = (name: string): boolean => model.weights.has(name) || (halfWeights(model)?.has(name) ?? false) || (quantized?.tensors.has(name) ?? false);
+  /** x op(w). A float16 w: the product in float16 ('compute'), or w widened after x and again for the backward pass ('storage'). */
+  const product = (x: Value, w: Value, transB: boolean): Value => {
+    if (w.dtype === spec.dtype) return g.gemm(x, w, false, transB);
+    if (spec.half === 'compute') return g.castTo(g.gemm(g.castTo(x, w.dtype), w, false, transB), spec.dtype);
+    return g.gemmFrozen(x, widenAfter(g, w, x), transB, (after) => widenAfter(g, w, after));
+  };
+  /** Rows of an embedding table, in the graph's dtype. */
+  const embed = (name: string, ids: Value): Value => g.castTo(g.gather(W(name), ids), spec.dtype);
 
   let targetsByModule = new Map<string, LoraTarget>();
   if (spec.mode === 'lora') {
@@ -167,11 +196,12 @@ export function buildCausalLmGraph(model: LoadedModel, spec: GraphSpec): BuiltGr
    * when already computed (no dropout: the base output without bias).
    */
   const doraTerm = (t: LoraTarget, xd: Value, xw: Value | null, low: Value, A: Value, Bm: Value): Value => {
-    const w = W(t.weight);
+    const wh = W(t.weight);
+    const w = wh.dtype === spec.dtype ? wh : widenAfter(g, wh, xd);
     const dense = g.add(t.conv1d ? g.transpose(w, [1, 0]) : w, g.mul(g.gemm(Bm, A), g.scalar(t.scale)));
     const norm = g.reshape(g.sqrt(g.reduceSum(g.mul(dense, dense), [1])), [t.outFeatures]);
     const n = g.emit('Identity', [norm], norm.shape, norm.dtype, {}, false); // detached: no gradient flows into the norm
-    const base = xw ?? g.gemm(xd, w, false, !t.conv1d);
+    const base = xw ?? product(xd, W(t.weight), !t.conv1d);
     const key = peftMagnitudeKey(t.module);
     const mb = pe ? perExampleLeaf.get(key) : undefined;
     if (mb) {
@@ -186,7 +216,7 @@ export function buildCausalLmGraph(model: LoadedModel, spec: GraphSpec): BuiltGr
 
   /** y = x Wᵀ (+ b) + (alpha/r) · dropout(x) Aᵀ Bᵀ, x [N, in] (DoRA targets: doraTerm instead). Conv1D weights are stored [in, out]. */
   const linear = (x: Value, module: string, conv1d: boolean): Value => {
-    const xw = qw?.product(x, `${module}.weight`, !conv1d) ?? g.gemm(x, W(`${module}.weight`), false, !conv1d);
+    const xw = qw?.product(x, `${module}.weight`, !conv1d) ?? product(x, W(`${module}.weight`), !conv1d);
     let y = xw;
     if (hasWeight(`${module}.bias`)) y = g.add(y, W(`${module}.bias`));
     const t = targetsByModule.get(module);
@@ -280,7 +310,7 @@ export function buildCausalLmGraph(model: LoadedModel, spec: GraphSpec): BuiltGr
       const e = g.expand(g.reshape(t, [B, nkv, 1, L, hd]), [B, nkv, rep, L, hd]);
       return g.reshape(e, [B, nh, L, hd]);
     };
-    x = g.gather(W('model.embed_tokens.weight'), inputIds);
+    x = embed('model.embed_tokens.weight', inputIds);
     // gemma2 multiplies the embeddings by sqrt(hidden_size), rounded to the compute dtype as transformers does.
     if (gm) x = g.mul(x, g.scalar(g.dtype === 'float32' ? Math.fround(Math.sqrt(config.hiddenSize)) : Math.sqrt(config.hiddenSize)));
     const attnScale = gm ? Math.pow(gm.queryPreAttnScalar, -0.5) : 1 / Math.sqrt(hd);
@@ -325,7 +355,7 @@ export function buildCausalLmGraph(model: LoadedModel, spec: GraphSpec): BuiltGr
       'int64',
       BigInt64Array.from({ length: N }, (_, i) => BigInt(i % T)),
     );
-    x = g.add(g.gather(W('transformer.wte.weight'), inputIds), g.gather(W('transformer.wpe.weight'), positions));
+    x = g.add(embed('transformer.wte.weight', inputIds), embed('transformer.wpe.weight', positions));
     for (let l = 0; l < config.numLayers; l++) x = layer(x, (x) => {
       const p = `transformer.h.${l}`;
       const h = ln(x, `${p}.ln_1`);
@@ -341,7 +371,7 @@ export function buildCausalLmGraph(model: LoadedModel, spec: GraphSpec): BuiltGr
     logitsWeight = W('transformer.wte.weight');
   }
 
-  let logits = g.gemm(x, logitsWeight, false, true); // [N, V]
+  let logits = product(x, logitsWeight, true); // [N, V]
   if (config.gemma2) logits = softcap(logits, config.gemma2.finalLogitSoftcap);
   if (dec) {
     g.output(g.gather(logits, g.constInt64([N - 1])), 'logits'); // the last new token's
@@ -354,12 +384,28 @@ export function buildCausalLmGraph(model: LoadedModel, spec: GraphSpec): BuiltGr
   if (pe) {
     perExampleOutputs(g, lossSum, params, perExampleLeaf, B, pe.outputClipped ?? false);
   } else if (spec.kind === 'train') {
-    const grads = g.backward(lossSum, params.map((p) => p.value));
+    const grads = g.backward(lossSum, params.map((p) => p.value), spec.half === 'compute' ? g.input('loss_scale', [1], spec.dtype) : undefined);
     grads.forEach((gr, i) => g.output(gr, `grad:${params[i]!.name}`));
   } else {
     g.output(logits, 'logits');
   }
   return { bytes: g.toModel(), params: params.map((p) => ({ name: p.name, shape: p.value.shape })), frozen, graph: g };
+}
+
+/**
+ * A float16 weight as a float32 value computed after `after`: the weight is
+ * reshaped to its own shape by a shape that depends on `after` (an int64 zero
+ * made from its first element; Reshape keeps float16 on the CPU provider), then
+ * cast. Without the dependency ONNX Runtime may widen every weight first and
+ * hold all their float32 copies at once. Off the tape: no gradient flows into
+ * a base weight.
+ */
+function widenAfter(g: Graph, w: Value, after: Value): Value {
+  const flat = g.emit('Reshape', [after, g.constInt64([-1])], [after.shape.reduce((a, b) => a * b, 1)], after.dtype, {}, false);
+  const first = g.emit('Slice', [flat, g.constInt64([0]), g.constInt64([1])], [1], after.dtype, {}, false);
+  const zero = g.emit('Mul', [g.cast(first, 'int64'), g.constInt64([0])], [1], 'int64', {}, false);
+  const shape = g.emit('Add', [g.constInt64(w.shape), zero], [w.rank], 'int64', {}, false);
+  return g.cast(g.emit('Reshape', [w, shape], w.shape, w.dtype, {}, false), g.dtype);
 }
 
 /**

@@ -33,8 +33,9 @@ import type { FloatArray, TensorMap } from '../../common/tensor.ts';
 import type { LoadedModel } from '../../common/model-config.ts';
 import { collectFileWeights, completeWeights, inspectModel, readModelDir, type CheckpointWeight } from '../../common/hf-model.ts';
 import { readSafetensorsHeader, readTensorEntry, toFloat32 } from '../../common/safetensors.ts';
-import type { FloatDType, Graph, Value } from './graph.ts';
+import type { FloatDType, Graph, HalfDType, Value } from './graph.ts';
 import { loadModel } from './model.ts';
+import { halfWeights, halfWeightValues, isHalfWeight, toFloat16, type ComputeDtype, type HalfModel, type HalfTensor } from './half.ts';
 
 export type QuantFormat = 'nf4' | 'int4';
 export const QUANT_FORMATS: readonly QuantFormat[] = ['nf4', 'int4'];
@@ -201,19 +202,29 @@ export function quantizeModel(model: LoadedModel, format: QuantFormat, blockSize
 }
 
 /**
- * Load a model directory for training: loadModel without `format`; with it,
- * the same checks and weights, but each decoder linear weight is read from its
- * file, converted to float32 and quantised one at a time, so that the float32
- * model is never held whole (and never grows the process's heap to its size).
- * The fingerprint is the float32 checkpoint's, streamed by inspectModel.
+ * Load a model directory for training: loadModel without `format` or half
+ * compute; with either, the same checks and weights, but each weight is read
+ * from its file, converted to float32 and then quantised (decoder linears,
+ * `format`) or rounded to float16 (2-D weights, `compute` float16) one at a
+ * time, so that the float32 model is never held whole (and never grows the
+ * process's heap to its size). The fingerprint is the checkpoint's, streamed
+ * by inspectModel.
  */
-export async function loadBaseModel(dir: string, format: QuantFormat | undefined, blockSize = QUANT_BLOCK_SIZE): Promise<LoadedModel> {
-  if (!format) return loadModel(dir);
-  parseQuantizeBase(format);
+export async function loadBaseModel(
+  dir: string,
+  format: QuantFormat | undefined,
+  o: { blockSize?: number; compute?: ComputeDtype } = {},
+): Promise<LoadedModel> {
+  const half = (o.compute ?? 'float32') === 'float16';
+  if (!format && !half) return loadModel(dir);
+  if (format && half) throw new Error('--compute-dtype float16 and --quantize-base cannot be combined (the 4-bit products are dequantised to float32); drop one of them');
+  if (format) parseQuantizeBase(format);
+  const blockSize = o.blockSize ?? QUANT_BLOCK_SIZE;
   const md = await readModelDir(dir);
   const found = new Map<string, CheckpointWeight>();
   const weights: TensorMap = new Map();
   const tensors = new Map<string, QuantizedTensor>();
+  const halves = new Map<string, HalfTensor>();
   for (const file of md.checkpoint.files) {
     const path = join(dir, file);
     const fh = await open(path, 'r');
@@ -222,7 +233,8 @@ export async function loadBaseModel(dir: string, format: QuantFormat | undefined
       const byName = new Map(header.entries.map((e) => [e.name, e]));
       for (const w of collectFileWeights(md, file, byName, found)) {
         const data = toFloat32(await readTensorEntry(fh, header, byName.get(w.name)!, path));
-        if (isQuantizableWeight(w.canonical, w.shape)) tensors.set(w.canonical, quantizeBlockwise(data, w.shape, format, `${path}: ${w.name}`, blockSize));
+        if (format && isQuantizableWeight(w.canonical, w.shape)) tensors.set(w.canonical, quantizeBlockwise(data, w.shape, format, `${path}: ${w.name}`, blockSize));
+        else if (half && isHalfWeight(w.canonical, w.shape)) halves.set(w.canonical, { shape: w.shape, data: toFloat16(data, `${path}: ${w.name}`) });
         else weights.set(w.canonical, { shape: w.shape, data });
       }
     } finally {
@@ -232,27 +244,36 @@ export async function loadBaseModel(dir: string, format: QuantFormat | undefined
   // Checkpoint order of the expected weights, as loadModel keeps them.
   const ordered: TensorMap = new Map();
   const qOrdered = new Map<string, QuantizedTensor>();
+  const hOrdered = new Map<string, HalfTensor>();
   for (const name of completeWeights(md, found).keys()) {
     const t = weights.get(name);
     if (t) ordered.set(name, t);
+    else if (halves.has(name)) hOrdered.set(name, halves.get(name)!);
     else qOrdered.set(name, tensors.get(name)!);
   }
   const { fingerprint } = await inspectModel(dir);
-  const model: QuantizedModel = { dir, config: md.config, weights: ordered, fingerprint, rawConfig: md.rawConfig, quantized: { format, blockSize, tensors: qOrdered } };
-  return model;
+  const base: LoadedModel = { dir, config: md.config, weights: ordered, fingerprint, rawConfig: md.rawConfig };
+  if (half) {
+    const m: HalfModel = { ...base, half: hOrdered };
+    return m;
+  }
+  const m: QuantizedModel = { ...base, quantized: { format: format!, blockSize, tensors: qOrdered } };
+  return m;
 }
 
 /** A base weight as float32 values: the float weight, or the dequantised one (DoRA's norms use this W, as PEFT does with bitsandbytes). */
 export function baseWeightValues(model: LoadedModel, name: string): FloatArray {
   const t = model.weights.get(name);
   if (t) return t.data;
+  const h = halfWeightValues(model, name);
+  if (h) return h;
   const q = quantizedBase(model)?.tensors.get(name);
   if (!q) throw new Error(`model ${model.dir} has no weight ${name}`);
   return dequantizeBlockwise(q);
 }
 
 export interface BaseMemory {
-  /** Bytes of the float weights held (float32 or float64 arrays as loaded). */
+  /** Bytes of the float weights held (float32 or float64 arrays as loaded; float16 with --compute-dtype float16). */
   floatBytes: number;
   /** Bytes of packed 4-bit indices. */
   packedBytes: number;
@@ -265,6 +286,7 @@ export interface BaseMemory {
 export function baseMemory(model: LoadedModel): BaseMemory {
   let floatBytes = 0;
   for (const t of model.weights.values()) floatBytes += t.data.byteLength;
+  for (const t of halfWeights(model)?.values() ?? []) floatBytes += t.data.byteLength;
   let packedBytes = 0;
   let scaleBytes = 0;
   for (const q of quantizedBase(model)?.tensors.values() ?? []) {
@@ -350,7 +372,7 @@ function dequantizeRows(g: Graph, q: QuantizedTensor, packed: Value, scales: Val
 export function quantizedGraphWeights(
   g: Graph,
   base: QuantizedBase,
-  frozen: Array<{ name: string; shape: number[]; dtype?: 'uint8' | FloatDType }>,
+  frozen: Array<{ name: string; shape: number[]; dtype?: 'uint8' | FloatDType | HalfDType }>,
 ): {
   /** W dequantised (undefined: not a quantised weight). */
   weight(name: string): Value | undefined;

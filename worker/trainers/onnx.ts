@@ -8,6 +8,7 @@ import { logger } from '../../common/log.ts';
 import type { LoadedModel, LoraConfig } from '../../common/model-config.ts';
 import { Engine } from '../engine/engine.ts';
 import { loadBaseModel, parseQuantizeBase } from '../engine/quantize.ts';
+import { parseComputeDtype } from '../engine/half.ts';
 import { deviceMemory, planRun, withOwnMemory } from '../engine/memory-plan.ts';
 import { loadTokenizer } from '../../common/tokenizer.ts';
 import { AdamW, loraPlusGroups, taskSchedule } from '../../common/optim.ts';
@@ -34,8 +35,9 @@ import type {
 const log = logger('onnx-trainer');
 
 export async function createOnnxTrainer(opts: TrainerFactoryOptions): Promise<Trainer> {
-  // --quantize-base: the decoder linear weights are held 4-bit from here on (the fingerprint stays the checkpoint's).
-  const model = await loadBaseModel(opts.modelDir, parseQuantizeBase(opts.quantizeBase, '--quantize-base'));
+  // --quantize-base: the decoder linear weights are held 4-bit from here on; --compute-dtype float16: the
+  // matrices in float16 (the fingerprint stays the checkpoint's).
+  const model = await loadBaseModel(opts.modelDir, parseQuantizeBase(opts.quantizeBase, '--quantize-base'), { compute: parseComputeDtype(opts.computeDtype) });
   const tok = await loadTokenizer(opts.modelDir);
   // training.template auto: this site's copy of the model's chat_template.
   const template = await resolveTemplate(opts.template, opts.modelDir);
@@ -112,6 +114,7 @@ class OnnxTrainer implements Trainer {
       seqLen: this.opts.maxSeqLen,
       recompute: this.opts.recompute ?? false,
       ...(this.opts.quantizeBase ? { quantizeBase: this.opts.quantizeBase } : {}),
+      ...(this.opts.computeDtype ? { computeDtype: this.opts.computeDtype } : {}),
       accumulate: spec.gradAccumulation > 1,
       device: this.opts.device ?? 'cpu',
     }, undefined, withOwnMemory(deviceMemory(this.opts.device ?? 'cpu')));
@@ -134,7 +137,16 @@ class OnnxTrainer implements Trainer {
     ]);
     let e = this.engines.get(key);
     if (!e) {
-      e = Engine.create(this.model, { mode: 'lora', lora, threads: this.opts.threads, device: this.opts.device, seed: this.opts.seed, quantizeBase: this.opts.quantizeBase, recompute: this.opts.recompute ?? false });
+      e = Engine.create(this.model, {
+        mode: 'lora',
+        lora,
+        threads: this.opts.threads,
+        device: this.opts.device,
+        seed: this.opts.seed,
+        quantizeBase: this.opts.quantizeBase,
+        recompute: this.opts.recompute ?? false,
+        computeDtype: this.opts.computeDtype ?? 'float32',
+      });
       this.engines.set(key, e);
     }
     return e;

@@ -9,6 +9,7 @@ import type { Batch, LoraConfig } from '../../common/model-config.ts';
 import type { AdamW } from '../../common/optim.ts';
 import type { DpSgdParams } from '../../common/privacy/dp-sgd.ts';
 import type { QuantFormat } from '../engine/quantize.ts';
+import type { ComputeDtype } from '../engine/half.ts';
 
 export interface LocalTrainingSpec {
   lora: LoraConfig;
@@ -133,6 +134,8 @@ export interface TrainerFactoryOptions {
   quantizeBase?: QuantFormat;
   /** onnx trainer: recompute each decoder layer in the backward pass (less activation memory). */
   recompute?: boolean;
+  /** onnx trainer: float16 base weights, and float16 products on CUDA (worker/engine/half.ts). */
+  computeDtype?: ComputeDtype;
   seed: number;
   /** This site's name (seeds DP-SGD's Poisson sampling together with training.seed and the round). */
   site?: string;

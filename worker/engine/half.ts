@@ -1,0 +1,170 @@
+/**
+ * Half-precision compute (`--compute-dtype float16`), mixed precision as
+ * PyTorch's autocast does it (Micikevicius et al. 2018, "Mixed Precision
+ * Training"): the frozen base matrices (decoder linears, embeddings, lm_head)
+ * are held in float16, each product with one of them runs in float16 (its
+ * input cast down, its output cast back up, and the same for the two products
+ * of its backward pass), and everything else stays float32: norms, attention,
+ * softmax, the loss, the LoRA adapters (the master weights) and AdamW's state.
+ *
+ * Loss scaling: the backward pass is seeded with S / tokens instead of
+ * 1 / tokens, so gradients that would fall below float16's smallest normal
+ * value (6.1e-5) are carried S times larger through the float16 products, and
+ * the engine divides them back in float32. The scale is dynamic, with PyTorch
+ * GradScaler's defaults (init 2^16, x2 after 2000 micro-batches without
+ * overflow, /2 on one): a micro-batch whose scaled gradients overflow is run
+ * again at half the scale, so every step uses finite gradients and no step is
+ * skipped (GradScaler skips the optimizer step instead).
+ *
+ * bfloat16 is not offered: onnxruntime-node's Tensor has no bfloat16 type, so
+ * bfloat16 weights cannot be fed to a session from JS.
+ */
+import type { FloatArray, TensorMap } from '../../common/tensor.ts';
+import type { LoadedModel } from '../../common/model-config.ts';
+import { f16BitsToF32, f32ToF16Bits } from '../../common/update-encoding.ts';
+
+export type ComputeDtype = 'float32' | 'float16';
+export const COMPUTE_DTYPES: readonly ComputeDtype[] = ['float32', 'float16'];
+/** float16's largest finite value. */
+export const FLOAT16_MAX = 65504;
+
+/** Validates a --compute-dtype value; undefined means float32. */
+export function parseComputeDtype(value: unknown, field = '--compute-dtype'): ComputeDtype {
+  if (value === undefined || value === null) return 'float32';
+  if (value === 'bfloat16') {
+    throw new Error(`${field} bfloat16 is not available: onnxruntime-node's tensors have no bfloat16 type, so bfloat16 weights cannot be fed to ONNX Runtime; use ${field} float16 (with dynamic loss scaling) or float32`);
+  }
+  if (typeof value !== 'string' || !(COMPUTE_DTYPES as readonly string[]).includes(value)) {
+    throw new Error(`${field} is ${JSON.stringify(value)}, expected one of ${COMPUTE_DTYPES.join(', ')}`);
+  }
+  return value as ComputeDtype;
+}
+
+/** The base weights held in float16 with --compute-dtype float16: every 2-D one (linears, embeddings, lm_head, gpt2's position table). */
+export function isHalfWeight(_name: string, shape: readonly number[]): boolean {
+  return shape.length === 2;
+}
+
+export interface HalfTensor {
+  shape: number[];
+  /** IEEE binary16 bits, row-major as stored. */
+  data: Uint16Array;
+}
+
+/** A loaded model whose 2-D base weights are held in float16 (halfModel / loadBaseModel). */
+export interface HalfModel extends LoadedModel {
+  /** Weight name -> its float16 form (these names are absent from `weights`). */
+  half: Map<string, HalfTensor>;
+}
+
+export function halfWeights(model: LoadedModel): Map<string, HalfTensor> | undefined {
+  return (model as Partial<HalfModel>).half;
+}
+
+/**
+ * float32 values -> float16 bits, rounded to nearest even. A finite value
+ * beyond float16's range (|x| > 65504 after rounding) fails naming `what`:
+ * such a weight cannot be held in float16.
+ */
+export function toFloat16(data: ArrayLike<number>, what: string): Uint16Array {
+  const out = new Uint16Array(data.length);
+  for (let i = 0; i < data.length; i++) {
+    const x = data[i]!;
+    const h = f32ToF16Bits(x);
+    if ((h & 0x7c00) === 0x7c00 && Number.isFinite(x)) {
+      throw new Error(`--compute-dtype float16: ${what} holds ${x} at index ${i}, beyond float16's range (±${FLOAT16_MAX}); use --compute-dtype float32 for this model`);
+    }
+    out[i] = h;
+  }
+  return out;
+}
+
+/** float16 bits -> float32 values (exact). */
+export function fromFloat16(bits: Uint16Array): Float32Array {
+  const out = new Float32Array(bits.length);
+  for (let i = 0; i < bits.length; i++) out[i] = f16BitsToF32(bits[i]!);
+  return out;
+}
+
+/**
+ * The model with its 2-D base weights in float16: a new model object whose
+ * `weights` keep the rest (norms, biases) in float32. The fingerprint stays the
+ * checkpoint's. A model already half is returned as it is.
+ */
+export function halfModel(model: LoadedModel): HalfModel {
+  if (halfWeights(model)) return model as HalfModel;
+  const weights: TensorMap = new Map();
+  const half = new Map<string, HalfTensor>();
+  for (const [name, t] of model.weights) {
+    if (isHalfWeight(name, t.shape)) half.set(name, { shape: t.shape, data: toFloat16(t.data, `${model.dir}: ${name}`) });
+    else weights.set(name, t);
+  }
+  return { ...model, weights, half };
+}
+
+/** A base weight held in float16, widened to float32 (DoRA's norms), or undefined when it is not held in float16. */
+export function halfWeightValues(model: LoadedModel, name: string): FloatArray | undefined {
+  const h = halfWeights(model)?.get(name);
+  return h ? fromFloat16(h.data) : undefined;
+}
+
+export interface LossScaleOptions {
+  /** Initial scale (default 2^16). */
+  init?: number;
+  /** Micro-batches without overflow before the scale doubles (default 2000). */
+  growthInterval?: number;
+}
+
+/** Dynamic loss scale: halve on overflow, double after `growthInterval` clean micro-batches (PyTorch GradScaler's rule). */
+export class LossScaler {
+  private s: number;
+  private clean = 0;
+  readonly growthInterval: number;
+  /** Micro-batches run again at a smaller scale. */
+  overflows = 0;
+
+  constructor(o: LossScaleOptions = {}) {
+    this.s = o.init ?? 2 ** 16;
+    this.growthInterval = o.growthInterval ?? 2000;
+    if (!(this.s > 0) || !Number.isFinite(this.s)) throw new Error(`loss scale init is ${this.s}, expected a finite number > 0`);
+    if (!Number.isInteger(this.growthInterval) || this.growthInterval < 1) throw new Error(`loss scale growthInterval is ${this.growthInterval}, expected an integer >= 1`);
+  }
+
+  get scale(): number {
+    return this.s;
+  }
+
+  /** Whether a run whose scaled gradients overflowed may be retried at a smaller scale (the scale is halved). */
+  backoff(): boolean {
+    if (this.s <= 1) return false;
+    this.s /= 2;
+    this.clean = 0;
+    this.overflows++;
+    return true;
+  }
+
+  /** A micro-batch's gradients came out finite. */
+  finite(): void {
+    if (++this.clean >= this.growthInterval) {
+      this.clean = 0;
+      if (this.s * 2 <= 2 ** 24) this.s *= 2;
+    }
+  }
+}
+
+/**
+ * Divides the gradients of a loss-scaled run by `factor` in place (float32)
+ * and says whether every value is finite.
+ */
+export function unscaleFinite(grads: Iterable<FloatArray>, factor: number): boolean {
+  const inv = 1 / factor;
+  let finite = true;
+  for (const d of grads) {
+    for (let i = 0; i < d.length; i++) {
+      const v = d[i]! * inv;
+      d[i] = v;
+      if (v - v !== 0) finite = false;
+    }
+  }
+  return finite;
+}
