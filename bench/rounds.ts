@@ -5,7 +5,9 @@
  * so the workers cost only their transport), over loopback gRPC. Measured in the
  * same run:
  *
- *   round time (round.completed durationMs of the warm rounds)
+ *   round time (round.completed durationMs of the warm rounds: 2 to 5, round 1
+ *       includes the workers' start-up; from round 4 on the coordinator's means
+ *       reuse the buffers of versions two rounds old, as a long run does)
  *       vs the bytes-once bound: 2 x N x adapter bytes at the raw TCP rate
  *         between two processes (a child process reading and writing a socket)
  *   coordinator CPU-seconds per client-round (process.cpuUsage over the warm rounds)
@@ -134,7 +136,7 @@ export async function roundBenchModel(dir: string): Promise<string> {
 }
 
 export async function processRound(o: { model: string; dir: string; workers: number; rounds?: number; tcpBytesPerMs: number }): Promise<ProcessRoundRow> {
-  const rounds = o.rounds ?? 3;
+  const rounds = o.rounds ?? 5;
   const runDir = mkdtempSync(join(o.dir, `n${o.workers}-`));
   const cfg = parseRunConfig({
     name: `rounds-${o.workers}`,

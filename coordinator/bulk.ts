@@ -210,7 +210,9 @@ export async function startBulkServer(o: BulkServerOptions): Promise<BulkServer>
     });
 
     const serveDownload = (wr: WorkerRecord, req: BulkRequest & { op: { $case: 'download' } }): void => {
-      const { header, bytes, sha256 } = transfers.download(wr, req.op.value);
+      const { header, bytes, sha256, release } = transfers.download(wr, req.op.value);
+      // The socket reads `bytes` until it is done with them: closed, however it closes.
+      sock.once('close', release);
       state = 'done';
       sock.write(frame({ code: 0, message: '', body: { $case: 'header', value: header } }));
       sock.write(bytes);

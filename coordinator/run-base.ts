@@ -9,6 +9,7 @@ import type { RunConfig } from '../common/config.ts';
 import type { RunEvent, RunEventBody } from '../common/events.ts';
 import { logger } from '../common/log.ts';
 import type { TensorMap } from '../common/tensor.ts';
+import { giveAdapterBuffer } from './strategies/math/sum.ts';
 import type { TaskFailed } from '../proto/gen/fedtune/v1/coordinator.ts';
 import { Conditions } from './conditions.ts';
 import type { EventBus } from './events/bus.ts';
@@ -59,6 +60,10 @@ export abstract class RunBase {
    * other ranks are the copies a mixed-rank strategy gives sites of that rank.
    */
   private readonly versions = new Map<string, PackedTensors>();
+  /** Downloads streaming each packed version now (holdVersion). */
+  private readonly readers = new Map<PackedTensors, number>();
+  /** Versions no longer downloadable whose buffer goes back once their last download ends. */
+  private readonly retired = new Set<PackedTensors>();
 
   readonly runId: string;
   protected readonly cfg: RunConfig;
@@ -103,6 +108,23 @@ export abstract class RunBase {
   /** Packed bytes of a downloadable global adapter version (rank 0: the global's own shapes). */
   adapterVersion(version: number, rank = 0): PackedTensors | undefined {
     return this.versions.get(`${version}:${rank}`);
+  }
+
+  /**
+   * A download streams `p`: its bytes are not reused (math/sum.ts, giveAdapterBuffer) until the
+   * returned function is called, once, when the stream ends however it ends.
+   */
+  holdVersion(p: PackedTensors): () => void {
+    this.readers.set(p, (this.readers.get(p) ?? 0) + 1);
+    let done = false;
+    return () => {
+      if (done) return;
+      done = true;
+      const n = (this.readers.get(p) ?? 1) - 1;
+      if (n > 0) return void this.readers.set(p, n);
+      this.readers.delete(p);
+      if (this.retired.delete(p)) giveAdapterBuffer(p.bytes);
+    };
   }
 
   /** Make the current version downloadable at another rank (what a mixed-rank strategy starts such sites from). */
@@ -209,7 +231,14 @@ export abstract class RunBase {
     this.version = version;
     this.packed = packTensorMap(adapter);
     this.versions.set(`${version}:0`, this.packed);
-    for (const k of this.versions.keys()) if (Number(k.split(':')[0]) < version - 1) this.versions.delete(k);
+    for (const [k, p] of this.versions) {
+      if (Number(k.split(':')[0]) >= version - 1) continue;
+      // Two versions old: no task starts from it and no new download gets it, so the buffer of an
+      // aggregator's mean can serve a later mean once no download streams it.
+      this.versions.delete(k);
+      if (this.readers.has(p)) this.retired.add(p);
+      else giveAdapterBuffer(p.bytes);
+    }
   }
 }
 

@@ -66,6 +66,8 @@ export interface RunController<T = unknown> {
   readonly runId: string;
   readonly globalVersion: number;
   adapterVersion(version: number, rank?: number): PackedTensors | undefined;
+  /** A download streams `p` until the returned function is called (its buffer is not reused before). */
+  holdVersion?(p: PackedTensors): () => void;
   /** Distributed mode: a data shard of the current plan (undefined: unknown, or federated mode). */
   dataShard?(shardId: string): { bytes: Uint8Array; sha256: Uint8Array; mediaType: string } | undefined;
   onHeartbeat(w: WorkerRecord, status: string): void;
@@ -132,7 +134,8 @@ export interface Transfers {
   /** The worker a (worker id, session key) pair belongs to; throws UNAUTHENTICATED / the revocation's status. */
   authenticate(workerId: string, sessionKey: string, call: { getPeer(): string }): WorkerRecord;
   /** What a DownloadRequest serves: the stream header, the bytes and their digest (packed once per version). */
-  download(w: WorkerRecord, req: DownloadRequest): { header: StreamHeader; bytes: Uint8Array; sha256: Uint8Array };
+  /** What a download serves; `release` once the stream has ended, however it ended. */
+  download(w: WorkerRecord, req: DownloadRequest): { header: StreamHeader; bytes: Uint8Array; sha256: Uint8Array; release: () => void };
   downloaded(w: WorkerRecord, bytes: number): void;
   /**
    * A receiver for one upload of this worker. `onTimeout` runs when the upload is still not complete
@@ -188,7 +191,7 @@ export function createTransfers<T>(ctx: ServiceContext<T>): Transfers {
     return w;
   };
 
-  const download = (_w: WorkerRecord, req: DownloadRequest): { header: StreamHeader; bytes: Uint8Array; sha256: Uint8Array } => {
+  const download = (_w: WorkerRecord, req: DownloadRequest): { header: StreamHeader; bytes: Uint8Array; sha256: Uint8Array; release: () => void } => {
     const target = req.target;
     if (target?.$case === 'dataShardId') {
       const shard = ctx.run.dataShard?.(target.value);
@@ -198,6 +201,7 @@ export function createTransfers<T>(ctx: ServiceContext<T>): Transfers {
         header: { totalBytes: shard.bytes.byteLength, chunkBytes: cfg.server.chunk_bytes, content: { $case: 'blob', value: { name: target.value, mediaType: shard.mediaType } } },
         bytes: shard.bytes,
         sha256: shard.sha256,
+        release: () => {},
       };
     }
     if (target?.$case === 'adapterVersion') {
@@ -213,6 +217,7 @@ export function createTransfers<T>(ctx: ServiceContext<T>): Transfers {
         header: { totalBytes: p.bytes.byteLength, chunkBytes: cfg.server.chunk_bytes, content: { $case: 'tensors', value: toWireManifest(p.manifest) } },
         bytes: p.bytes,
         sha256: p.sha256,
+        release: ctx.run.holdVersion?.(p) ?? (() => {}),
       };
     }
     throw grpcError(grpc.status.INVALID_ARGUMENT, 'download request names no target (allowed: adapter_version, data_shard_id)');
@@ -472,19 +477,24 @@ export function createCoordinatorService<T>(ctx: ServiceContext<T>, transfers: T
       void (async () => {
         const w = authenticate(call.metadata, call);
         if (isWireRefusal(call.request)) throw refusalStatus(call.request);
-        const { header, bytes, sha256 } = transfers.download(w, call.request);
-        const chunk = cfg.server.chunk_bytes;
-        const write = (m: DownloadMessage): Promise<void> =>
-          new Promise((resolve) => {
-            if (call.write(m)) resolve();
-            else call.once('drain', resolve);
-          });
-        await write({ body: { $case: 'header', value: header } });
-        for (const c of chunkSlices(bytes, chunk)) {
-          if (call.cancelled) return;
-          await write({ body: { $case: 'chunk', value: { offset: c.offset, data: c.data } } });
+        const { header, bytes, sha256, release } = transfers.download(w, call.request);
+        // Each message is serialised (its bytes copied) by call.write: once the loop is left, nothing reads `bytes`.
+        try {
+          const chunk = cfg.server.chunk_bytes;
+          const write = (m: DownloadMessage): Promise<void> =>
+            new Promise((resolve) => {
+              if (call.write(m)) resolve();
+              else call.once('drain', resolve);
+            });
+          await write({ body: { $case: 'header', value: header } });
+          for (const c of chunkSlices(bytes, chunk)) {
+            if (call.cancelled) return;
+            await write({ body: { $case: 'chunk', value: { offset: c.offset, data: c.data } } });
+          }
+          await write({ body: { $case: 'trailer', value: { totalBytes: bytes.byteLength, sha256 } } });
+        } finally {
+          release();
         }
-        await write({ body: { $case: 'trailer', value: { totalBytes: bytes.byteLength, sha256 } } });
         call.end();
         transfers.downloaded(w, bytes.byteLength);
       })().catch((err: unknown) => call.emit('error', statusOf(err)));

@@ -12,7 +12,7 @@
  */
 import { z } from 'zod';
 import { numel, type TensorMap } from '../../common/tensor.ts';
-import { Float64Sum, type SumKernel } from './math/sum.ts';
+import { Float64Sum, takeAdapterBuffer, type SumKernel } from './math/sum.ts';
 import { BaseStrategy, type Aggregator, type FitUpdate, type GlobalAdapter, type StrategyDefinition } from './strategy.ts';
 
 export interface MeanAggregatorOptions {
@@ -145,7 +145,7 @@ export class MeanAggregator implements Aggregator {
     this.flush();
     const out: TensorMap = new Map();
     const inv = 1 / this.weight;
-    const all = new Float32Array(this.sum.length);
+    const all = takeAdapterBuffer(this.sum.length);
     this.sum.scaleTo(0, all, inv);
     for (const [i, name] of this.names.entries()) {
       out.set(name, { shape: [...this.shapes[i]!], data: all.subarray(this.offsets[i]!, this.offsets[i + 1]!) });

@@ -21,6 +21,7 @@
  * the remaining cost.
  */
 import { SUM_KERNELS_WASM_BASE64 } from './sum-kernels.ts';
+import { BufferPool } from '../../../common/chunks.ts';
 
 /** Elements per block: one block of four sources (64 KiB) and of the sum (32 KiB) stay in L2. */
 const BLOCK = 4096;
@@ -45,6 +46,31 @@ interface Kernels {
  */
 const spare: WebAssembly.Memory[] = [];
 const SPARE_MAX = 2;
+
+/**
+ * Buffers of the global adapters aggregators make (MeanAggregator.mean), kept for the next rounds'
+ * means: a fresh 64 MiB one costs 16,384 page faults (measured 200 ms of system time per round in
+ * the coordinator of bench (c), N = 10). Only the run knows when nothing reads a global adapter any
+ * more (two versions later, once no download streams it): it gives the buffer back with
+ * giveAdapterBuffer, and only buffers taken here are kept.
+ */
+const adapterBuffers = new BufferPool(2);
+const taken = new WeakSet<ArrayBufferLike>();
+
+/** A float32 array of `length` elements for a global adapter, holding old values (the caller writes every element). */
+export function takeAdapterBuffer(length: number): Float32Array {
+  const b = adapterBuffers.take(length * 4);
+  taken.add(b.buffer);
+  return new Float32Array(b.buffer, 0, length);
+}
+
+/** `bytes` (a whole buffer from takeAdapterBuffer) is read by nothing any more; anything else is left to the garbage collector. */
+export function giveAdapterBuffer(bytes: Uint8Array): void {
+  const buf = bytes.buffer;
+  if (!taken.has(buf) || bytes.byteOffset !== 0 || bytes.byteLength !== buf.byteLength) return;
+  taken.delete(buf);
+  adapterBuffers.give(new Uint8Array(buf));
+}
 
 /** An instance of the kernels over a memory of `bytes` (rounded up to pages; a spare one of that size if there is one), never grown. */
 function instantiate(mod: WebAssembly.Module, bytes: number): { k: Kernels; memory: WebAssembly.Memory } {
