@@ -34,6 +34,6 @@ console.log('  (b) done');
 const rounds = await benchProcessRounds(quick ? [10] : [10, 50]);
 console.log('');
 print(rows);
-console.log(`\n(c) rounds with separate \`fedtune worker\` processes (noop trainer, no perturbation), this process as the coordinator; warm rounds 2-3 of 3; the round time includes writing the checkpoint:\n`);
+console.log(`\n(c) rounds with separate \`fedtune worker\` processes (noop trainer, no perturbation), this process as the coordinator; warm rounds 2-5 of 5; the round time includes writing the checkpoint:\n`);
 console.log(rounds.table);
 console.log(`total ${((Date.now() - t0) / 1000).toFixed(0)} s`);

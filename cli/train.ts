@@ -22,7 +22,7 @@ import type { LoadedModel } from '../common/model-config.ts';
 import { Engine } from '../worker/engine/engine.ts';
 import { loadModel, saveModel } from '../worker/engine/model.ts';
 import { loadBaseModel, parseQuantizeBase } from '../worker/engine/quantize.ts';
-import { parseComputeDtype } from '../worker/engine/half.ts';
+import { checkHalfCombination, parseComputeDtype } from '../worker/engine/half.ts';
 import { planRun } from '../worker/engine/memory-plan.ts';
 import { readModelDir } from '../common/hf-model.ts';
 import { loadTokenizer } from '../common/tokenizer.ts';
@@ -471,13 +471,12 @@ async function train(o: TrainOpts): Promise<void> {
   const quantizeBase = parseQuantizeBase(o.quantizeBase, '--quantize-base');
   if (quantizeBase && o.full) throw new Error('--quantize-base applies to LoRA training (the 4-bit base weights stay frozen), not --full; drop one of them');
   const computeDtype = parseComputeDtype(o.computeDtype);
-  if (computeDtype === 'float16') {
-    if (o.full) throw new Error('--compute-dtype float16 holds the frozen base weights in float16, so it applies to LoRA training only, not --full; drop one of them');
-    if (quantizeBase) throw new Error('--compute-dtype float16 and --quantize-base cannot be combined (the 4-bit products are dequantised to float32); drop one of them');
-    if (o.dpMaxGradNorm !== undefined || o.dpNoiseMultiplier !== undefined || o.dpSampleRate !== undefined) {
-      throw new Error('--dp-* (DP-SGD): per-example gradients are computed in float32 only; drop --compute-dtype float16');
-    }
-  }
+  checkHalfCombination({
+    computeDtype,
+    full: o.full,
+    quantizeBase,
+    dpSgd: o.dpMaxGradNorm !== undefined || o.dpNoiseMultiplier !== undefined || o.dpSampleRate !== undefined,
+  });
   // The memory plan, from config.json alone: --plan prints it; a run that cannot fit is refused before loading.
   const planConfig = (await readModelDir(o.model)).config;
   planRun(planConfig, {

@@ -13,7 +13,7 @@ import { DEFAULT_EXEC_GRACE_SEC, splitCommand } from '../worker/trainers/exec.ts
 import { parseByzantine, type ByzantineOptions } from '../worker/trainers/byzantine.ts';
 import type { TrainerFactoryOptions } from '../worker/trainers/trainer.ts';
 import { parseQuantizeBase } from '../worker/engine/quantize.ts';
-import { parseComputeDtype } from '../worker/engine/half.ts';
+import { checkHalfCombination, parseComputeDtype } from '../worker/engine/half.ts';
 import { planRun } from '../worker/engine/memory-plan.ts';
 import { readModelDir } from '../common/hf-model.ts';
 import { validTargetModules } from '../common/lora.ts';
@@ -141,7 +141,7 @@ export function register(program: Command): void {
         const config = (await readModelDir(o.model)).config;
         const quantizeBase = parseQuantizeBase(o.quantizeBase, '--quantize-base');
         const computeDtype = parseComputeDtype(o.computeDtype);
-        if (quantizeBase && computeDtype === 'float16') throw new Error('--compute-dtype float16 and --quantize-base cannot be combined (the 4-bit products are dequantised to float32); drop one of them');
+        checkHalfCombination({ computeDtype, quantizeBase });
         planRun(config, {
           mode: 'lora',
           lora: { r: o.loraR ?? 8, alpha: 2 * (o.loraR ?? 8), dropout: 0, targetModules: [...validTargetModules(config)] },
@@ -165,7 +165,7 @@ export function register(program: Command): void {
       if (quantizeBase && o.trainer !== 'onnx') throw new Error(`--quantize-base applies to the onnx trainer (the 4-bit base is held by its engine), not --trainer ${o.trainer}`);
       const computeDtype = parseComputeDtype(o.computeDtype);
       if (o.computeDtype !== undefined && o.trainer !== 'onnx') throw new Error(`--compute-dtype applies to the onnx trainer (its engine holds the base weights), not --trainer ${o.trainer}`);
-      if (quantizeBase && computeDtype === 'float16') throw new Error('--compute-dtype float16 and --quantize-base cannot be combined (the 4-bit products are dequantised to float32); drop one of them');
+      checkHalfCombination({ computeDtype, quantizeBase });
       if (o.noopPerturb === false && o.trainer !== 'noop') throw new Error(`--no-noop-perturb applies to --trainer noop, not ${o.trainer}`);
       const presence = o.presenceNats
         ? startPresence({

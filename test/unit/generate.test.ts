@@ -6,7 +6,7 @@
  * against hand-computed distributions; stop strings, EOS lists and the
  * `fedtune generate` command.
  */
-import { spawnSync } from 'node:child_process';
+import { runFedtune } from '../helpers/cli.ts';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { mkdir } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -297,8 +297,7 @@ describe('sampled generation, stop strings and EOS ids', () => {
 });
 
 describe('fedtune generate (child process)', () => {
-  const bin = join(import.meta.dirname, '..', '..', 'bin', 'fedtune.js');
-  const run = (args: string[]) => spawnSync(process.execPath, [bin, ...args], { encoding: 'utf8', env: { ...process.env, FEDTUNE_LOG_LEVEL: 'error' } });
+  const run = runFedtune;
   const modelDir = join(root, 'cli-model');
 
   it('prints the continuation and a tokens/s line; KV cache and --no-kv-cache agree; an adapter is applied; bad values are refused', async () => {

@@ -7,7 +7,6 @@
  * float16's precision; loss scaling against underflow and overflow; training
  * against the float32 run; memory; loading; refusals.
  */
-import { spawnSync } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -26,6 +25,7 @@ import type { LoadedModel, LoraConfig, ModelConfig } from '../../common/model-co
 import type { TensorMap } from '../../common/tensor.ts';
 import { randomBatch, randomConfig, randomModel } from '../helpers/random-model.ts';
 import { readPeftAdapter } from '../../common/peft.ts';
+import { runFedtune, SAMPLE_DATA } from '../helpers/cli.ts';
 
 const root = mkdtempSync(join(tmpdir(), 'fedtune-half-'));
 afterAll(() => rmSync(root, { recursive: true, force: true }));
@@ -256,15 +256,14 @@ describe('refusals', () => {
     expect(() => Engine.create(model, { mode: 'lora', lora: LLAMA_LORA, computeDtype: 'float16', dtype: 'float64' })).toThrow(/not float64/);
     expect(() => Engine.create(halfModel(model), { mode: 'lora', lora: LLAMA_LORA })).toThrow(/holds float16 base weights/);
     const e = Engine.create(model, { mode: 'lora', lora: LLAMA_LORA, computeDtype: 'float16', threads: 1 });
-    await expect(e.clippedGrads(e.initParams(1), randomBatch(40, 2, 8, 1), 1)).rejects.toThrow(/privacy\.dp_sgd: .*--compute-dtype float32/);
+    await expect(e.clippedGrads(e.initParams(1), randomBatch(40, 2, 8, 1), 1)).rejects.toThrow(/DP-SGD \(privacy\.dp_sgd.*--compute-dtype float32/);
     await e.close();
   });
 });
 
 describe('fedtune train / worker --compute-dtype', () => {
-  const bin = join(import.meta.dirname, '..', '..', 'bin', 'fedtune.js');
-  const data = join(import.meta.dirname, '..', '..', 'examples', 'data', 'site-sample.jsonl');
-  const run = (args: string[]) => spawnSync(process.execPath, [bin, ...args], { encoding: 'utf8', env: { ...process.env, FEDTUNE_LOG_LEVEL: 'error' } });
+  const data = SAMPLE_DATA;
+  const run = runFedtune;
 
   it('trains a float32 PEFT adapter on float16 base weights; the plan counts them at 2 bytes; bad combinations are refused by name', async () => {
     const dir = join(root, 'cli-model');

@@ -42,6 +42,7 @@ import { gradCheck } from '../helpers/gradcheck.ts';
 import { PYTHON, referenceAvailable } from '../helpers/reference.ts';
 import { readPeftAdapter } from '../../common/peft.ts';
 import { archModel, archRaw } from './arch-models.ts';
+import { runFedtune, SAMPLE_DATA } from '../helpers/cli.ts';
 
 const haveTorch = referenceAvailable('quantize');
 const root = mkdtempSync(join(tmpdir(), 'fedtune-quantize-'));
@@ -370,9 +371,8 @@ describe('training on a 4-bit base', () => {
 });
 
 describe('fedtune train / worker --quantize-base', () => {
-  const bin = join(import.meta.dirname, '..', '..', 'bin', 'fedtune.js');
-  const data = join(import.meta.dirname, '..', '..', 'examples', 'data', 'site-sample.jsonl');
-  const run = (args: string[]) => spawnSync(process.execPath, [bin, ...args], { encoding: 'utf8', env: { ...process.env, FEDTUNE_LOG_LEVEL: 'error' } });
+  const data = SAMPLE_DATA;
+  const run = runFedtune;
 
   it('trains a PEFT adapter on an nf4 base, and refuses bad values and --full by name', async () => {
     const dir = join(root, 'cli-model');

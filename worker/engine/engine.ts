@@ -15,7 +15,7 @@ import type { FloatDType } from './graph.ts';
 import { buildCausalLmGraph, type GraphSpec } from './model-graph.ts';
 import { initLoraAdapter, loraTargets, peftKey, peftMagnitudeKey, weightRowNorms } from '../../common/lora.ts';
 import { createSession, cudaProviderInstalled, ort, type Device, type RuntimeSession } from './runtime.ts';
-import { halfModel, halfWeights, LossScaler, parseComputeDtype, unscaleFinite, type ComputeDtype, type LossScaleOptions } from './half.ts';
+import { checkHalfCombination, halfModel, halfWeights, LossScaler, parseComputeDtype, unscaleFinite, type ComputeDtype, type LossScaleOptions } from './half.ts';
 import { baseMemory, baseWeightValues, parseQuantizeBase, quantizedBase, quantizedInputData, quantizeModel, type BaseMemory, type QuantFormat } from './quantize.ts';
 
 export interface EngineOptions {
@@ -142,8 +142,7 @@ export class Engine {
     }
     const compute = parseComputeDtype(opts.computeDtype, 'computeDtype');
     if (compute === 'float16') {
-      if (opts.mode !== 'lora') throw new Error('--compute-dtype float16 holds the frozen base weights in float16, so it applies to LoRA training only, not --full; drop one of them');
-      if (q) throw new Error('--compute-dtype float16 and --quantize-base cannot be combined (the 4-bit products are dequantised to float32); drop one of them');
+      checkHalfCombination({ computeDtype: compute, full: opts.mode !== 'lora', quantizeBase: q });
       if ((opts.dtype ?? 'float32') !== 'float32') throw new Error('--compute-dtype float16 mixes float16 products into float32 graphs, not float64 ones');
       return new Engine(halfModel(model), opts);
     }
@@ -236,7 +235,7 @@ export class Engine {
     if (this.opts.mode !== 'lora') {
       throw new Error('privacy.dp_sgd: per-example gradients are implemented for LoRA training only (not training mode full); use LoRA or remove privacy.dp_sgd');
     }
-    if (this.lossScaler) throw new Error('privacy.dp_sgd: per-example gradients are computed in float32 only; run this worker with --compute-dtype float32');
+    if (this.lossScaler) checkHalfCombination({ computeDtype: 'float16', dpSgd: true });
     const frozen = this.paramSpecs().map((p) => p.name).filter((n) => o.frozen?.(n) ?? false);
     const peKey = `${frozen.join(',')}|${o.outputClipped ? 1 : 0}`;
     this.perExampleSpecs.set(peKey, { frozen, outputClipped: o.outputClipped ?? false });

@@ -40,6 +40,18 @@ export function parseComputeDtype(value: unknown, field = '--compute-dtype'): Co
   return value as ComputeDtype;
 }
 
+/**
+ * What float16 base weights cannot go with, refused by name: full training (the float16 weights
+ * are frozen), a 4-bit base (its products are dequantised to float32) and DP-SGD (per-example
+ * gradients are float32 only). Every entry point (CLI, trainer, engine, graph) asks here.
+ */
+export function checkHalfCombination(o: { computeDtype: ComputeDtype; full?: boolean; quantizeBase?: string | undefined; dpSgd?: boolean }): void {
+  if (o.computeDtype !== 'float16') return;
+  if (o.full) throw new Error('--compute-dtype float16 holds the frozen base weights in float16, so it applies to LoRA training only, not --full; drop one of them');
+  if (o.quantizeBase) throw new Error('--compute-dtype float16 and --quantize-base cannot be combined (the 4-bit products are dequantised to float32); drop one of them');
+  if (o.dpSgd) throw new Error('DP-SGD (privacy.dp_sgd, --dp-*): per-example gradients are computed in float32 only; use --compute-dtype float32');
+}
+
 /** The base weights held in float16 with --compute-dtype float16: every 2-D one (linears, embeddings, lm_head, gpt2's position table). */
 export function isHalfWeight(_name: string, shape: readonly number[]): boolean {
   return shape.length === 2;

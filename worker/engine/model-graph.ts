@@ -14,7 +14,7 @@ import { Graph, type FloatDType, type HalfDType, type Value } from './graph.ts';
 import type { LoadedModel, LoraConfig, ModelConfig } from '../../common/model-config.ts';
 import { loraTargets, peftKey, peftMagnitudeKey, type LoraTarget } from '../../common/lora.ts';
 import { quantizedBase, quantizedGraphWeights } from './quantize.ts';
-import { halfWeights, isHalfWeight } from './half.ts';
+import { checkHalfCombination, halfWeights, isHalfWeight } from './half.ts';
 
 export interface GraphSpec {
   batchSize: number;
@@ -113,9 +113,7 @@ export function buildCausalLmGraph(model: LoadedModel, spec: GraphSpec): BuiltGr
   if (quantized && spec.mode !== 'lora') throw new Error('quantize-base: 4-bit base weights are frozen, so they apply to LoRA training only, not full training (--full); drop one of them');
   const qw = quantized ? quantizedGraphWeights(g, quantized, frozen) : null;
   const half: HalfDType | null = spec.half ? 'float16' : null;
-  if (half && spec.mode !== 'lora') throw new Error('compute dtype float16: the float16 base weights are frozen, so it applies to LoRA training only, not full training (--full); drop one of them');
-  if (half && quantized) throw new Error('compute dtype float16 and a 4-bit base (--quantize-base) cannot be combined: the 4-bit products are dequantised to float32; drop one of them');
-  if (half && spec.perExample) throw new Error('compute dtype float16: DP-SGD\'s per-example gradients are computed in float32 only; use --compute-dtype float32 with privacy.dp_sgd');
+  if (half) checkHalfCombination({ computeDtype: half, full: spec.mode === 'full', quantizeBase: quantized?.format, dpSgd: spec.perExample !== undefined });
   /** A base weight: a trainable input in full mode, a stored constant in LoRA mode (4-bit ones dequantised in the graph, quantize.ts). */
   const W = (name: string): Value => {
     let v = weightValues.get(name);

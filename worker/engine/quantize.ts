@@ -35,7 +35,7 @@ import { collectFileWeights, completeWeights, inspectModel, readModelDir, type C
 import { readSafetensorsHeader, readTensorEntry, toFloat32 } from '../../common/safetensors.ts';
 import type { FloatDType, Graph, HalfDType, Value } from './graph.ts';
 import { loadModel } from './model.ts';
-import { halfWeights, halfWeightValues, isHalfWeight, toFloat16, type ComputeDtype, type HalfModel, type HalfTensor } from './half.ts';
+import { checkHalfCombination, halfWeights, halfWeightValues, isHalfWeight, toFloat16, type ComputeDtype, type HalfModel, type HalfTensor } from './half.ts';
 
 export type QuantFormat = 'nf4' | 'int4';
 export const QUANT_FORMATS: readonly QuantFormat[] = ['nf4', 'int4'];
@@ -217,7 +217,7 @@ export async function loadBaseModel(
 ): Promise<LoadedModel> {
   const half = (o.compute ?? 'float32') === 'float16';
   if (!format && !half) return loadModel(dir);
-  if (format && half) throw new Error('--compute-dtype float16 and --quantize-base cannot be combined (the 4-bit products are dequantised to float32); drop one of them');
+  checkHalfCombination({ computeDtype: o.compute ?? 'float32', quantizeBase: format });
   if (format) parseQuantizeBase(format);
   const blockSize = o.blockSize ?? QUANT_BLOCK_SIZE;
   const md = await readModelDir(dir);
