@@ -3,7 +3,8 @@
  * Qwen2.5-0.5B (hidden 896, 24 layers, 14 heads, 2 KV heads, MLP 4864, vocab
  * 151936; bfloat16 on disk in two shards) loads, one LoRA step runs with a
  * finite loss, and loading peaks at no more than 1.2x the bytes the weights
- * keep resident (each tensor is read, converted and dropped in turn). Runs in
+ * keep resident (each tensor is read, converted and dropped in turn), in
+ * float32 and with --compute-dtype float16 (matrices held in float16). Runs in
  * child processes (bench/model-scale.ts make / probe) so that the peak RSS is
  * theirs; only with FEDTUNE_BIG_TESTS=1 (about a minute and 4 GB; CI sets it).
  */
@@ -39,5 +40,14 @@ describe.runIf(BIG)('a real-sized base (FEDTUNE_BIG_TESTS=1)', () => {
     expect(Number.isFinite(r.loss)).toBe(true);
     // Random weights and labels: the loss is near ln(vocab).
     expect(Math.abs(r.loss - Math.log(151936))).toBeLessThan(1);
+
+    // --compute-dtype float16: the matrices held in float16 (2 bytes a parameter), read and rounded one tensor at a time.
+    const h = JSON.parse(bench(['probe', model, JSON.stringify({ seq: 64, steps: 1, warmup: 0, threads: 2, variant: 'fp16' })]).trim().split('\n').pop()!);
+    console.log(`qwen2.5-0.5b shapes, float16 base: load ${h.loadSecs.toFixed(1)} s, peak ${(h.loadPeakBytes / 2 ** 30).toFixed(2)} GiB for ${(h.residentBytes / 2 ** 30).toFixed(2)} GiB resident, step loss ${h.loss}`);
+    expect(h.residentBytes).toBeLessThan(0.51 * r.residentBytes);
+    expect(h.residentBytes / 2).toBeGreaterThan(490e6);
+    expect(h.loadPeakBytes).toBeLessThanOrEqual(1.2 * h.residentBytes);
+    // Float32 compute on float16-rounded weights (the CPU graphs): the same loss to within float16's rounding.
+    expect(Math.abs(h.loss - r.loss) / r.loss).toBeLessThan(1e-3);
   });
 });
