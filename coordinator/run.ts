@@ -26,7 +26,7 @@ import { UpdateKind, type EvalResult, type TaskFailed, type TaskProgress, type U
 import { RunBase, manifestMismatch, type RunBaseOptions, type RunResult } from './run-base.ts';
 import { weightedMean, type Candidate, type EvalReport, type FitFailure, type FitResult, type FitSpec, type GlobalAdapter, type Strategy } from './strategies/strategy.ts';
 import type { Aggregator } from './strategies/strategy.ts';
-import { squaredDistance } from './strategies/math/sum.ts';
+import { absMax, squaredDistance } from './strategies/math/sum.ts';
 import type { CheckpointStore, RoundRecord, RunStateFile, WorkerStats } from './store.ts';
 import { checkClientDp, ClientDp, ClientDpAggregator } from './privacy/client-dp.ts';
 import { exceeds, PrivacyLedger } from './privacy/ledger.ts';
@@ -264,27 +264,33 @@ export class FederatedRun extends RunBase implements RegistryListener {
     this.conditions.notify();
   }
 
-  /** Why an update's values are refused by the run's defences (null: accepted), and its distance from its start. */
-  private screen(t: TaskState, flat: Float32Array, open: OpenAttempt): { reason: string | null; norm: number } {
+  /**
+   * Why an update's values are refused by the run's defences (null: accepted), and its distance from
+   * its start: measured when a defence uses it (defence.max_norm, defence.norm_factor), else null.
+   */
+  private screen(t: TaskState, flat: Float32Array, open: OpenAttempt): { reason: string | null; norm: number | null } {
     const d = this.cfg.defence;
     const maxAbs = d.max_abs ?? Infinity;
-    const s = t.startFlat;
     // One branch-free pass: a NaN or infinity anywhere makes the sum of squares non-finite (float32
     // values square to at most ~1.2e77, far inside float64), and the largest |value| is kept only when
-    // defence.max_abs is set. Only a failing update is walked again to name the element.
-    const { sq, maxSeen } = squaredDistance(flat, s, maxAbs !== Infinity);
-    if (!Number.isFinite(sq) || maxSeen > maxAbs) {
+    // defence.max_abs is set. Without a norm defence the pass reads the update alone (not its start as
+    // well): its largest |value|, non-finite where a value is. Only a failing update is walked again to
+    // name the element.
+    const measure = d.max_norm !== null || d.norm_factor !== null;
+    const { sq, maxSeen } = measure ? squaredDistance(flat, t.startFlat, maxAbs !== Infinity) : { sq: 0, maxSeen: absMax(flat) };
+    if (!Number.isFinite(sq) || !Number.isFinite(maxSeen) || maxSeen > maxAbs) {
       let off = 0;
       for (const e of t.manifest) {
         const n = e.shape.reduce((a, b) => a * b, 1);
         for (let i = off; i < off + n; i++) {
           const v = flat[i]!;
-          if (!Number.isFinite(v)) return { reason: `tensor ${e.name} has a non-finite value (${v}) at element ${i - off}`, norm: NaN };
-          if (Math.abs(v) > maxAbs) return { reason: `tensor ${e.name} has a value of ${v} at element ${i - off}, beyond defence.max_abs = ${maxAbs}`, norm: NaN };
+          if (!Number.isFinite(v)) return { reason: `tensor ${e.name} has a non-finite value (${v}) at element ${i - off}`, norm: null };
+          if (Math.abs(v) > maxAbs) return { reason: `tensor ${e.name} has a value of ${v} at element ${i - off}, beyond defence.max_abs = ${maxAbs}`, norm: null };
         }
         off += n;
       }
     }
+    if (!measure) return { reason: null, norm: null };
     const norm = Math.sqrt(sq);
     if (d.max_norm !== null && norm > d.max_norm) {
       return { reason: `its distance from the adapter it started from is ${norm.toPrecision(4)}, beyond defence.max_norm = ${d.max_norm}`, norm };
@@ -370,7 +376,7 @@ export class FederatedRun extends RunBase implements RegistryListener {
     if (unfit) refuse(unfit);
     open.aggregator.add(update);
     own.handedOn = pooled;
-    open.norms.push(norm);
+    if (norm !== null) open.norms.push(norm);
     this.board.done(t, bytes.byteLength);
     t.numExamples = h.numExamples;
     t.weight = weight;
@@ -389,7 +395,7 @@ export class FederatedRun extends RunBase implements RegistryListener {
       bytes: bytes.byteLength,
       metrics: t.metrics,
     });
-    log.info({ round: t.round, site: w.site, examples: h.numExamples, weight, norm, bytes: bytes.byteLength }, 'update received');
+    log.info({ round: t.round, site: w.site, examples: h.numExamples, weight, ...(norm !== null ? { norm } : {}), bytes: bytes.byteLength }, 'update received');
     this.conditions.notify();
   }
 

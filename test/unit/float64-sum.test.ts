@@ -9,7 +9,7 @@ import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { defaultKernel, Float64Sum, squaredDistance, type SumKernel } from '../../coordinator/strategies/math/sum.ts';
+import { absMax, defaultKernel, Float64Sum, squaredDistance, type SumKernel } from '../../coordinator/strategies/math/sum.ts';
 import { createRng } from '../../common/random.ts';
 import { firstNonFinite } from '../../common/tensor.ts';
 
@@ -198,6 +198,21 @@ describe('squaredDistance (the defences\' screen of an update)', () => {
   });
 });
 
+
+describe('absMax (the screen without a norm defence)', () => {
+  it('the largest |value| for every length modulo 4; NaN or infinity wherever one is', () => {
+    const a = Float32Array.from([4, -3, 1, 2.5, -6, 1, -0]);
+    const max = [0, 4, 4, 4, 4, 6, 6, 6];
+    for (let n = 0; n <= 7; n++) expect(absMax(a.subarray(0, n))).toBe(max[n]);
+    for (const at of [0, 3, 5, 8]) {
+      const b = new Float32Array(9).fill(1);
+      b[at] = NaN;
+      expect(absMax(b), `NaN at ${at}`).toBeNaN();
+      b[at] = -Infinity;
+      expect(absMax(b), `-Infinity at ${at}`).toBe(Infinity);
+    }
+  });
+});
 
 describe('firstNonFinite', () => {
   it('the first NaN or infinity, wherever it is (unrolled part or tail), or -1; large finite values are finite', () => {

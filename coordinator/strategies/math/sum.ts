@@ -255,6 +255,23 @@ export class Float64Sum {
 }
 
 /**
+ * The largest |a[i]|, in one pass over `a` alone (two running maxima); NaN when `a` holds a NaN
+ * (Math.max propagates it), Infinity when it holds an infinity.
+ */
+export function absMax(a: Float32Array): number {
+  const n = a.length;
+  const n4 = n - (n % 4);
+  let m0 = 0, m1 = 0;
+  let i = 0;
+  for (; i < n4; i += 4) {
+    m0 = Math.max(m0, Math.abs(a[i]!), Math.abs(a[i + 1]!));
+    m1 = Math.max(m1, Math.abs(a[i + 2]!), Math.abs(a[i + 3]!));
+  }
+  for (; i < n; i++) m0 = Math.max(m0, Math.abs(a[i]!));
+  return Math.max(m0, m1);
+}
+
+/**
  * Sum of squared differences of two equal-length vectors (float64), and the largest |a[i]| when
  * `wantMax`, in one pass (a second pass for the maximum costs as much again: bench (c)).
  * A NaN anywhere in `a` makes the sum NaN; Math.max propagates it too.
