@@ -16,6 +16,7 @@ import { initModel } from '../../worker/engine/init.ts';
 import { loadModel } from '../../worker/engine/model.ts';
 import { baseMemory, loadBaseModel } from '../../worker/engine/quantize.ts';
 import { memoryPlan } from '../../worker/engine/memory-plan.ts';
+import { buildCausalLmGraph } from '../../worker/engine/model-graph.ts';
 import { fromFloat16, halfModel, halfWeights, LossScaler, parseComputeDtype, toFloat16 } from '../../worker/engine/half.ts';
 import { f32ToF16Bits } from '../../common/update-encoding.ts';
 import { initLoraAdapter, loraTargets, peftKey } from '../../common/lora.ts';
@@ -255,6 +256,7 @@ describe('refusals', () => {
     expect(() => Engine.create(model, { mode: 'lora', lora: LLAMA_LORA, computeDtype: 'float16', quantizeBase: 'nf4' })).toThrow(/--compute-dtype float16 and --quantize-base cannot be combined/);
     expect(() => Engine.create(model, { mode: 'lora', lora: LLAMA_LORA, computeDtype: 'float16', dtype: 'float64' })).toThrow(/not float64/);
     expect(() => Engine.create(halfModel(model), { mode: 'lora', lora: LLAMA_LORA })).toThrow(/holds float16 base weights/);
+    expect(() => buildCausalLmGraph(halfModel(model), { batchSize: 1, seqLen: 8, mode: 'lora', lora: LLAMA_LORA, dtype: 'float32', kind: 'forward' })).toThrow(/holds float16 base weights .* need GraphSpec\.half/);
     const e = Engine.create(model, { mode: 'lora', lora: LLAMA_LORA, computeDtype: 'float16', threads: 1 });
     await expect(e.clippedGrads(e.initParams(1), randomBatch(40, 2, 8, 1), 1)).rejects.toThrow(/DP-SGD \(privacy\.dp_sgd.*--compute-dtype float32/);
     await e.close();

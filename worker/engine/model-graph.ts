@@ -114,6 +114,7 @@ export function buildCausalLmGraph(model: LoadedModel, spec: GraphSpec): BuiltGr
   const qw = quantized ? quantizedGraphWeights(g, quantized, frozen) : null;
   const half: HalfDType | null = spec.half ? 'float16' : null;
   if (half) checkHalfCombination({ computeDtype: half, full: spec.mode === 'full', quantizeBase: quantized?.format, dpSgd: spec.perExample !== undefined });
+  else if (halfWeights(model)) throw new Error(`graph: ${model.dir} holds float16 base weights (--compute-dtype float16); its graphs need GraphSpec.half`);
   /** A base weight: a trainable input in full mode, a stored constant in LoRA mode (4-bit ones dequantised in the graph, quantize.ts). */
   const W = (name: string): Value => {
     let v = weightValues.get(name);
