@@ -1,6 +1,8 @@
 /** `fedtune` as a user runs it: a child process of bin/fedtune.js, output captured, logs at error level. */
 import { spawnSync, type SpawnSyncReturns } from 'node:child_process';
 import { join } from 'node:path';
+import { expect } from 'vitest';
+import { initModel } from '../../worker/engine/init.ts';
 
 const BIN = join(import.meta.dirname, '..', '..', 'bin', 'fedtune.js');
 /** A small Alpaca JSONL file shipped with the examples. */
@@ -8,4 +10,18 @@ export const SAMPLE_DATA = join(import.meta.dirname, '..', '..', 'examples', 'da
 
 export function runFedtune(args: string[]): SpawnSyncReturns<string> {
   return spawnSync(process.execPath, [BIN, ...args], { encoding: 'utf8', env: { ...process.env, FEDTUNE_LOG_LEVEL: 'error' } });
+}
+
+/**
+ * `fedtune train` of a PEFT adapter on a tiny llama made in `root` (2 steps, batch 2, SAMPLE_DATA)
+ * with the `extra` options; fails the test when the command fails. Returns its output, the model
+ * directory (for more commands) and the adapter directory.
+ */
+export async function trainTinyAdapter(root: string, extra: string[]): Promise<{ stdout: string; model: string; out: string }> {
+  const model = join(root, 'cli-model');
+  await initModel(model, { arch: 'llama', hiddenSize: 64, numLayers: 2, numHeads: 4, numKvHeads: 2 });
+  const out = join(root, 'cli-out');
+  const r = runFedtune(['train', '--model', model, '--data', SAMPLE_DATA, '--out', out, '--steps', '2', '--batch-size', '2', '--max-seq-len', '512', ...extra]);
+  expect(r.status, r.stderr).toBe(0);
+  return { stdout: r.stdout, model, out };
 }

@@ -13,6 +13,11 @@ import { loadModel } from '../../worker/engine/model.ts';
 import { runConfig, tempDir, tinyModel, worker, writeData, type Proc } from './federated-helpers.ts';
 
 const procs: Proc[] = [];
+/** LoRA and local training of the runs below: enough steps that a round visibly lowers the eval loss. */
+const RECIPE = {
+  lora: { r: 4, alpha: 8, target_modules: ['q_proj', 'v_proj', 'o_proj'] },
+  training: { steps: 6, batch_size: 4, lr: 0.02, max_seq_len: 128, template: 'plain' },
+};
 let coord: CoordinatorHandle | null = null;
 
 afterAll(async () => {
@@ -27,8 +32,7 @@ describe('federated rounds with the onnx trainer', () => {
     const cfg = runConfig(dir, model, {
       name: 'onnx-3',
       rounds: 3,
-      lora: { r: 4, alpha: 8, target_modules: ['q_proj', 'v_proj', 'o_proj'] },
-      training: { steps: 6, batch_size: 4, lr: 0.02, max_seq_len: 128, template: 'plain' },
+      ...RECIPE,
       cohort: { min_workers: 3 },
       round: { min_results: 3, deadline_sec: 120 },
       eval: { every: 1, initial: true },
@@ -64,8 +68,7 @@ describe('a worker with --compute-dtype float16', () => {
     coord = await startCoordinator(runConfig(dir, model, {
       name: 'onnx-half',
       rounds: 2,
-      lora: { r: 4, alpha: 8, target_modules: ['q_proj', 'v_proj', 'o_proj'] },
-      training: { steps: 6, batch_size: 4, lr: 0.02, max_seq_len: 128, template: 'plain' },
+      ...RECIPE,
       cohort: { min_workers: 2 },
       round: { min_results: 2, deadline_sec: 120 },
       eval: { every: 1, initial: true },

@@ -26,7 +26,7 @@ import type { LoadedModel, LoraConfig, ModelConfig } from '../../common/model-co
 import type { TensorMap } from '../../common/tensor.ts';
 import { randomBatch, randomConfig, randomModel } from '../helpers/random-model.ts';
 import { readPeftAdapter } from '../../common/peft.ts';
-import { runFedtune, SAMPLE_DATA } from '../helpers/cli.ts';
+import { runFedtune, SAMPLE_DATA, trainTinyAdapter } from '../helpers/cli.ts';
 
 const root = mkdtempSync(join(tmpdir(), 'fedtune-half-'));
 afterAll(() => rmSync(root, { recursive: true, force: true }));
@@ -268,12 +268,8 @@ describe('fedtune train / worker --compute-dtype', () => {
   const run = runFedtune;
 
   it('trains a float32 PEFT adapter on float16 base weights; the plan counts them at 2 bytes; bad combinations are refused by name', async () => {
-    const dir = join(root, 'cli-model');
-    await initModel(dir, { arch: 'llama', hiddenSize: 64, numLayers: 2, numHeads: 4, numKvHeads: 2 });
-    const out = join(root, 'cli-out');
-    const ok = run(['train', '--model', dir, '--data', data, '--out', out, '--steps', '2', '--batch-size', '2', '--max-seq-len', '512', '--compute-dtype', 'float16']);
-    expect(ok.status, ok.stderr).toBe(0);
-    expect(ok.stdout).toMatch(/float16 base weights/);
+    const { stdout, model: dir, out } = await trainTinyAdapter(root, ['--compute-dtype', 'float16']);
+    expect(stdout).toMatch(/float16 base weights/);
     const saved = await readPeftAdapter(out);
     expect(saved.adapter.size).toBeGreaterThan(0);
     for (const t of saved.adapter.values()) expect(t.data).toBeInstanceOf(Float32Array);

@@ -42,7 +42,7 @@ import { gradCheck } from '../helpers/gradcheck.ts';
 import { PYTHON, referenceAvailable } from '../helpers/reference.ts';
 import { readPeftAdapter } from '../../common/peft.ts';
 import { archModel, archRaw } from './arch-models.ts';
-import { runFedtune, SAMPLE_DATA } from '../helpers/cli.ts';
+import { runFedtune, SAMPLE_DATA, trainTinyAdapter } from '../helpers/cli.ts';
 
 const haveTorch = referenceAvailable('quantize');
 const root = mkdtempSync(join(tmpdir(), 'fedtune-quantize-'));
@@ -375,12 +375,8 @@ describe('fedtune train / worker --quantize-base', () => {
   const run = runFedtune;
 
   it('trains a PEFT adapter on an nf4 base, and refuses bad values and --full by name', async () => {
-    const dir = join(root, 'cli-model');
-    await initModel(dir, { arch: 'llama', hiddenSize: 64, numLayers: 2, numHeads: 4, numKvHeads: 2 });
-    const out = join(root, 'cli-out');
-    const ok = run(['train', '--model', dir, '--data', data, '--out', out, '--steps', '2', '--batch-size', '2', '--max-seq-len', '512', '--quantize-base', 'nf4']);
-    expect(ok.status, ok.stderr).toBe(0);
-    expect(ok.stdout).toMatch(/nf4 base weights/);
+    const { stdout, model: dir, out } = await trainTinyAdapter(root, ['--quantize-base', 'nf4']);
+    expect(stdout).toMatch(/nf4 base weights/);
     const saved = await readPeftAdapter(out);
     expect(saved.adapter.size).toBeGreaterThan(0);
     const bad = run(['train', '--model', dir, '--data', data, '--out', join(root, 'x'), '--steps', '1', '--quantize-base', 'fp4']);
