@@ -18,6 +18,7 @@ import { startCoordinator, type CoordinatorHandle } from '../../coordinator/main
 import { BulkRequest, BulkResponse, UpdateKind, type Task, type UploadHeader } from '../../proto/gen/fedtune/v1/coordinator.ts';
 import { DType } from '../../proto/gen/fedtune/v1/tensors.ts';
 import { loadModel } from '../../worker/engine/model.ts';
+import { initModel } from '../../worker/engine/init.ts';
 import { BulkClient } from '../../worker/bulk.ts';
 import type { TensorMap } from '../../common/tensor.ts';
 import { events, Probe, runConfig, tempDir, tinyModel, waitForEvent, worker, writeData } from './federated-helpers.ts';
@@ -363,4 +364,64 @@ describe('the bulk channel copying uploads into place (as under TLS, or where a 
       await coord.close();
     }
   });
+});
+
+describe('a download that outlives its version', () => {
+  it('a stalled download of version 1, resumed after version 5, still gets version 1\'s bytes: the buffer the later means reuse is not its', async () => {
+    // A 32 MiB adapter (r 512 on q/k/v/o of 4 layers of 512): far more than the socket buffers take
+    // while the reader is stalled, so most of it stays queued on the coordinator until it reads again.
+    const bigModel = join(dir, 'model-512');
+    await initModel(bigModel, { arch: 'llama', hiddenSize: 512, numLayers: 4, numHeads: 8, numKvHeads: 8, intermediateSize: 512 });
+    const cfg = runConfig(dir, bigModel, {
+      name: 'bulk-lease',
+      rounds: 5,
+      lora: { r: 512, alpha: 512, target_modules: ['q_proj', 'k_proj', 'v_proj', 'o_proj'] },
+      training: { steps: 1, batch_size: 1, max_seq_len: 64 },
+      cohort: { min_workers: 1 },
+      round: { min_results: 1, deadline_sec: 120 },
+      eval: { every: 0 },
+    } as Record<string, unknown>);
+    const coord = await startCoordinator(cfg);
+    // The watcher has no data, so it is never picked: it only downloads.
+    const p = new Probe(coord.address, (await loadModel(bigModel)).fingerprint);
+    const w = worker({ address: coord.address, site: 'trainer', data: writeData(join(dir, 'lease.jsonl'), 8, 'lease'), model: bigModel, extra: ['--noop-step-ms', '400'] });
+    try {
+      await p.join('watcher', 0, 0);
+      await waitForEvent(coord.bus, coord.runId, 'round.completed', (e) => e.round === 1);
+      const download1 = request(p, { $case: 'download', value: { target: { $case: 'adapterVersion', value: 1 }, adapterRank: 0 } });
+      const ref = await bulkRaw(p.registration!.bulkPort, [download1]); // read at once: version 1 as it is
+      expect(ref.code).toBe(0);
+      const sock = connect(p.registration!.bulkPort, '127.0.0.1');
+      const got: Buffer[] = [];
+      let received = 0;
+      sock.on('data', (d) => {
+        got.push(d);
+        received += d.byteLength;
+      });
+      const closed = new Promise<void>((resolve) => sock.on('close', () => resolve()));
+      await new Promise<void>((resolve) => sock.on('connect', () => resolve()));
+      sock.pause(); // stalled from the start: the coordinator's write of what the socket buffers cannot take waits
+      sock.write(download1);
+      await waitForEvent(coord.bus, coord.runId, 'round.completed', (e) => e.round === 2);
+      const stalledAt = received;
+      expect((await coord.run).state).toBe('completed'); // versions 2..5 made meanwhile: 1 is long retired
+      sock.resume();
+      await closed;
+      const all = Buffer.concat(got);
+      const n = all.readUInt32LE(0);
+      const response = BulkResponse.decode(all.subarray(4, 4 + n));
+      const total = response.body?.$case === 'header' ? response.body.value.totalBytes : -1;
+      expect(total).toBe(32 << 20);
+      expect(stalledAt).toBeLessThan(total / 2); // most of it was still queued when the later versions were made
+      const body = all.subarray(4 + n, 4 + n + total);
+      const trailer = all.subarray(4 + n + total);
+      expect(createHash('sha256').update(body).digest().equals(trailer)).toBe(true);
+      // And they are version 1's bytes, as the download read at once got them.
+      expect(Buffer.concat([body, trailer]).equals(ref.rest)).toBe(true);
+    } finally {
+      w.kill();
+      p.close();
+      await coord.close();
+    }
+  }, 120_000);
 });
