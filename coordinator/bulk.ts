@@ -212,7 +212,8 @@ export async function startBulkServer(o: BulkServerOptions): Promise<BulkServer>
     const serveDownload = (wr: WorkerRecord, req: BulkRequest & { op: { $case: 'download' } }): void => {
       const { header, bytes, sha256, release } = transfers.download(wr, req.op.value);
       // The socket reads `bytes` until it is done with them: closed, however it closes.
-      sock.once('close', release);
+      if (sock.destroyed) release();
+      else sock.once('close', release);
       state = 'done';
       sock.write(frame({ code: 0, message: '', body: { $case: 'header', value: header } }));
       sock.write(bytes);

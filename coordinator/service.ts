@@ -133,8 +133,10 @@ class Semaphore {
 export interface Transfers {
   /** The worker a (worker id, session key) pair belongs to; throws UNAUTHENTICATED / the revocation's status. */
   authenticate(workerId: string, sessionKey: string, call: { getPeer(): string }): WorkerRecord;
-  /** What a DownloadRequest serves: the stream header, the bytes and their digest (packed once per version). */
-  /** What a download serves; `release` once the stream has ended, however it ended. */
+  /**
+   * What a DownloadRequest serves: the stream header, the bytes and their digest (packed once per
+   * version); `release` once the stream has ended, however it ended (the bytes may be reused after).
+   */
   download(w: WorkerRecord, req: DownloadRequest): { header: StreamHeader; bytes: Uint8Array; sha256: Uint8Array; release: () => void };
   downloaded(w: WorkerRecord, bytes: number): void;
   /**
@@ -478,7 +480,9 @@ export function createCoordinatorService<T>(ctx: ServiceContext<T>, transfers: T
         const w = authenticate(call.metadata, call);
         if (isWireRefusal(call.request)) throw refusalStatus(call.request);
         const { header, bytes, sha256, release } = transfers.download(w, call.request);
-        // Each message is serialised (its bytes copied) by call.write: once the loop is left, nothing reads `bytes`.
+        // Each message is serialised (its bytes copied) by call.write: once the loop is left, nothing
+        // reads `bytes`. A call cancelled while waiting for 'drain' never leaves it: released then.
+        call.once('cancelled', release);
         try {
           const chunk = cfg.server.chunk_bytes;
           const write = (m: DownloadMessage): Promise<void> =>

@@ -25,7 +25,7 @@ import {
 import { numel } from '../../common/tensor.ts';
 
 export type FloatDType = 'float32' | 'float64';
-/** Half precision: frozen base weights and the products computed from them (GraphSpec.compute). */
+/** Half precision: frozen base weights, and on CUDA the products computed from them (GraphSpec.half). */
 export type HalfDType = 'float16';
 export type ElemType = FloatDType | HalfDType | 'int64' | 'bool' | 'uint8';
 

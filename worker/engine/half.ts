@@ -1,11 +1,14 @@
 /**
- * Half-precision compute (`--compute-dtype float16`), mixed precision as
+ * Half-precision base weights (`--compute-dtype float16`), mixed precision as
  * PyTorch's autocast does it (Micikevicius et al. 2018, "Mixed Precision
  * Training"): the frozen base matrices (decoder linears, embeddings, lm_head)
- * are held in float16, each product with one of them runs in float16 (its
- * input cast down, its output cast back up, and the same for the two products
- * of its backward pass), and everything else stays float32: norms, attention,
- * softmax, the loss, the LoRA adapters (the master weights) and AdamW's state.
+ * are held in float16; on CUDA each product with one of them runs in float16
+ * (its input cast down, its output cast back up, and the same for the two
+ * products of its backward pass); everything else stays float32: norms,
+ * attention, softmax, the loss, the LoRA adapters (the master weights) and
+ * AdamW's state. ONNX Runtime's CPU provider has no float16 Gemm, so CPU graphs
+ * widen each weight to float32 just before its product instead
+ * (model-graph.ts, GraphSpec.half 'storage').
  *
  * Loss scaling: the backward pass is seeded with S / tokens instead of
  * 1 / tokens, so gradients that would fall below float16's smallest normal
