@@ -16,7 +16,7 @@
  * for each engine variant given (--variants: fp32, and nf4 / int4 base weights,
  * fp16 base weights (--compute-dtype float16) and per-layer recompute).
  *
- *   npm run bench:scale [-- --shapes qwen2.5-0.5b,llama-3.2-1b --seq 512 --steps 2 --threads 2 --variants fp32,nf4,recompute --no-torch --torch-timeout 900]
+ *   npm run bench:scale [-- --shapes qwen2.5-0.5b,llama-3.2-1b --seq 512 --steps 2 --threads 2 --variants fp32,nf4,fp16,recompute --no-torch --torch-timeout 900]
  *   node bin/run-ts.js bench/model-scale.ts make qwen2.5-0.5b DIR     # just write the random model
  *   node bin/run-ts.js bench/model-scale.ts probe DIR '{"seq":128}'   # one measurement (JSON line)
  */
@@ -235,7 +235,7 @@ async function main(): Promise<void> {
   const seq = Number(arg('--seq', '512'));
   const steps = Number(arg('--steps', '2'));
   const threads = Number(arg('--threads', '2'));
-  const variants = arg('--variants', 'fp32,nf4,recompute').split(',');
+  const variants = arg('--variants', 'fp32,nf4,fp16,recompute').split(',');
   const cache = resolve(arg('--dir', join(tmpdir(), 'fedtune-bench-scale')));
   const self = join(ROOT, 'bench', 'model-scale.ts');
   const haveTorch = !process.argv.includes('--no-torch') && spawnSync('/usr/bin/python3', ['-c', 'import torch'], { encoding: 'utf8' }).status === 0;
