@@ -152,6 +152,24 @@ describe('float16 products', () => {
   }
 });
 
+describe('--device cuda without its provider', () => {
+  it('falls back to CPU with float16 base weights: the CPU graphs, the same results as asking for the CPU', async () => {
+    const config = randomConfig('llama');
+    const model = randomModel(config, 8);
+    const cuda = Engine.create(model, { mode: 'lora', lora: LLAMA_LORA, computeDtype: 'float16', device: 'cuda', threads: 1 });
+    const cpu = Engine.create(model, { mode: 'lora', lora: LLAMA_LORA, computeDtype: 'float16', halfVariant: 'storage', threads: 1 });
+    const params = toFloat32Map(randomAdapter(config, LLAMA_LORA, 2, 'float64'));
+    const batch = randomBatch(config.vocabSize, 2, 16, 4);
+    const a = await cuda.lossAndGrads(params, batch);
+    const b = await cpu.lossAndGrads(params, batch);
+    expect(cuda.device).toBe('cpu');
+    expect(a.lossSum).toBe(b.lossSum);
+    for (const [k, t] of b.grads) expect(Array.from(a.grads.get(k)!.data)).toEqual(Array.from(t.data));
+    await cuda.close();
+    await cpu.close();
+  });
+});
+
 describe('dynamic loss scaling', () => {
   const config = randomConfig('llama', { vocabSize: 64 });
   const model = randomModel(config, 11);
