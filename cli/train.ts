@@ -22,7 +22,7 @@ import type { LoadedModel } from '../common/model-config.ts';
 import { Engine } from '../worker/engine/engine.ts';
 import { loadModel, saveModel } from '../worker/engine/model.ts';
 import { loadBaseModel, parseQuantizeBase } from '../worker/engine/quantize.ts';
-import { checkHalfCombination, parseComputeDtype } from '../worker/engine/half.ts';
+import { checkHalfCombination, parseComputeDtype, type ComputeDtype } from '../worker/engine/half.ts';
 import { planRun } from '../worker/engine/memory-plan.ts';
 import { readModelDir } from '../common/hf-model.ts';
 import { loadTokenizer } from '../common/tokenizer.ts';
@@ -705,14 +705,16 @@ async function train(o: TrainOpts): Promise<void> {
   await engine.close();
 }
 
-async function withAdapter(modelDir: string, adapterDir: string | undefined, threads?: number): Promise<{ engine: Engine; params: TensorMap }> {
-  const model = await loadModel(modelDir);
+async function withAdapter(modelDir: string, adapterDir: string | undefined, computeDtype: ComputeDtype = 'float32'): Promise<{ engine: Engine; params: TensorMap }> {
   if (!adapterDir) {
-    const engine = Engine.create(model, { mode: 'full', threads });
+    if (computeDtype === 'float16') throw new Error('--compute-dtype float16 evaluates an adapter on float16 base weights; give --adapter (the base alone is evaluated in float32)');
+    const model = await loadModel(modelDir);
+    const engine = Engine.create(model, { mode: 'full' });
     return { engine, params: model.weights };
   }
   const a = await readPeftAdapter(adapterDir);
-  const engine = Engine.create(model, { mode: 'lora', lora: a.config, threads });
+  const model = await loadBaseModel(modelDir, undefined, { compute: computeDtype });
+  const engine = Engine.create(model, { mode: 'lora', lora: a.config, computeDtype });
   return { engine, params: a.adapter };
 }
 
@@ -777,9 +779,10 @@ export function register(program: Command): void {
     .option('--template <name>', 'prompt template: alpaca, chatml, plain, or auto (the model\'s chat_template)', 'alpaca')
     .option('--max-seq-len <n>', 'truncate sequences to this many tokens', intArg('--max-seq-len', 1), 256)
     .option('--batch-size <n>', 'sequences per batch', intArg('--batch-size', 1), 8)
-    .action(async (o: { model: string; adapter?: string; data: string; template: string; maxSeqLen: number; batchSize: number }) => {
+    .option('--compute-dtype <dtype>', 'float32 (default) or float16: the base model\'s matrices held in float16 (with --adapter), as `fedtune train --compute-dtype` holds them')
+    .action(async (o: { model: string; adapter?: string; data: string; template: string; maxSeqLen: number; batchSize: number; computeDtype?: string }) => {
       const tok = await loadTokenizer(o.model);
-      const { engine, params } = await withAdapter(o.model, o.adapter);
+      const { engine, params } = await withAdapter(o.model, o.adapter, parseComputeDtype(o.computeDtype));
       const data = await prepareDataset(o.data, tok, { template: await templateFor(o.template, o.model), maxSeqLen: o.maxSeqLen, reportDropped: false });
       warnDropped(data.droppedSources, o.maxSeqLen, '--max-seq-len');
       const r = await engine.evaluate(params, makeBatches(data.train, { batchSize: o.batchSize, padId: tok.padId, shuffle: false, seed: 0, maxSeqLen: o.maxSeqLen }));

@@ -291,6 +291,17 @@ describe('fedtune train / worker --compute-dtype', () => {
     const saved = await readPeftAdapter(out);
     expect(saved.adapter.size).toBeGreaterThan(0);
     for (const t of saved.adapter.values()) expect(t.data).toBeInstanceOf(Float32Array);
+    // fedtune eval of that adapter on float16 base weights: the float32 figures within float16's rounding of the weights.
+    const evalWith = (dtype: string) => {
+      const r = run(['eval', '--model', dir, '--adapter', out, '--data', data, '--max-seq-len', '512', '--compute-dtype', dtype]);
+      expect(r.status, r.stderr).toBe(0);
+      return JSON.parse(r.stdout) as { loss: number; tokens: number };
+    };
+    const e16 = evalWith('float16');
+    const e32 = evalWith('float32');
+    expect(e16.tokens).toBe(e32.tokens);
+    expect(e16.loss).not.toBe(e32.loss); // the weights really were rounded
+    expect(Math.abs(e16.loss - e32.loss) / e32.loss).toBeLessThan(1e-2);
 
     const plan = (dtype: string) => {
       const r = run(['train', '--model', dir, '--data', data, '--out', join(root, 'plan'), '--plan', '--batch-size', '2', '--max-seq-len', '128', '--compute-dtype', dtype]);
@@ -312,6 +323,7 @@ describe('fedtune train / worker --compute-dtype', () => {
       [['train', '--model', dir, '--data', data, '--out', join(root, 'x'), '--steps', '1', '--quantize-base', 'nf4', '--compute-dtype', 'float16'], /cannot be combined/],
       [['worker', '--coordinator', '127.0.0.1:1', '--token', 't', '--name', 'a', '--model', dir, '--trainer', 'noop', '--compute-dtype', 'float16'], /--compute-dtype applies to the onnx trainer/],
       [['worker', '--coordinator', '127.0.0.1:1', '--token', 't', '--name', 'a', '--model', dir, '--compute-dtype', 'fp16'], /--compute-dtype is "fp16"/],
+      [['eval', '--model', dir, '--data', data, '--compute-dtype', 'float16'], /--compute-dtype float16 evaluates an adapter .* give --adapter/],
     ];
     for (const [args, msg] of refusals) {
       const r = run(args);
