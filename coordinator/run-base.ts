@@ -123,8 +123,14 @@ export abstract class RunBase {
       const n = (this.readers.get(p) ?? 1) - 1;
       if (n > 0) return void this.readers.set(p, n);
       this.readers.delete(p);
-      if (this.retired.delete(p)) giveAdapterBuffer(p.bytes);
+      if (this.retired.delete(p)) this.free(p);
     };
+  }
+
+  /** A retired version's buffer, unless a live version shares it (a strategy that kept the global). */
+  private free(p: PackedTensors): void {
+    for (const q of this.versions.values()) if (q.bytes.buffer === p.bytes.buffer) return;
+    giveAdapterBuffer(p.bytes);
   }
 
   /** Make the current version downloadable at another rank (what a mixed-rank strategy starts such sites from). */
@@ -237,7 +243,7 @@ export abstract class RunBase {
       // aggregator's mean can serve a later mean once no download streams it.
       this.versions.delete(k);
       if (this.readers.has(p)) this.retired.add(p);
-      else giveAdapterBuffer(p.bytes);
+      else this.free(p);
     }
   }
 }

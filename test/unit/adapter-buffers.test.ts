@@ -92,4 +92,14 @@ describe('adapter buffers', () => {
     expect(takeAdapterBuffer(N).buffer).toBe(v2.get('a')!.data.buffer);
     expect(takeAdapterBuffer(N).buffer).not.toBe(v2.get('a')!.data.buffer);
   });
+
+  it('a buffer a live version still uses (a strategy that kept the global) is not given back', () => {
+    const run = new Run();
+    const kept = adapter(5);
+    run.next(kept, 1);
+    run.next(kept, 2);
+    run.next(kept, 3); // version 1 retires, but versions 2 and 3 are the same buffer
+    expect(takeAdapterBuffer(N).buffer).not.toBe(kept.get('a')!.data.buffer);
+    expect(run.adapterVersion(3)!.bytes.every((b, i) => b === new Uint8Array(Float32Array.of(5).buffer)[i % 4])).toBe(true);
+  });
 });
