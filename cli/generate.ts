@@ -9,6 +9,8 @@ import { resolve } from 'node:path';
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { intArg } from './args.ts';
 import { loadModel } from '../worker/engine/model.ts';
+import { loadBaseModel } from '../worker/engine/quantize.ts';
+import { parseComputeDtype } from '../worker/engine/half.ts';
 import { loadTokenizer } from '../common/tokenizer.ts';
 import { readPeftAdapter } from '../common/peft.ts';
 import { AUTO_TEMPLATE, getTemplate, loadChatTemplate, modelChatTemplate, renderRecord, type PromptTemplate } from '../common/data/template.ts';
@@ -33,6 +35,7 @@ interface GenerateCliOpts {
   kvCache: boolean;
   threads?: number;
   device: Device;
+  computeDtype?: string;
 }
 
 /** Any number; the ranges are checked by validateGenerateOptions, whose errors name the field. */
@@ -66,7 +69,9 @@ async function generate(o: GenerateCliOpts): Promise<void> {
   const modelDir = resolve(o.model);
   const template = o.template === RAW_TEMPLATE ? null : o.template === AUTO_TEMPLATE ? modelChatTemplate(await loadChatTemplate(modelDir)) : getTemplate(o.template);
   const tok = await loadTokenizer(modelDir);
-  const model = await loadModel(modelDir);
+  const computeDtype = parseComputeDtype(o.computeDtype);
+  if (computeDtype === 'float16' && !o.adapter) throw new Error('--compute-dtype float16 generates with an adapter on float16 base weights; give --adapter (the base alone runs in float32)');
+  const model = computeDtype === 'float16' ? await loadBaseModel(modelDir, undefined, { compute: computeDtype }) : await loadModel(modelDir);
   const eosIds = await readEosIds(modelDir, tok.eosId);
   const outside = eosIds.filter((id) => id >= model.config.vocabSize);
   if (outside.length > 0) console.warn(`warning: EOS id${outside.length > 1 ? 's' : ''} ${outside.join(', ')} outside the model's vocabulary (${model.config.vocabSize}) ignored`);
@@ -89,7 +94,7 @@ async function generate(o: GenerateCliOpts): Promise<void> {
   // A chat template writes the BOS itself; otherwise the prompt starts with the tokenizer's BOS, as in training.
   const addBos = !(template?.ownsSpecialTokens ?? false) && tok.bosId !== null;
   const prompt = [...(addBos ? [tok.bosId!] : []), ...tok.encode(template ? templatePrompt(template, text) : text)];
-  const gen = new Generator(model, { ...(adapter ? { adapter: { lora: adapter.config, params: adapter.adapter } } : {}), threads: o.threads, device: o.device });
+  const gen = new Generator(model, { ...(adapter ? { adapter: { lora: adapter.config, params: adapter.adapter } } : {}), threads: o.threads, device: o.device, computeDtype });
   try {
     const r = await gen.generate(prompt, options);
     process.stdout.write(`${r.text ?? ''}\n`);
@@ -120,5 +125,6 @@ export function register(program: Command): void {
     .option('--no-kv-cache', 'recompute the whole sequence at every step (slow; for comparison)')
     .option('--threads <n>', 'ONNX Runtime intra-op threads (default: one per core)', intArg('--threads', 1))
     .addOption(new Option('--device <d>', 'execution provider').choices(['cpu', 'cuda']).default('cpu'))
+    .option('--compute-dtype <dtype>', 'float32 (default) or float16: the base model\'s matrices held in float16 (with --adapter), as `fedtune train --compute-dtype` holds them')
     .action(async (o: GenerateCliOpts) => generate(o));
 }

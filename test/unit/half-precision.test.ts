@@ -17,6 +17,7 @@ import { loadModel } from '../../worker/engine/model.ts';
 import { baseMemory, loadBaseModel } from '../../worker/engine/quantize.ts';
 import { memoryPlan } from '../../worker/engine/memory-plan.ts';
 import { buildCausalLmGraph } from '../../worker/engine/model-graph.ts';
+import { Generator } from '../../worker/engine/generate.ts';
 import { fromFloat16, halfModel, halfWeights, LossScaler, parseComputeDtype, toFloat16 } from '../../worker/engine/half.ts';
 import { f32ToF16Bits } from '../../common/update-encoding.ts';
 import { initLoraAdapter, loraTargets, peftKey } from '../../common/lora.ts';
@@ -170,6 +171,32 @@ describe('--device cuda without its provider', () => {
   });
 });
 
+describe('generation on float16 base weights', () => {
+  it('KV cache and recompute agree, and their logits are float32 generation\'s on the same rounded weights', async () => {
+    const config = randomConfig('qwen2', { vocabSize: 64 });
+    const model = randomModel(config, 12);
+    const params = toFloat32Map(randomAdapter(config, LLAMA_LORA, 6, 'float64'));
+    const prompt = Array.from({ length: 7 }, (_, i) => (i * 11) % config.vocabSize);
+    const half = new Generator(halfModel(model), { adapter: { lora: LLAMA_LORA, params }, computeDtype: 'float16', threads: 1 });
+    const kv = await half.generate(prompt, { maxNewTokens: 5, keepLogits: true });
+    const re = await half.generate(prompt, { maxNewTokens: 5, keepLogits: true, kvCache: false });
+    await half.close();
+    const full = new Generator(roundedModel(model), { adapter: { lora: LLAMA_LORA, params }, threads: 1 });
+    const ref = await full.generate(prompt, { maxNewTokens: 5, keepLogits: true });
+    await full.close();
+    expect(kv.tokens).toEqual(ref.tokens);
+    expect(re.tokens).toEqual(ref.tokens);
+    for (let i = 0; i < 5; i++) {
+      for (const got of [kv, re]) {
+        let worst = 0;
+        for (let j = 0; j < config.vocabSize; j++) worst = Math.max(worst, Math.abs(got.logits![i]![j]! - ref.logits![i]![j]!));
+        expect(worst).toBeLessThan(1e-4);
+      }
+    }
+    expect(() => new Generator(halfModel(model), { computeDtype: 'float16' })).toThrow(/--compute-dtype float16 generates with an adapter .* give --adapter/);
+  });
+});
+
 describe('dynamic loss scaling', () => {
   const config = randomConfig('llama', { vocabSize: 64 });
   const model = randomModel(config, 11);
@@ -302,6 +329,9 @@ describe('fedtune train / worker --compute-dtype', () => {
     expect(e16.tokens).toBe(e32.tokens);
     expect(e16.loss).not.toBe(e32.loss); // the weights really were rounded
     expect(Math.abs(e16.loss - e32.loss) / e32.loss).toBeLessThan(1e-2);
+    const gen = run(['generate', '--model', dir, '--adapter', out, '--prompt', 'Say ok.', '--max-new-tokens', '4', '--compute-dtype', 'float16']);
+    expect(gen.status, gen.stderr).toBe(0);
+    expect(gen.stderr).toMatch(/4 new tokens|stopped by eos/);
 
     const plan = (dtype: string) => {
       const r = run(['train', '--model', dir, '--data', data, '--out', join(root, 'plan'), '--plan', '--batch-size', '2', '--max-seq-len', '128', '--compute-dtype', dtype]);
@@ -324,6 +354,7 @@ describe('fedtune train / worker --compute-dtype', () => {
       [['worker', '--coordinator', '127.0.0.1:1', '--token', 't', '--name', 'a', '--model', dir, '--trainer', 'noop', '--compute-dtype', 'float16'], /--compute-dtype applies to the onnx trainer/],
       [['worker', '--coordinator', '127.0.0.1:1', '--token', 't', '--name', 'a', '--model', dir, '--compute-dtype', 'fp16'], /--compute-dtype is "fp16"/],
       [['eval', '--model', dir, '--data', data, '--compute-dtype', 'float16'], /--compute-dtype float16 evaluates an adapter .* give --adapter/],
+      [['generate', '--model', dir, '--prompt', 'hi', '--compute-dtype', 'float16'], /--compute-dtype float16 generates with an adapter .* give --adapter/],
     ];
     for (const [args, msg] of refusals) {
       const r = run(args);

@@ -37,7 +37,8 @@ import { createRng, type Rng } from '../../common/random.ts';
 import type { FloatDType } from './graph.ts';
 import { buildCausalLmGraph, ropeCosSin } from './model-graph.ts';
 import { Engine, argmax } from './engine.ts';
-import { createSession, ort, type Device, type RuntimeSession } from './runtime.ts';
+import { createSession, cudaProviderInstalled, ort, type Device, type RuntimeSession } from './runtime.ts';
+import { halfWeights, type ComputeDtype } from './half.ts';
 
 // ---------------------------------------------------------------------------
 // Options
@@ -230,6 +231,11 @@ export interface GeneratorOptions {
   dtype?: FloatDType;
   threads?: number;
   device?: Device;
+  /**
+   * float16: the model holds its matrices in float16 (loadBaseModel with compute float16) and an
+   * adapter is applied (half.ts; products in float16 on CUDA, widened to float32 on CPU).
+   */
+  computeDtype?: ComputeDtype;
 }
 
 interface DecodeGraph {
@@ -256,7 +262,10 @@ export class Generator {
 
   constructor(readonly model: LoadedModel, private readonly opts: GeneratorOptions = {}) {
     this.dtype = opts.dtype ?? 'float32';
-    if (opts.adapter) Engine.create(model, { mode: 'lora', lora: opts.adapter.lora }); // validates the adapter's targets against the model now
+    const half = opts.computeDtype === 'float16';
+    if (half && !opts.adapter) throw new Error('--compute-dtype float16 generates with an adapter on float16 base weights; give --adapter (the base alone runs in float32)');
+    // Validates the adapter's targets against the model now.
+    if (opts.adapter) Engine.create(model, { mode: 'lora', lora: opts.adapter.lora, ...(half ? { computeDtype: 'float16' as const } : {}) });
   }
 
   /** Generate up to maxNewTokens tokens after `prompt`. */
@@ -442,6 +451,7 @@ export class Generator {
           dtype: this.dtype,
           kind: 'forward',
           decode: { pastLen },
+          ...(this.opts.computeDtype === 'float16' ? { half: this.opts.device === 'cuda' && cudaProviderInstalled() ? ('compute' as const) : ('storage' as const) } : {}),
         });
         const rt = await createSession(built.bytes, {
           threads: this.opts.threads,
@@ -450,7 +460,10 @@ export class Generator {
         });
         const fixed: Record<string, ort.Tensor> = {};
         // Full mode takes every weight as a "parameter" input; LoRA mode takes the adapter's tensors and the frozen weights.
-        for (const f of [...built.frozen, ...(a ? [] : built.params)]) fixed[f.name] = this.tensor(f.name, this.model.weights, f.shape, 'model');
+        for (const f of [...built.frozen, ...(a ? [] : built.params)]) {
+          const h = halfWeights(this.model)?.get(f.name);
+          fixed[f.name] = h ? new ort.Tensor('float16', h.data, f.shape) : this.tensor(f.name, this.model.weights, f.shape, 'model');
+        }
         if (a) for (const f of built.params) fixed[f.name] = this.tensor(f.name, a.params, f.shape, 'adapter');
         return { rt, fixed };
       })();
@@ -491,6 +504,7 @@ export class Generator {
       dtype: this.dtype,
       threads: this.opts.threads,
       device: this.opts.device,
+      ...(this.opts.computeDtype === 'float16' ? { computeDtype: 'float16' as const } : {}),
     });
     const engine = this.engine;
     const params = a ? a.params : this.model.weights;
