@@ -136,12 +136,13 @@ export function register(program: Command): void {
       ).argParser(byzantineArg),
     )
     .action(async (o: WorkerCliOpts) => {
+      // How the onnx trainer holds the base, checked alike for --plan and for joining.
+      const quantizeBase = parseQuantizeBase(o.quantizeBase, '--quantize-base');
+      const computeDtype = parseComputeDtype(o.computeDtype);
+      checkHalfCombination({ computeDtype, quantizeBase });
       if (o.plan) {
         // Tasks are checked against the plan as they arrive (worker/trainers/onnx.ts); --plan shows it beforehand.
         const config = (await readModelDir(o.model)).config;
-        const quantizeBase = parseQuantizeBase(o.quantizeBase, '--quantize-base');
-        const computeDtype = parseComputeDtype(o.computeDtype);
-        checkHalfCombination({ computeDtype, quantizeBase });
         planRun(config, {
           mode: 'lora',
           lora: { r: o.loraR ?? 8, alpha: 2 * (o.loraR ?? 8), dropout: 0, targetModules: [...validTargetModules(config)] },
@@ -161,11 +162,8 @@ export function register(program: Command): void {
       const useTls = o.tls || o.tlsCa || o.tlsCert || o.tlsServerName;
       if ((o.tlsCert === undefined) !== (o.tlsKey === undefined)) throw new Error('--tls-cert and --tls-key go together');
       checkExecOptions(o);
-      const quantizeBase = parseQuantizeBase(o.quantizeBase, '--quantize-base');
       if (quantizeBase && o.trainer !== 'onnx') throw new Error(`--quantize-base applies to the onnx trainer (the 4-bit base is held by its engine), not --trainer ${o.trainer}`);
-      const computeDtype = parseComputeDtype(o.computeDtype);
       if (o.computeDtype !== undefined && o.trainer !== 'onnx') throw new Error(`--compute-dtype applies to the onnx trainer (its engine holds the base weights), not --trainer ${o.trainer}`);
-      checkHalfCombination({ computeDtype, quantizeBase });
       if (o.noopPerturb === false && o.trainer !== 'noop') throw new Error(`--no-noop-perturb applies to --trainer noop, not ${o.trainer}`);
       const presence = o.presenceNats
         ? startPresence({

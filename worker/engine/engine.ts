@@ -14,8 +14,8 @@ import { IGNORE_INDEX, type Batch, type LoadedModel, type LoraConfig } from '../
 import type { FloatDType } from './graph.ts';
 import { buildCausalLmGraph, type GraphSpec } from './model-graph.ts';
 import { initLoraAdapter, loraTargets, peftKey, peftMagnitudeKey, weightRowNorms } from '../../common/lora.ts';
-import { createSession, cudaProviderInstalled, ort, type Device, type RuntimeSession } from './runtime.ts';
-import { checkHalfCombination, halfModel, halfWeights, LossScaler, parseComputeDtype, unscaleFinite, type ComputeDtype, type LossScaleOptions } from './half.ts';
+import { createSession, ort, type Device, type RuntimeSession } from './runtime.ts';
+import { checkHalfCombination, halfGraphFor, halfModel, halfWeights, LossScaler, parseComputeDtype, unscaleFinite, type ComputeDtype, type LossScaleOptions } from './half.ts';
 import { baseMemory, baseWeightValues, parseQuantizeBase, quantizedBase, quantizedInputData, quantizeModel, type BaseMemory, type QuantFormat } from './quantize.ts';
 
 export interface EngineOptions {
@@ -393,9 +393,7 @@ export class Engine {
 
   /** float16 graphs: products in float16 where the sessions run on CUDA, widened to float32 on CPU. */
   private halfVariant(): 'compute' | 'storage' {
-    if (this.opts.halfVariant) return this.opts.halfVariant;
-    const device = this.resolvedDevice ?? (this.opts.device === 'cuda' && cudaProviderInstalled() ? 'cuda' : 'cpu');
-    return device === 'cuda' ? 'compute' : 'storage';
+    return this.opts.halfVariant ?? halfGraphFor(this.resolvedDevice ?? this.opts.device);
   }
 
   private weightAs(name: string): FloatArray | Uint8Array | Uint16Array {

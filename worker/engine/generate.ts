@@ -37,8 +37,8 @@ import { createRng, type Rng } from '../../common/random.ts';
 import type { FloatDType } from './graph.ts';
 import { buildCausalLmGraph, ropeCosSin } from './model-graph.ts';
 import { Engine, argmax } from './engine.ts';
-import { createSession, cudaProviderInstalled, ort, type Device, type RuntimeSession } from './runtime.ts';
-import { halfWeights, type ComputeDtype } from './half.ts';
+import { createSession, ort, type Device, type RuntimeSession } from './runtime.ts';
+import { halfGraphFor, halfModel, halfWeights, type ComputeDtype } from './half.ts';
 
 // ---------------------------------------------------------------------------
 // Options
@@ -232,8 +232,8 @@ export interface GeneratorOptions {
   threads?: number;
   device?: Device;
   /**
-   * float16: the model holds its matrices in float16 (loadBaseModel with compute float16) and an
-   * adapter is applied (half.ts; products in float16 on CUDA, widened to float32 on CPU).
+   * float16: the model's matrices held in float16 (a model loaded so by loadBaseModel is taken as it
+   * is, another converted) under an adapter (half.ts; products in float16 on CUDA, widened on CPU).
    */
   computeDtype?: ComputeDtype;
 }
@@ -260,12 +260,16 @@ export class Generator {
   private readonly dtype: FloatDType;
   private readonly tensors = new Map<string, ort.Tensor>();
 
-  constructor(readonly model: LoadedModel, private readonly opts: GeneratorOptions = {}) {
+  /** The model as the graphs take it: with float16 compute, its matrices in float16 (halfModel keeps a model already so). */
+  readonly model: LoadedModel;
+
+  constructor(model: LoadedModel, private readonly opts: GeneratorOptions = {}) {
     this.dtype = opts.dtype ?? 'float32';
     const half = opts.computeDtype === 'float16';
     if (half && !opts.adapter) throw new Error('--compute-dtype float16 generates with an adapter on float16 base weights; give --adapter (the base alone runs in float32)');
+    this.model = half ? halfModel(model) : model;
     // Validates the adapter's targets against the model now.
-    if (opts.adapter) Engine.create(model, { mode: 'lora', lora: opts.adapter.lora, ...(half ? { computeDtype: 'float16' as const } : {}) });
+    if (opts.adapter) Engine.create(this.model, { mode: 'lora', lora: opts.adapter.lora, ...(half ? { computeDtype: 'float16' as const } : {}) });
   }
 
   /** Generate up to maxNewTokens tokens after `prompt`. */
@@ -451,7 +455,7 @@ export class Generator {
           dtype: this.dtype,
           kind: 'forward',
           decode: { pastLen },
-          ...(this.opts.computeDtype === 'float16' ? { half: this.opts.device === 'cuda' && cudaProviderInstalled() ? ('compute' as const) : ('storage' as const) } : {}),
+          ...(this.opts.computeDtype === 'float16' ? { half: halfGraphFor(this.opts.device) } : {}),
         });
         const rt = await createSession(built.bytes, {
           threads: this.opts.threads,

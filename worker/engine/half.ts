@@ -25,6 +25,7 @@
 import type { FloatArray, TensorMap } from '../../common/tensor.ts';
 import type { LoadedModel } from '../../common/model-config.ts';
 import { f16BitsToF32, f32ToF16Bits } from '../../common/update-encoding.ts';
+import { cudaProviderInstalled, type Device } from './runtime.ts';
 
 export type ComputeDtype = 'float32' | 'float16';
 export const COMPUTE_DTYPES: readonly ComputeDtype[] = ['float32', 'float16'];
@@ -53,6 +54,14 @@ export function checkHalfCombination(o: { computeDtype: ComputeDtype; full?: boo
   if (o.full) throw new Error('--compute-dtype float16 holds the frozen base weights in float16, so it applies to LoRA training only, not --full; drop one of them');
   if (o.quantizeBase) throw new Error('--compute-dtype float16 and --quantize-base cannot be combined (the 4-bit products are dequantised to float32); drop one of them');
   if (o.dpSgd) throw new Error('DP-SGD (privacy.dp_sgd, --dp-*): per-example gradients are computed in float32 only; use --compute-dtype float32');
+}
+
+/**
+ * The float16 graph a session on `device` gets (GraphSpec.half): float16 products where it runs on
+ * CUDA (the provider installed), weights widened per product on CPU (no float16 Gemm there).
+ */
+export function halfGraphFor(device: Device | undefined): 'compute' | 'storage' {
+  return device === 'cuda' && cudaProviderInstalled() ? 'compute' : 'storage';
 }
 
 /** The base weights held in float16 with --compute-dtype float16: every 2-D one (linears, embeddings, lm_head, gpt2's position table). */

@@ -31,7 +31,7 @@ import { loraTargets } from '../../common/lora.ts';
 import { numel } from '../../common/tensor.ts';
 import { bytesPer, type FloatDType, type Graph } from './graph.ts';
 import { buildCausalLmGraph } from './model-graph.ts';
-import { isHalfWeight, type ComputeDtype } from './half.ts';
+import { halfGraphFor, isHalfWeight, type ComputeDtype } from './half.ts';
 import type { Device } from './runtime.ts';
 import { DEQUANT_CHUNK, isQuantizableWeight } from './quantize.ts';
 
@@ -237,7 +237,7 @@ export function memoryPlan(config: ModelConfig, o: PlanOptions): MemoryPlan {
     dtype,
     kind: 'train',
     recompute: o.recompute,
-    ...(o.computeDtype === 'float16' ? { half: o.device === 'cuda' ? ('compute' as const) : ('storage' as const) } : {}),
+    ...(o.computeDtype === 'float16' ? { half: halfGraphFor(o.device) } : {}),
   });
   const g = built.graph;
   const { peak } = liveness(g);
