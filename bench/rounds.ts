@@ -2,11 +2,12 @@
  * One federated round as users run it: this process is the coordinator
  * (`startCoordinator`, the same code `fedtune coordinator` runs) and every site
  * is its own `fedtune worker` process (noop trainer with its perturbation off,
- * so the workers cost only their transport), over loopback gRPC. Measured in the
+ * so the workers cost only their transport), over loopback gRPC, started by
+ * bench/spawner.mjs rather than forked from the coordinator. Measured in the
  * same run:
  *
  *   round time (round.completed durationMs of the warm rounds: 2 to 5, round 1
- *       includes the workers' start-up; from round 4 on the coordinator's means
+ *       includes the workers' start-up; from round 3 on the coordinator's means
  *       reuse the buffers of versions two rounds old, as a long run does)
  *       vs the bytes-once bound: 2 x N x adapter bytes at the raw TCP rate
  *         between two processes (a child process reading and writing a socket)
@@ -23,6 +24,7 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer, type AddressInfo } from 'node:net';
 import { loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { createInterface } from 'node:readline';
 import { parseRunConfig } from '../common/config.ts';
 import type { RunEvent } from '../common/events.ts';
 import { startCoordinator } from '../coordinator/main.ts';
@@ -122,6 +124,52 @@ function vmHwmMb(pid: number): number {
   }
 }
 
+/**
+ * Worker processes started by bench/spawner.mjs, not by this process: forking the coordinator
+ * would leave its pages copy-on-write and charge it faults that no deployed coordinator pays.
+ */
+export class Spawner {
+  private readonly proc: ChildProcess;
+  private readonly waiting: Array<(line: string) => void> = [];
+
+  private constructor() {
+    this.proc = spawn(process.execPath, [join(ROOT, 'bench/spawner.mjs')], { stdio: ['pipe', 'pipe', 'inherit'] });
+    createInterface({ input: this.proc.stdout! }).on('line', (line) => this.waiting.shift()?.(line));
+  }
+
+  /** Start it while this process holds little (before any coordinator). */
+  static start(): Spawner {
+    return new Spawner();
+  }
+
+  private ask(msg: unknown): Promise<Record<string, unknown>> {
+    return new Promise((resolve, reject) => {
+      this.waiting.push((line) => {
+        const r = JSON.parse(line) as Record<string, unknown>;
+        if (typeof r.error === 'string') reject(new Error(`bench spawner: ${r.error}`));
+        else resolve(r);
+      });
+      this.proc.stdin!.write(`${JSON.stringify(msg)}\n`);
+    });
+  }
+
+  /** `node ...args` with stdio ignored; its pid. */
+  async spawn(args: string[], env: NodeJS.ProcessEnv): Promise<number> {
+    const r = await this.ask({ args, env });
+    if (typeof r.pid !== 'number') throw new Error(`bench spawner: no pid for ${args.slice(0, 2).join(' ')}`);
+    return r.pid;
+  }
+
+  /** SIGKILL every process started so far. */
+  async killAll(): Promise<void> {
+    await this.ask({ kill: true });
+  }
+
+  close(): void {
+    this.proc.stdin!.end();
+  }
+}
+
 /** The bench's base model: llama, hidden 1024, 16 layers, bfloat16 (about 170 MB). */
 export async function roundBenchModel(dir: string): Promise<string> {
   const model = join(dir, 'model');
@@ -135,7 +183,7 @@ export async function roundBenchModel(dir: string): Promise<string> {
   return model;
 }
 
-export async function processRound(o: { model: string; dir: string; workers: number; rounds?: number; tcpBytesPerMs: number }): Promise<ProcessRoundRow> {
+export async function processRound(o: { model: string; dir: string; workers: number; rounds?: number; tcpBytesPerMs: number; spawner: Spawner }): Promise<ProcessRoundRow> {
   const rounds = o.rounds ?? 5;
   const runDir = mkdtempSync(join(o.dir, `n${o.workers}-`));
   const cfg = parseRunConfig({
@@ -154,10 +202,10 @@ export async function processRound(o: { model: string; dir: string; workers: num
   const data = join(runDir, 'data.jsonl');
   writeFileSync(data, `${Array.from({ length: 4 }, (_, i) => JSON.stringify({ instruction: 'Say ok.', input: `#${i}`, output: 'ok' })).join('\n')}\n`);
   const coord = await startCoordinator(cfg);
-  const procs: ChildProcess[] = [];
+  const procs: number[] = [];
   const peak = new Map<number, number>();
   const sample = setInterval(() => {
-    for (const p of procs) if (p.pid) peak.set(p.pid, Math.max(peak.get(p.pid) ?? 0, vmHwmMb(p.pid) || 0));
+    for (const pid of procs) peak.set(pid, Math.max(peak.get(pid) ?? 0, vmHwmMb(pid) || 0));
   }, 500);
   const loads: number[] = [];
   const loadTimer = setInterval(() => loads.push(loadavg()[0]!), 5000);
@@ -171,28 +219,27 @@ export async function processRound(o: { model: string; dir: string; workers: num
     for await (const e of sub) {
       if (e.type === 'round.started' && e.round === 2) {
         cpuAt = process.cpuUsage();
-        workerCpuAt = procs.map((p) => procCpuSec(p.pid!));
+        workerCpuAt = procs.map(procCpuSec);
       }
       if (e.type === 'round.completed' && e.round === rounds && cpuAt) {
         cpuUsed = process.cpuUsage(cpuAt);
-        workerCpuUsed = procs.map((p, i) => procCpuSec(p.pid!) - workerCpuAt[i]!);
+        workerCpuUsed = procs.map((pid, i) => procCpuSec(pid) - workerCpuAt[i]!);
       }
     }
   })().catch(() => undefined);
   try {
     for (let i = 0; i < o.workers; i++) {
       procs.push(
-        spawn(
-          process.execPath,
+        await o.spawner.spawn(
           [join(ROOT, 'bin/fedtune.js'), 'worker', '--coordinator', coord.address, '--name', `site-${i}`, '--data', data, '--model', o.model, '--token', 'bench-token',
             '--trainer', 'noop', '--no-noop-perturb', '--progress', 'none', '--eval-fraction', '0'],
-          { stdio: 'ignore', env: { ...process.env, FEDTUNE_LOG_LEVEL: 'warn' } },
+          { ...process.env, FEDTUNE_LOG_LEVEL: 'warn' },
         ),
       );
     }
     const result = await coord.run;
     if (result.state !== 'completed') throw new Error(`bench rounds (${o.workers} workers): ${result.error ?? result.state}`);
-    for (const p of procs) if (p.pid) peak.set(p.pid, Math.max(peak.get(p.pid) ?? 0, vmHwmMb(p.pid) || 0));
+    for (const pid of procs) peak.set(pid, Math.max(peak.get(pid) ?? 0, vmHwmMb(pid) || 0));
     const evs = (await coord.bus.history(coord.runId, 0)) as RunEvent[];
     // Round 1 includes the workers' start-up and registration; rounds 2.. are warm.
     const warm = evs.filter((e): e is Extract<RunEvent, { type: 'round.completed' }> => e.type === 'round.completed' && e.round >= 2);
@@ -222,7 +269,7 @@ export async function processRound(o: { model: string; dir: string; workers: num
     clearInterval(sample);
     clearInterval(loadTimer);
     sub.close();
-    for (const p of procs) p.kill('SIGKILL');
+    await o.spawner.killAll();
     await coord.close();
     rmSync(runDir, { recursive: true, force: true });
   }
@@ -247,16 +294,18 @@ export function roundTable(rows: ProcessRoundRow[], tcpBytesPerMs: number): stri
 
 export async function benchProcessRounds(counts: number[]): Promise<{ rows: ProcessRoundRow[]; tcpBytesPerMs: number; table: string }> {
   const dir = mkdtempSync(join(tmpdir(), 'fedtune-bench-rounds-'));
+  const spawner = Spawner.start();
   try {
     const model = await roundBenchModel(dir);
     const tcpBytesPerMs = await rawTcpBetweenProcesses(64 << 20);
     const rows: ProcessRoundRow[] = [];
     for (const n of counts) {
-      rows.push(await processRound({ model, dir, workers: n, tcpBytesPerMs }));
+      rows.push(await processRound({ model, dir, workers: n, tcpBytesPerMs, spawner }));
       console.log(`  (c) ${n} worker processes done`);
     }
     return { rows, tcpBytesPerMs, table: roundTable(rows, tcpBytesPerMs) };
   } finally {
+    spawner.close();
     rmSync(dir, { recursive: true, force: true });
   }
 }

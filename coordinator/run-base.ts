@@ -9,7 +9,7 @@ import type { RunConfig } from '../common/config.ts';
 import type { RunEvent, RunEventBody } from '../common/events.ts';
 import { logger } from '../common/log.ts';
 import type { TensorMap } from '../common/tensor.ts';
-import { giveAdapterBuffer } from './strategies/math/sum.ts';
+import { giveAdapterBuffer, takeAdapterBuffer } from './strategies/math/sum.ts';
 import type { TaskFailed } from '../proto/gen/fedtune/v1/coordinator.ts';
 import { Conditions } from './conditions.ts';
 import type { EventBus } from './events/bus.ts';
@@ -79,7 +79,7 @@ export abstract class RunBase {
     this.bus = o.bus;
     this.registry = o.registry;
     this.resumed = o.resumed;
-    const global = o.global;
+    const global = inAdapterBuffer(o.global);
     const version = o.state.globalVersion;
     this.global = global;
     this.version = version;
@@ -246,6 +246,31 @@ export abstract class RunBase {
       else this.free(p);
     }
   }
+}
+
+/**
+ * A float32 adapter as views of one buffer from takeAdapterBuffer (copied once): the starting global
+ * then packs without a second copy, and once it is two versions old its buffer serves a later
+ * round's mean (a fresh 64 MiB buffer costs ~16k page faults, measured 0.2 s of system time per
+ * round in bench (c)). An adapter holding float64 stays as it is.
+ */
+function inAdapterBuffer(m: TensorMap): TensorMap {
+  let n = 0;
+  for (const t of m.values()) {
+    if (!(t.data instanceof Float32Array)) return m;
+    n += t.data.length;
+  }
+  if (n === 0) return m;
+  const all = takeAdapterBuffer(n);
+  const out: TensorMap = new Map();
+  let off = 0;
+  for (const [name, t] of m) {
+    const v = all.subarray(off, off + t.data.length);
+    v.set(t.data);
+    out.set(name, { ...t, data: v });
+    off += t.data.length;
+  }
+  return out;
 }
 
 /** Why an update's tensors do not match the global adapter's manifest (null when they do). */

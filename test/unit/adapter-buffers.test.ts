@@ -2,7 +2,8 @@
  * Global adapter buffers reused across rounds (coordinator/strategies/math/sum.ts,
  * takeAdapterBuffer / giveAdapterBuffer; RunBase.setGlobal and holdVersion): a mean's
  * buffer serves a later mean only once its version is two versions old and no
- * download streams it; buffers not taken there are never kept.
+ * download streams it; buffers not taken there are never kept. The starting global is
+ * copied into one.
  */
 import { describe, expect, it } from 'vitest';
 import { giveAdapterBuffer, takeAdapterBuffer } from '../../coordinator/strategies/math/sum.ts';
@@ -21,7 +22,7 @@ const adapter = (v: number): TensorMap => {
 };
 
 class Run extends RunBase {
-  constructor() {
+  constructor(start = new Float32Array(N)) {
     super({
       cfg: parseRunConfig({
         name: 'buffers',
@@ -35,7 +36,7 @@ class Run extends RunBase {
       }),
       bus: new MemoryBus(),
       registry: new WorkerRegistry(60_000),
-      global: new Map([['a', { shape: [N], data: new Float32Array(N) }]]),
+      global: new Map([['a', { shape: [N], data: start }]]),
       state: { runId: 'r', globalVersion: 0 },
       resumed: false,
     });
@@ -91,6 +92,19 @@ describe('adapter buffers', () => {
     release(); // once only
     expect(takeAdapterBuffer(N).buffer).toBe(v2.get('a')!.data.buffer);
     expect(takeAdapterBuffer(N).buffer).not.toBe(v2.get('a')!.data.buffer);
+  });
+
+  it('the starting global is copied once into such a buffer, which serves a mean two versions later', () => {
+    const start = Float32Array.from({ length: N }, (_, i) => i / 8);
+    const run = new Run(start);
+    const g0 = run.globalAdapter.get('a')!.data;
+    expect(g0.buffer).not.toBe(start.buffer);
+    expect(Array.from(g0)).toEqual(Array.from(start));
+    expect(run.adapterVersion(0)!.bytes.buffer).toBe(g0.buffer); // packed for the wire without a second copy
+    run.next(adapter(1), 1);
+    expect(takeAdapterBuffer(N).buffer).not.toBe(g0.buffer); // version 0 is still downloadable
+    run.next(adapter(2), 2); // version 0 retired
+    expect(takeAdapterBuffer(N).buffer).toBe(g0.buffer);
   });
 
   it('a buffer a live version still uses (a strategy that kept the global) is not given back', () => {
