@@ -26,6 +26,7 @@ import { createCoordinatorService, createTransfers } from '../coordinator/servic
 import { startBulkServer, type BulkServer } from '../coordinator/bulk.ts';
 import { rawTcpBetweenProcesses } from './rounds.ts';
 import { MeanAggregator } from '../coordinator/strategies/fedavg.ts';
+import { UploadBufferPool } from '../coordinator/strategies/math/sum.ts';
 import { createStrategy } from '../coordinator/strategies/index.ts';
 import { federatedStore, newRunState } from '../coordinator/store.ts';
 import { WorkerRegistry } from '../coordinator/workers.ts';
@@ -90,8 +91,14 @@ export function benchAggregation(adapter: TensorMap, updates = 4, repeats = 3): 
   const packed = packTensorMap(adapter);
   // One buffer per update, as uploads are: the fold reads `updates` distinct
   // buffers (none of them hot in cache for the others), and the baselines copy
-  // the same buffers.
-  const uploads = Array.from({ length: updates }, () => packed.bytes.slice());
+  // the same buffers. They come from the pool the coordinator receives uploads
+  // into (slots of the fold kernels' memory, math/sum.ts UploadBufferPool).
+  const pool = new UploadBufferPool(updates + 1);
+  const uploads = Array.from({ length: updates }, () => {
+    const b = pool.take(packed.bytes.byteLength);
+    b.set(packed.bytes);
+    return b;
+  });
   const flats = uploads.map((b) => new Float32Array(b.buffer, b.byteOffset, b.byteLength / 4));
   const bytes = packed.bytes.byteLength * updates;
   let best = Infinity;
@@ -104,6 +111,7 @@ export function benchAggregation(adapter: TensorMap, updates = 4, repeats = 3): 
       acc.flush(); // whatever is still queued is folded inside the timed region
     });
     best = Math.min(best, ms);
+    acc.dispose();
   }
   const dst = new Float32Array(packed.bytes.byteLength / 4);
   dst.fill(0); // its pages touched, as the aggregator's sum is by its constructor (outside the timing)
@@ -115,6 +123,7 @@ export function benchAggregation(adapter: TensorMap, updates = 4, repeats = 3): 
     bestSet = Math.min(bestSet, time(() => { for (let k = 0; k < updates; k++) dst.set(flats[k]!); })[1]);
     bestCopy = Math.min(bestCopy, time(() => { for (let k = 0; k < updates; k++) srcBufs[k]!.copy(dstBuf); })[1]);
   }
+  for (const b of uploads) pool.give(b);
   const gbps = (ms: number): number => bytes / 1e9 / (ms / 1000);
   return [
     {

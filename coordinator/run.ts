@@ -258,6 +258,11 @@ export class FederatedRun extends RunBase implements RegistryListener {
     return t;
   }
 
+  /** The open attempt's aggregator streams: it folds each update and gives its buffer back (FitUpdate.release). */
+  foldsUploads(): boolean {
+    return this.open?.aggregator.kind === 'streaming';
+  }
+
   /** The upload of `t` broke off before it was complete: drop it, the task stays open for a retry. */
   abandonUpdate(t: TaskState): void {
     this.board.reopen(t);

@@ -36,6 +36,7 @@ import type { PackedTensors } from '../common/chunks.ts';
 import type { EvalResult, TaskFailed, TaskProgress } from '../proto/gen/fedtune/v1/coordinator.ts';
 import { UpdateRejected, trainingSpecOf } from './tasks.ts';
 import { Admission } from './identity.ts';
+import { UploadBufferPool } from './strategies/math/sum.ts';
 import type { SessionStream, WorkerRecord, WorkerRegistry } from './workers.ts';
 
 const log = logger('coordinator.service');
@@ -68,6 +69,11 @@ export interface RunController<T = unknown> {
   adapterVersion(version: number, rank?: number): PackedTensors | undefined;
   /** A download streams `p` until the returned function is called (its buffer is not reused before). */
   holdVersion?(p: PackedTensors): () => void;
+  /**
+   * Uploads accepted now are folded by a streaming aggregator that gives each one's buffer back
+   * (FitUpdate.release) once read: they may be received into the fold kernels' memory. Absent: no.
+   */
+  foldsUploads?(): boolean;
   /** Distributed mode: a data shard of the current plan (undefined: unknown, or federated mode). */
   dataShard?(shardId: string): { bytes: Uint8Array; sha256: Uint8Array; mediaType: string } | undefined;
   onHeartbeat(w: WorkerRecord, status: string): void;
@@ -178,7 +184,10 @@ export function createTransfers<T>(ctx: ServiceContext<T>): Transfers {
   const uploads = new Semaphore(cfg.server.max_concurrent_uploads);
   // Reassembly buffers of the last round's uploads, reused by the next (chunks.ts, BufferPool).
   // Up to max_concurrent_uploads are being filled while the aggregator may hold a few folded-later ones.
+  // Uploads a streaming aggregator folds and gives back are received into the fold kernels' own
+  // memory where it has room (math/sum.ts, UploadBufferPool); the rest into ordinary buffers.
   const buffers = new BufferPool(cfg.server.max_concurrent_uploads + 4);
+  const folded = new UploadBufferPool(cfg.server.max_concurrent_uploads + 4);
 
   const authenticate = (id: string, key: string, call: { getPeer(): string }): WorkerRecord => {
     const w = id && key ? registry.authenticate(id, key) : null;
@@ -230,6 +239,7 @@ export function createTransfers<T>(ctx: ServiceContext<T>): Transfers {
     let header: UploadHeader | null = null;
     let task: T | null = null;
     let asm: ChunkAssembler | null = null;
+    let pool: BufferPool = buffers;
     let over = false;
     let deadline: NodeJS.Timeout | null = null;
     const end = (): void => {
@@ -260,7 +270,8 @@ export function createTransfers<T>(ctx: ServiceContext<T>): Transfers {
         const r = await uploads.acquire();
         if (over) return r();
         release = r;
-        asm = new ChunkAssembler({ totalBytes: want, maxChunkBytes, what: `upload of task ${h.taskId}`, pool: buffers, heldUntil: opts.bufferHeldUntil });
+        pool = enc.encoding === 'float32' && ctx.run.foldsUploads?.() ? folded : buffers;
+        asm = new ChunkAssembler({ totalBytes: want, maxChunkBytes, what: `upload of task ${h.taskId}`, pool, heldUntil: opts.bufferHeldUntil });
         deadline = setTimeout(() => {
           if (over) return;
           log.warn({ worker: w.workerId, task: h.taskId, received: asm?.receivedBytes ?? 0 }, 'upload past server.upload_timeout_sec; closed');
@@ -293,7 +304,7 @@ export function createTransfers<T>(ctx: ServiceContext<T>): Transfers {
         const release = (): void => {
           if (given) return;
           given = true;
-          buffers.give(bytes);
+          pool.give(bytes);
         };
         ctx.run.acceptUpdate(w, task, header, bytes, release);
         end();

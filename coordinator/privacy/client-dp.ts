@@ -281,7 +281,7 @@ export class ClientDpAggregator extends MeanAggregator {
     return this.added;
   }
 
-  override add(u: Pick<FitUpdate, 'tensors' | 'weight'> & { start?: TensorMap }): void {
+  override add(u: Pick<FitUpdate, 'tensors' | 'weight'> & { start?: TensorMap; release?: () => void }): void {
     const start = u.start ?? this.global;
     const parts: Float64Array[] = [];
     for (const [name, g] of this.global) {
@@ -292,6 +292,7 @@ export class ClientDpAggregator extends MeanAggregator {
       for (let i = 0; i < d.length; i++) d[i] = t.data[i]! - s.data[i]!;
       parts.push(d);
     }
+    u.release?.(); // the deltas are copies: the upload's buffer is free again
     this.dp.clip(parts);
     let k = 0;
     let sq = 0;

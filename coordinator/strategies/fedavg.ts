@@ -88,7 +88,7 @@ export class MeanAggregator implements Aggregator {
    * (an upload buffer pool), pass `u.release`: it is called once, right after
    * the fold that read them (inside add() when that fills the batch or the update
    * has a float64 tensor, else in a later add(), flush() or mean()); never when
-   * add() throws, nor for an aggregator dropped with updates still queued.
+   * add() throws; dispose() calls it for updates still queued.
    * Throws, adding nothing, when the weight is not a positive finite number or a
    * tensor is missing or has the wrong number of elements. add() after mean() is
    * allowed: the next mean() includes it.
@@ -129,9 +129,14 @@ export class MeanAggregator implements Aggregator {
     for (const u of q) u.release?.();
   }
 
-  /** Gives the sum's memory back for the next aggregator (math/sum.ts); the aggregator is unusable afterwards. */
+  /**
+   * Gives the sum's memory back for the next aggregator (math/sum.ts), and the buffers of updates
+   * still queued (a retried attempt's) to their pool; the aggregator is unusable afterwards.
+   */
   dispose(): void {
+    const q = this.pending;
     this.pending = [];
+    for (const u of q) u.release?.();
     this.sum.dispose();
   }
 

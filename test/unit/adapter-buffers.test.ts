@@ -13,6 +13,8 @@ import { MemoryBus } from '../../coordinator/events/memory.ts';
 import { WorkerRegistry } from '../../coordinator/workers.ts';
 import { parseRunConfig } from '../../common/config.ts';
 import type { TensorMap } from '../../common/tensor.ts';
+import { ClientDp, ClientDpAggregator } from '../../coordinator/privacy/client-dp.ts';
+import { clientDpSchema } from '../../common/privacy/config.ts';
 
 const N = 1000;
 const adapter = (v: number): TensorMap => {
@@ -115,5 +117,22 @@ describe('adapter buffers', () => {
     run.next(kept, 3); // version 1 retires, but versions 2 and 3 are the same buffer
     expect(takeAdapterBuffer(N).buffer).not.toBe(kept.get('a')!.data.buffer);
     expect(run.adapterVersion(3)!.bytes.every((b, i) => b === new Uint8Array(Float32Array.of(5).buffer)[i % 4])).toBe(true);
+  });
+
+  it('every update\'s buffer goes back: after its fold, at dispose() when still queued (a retried attempt), and under client DP once its delta is copied', () => {
+    const like: TensorMap = new Map([['a', { shape: [3], data: new Float32Array(3) }]]);
+    const up = (v: number): TensorMap => new Map([['a', { shape: [3], data: new Float32Array(3).fill(v) }]]);
+    const released: number[] = [];
+    const m = new MeanAggregator(like);
+    m.add({ tensors: up(1), weight: 1, release: () => released.push(1) });
+    m.add({ tensors: up(2), weight: 1, release: () => released.push(2) });
+    expect(released).toEqual([]); // queued, not folded yet (four per fold)
+    m.dispose();
+    expect(released).toEqual([1, 2]);
+
+    const dp = new ClientDpAggregator({ tensors: like, rank: 1 }, new ClientDp(clientDpSchema.parse({ clip_norm: 1, noise_multiplier: 0 })), 2);
+    dp.add({ tensors: up(0.5), weight: 1, start: like, release: () => released.push(3) });
+    expect(released).toEqual([1, 2, 3]);
+    expect(Array.from(dp.mean().get('a')!.data)).toEqual([0.25, 0.25, 0.25]); // clipped delta (norm 0.87 < 1) over the 2 sites asked
   });
 });

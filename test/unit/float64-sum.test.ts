@@ -9,7 +9,7 @@ import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { absMax, defaultKernel, Float64Sum, squaredDistance, type SumKernel } from '../../coordinator/strategies/math/sum.ts';
+import { absMax, defaultKernel, Float64Sum, squaredDistance, UploadBufferPool, type SumKernel } from '../../coordinator/strategies/math/sum.ts';
 import { createRng } from '../../common/random.ts';
 import { firstNonFinite } from '../../common/tensor.ts';
 
@@ -229,5 +229,95 @@ describe('firstNonFinite', () => {
         }
       }
     }
+  });
+});
+
+describe('upload buffers in the kernels\' memory (UploadBufferPool, the arena)', () => {
+  // A length no other test uses, so this file's arena is its own.
+  const N = 12_347;
+
+  it('whole-adapter float32 uploads get distinct slots of one memory, given back and taken again; beyond the slots, ordinary buffers', () => {
+    const pool = new UploadBufferPool(3);
+    const a = pool.take(N * 4);
+    const b = pool.take(N * 4);
+    const c = pool.take(N * 4);
+    expect(a.buffer).toBe(b.buffer);
+    expect(c.buffer).toBe(a.buffer);
+    const at = [a, b, c].map((x) => x.byteOffset).sort((x, y) => x - y);
+    expect(at[1]! - at[0]!).toBeGreaterThanOrEqual(N * 4); // no overlap
+    expect(at[2]! - at[1]!).toBeGreaterThanOrEqual(N * 4);
+    const d = pool.take(N * 4); // the three slots are out
+    expect(d.buffer).not.toBe(a.buffer);
+    expect(d.buffer.byteLength).toBe(N * 4);
+    expect(pool.take(N * 4 + 2).buffer.byteLength).toBe(N * 4 + 2); // not a float32 adapter's size
+    pool.give(b);
+    pool.give(b); // twice: the slot is free once
+    const e = pool.take(N * 4);
+    expect(e.buffer).toBe(a.buffer);
+    expect(e.byteOffset).toBe(b.byteOffset);
+    expect(pool.take(N * 4).buffer).not.toBe(a.buffer);
+    for (const x of [a, c, e]) pool.give(x);
+  });
+
+  it('a sum of the arena\'s size lives in it and folds slots where they lie, other sources through scratch: the reference\'s bits', () => {
+    const pool = new UploadBufferPool(4);
+    const rand = uniform(11);
+    const slots = [pool.take(N * 4), pool.take(N * 4)];
+    const s = new Float64Sum(N);
+    expect(s.values.buffer).toBe(slots[0]!.buffer);
+    const other = new Float64Sum(N); // the arena's sum is taken: this one has its own memory
+    expect(other.values.buffer).not.toBe(slots[0]!.buffer);
+    const want = new Float64Array(N);
+    for (let round = 0; round < 2; round++) {
+      const sources = [
+        new Float32Array(slots[0]!.buffer, slots[0]!.byteOffset, N),
+        randomF32(N, rand, 10),
+        new Float32Array(slots[1]!.buffer, slots[1]!.byteOffset, N),
+        randomF32(N, rand, 0.1),
+        new Float32Array(slots[0]!.buffer, slots[0]!.byteOffset, N).subarray(0, N), // the same slot twice
+      ];
+      sources[0]!.set(randomF32(N, rand, 100));
+      sources[2]!.set(randomF32(N, rand, 1e-3));
+      const weights = [3, -0.5, 1e3, 7, 0.25];
+      s.fold(0, sources, weights);
+      other.fold(0, sources, weights);
+      reference(want, 0, sources, weights);
+      expectSameBits(s.values, want);
+      expectSameBits(other.values, want);
+    }
+    const out = new Float32Array(N);
+    s.scaleTo(0, out, 1 / 3);
+    expectSameBits(out, Float32Array.from(want, (v) => v * (1 / 3)));
+    s.dispose();
+    other.dispose();
+    const again = new Float64Sum(N); // the arena's sum is free again, zeroed
+    expect(again.values.buffer).toBe(slots[0]!.buffer);
+    expect(again.values.every((v) => v === 0)).toBe(true);
+    again.dispose();
+    for (const x of slots) pool.give(x);
+  });
+
+  it('absMax over a slot (the WebAssembly kernel) is the JavaScript loop\'s answer for every length modulo 8, NaN and infinities included', () => {
+    const pool = new UploadBufferPool(2);
+    const slot = pool.take(N * 4);
+    const inSlot = new Float32Array(slot.buffer, slot.byteOffset, N);
+    const rand = uniform(5);
+    for (let n = 0; n <= 19; n++) {
+      const v = randomF32(n, rand, 50);
+      inSlot.set(v);
+      // The reference: a plain loop here.
+      let m = 0;
+      for (const x of v) m = Math.max(m, Math.abs(x));
+      expect(absMax(inSlot.subarray(0, n)), `n = ${n}`).toBe(m);
+      expect(absMax(v), `n = ${n}, outside`).toBe(m);
+      for (let at = 0; at < n; at++) {
+        inSlot[at] = NaN;
+        expect(absMax(inSlot.subarray(0, n)), `NaN at ${at} of ${n}`).toBeNaN();
+        inSlot[at] = -Infinity;
+        expect(absMax(inSlot.subarray(0, n)), `-Infinity at ${at} of ${n}`).toBe(Infinity);
+        inSlot[at] = v[at]!;
+      }
+    }
+    pool.give(slot);
   });
 });
