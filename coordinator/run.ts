@@ -523,6 +523,8 @@ export class FederatedRun extends RunBase implements RegistryListener {
         () => ({ n: this.state.round, path: this.store.dir(this.state.round), history: this.state.history }),
       );
     } finally {
+      // A run stopped or failed mid-round: the open attempt's sum and queued upload buffers go back.
+      this.open?.aggregator.dispose?.();
       this.open = null;
     }
   }
