@@ -14,11 +14,14 @@
  * stays in cache) and folded from it. Four sources are folded per pass over a
  * block of the sum, so the sum is read and written once per four updates.
  *
- * bench (a), 16.8M parameters, 4 distinct 67 MB float32 updates, 2-core VM, same
- * run: JavaScript 2.8-3.9 GB/s of update bytes (0.27-0.36x TypedArray.set),
- * WebAssembly 6.3-6.4 GB/s (0.61x); the WebAssembly fold straight from wasm
- * memory, without the scratch copy, runs at memcpy speed (1.0x), so the copy is
- * the remaining cost.
+ * Uploads are received into that memory where they can be (Arena, below), so
+ * the kernels read them where they lie. bench (a), 16.8M parameters, 4 distinct
+ * 67 MB float32 updates, same run: on a 2-core VM whose copy ran at 11 GB/s, the
+ * JavaScript fold 2.8-3.9 GB/s of update bytes (0.27-0.36x TypedArray.set) and
+ * the WebAssembly fold through scratch 6.3-6.4 GB/s (0.61x), from wasm memory at
+ * copy speed; on a 2-core EPYC whose copy runs at 21.7-23.1 GB/s, through
+ * scratch 8.7 GB/s (0.38x), from arena slots 10-11.3 GB/s (0.43-0.52x), where
+ * the kernel's float64 arithmetic, not memory, is the limit.
  */
 import { SUM_KERNELS_WASM_BASE64 } from './sum-kernels.ts';
 import { BufferPool } from '../../../common/chunks.ts';
