@@ -14,9 +14,11 @@
  *              (bench/torch_llama_step.py, Debian's python3-torch)
  *
  * for each engine variant given (--variants: fp32, and nf4 / int4 base weights,
- * fp16 base weights (--compute-dtype float16) and per-layer recompute).
+ * fp16 base weights (--compute-dtype float16), bf16 base weights left in the
+ * checkpoint's files (--compute-dtype bfloat16; "resident" then counts bytes
+ * ONNX Runtime maps from them) and per-layer recompute).
  *
- *   npm run bench:scale [-- --shapes qwen2.5-0.5b,llama-3.2-1b --seq 512 --steps 2 --threads 2 --variants fp32,nf4,fp16,recompute --no-torch --torch-timeout 900]
+ *   npm run bench:scale [-- --shapes qwen2.5-0.5b,llama-3.2-1b --seq 512 --steps 2 --threads 2 --variants fp32,nf4,fp16,bf16,recompute --no-torch --torch-timeout 900]
  *   node bin/run-ts.js bench/model-scale.ts make qwen2.5-0.5b DIR     # just write the random model
  *   node bin/run-ts.js bench/model-scale.ts probe DIR '{"seq":128}'   # one measurement (JSON line)
  */
@@ -88,6 +90,7 @@ const VARIANTS: Record<string, Record<string, unknown>> = {
   recompute: { recompute: true },
   'nf4+recompute': { quantizeBase: 'nf4', recompute: true },
   fp16: { computeDtype: 'float16' },
+  bf16: { computeDtype: 'bfloat16' },
 };
 
 /** Write a random model of `shape` to dir (bfloat16 safetensors, config.json, a placeholder tokenizer). */
@@ -144,7 +147,7 @@ export async function probe(dir: string, o: ProbeOptions): Promise<void> {
   const t0 = performance.now();
   // As a worker loads it: with a 4-bit base each weight is quantised as it is read (worker/engine/quantize.ts).
   const quantize = (extra as { quantizeBase?: QuantFormat }).quantizeBase;
-  const compute = (extra as { computeDtype?: 'float16' }).computeDtype;
+  const compute = (extra as { computeDtype?: 'float16' | 'bfloat16' }).computeDtype;
   const model = quantize || compute ? await loadBaseModel(dir, quantize, { compute }) : await loadModel(dir);
   const loadSecs = (performance.now() - t0) / 1000;
   const resident = baseMemory(model).total;
@@ -235,7 +238,7 @@ async function main(): Promise<void> {
   const seq = Number(arg('--seq', '512'));
   const steps = Number(arg('--steps', '2'));
   const threads = Number(arg('--threads', '2'));
-  const variants = arg('--variants', 'fp32,nf4,fp16,recompute').split(',');
+  const variants = arg('--variants', 'fp32,nf4,fp16,bf16,recompute').split(',');
   const cache = resolve(arg('--dir', join(tmpdir(), 'fedtune-bench-scale')));
   const self = join(ROOT, 'bench', 'model-scale.ts');
   const haveTorch = !process.argv.includes('--no-torch') && spawnSync('/usr/bin/python3', ['-c', 'import torch'], { encoding: 'utf8' }).status === 0;

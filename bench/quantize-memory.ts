@@ -3,9 +3,11 @@
  * A mid-size random llama (default hidden 1024, 8 layers, intermediate 2816,
  * ~100M parameters) is written to a temporary directory; then, each in its own
  * process so that its RSS is its own, the model is loaded for LoRA training
- * with a float32, an nf4 and an int4 base and with float16 compute (its base
- * weights held in float16, --compute-dtype float16), an engine is built and a few LoRA
- * training steps run. Each child reports:
+ * with a float32, an nf4 and an int4 base, with float16 compute (its base
+ * weights held in float16, --compute-dtype float16) and with bfloat16 (the
+ * checkpoint's bfloat16 matrices left in its files and mapped by ONNX Runtime,
+ * --compute-dtype bfloat16), an engine is built and a few LoRA training steps
+ * run. The checkpoint is stored in bfloat16, as released ones are. Each child reports:
  *
  *   base    bytes the engine holds for the base weights (Engine.baseMemory)
  *   rss     process RSS after the steps and a full GC (steady state)
@@ -33,11 +35,12 @@ const arg = (name: string, def: string): string => {
   return i >= 0 && process.argv[i + 1] ? process.argv[i + 1]! : def;
 };
 
-type Mode = 'float32' | 'nf4' | 'int4' | 'float16';
+type Mode = 'float32' | 'nf4' | 'int4' | 'float16' | 'bfloat16';
 interface ChildResult {
   mode: Mode;
   base: number;
   floatBytes: number;
+  fileBytes: number;
   packedBytes: number;
   scaleBytes: number;
   rss: number;
@@ -50,7 +53,7 @@ async function child(mode: Mode, dir: string): Promise<void> {
   const { Engine } = await import('../worker/engine/engine.ts');
   const { loadBaseModel } = await import('../worker/engine/quantize.ts');
   const format = mode === 'nf4' || mode === 'int4' ? mode : undefined;
-  const computeDtype = mode === 'float16' ? 'float16' : 'float32';
+  const computeDtype = mode === 'float16' || mode === 'bfloat16' ? mode : 'float32';
   const model = await loadBaseModel(dir, format, { compute: computeDtype });
   const lora = { r: 8, alpha: 16, dropout: 0, targetModules: ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'] };
   const engine = Engine.create(model, { mode: 'lora', lora, quantizeBase: format, computeDtype });
@@ -74,6 +77,7 @@ async function child(mode: Mode, dir: string): Promise<void> {
     mode,
     base: m.total,
     floatBytes: m.floatBytes,
+    fileBytes: m.fileBytes,
     packedBytes: m.packedBytes,
     scaleBytes: m.scaleBytes,
     rss: process.memoryUsage().rss,
@@ -115,17 +119,18 @@ async function main(): Promise<void> {
     const heads = Number(arg('heads', '16'));
     const dir = join(root, 'model');
     // `fedtune model init`: normal(0, 0.02) weights, its byte-level tokenizer (a small vocabulary).
-    await initModel(dir, { arch: 'llama', hiddenSize: hidden, numLayers: layers, numHeads: heads, numKvHeads: heads / 2, intermediateSize: intermediate });
+    // Stored in bfloat16, as released checkpoints are: every mode reads the same values (exact in float32).
+    await initModel(dir, { arch: 'llama', hiddenSize: hidden, numLayers: layers, numHeads: heads, numKvHeads: heads / 2, intermediateSize: intermediate, dtype: 'bfloat16' });
     const { loadModel } = await import('../worker/engine/model.ts');
     let params = 0;
     for (const t of (await loadModel(dir)).weights.values()) params += t.data.length;
     console.log(`model: llama hidden ${hidden}, ${layers} layers, intermediate ${intermediate}, ${(params / 1e6).toFixed(1)}M parameters (float32 ${mb(params * 4)})`);
     const results: ChildResult[] = [];
-    for (const mode of ['float32', 'nf4', 'int4', 'float16'] as const) {
+    for (const mode of ['float32', 'nf4', 'int4', 'float16', 'bfloat16'] as const) {
       const r = await measure(mode, dir);
       results.push(r);
       console.log(
-        `${mode.padEnd(7)} base ${mb(r.base).padStart(11)} (float ${mb(r.floatBytes)}, packed ${mb(r.packedBytes)}, scales ${mb(r.scaleBytes)})  ` +
+        `${mode.padEnd(7)} base ${mb(r.base).padStart(11)} (float ${mb(r.floatBytes)}, in files ${mb(r.fileBytes)}, packed ${mb(r.packedBytes)}, scales ${mb(r.scaleBytes)})  ` +
           `rss ${mb(r.rss).padStart(11)}  peak ${mb(r.peak).padStart(11)}  step ${r.step.toFixed(3)} s  loss ${r.loss.toFixed(4)}`,
       );
     }

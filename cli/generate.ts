@@ -70,8 +70,8 @@ async function generate(o: GenerateCliOpts): Promise<void> {
   const template = o.template === RAW_TEMPLATE ? null : o.template === AUTO_TEMPLATE ? modelChatTemplate(await loadChatTemplate(modelDir)) : getTemplate(o.template);
   const tok = await loadTokenizer(modelDir);
   const computeDtype = parseComputeDtype(o.computeDtype);
-  if (computeDtype === 'float16' && !o.adapter) throw new Error('--compute-dtype float16 generates with an adapter on float16 base weights; give --adapter (the base alone runs in float32)');
-  const model = computeDtype === 'float16' ? await loadBaseModel(modelDir, undefined, { compute: computeDtype }) : await loadModel(modelDir);
+  if (computeDtype !== 'float32' && !o.adapter) throw new Error(`--compute-dtype ${computeDtype} generates with an adapter on ${computeDtype} base weights; give --adapter (the base alone runs in float32)`);
+  const model = computeDtype !== 'float32' ? await loadBaseModel(modelDir, undefined, { compute: computeDtype }) : await loadModel(modelDir);
   const eosIds = await readEosIds(modelDir, tok.eosId);
   const outside = eosIds.filter((id) => id >= model.config.vocabSize);
   if (outside.length > 0) console.warn(`warning: EOS id${outside.length > 1 ? 's' : ''} ${outside.join(', ')} outside the model's vocabulary (${model.config.vocabSize}) ignored`);
@@ -125,6 +125,6 @@ export function register(program: Command): void {
     .option('--no-kv-cache', 'recompute the whole sequence at every step (slow; for comparison)')
     .option('--threads <n>', 'ONNX Runtime intra-op threads (default: one per core)', intArg('--threads', 1))
     .addOption(new Option('--device <d>', 'execution provider').choices(['cpu', 'cuda']).default('cpu'))
-    .option('--compute-dtype <dtype>', 'float32 (default) or float16: the base model\'s matrices held in float16 (with --adapter), as `fedtune train --compute-dtype` holds them')
+    .option('--compute-dtype <dtype>', 'float32 (default), float16 or bfloat16: the base model\'s matrices held in float16, or left in a bfloat16 checkpoint\'s files (with --adapter), as `fedtune train --compute-dtype` holds them')
     .action(async (o: GenerateCliOpts) => generate(o));
 }

@@ -550,7 +550,7 @@ async function train(o: TrainOpts): Promise<void> {
   warnDropped([...data.droppedSources, ...(evalData?.droppedSources ?? [])], o.maxSeqLen, seqLenName);
   const dropped = data.dropped + (evalData?.dropped ?? 0);
   console.log(
-    `fedtune train: ${model.config.modelType} ${mode === 'lora' ? `${lora!.useRslora ? 'rsLoRA' : 'LoRA'}${lora!.useDora ? ' + DoRA' : ''} r=${lora!.r} alpha=${lora!.alpha} dropout=${lora!.dropout} on ${lora!.targetModules.join(',')}${describePatterns(lora!, targets)}${o.loraPlusRatio !== 1 ? `, LoRA+ ratio ${o.loraPlusRatio}` : ''}${quantizeBase ? `, ${quantizeBase} base weights` : ''}${computeDtype === 'float16' ? ', float16 base weights' : ''}` : 'full fine-tuning'}; ` +
+    `fedtune train: ${model.config.modelType} ${mode === 'lora' ? `${lora!.useRslora ? 'rsLoRA' : 'LoRA'}${lora!.useDora ? ' + DoRA' : ''} r=${lora!.r} alpha=${lora!.alpha} dropout=${lora!.dropout} on ${lora!.targetModules.join(',')}${describePatterns(lora!, targets)}${o.loraPlusRatio !== 1 ? `, LoRA+ ratio ${o.loraPlusRatio}` : ''}${quantizeBase ? `, ${quantizeBase} base weights` : ''}${computeDtype === 'float16' ? ', float16 base weights' : computeDtype === 'bfloat16' ? ', bfloat16 base weights mapped from the checkpoint' : ''}` : 'full fine-tuning'}; ` +
       `${data.train.length} train / ${evalSet.length} eval examples${dropped ? ` (${dropped} dropped: too long)` : ''}; ${totalSteps} steps; ` +
       `lr ${o.lr} ${o.schedule}, warmup ${o.warmup}, batch ${o.batchSize} x ${o.gradAccum}`,
   );
@@ -707,7 +707,7 @@ async function train(o: TrainOpts): Promise<void> {
 
 async function withAdapter(modelDir: string, adapterDir: string | undefined, computeDtype: ComputeDtype = 'float32'): Promise<{ engine: Engine; params: TensorMap }> {
   if (!adapterDir) {
-    if (computeDtype === 'float16') throw new Error('--compute-dtype float16 evaluates an adapter on float16 base weights; give --adapter (the base alone is evaluated in float32)');
+    if (computeDtype !== 'float32') throw new Error(`--compute-dtype ${computeDtype} evaluates an adapter on ${computeDtype} base weights; give --adapter (the base alone is evaluated in float32)`);
     const model = await loadModel(modelDir);
     const engine = Engine.create(model, { mode: 'full' });
     return { engine, params: model.weights };
@@ -741,7 +741,7 @@ export function register(program: Command): void {
     .option('--use-dora', 'DoRA (Liu et al. 2024): W becomes m * (W + s*B*A) / ||W + s*B*A|| per output feature, m trained (PEFT use_dora)')
     .option('--quantize-base <format>', '4-bit base weights (QLoRA): nf4 or int4, blocks of 64 with one scale each; the decoder linear layers are held 4-bit, LoRA trains in float32 on top')
     .option('--recompute', 'recompute each decoder layer in the backward pass instead of keeping its activations (less memory, about a third more compute)')
-    .option('--compute-dtype <dtype>', 'float32 (default) or float16: the base model\'s matrices held in float16 (half the memory); on CUDA their products run in float16 with dynamic loss scaling; LoRA and AdamW stay float32')
+    .option('--compute-dtype <dtype>', 'float32 (default), float16 (the base model\'s matrices held in float16, half the memory; on CUDA their products run in float16 with dynamic loss scaling) or bfloat16 (a bfloat16 checkpoint\'s matrices left in its files, mapped by ONNX Runtime, widened per product); LoRA and AdamW stay float32')
     .option('--plan', 'print the memory plan (weights, LoRA + AdamW, activations at --batch-size x --max-seq-len) against the device\'s memory and exit: 0 when it fits')
     .option('--rank-pattern <list>', "per-module ranks, PEFT rank_pattern: 'pattern=r,...' (a pattern is a module-name suffix or regex, first match wins), e.g. 'q_proj=16,layers.0.self_attn.v_proj=4'")
     .option('--alpha-pattern <list>', "per-module alphas, PEFT alpha_pattern: 'pattern=alpha,...', e.g. 'q_proj=32'")
@@ -779,7 +779,7 @@ export function register(program: Command): void {
     .option('--template <name>', 'prompt template: alpaca, chatml, plain, or auto (the model\'s chat_template)', 'alpaca')
     .option('--max-seq-len <n>', 'truncate sequences to this many tokens', intArg('--max-seq-len', 1), 256)
     .option('--batch-size <n>', 'sequences per batch', intArg('--batch-size', 1), 8)
-    .option('--compute-dtype <dtype>', 'float32 (default) or float16: the base model\'s matrices held in float16 (with --adapter), as `fedtune train --compute-dtype` holds them')
+    .option('--compute-dtype <dtype>', 'float32 (default), float16 or bfloat16: the base model\'s matrices held in float16, or left in a bfloat16 checkpoint\'s files (with --adapter), as `fedtune train --compute-dtype` holds them')
     .action(async (o: { model: string; adapter?: string; data: string; template: string; maxSeqLen: number; batchSize: number; computeDtype?: string }) => {
       const tok = await loadTokenizer(o.model);
       const { engine, params } = await withAdapter(o.model, o.adapter, parseComputeDtype(o.computeDtype));

@@ -110,7 +110,7 @@ export function register(program: Command): void {
     .option('--threads <n>', 'CPU threads for training', intArg('--threads', 1))
     .option('--quantize-base <format>', 'onnx trainer: hold the base model\'s decoder linear weights 4-bit (QLoRA): nf4 or int4; LoRA trains in float32 on top')
     .option('--recompute', 'onnx trainer: recompute each decoder layer in the backward pass instead of keeping its activations (less memory, about a third more compute)')
-    .option('--compute-dtype <dtype>', 'onnx trainer: float32 (default) or float16: the base model\'s matrices held in float16 (half the memory); on CUDA their products run in float16 with dynamic loss scaling; LoRA and AdamW stay float32')
+    .option('--compute-dtype <dtype>', 'onnx trainer: float32 (default), float16 (the base model\'s matrices held in float16, half the memory; on CUDA their products run in float16 with dynamic loss scaling) or bfloat16 (a bfloat16 checkpoint\'s matrices left in its files, mapped by ONNX Runtime, widened per product); LoRA and AdamW stay float32')
     .option('--plan', 'print the memory plan of a task at --batch-size x --max-seq-len (LoRA at --lora-r on every module) against the device\'s memory and exit without joining: 0 when it fits')
     .option('--batch-size <n>', 'with --plan: the run\'s training.batch_size (default 8)', intArg('--batch-size', 1))
     .option('--lora-r <n>', 'with --plan: the run\'s lora.r (default 8)', intArg('--lora-r', 1))
@@ -185,7 +185,7 @@ export function register(program: Command): void {
         ...(o.threads ? { threads: o.threads } : {}),
         ...(quantizeBase ? { quantizeBase } : {}),
         ...(o.recompute ? { recompute: true } : {}),
-        ...(computeDtype === 'float16' ? { computeDtype } : {}),
+        ...(computeDtype !== 'float32' ? { computeDtype } : {}),
         device: o.device,
         seed: o.seed,
         ...(o.noopStepMs !== undefined ? { noopStepMs: o.noopStepMs } : {}),

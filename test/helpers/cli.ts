@@ -14,12 +14,12 @@ export function runFedtune(args: string[]): SpawnSyncReturns<string> {
 
 /**
  * `fedtune train` of a PEFT adapter on a tiny llama made in `root` (2 steps, batch 2, SAMPLE_DATA)
- * with the `extra` options; fails the test when the command fails. Returns its output, the model
+ * (stored as `o.dtype`, default float32) with the `extra` options; fails the test when the command fails. Returns its output, the model
  * directory (for more commands) and the adapter directory.
  */
-export async function trainTinyAdapter(root: string, extra: string[]): Promise<{ stdout: string; model: string; out: string }> {
+export async function trainTinyAdapter(root: string, extra: string[], o: { dtype?: 'float32' | 'bfloat16' } = {}): Promise<{ stdout: string; model: string; out: string }> {
   const model = join(root, 'cli-model');
-  await initModel(model, { arch: 'llama', hiddenSize: 64, numLayers: 2, numHeads: 4, numKvHeads: 2 });
+  await initModel(model, { arch: 'llama', hiddenSize: 64, numLayers: 2, numHeads: 4, numKvHeads: 2, ...(o.dtype ? { dtype: o.dtype } : {}) });
   const out = join(root, 'cli-out');
   const r = runFedtune(['train', '--model', model, '--data', SAMPLE_DATA, '--out', out, '--steps', '2', '--batch-size', '2', '--max-seq-len', '512', ...extra]);
   expect(r.status, r.stderr).toBe(0);

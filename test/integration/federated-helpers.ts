@@ -34,8 +34,8 @@ export function tempDir(tag: string): string {
   return d;
 }
 
-export async function tinyModel(dir: string, seed = 0): Promise<string> {
-  await initModel(dir, { arch: 'llama', hiddenSize: 32, numLayers: 1, numHeads: 2, numKvHeads: 1, maxPositions: 128, seed });
+export async function tinyModel(dir: string, seed = 0, dtype: 'float32' | 'bfloat16' = 'float32'): Promise<string> {
+  await initModel(dir, { arch: 'llama', hiddenSize: 32, numLayers: 1, numHeads: 2, numKvHeads: 1, maxPositions: 128, seed, dtype });
   return dir;
 }
 

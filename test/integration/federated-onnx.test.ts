@@ -61,30 +61,32 @@ describe('federated rounds with the onnx trainer', () => {
   });
 });
 
-describe('a worker with --compute-dtype float16', () => {
-  it('trains beside a float32 worker over gRPC: both updates count and the global eval loss goes down', async () => {
+describe('workers with --compute-dtype float16 and bfloat16', () => {
+  it('train beside a float32 worker over gRPC on one bfloat16 checkpoint: every update counts and the global eval loss goes down', async () => {
     const dir = tempDir('onnx-half');
-    const model = await tinyModel(join(dir, 'model'));
+    const model = await tinyModel(join(dir, 'model'), 0, 'bfloat16');
     coord = await startCoordinator(runConfig(dir, model, {
       name: 'onnx-half',
       rounds: 2,
       ...RECIPE,
-      cohort: { min_workers: 2 },
-      round: { min_results: 2, deadline_sec: 120 },
+      cohort: { min_workers: 3 },
+      round: { min_results: 3, deadline_sec: 120 },
       eval: { every: 1, initial: true },
     }));
     const half = worker({ address: coord.address, site: 'half', data: writeData(join(dir, 'half.jsonl'), 24, 'half'), model, trainer: 'onnx', extra: ['--threads', '1', '--compute-dtype', 'float16'] });
+    const bf = worker({ address: coord.address, site: 'bf16', data: writeData(join(dir, 'bf16.jsonl'), 24, 'bf16'), model, trainer: 'onnx', extra: ['--threads', '1', '--compute-dtype', 'bfloat16'] });
     const full = worker({ address: coord.address, site: 'full', data: writeData(join(dir, 'full.jsonl'), 24, 'full'), model, trainer: 'onnx', extra: ['--threads', '1'] });
-    procs.push(half, full);
+    procs.push(half, bf, full);
     const result = await coord.run;
     expect(result.error ?? '').toBe('');
     expect(result.state).toBe('completed');
     const state = JSON.parse(readFileSync(join(coord.runDir, 'round-0002', 'state.json'), 'utf8'));
-    expect(state.history.map((h: { participants: number }) => h.participants)).toEqual([2, 2]);
+    expect(state.history.map((h: { participants: number }) => h.participants)).toEqual([3, 3]);
     expect(state.history[1].evalLoss).toBeLessThan(state.baseline.evalLoss);
     expect(half.out()).toMatch(/"computeDtype":"float16".*trainer ready|trainer ready.*"computeDtype":"float16"/);
+    expect(bf.out()).toMatch(/"computeDtype":"bfloat16".*trainer ready|trainer ready.*"computeDtype":"bfloat16"/);
     expect(full.out()).not.toMatch(/computeDtype/);
-    expect(await Promise.all([half.exited, full.exited])).toEqual([0, 0]);
+    expect(await Promise.all([half.exited, bf.exited, full.exited])).toEqual([0, 0, 0]);
   });
 });
 

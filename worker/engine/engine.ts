@@ -15,7 +15,7 @@ import type { FloatDType } from './graph.ts';
 import { buildCausalLmGraph, type GraphSpec } from './model-graph.ts';
 import { initLoraAdapter, loraTargets, peftKey, peftMagnitudeKey, weightRowNorms } from '../../common/lora.ts';
 import { createSession, ort, type Device, type RuntimeSession } from './runtime.ts';
-import { checkHalfCombination, halfGraphFor, halfModel, halfWeights, LossScaler, parseComputeDtype, unscaleFinite, type ComputeDtype, type LossScaleOptions } from './half.ts';
+import { checkHalfCombination, fileWeights, halfGraphFor, halfModel, halfWeights, LossScaler, parseComputeDtype, unscaleFinite, type ComputeDtype, type LossScaleOptions } from './half.ts';
 import { baseMemory, baseWeightValues, parseQuantizeBase, quantizedBase, quantizedInputData, quantizeModel, type BaseMemory, type QuantFormat } from './quantize.ts';
 
 export interface EngineOptions {
@@ -40,6 +40,9 @@ export interface EngineOptions {
    * in float32 (half.ts). On CUDA the products with them run in float16, with
    * dynamic loss scaling; on CPU (no float16 Gemm) each weight is widened to
    * float32 for its product. LoRA mode, float32 graphs, no 4-bit base.
+   * bfloat16: the 2-D base weights stay in the checkpoint's files in bfloat16
+   * (a model from loadBaseModel with compute bfloat16), mapped by ONNX Runtime
+   * and widened to float32 for each product, on every device; no loss scaling.
    */
   computeDtype?: ComputeDtype;
   /** float16: the graphs' variant (GraphSpec.half); default 'compute' where the sessions run on CUDA, 'storage' on CPU. */
@@ -133,7 +136,11 @@ export class Engine {
     }
     this.lossScaler = opts.computeDtype === 'float16' ? new LossScaler(opts.lossScale) : null;
     if (opts.halfVariant && opts.computeDtype !== 'float16') throw new Error('engine: halfVariant applies to computeDtype float16 only');
+    this.half = opts.computeDtype === 'float16' || opts.computeDtype === 'bfloat16';
   }
+
+  /** The graphs hold half-precision base weights (--compute-dtype float16 or bfloat16). */
+  private readonly half: boolean;
 
   static create(model: LoadedModel, opts: EngineOptions): Engine {
     const q = parseQuantizeBase(opts.quantizeBase, 'quantizeBase');
@@ -146,7 +153,16 @@ export class Engine {
       if ((opts.dtype ?? 'float32') !== 'float32') throw new Error('--compute-dtype float16 mixes float16 products into float32 graphs, not float64 ones');
       return new Engine(halfModel(model), opts);
     }
+    if (compute === 'bfloat16') {
+      checkHalfCombination({ computeDtype: compute, full: opts.mode !== 'lora', quantizeBase: q });
+      if ((opts.dtype ?? 'float32') !== 'float32') throw new Error('--compute-dtype bfloat16 widens bfloat16 weights into float32 graphs, not float64 ones');
+      if (!fileWeights(model)) {
+        throw new Error(`engine: --compute-dtype bfloat16 uses the checkpoint's bfloat16 weights where they lie in its files; load ${model.dir} with loadBaseModel(dir, undefined, { compute: 'bfloat16' })`);
+      }
+      return new Engine(model, opts);
+    }
     if (halfWeights(model)) throw new Error('engine: the model holds float16 base weights (loaded for --compute-dtype float16); create the engine with computeDtype float16 or load the model again');
+    if (fileWeights(model)) throw new Error('engine: the model leaves its bfloat16 base weights in their files (loaded for --compute-dtype bfloat16); create the engine with computeDtype bfloat16 or load the model again');
     return new Engine(q ? quantizeModel(model, q) : model, opts);
   }
 
@@ -235,7 +251,7 @@ export class Engine {
     if (this.opts.mode !== 'lora') {
       throw new Error('privacy.dp_sgd: per-example gradients are implemented for LoRA training only (not training mode full); use LoRA or remove privacy.dp_sgd');
     }
-    if (this.lossScaler) checkHalfCombination({ computeDtype: 'float16', dpSgd: true });
+    if (this.half) checkHalfCombination({ computeDtype: this.opts.computeDtype!, dpSgd: true });
     const frozen = this.paramSpecs().map((p) => p.name).filter((n) => o.frozen?.(n) ?? false);
     const peKey = `${frozen.join(',')}|${o.outputClipped ? 1 : 0}`;
     this.perExampleSpecs.set(peKey, { frozen, outputClipped: o.outputClipped ?? false });
@@ -358,7 +374,7 @@ export class Engine {
           kind,
           dropoutSeed: this.opts.seed ?? 0,
           ...(this.opts.recompute ? { recompute: true } : {}),
-          ...(this.lossScaler ? { half: this.halfVariant() } : {}),
+          ...(this.half ? { half: this.halfVariant() } : {}),
           ...(perExample !== undefined ? { perExample: this.perExampleSpecs.get(perExample)! } : {}),
         };
         const session = (sp: GraphSpec) => {
@@ -366,6 +382,7 @@ export class Engine {
           return createSession(b.bytes, {
             threads: this.opts.threads,
             device: this.opts.device,
+            ...(b.graph.hasExternalData ? { externalDataDir: this.model.dir } : {}),
             optimization: this.dtype === 'float64' ? 'basic' : 'all',
             // Recompute is for memory: without the memory pattern a step's activations are held once, not twice.
             ...(this.opts.recompute && kind === 'train' ? { memPattern: false } : {}),
@@ -393,7 +410,7 @@ export class Engine {
 
   /** float16 graphs: products in float16 where the sessions run on CUDA, widened to float32 on CPU. */
   private halfVariant(): 'compute' | 'storage' {
-    return this.opts.halfVariant ?? halfGraphFor(this.resolvedDevice ?? this.opts.device);
+    return this.opts.halfVariant ?? halfGraphFor(this.resolvedDevice ?? this.opts.device, this.opts.computeDtype);
   }
 
   private weightAs(name: string): FloatArray | Uint8Array | Uint16Array {

@@ -265,11 +265,11 @@ export class Generator {
 
   constructor(model: LoadedModel, private readonly opts: GeneratorOptions = {}) {
     this.dtype = opts.dtype ?? 'float32';
-    const half = opts.computeDtype === 'float16';
-    if (half && !opts.adapter) throw new Error('--compute-dtype float16 generates with an adapter on float16 base weights; give --adapter (the base alone runs in float32)');
-    this.model = half ? halfModel(model) : model;
-    // Validates the adapter's targets against the model now.
-    if (opts.adapter) Engine.create(this.model, { mode: 'lora', lora: opts.adapter.lora, ...(half ? { computeDtype: 'float16' as const } : {}) });
+    const d = opts.computeDtype ?? 'float32';
+    if (d !== 'float32' && !opts.adapter) throw new Error(`--compute-dtype ${d} generates with an adapter on ${d} base weights; give --adapter (the base alone runs in float32)`);
+    this.model = d === 'float16' ? halfModel(model) : model;
+    // Validates the adapter's targets against the model now (and that a bfloat16 model was loaded for it).
+    if (opts.adapter) Engine.create(this.model, { mode: 'lora', lora: opts.adapter.lora, ...(d !== 'float32' ? { computeDtype: d } : {}) });
   }
 
   /** Generate up to maxNewTokens tokens after `prompt`. */
@@ -455,11 +455,12 @@ export class Generator {
           dtype: this.dtype,
           kind: 'forward',
           decode: { pastLen },
-          ...(this.opts.computeDtype === 'float16' ? { half: halfGraphFor(this.opts.device) } : {}),
+          ...(this.opts.computeDtype === 'float16' || this.opts.computeDtype === 'bfloat16' ? { half: halfGraphFor(this.opts.device, this.opts.computeDtype) } : {}),
         });
         const rt = await createSession(built.bytes, {
           threads: this.opts.threads,
           device: this.opts.device,
+          ...(built.graph.hasExternalData ? { externalDataDir: this.model.dir } : {}),
           optimization: this.dtype === 'float64' ? 'basic' : 'all',
         });
         const fixed: Record<string, ort.Tensor> = {};
@@ -508,7 +509,7 @@ export class Generator {
       dtype: this.dtype,
       threads: this.opts.threads,
       device: this.opts.device,
-      ...(this.opts.computeDtype === 'float16' ? { computeDtype: 'float16' as const } : {}),
+      ...(this.opts.computeDtype && this.opts.computeDtype !== 'float32' ? { computeDtype: this.opts.computeDtype } : {}),
     });
     const engine = this.engine;
     const params = a ? a.params : this.model.weights;

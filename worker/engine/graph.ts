@@ -19,20 +19,22 @@ import {
   ModelProto,
   type NodeProto,
   type TensorProto,
+  TensorProto_DataLocation as DataLocation,
   TensorProto_DataType as DataType,
   type ValueInfoProto,
 } from './onnx/gen/onnx.ts';
 import { numel } from '../../common/tensor.ts';
 
 export type FloatDType = 'float32' | 'float64';
-/** Half precision: frozen base weights, and on CUDA the products computed from them (GraphSpec.half). */
-export type HalfDType = 'float16';
+/** Half precision: frozen base weights, and on CUDA float16 products computed from them (GraphSpec.half). */
+export type HalfDType = 'float16' | 'bfloat16';
 export type ElemType = FloatDType | HalfDType | 'int64' | 'bool' | 'uint8';
 
 const ONNX_TYPE: Record<ElemType, DataType> = {
   float32: DataType.FLOAT,
   float64: DataType.DOUBLE,
   float16: DataType.FLOAT16,
+  bfloat16: DataType.BFLOAT16,
   int64: DataType.INT64,
   bool: DataType.BOOL,
   uint8: DataType.UINT8, // packed 4-bit base weights (quantize.ts)
@@ -375,6 +377,7 @@ export class Graph {
   readonly inputs: Value[] = [];
   readonly outputs: Value[] = [];
   readonly initializers: ConstTensor[] = [];
+  private readonly externals: Array<{ name: string; shape: number[]; dtype: ElemType; location: string; offset: number; length: number }> = [];
   /** Every node output by name, with its shape and dtype (memory planning reads it). */
   readonly values = new Map<string, Value>();
   private tape: TapeEntry[] = [];
@@ -410,6 +413,24 @@ export class Graph {
     }
     this.initializers.push({ name, shape, dtype, bytes });
     return new Value(name, shape, dtype, false);
+  }
+
+  /**
+   * A constant whose bytes stay in a file: `length` bytes at `offset` of `location`, a file name
+   * relative to the folder the session is given (runtime.ts, externalDataDir). ONNX Runtime maps
+   * them from there; nothing of them is in the model bytes.
+   */
+  externalInitializer(name: string, shape: number[], dtype: ElemType, ref: { location: string; offset: number; length: number }): Value {
+    const expected = numel(shape) * bytesPer(dtype);
+    if (ref.length !== expected) throw new Error(`graph: external initializer ${name} has ${ref.length} bytes, shape [${shape}] ${dtype} needs ${expected}`);
+    if (!ref.location || ref.location.includes('/') || ref.location.includes('\\')) throw new Error(`graph: external initializer ${name}: location must be a file name, got ${JSON.stringify(ref.location)}`);
+    this.externals.push({ name, shape, dtype, ...ref });
+    return new Value(name, shape, dtype, false);
+  }
+
+  /** The graph names constants kept in files (externalInitializer). */
+  get hasExternalData(): boolean {
+    return this.externals.length > 0;
   }
 
   /** A float constant in the graph's dtype, converting from float64 values. */
@@ -727,7 +748,23 @@ export class Graph {
       dataType: ONNX_TYPE[c.dtype],
       name: c.name,
       rawData: c.bytes,
+      externalData: [],
+      dataLocation: DataLocation.DEFAULT,
     }));
+    for (const c of this.externals) {
+      init.push({
+        dims: c.shape,
+        dataType: ONNX_TYPE[c.dtype],
+        name: c.name,
+        rawData: new Uint8Array(0),
+        externalData: [
+          { key: 'location', value: c.location },
+          { key: 'offset', value: String(c.offset) },
+          { key: 'length', value: String(c.length) },
+        ],
+        dataLocation: DataLocation.EXTERNAL,
+      });
+    }
     const model: ModelProto = {
       irVersion: 8,
       producerName: 'fedtune',
@@ -746,7 +783,7 @@ export class Graph {
 }
 
 export function bytesPer(dtype: ElemType): number {
-  return dtype === 'float64' || dtype === 'int64' ? 8 : dtype === 'bool' || dtype === 'uint8' ? 1 : dtype === 'float16' ? 2 : 4;
+  return dtype === 'float64' || dtype === 'int64' ? 8 : dtype === 'bool' || dtype === 'uint8' ? 1 : dtype === 'float16' || dtype === 'bfloat16' ? 2 : 4;
 }
 
 function attribute(name: string, v: AttrValue): AttributeProto {

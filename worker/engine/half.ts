@@ -19,25 +19,32 @@
  * again at half the scale, so every step uses finite gradients and no step is
  * skipped (GradScaler skips the optimizer step instead).
  *
- * bfloat16 is not offered: onnxruntime-node's Tensor has no bfloat16 type, so
- * bfloat16 weights cannot be fed to a session from JS.
+ * bfloat16 (`--compute-dtype bfloat16`): onnxruntime-node's Tensor has no
+ * bfloat16 type, so bfloat16 weights cannot be fed to a session from JS.
+ * Instead the 2-D base weights of a checkpoint stored in bfloat16 stay in its
+ * safetensors files, never read into JS: each graph names them as initializers
+ * whose bytes ONNX Runtime maps from the file at their offset
+ * (Graph.externalInitializer; runtime.ts externalDataDir), once per process on
+ * CPU however many sessions name them (the page cache is shared), and copied to
+ * the device once per session on CUDA, not per run. Every graph widens them to
+ * float32 just before their product ('storage', on CUDA too: bfloat16 has
+ * float32's range, so there is no loss scaling, and products run in float32).
  */
+import { closeSync, openSync, readSync } from 'node:fs';
+import { join } from 'node:path';
 import type { FloatArray, TensorMap } from '../../common/tensor.ts';
 import type { LoadedModel } from '../../common/model-config.ts';
-import { f16BitsToF32, f32ToF16Bits } from '../../common/update-encoding.ts';
+import { bf16BitsToF32, f16BitsToF32, f32ToF16Bits } from '../../common/update-encoding.ts';
 import { cudaProviderInstalled, type Device } from './runtime.ts';
 
-export type ComputeDtype = 'float32' | 'float16';
-export const COMPUTE_DTYPES: readonly ComputeDtype[] = ['float32', 'float16'];
+export type ComputeDtype = 'float32' | 'float16' | 'bfloat16';
+export const COMPUTE_DTYPES: readonly ComputeDtype[] = ['float32', 'float16', 'bfloat16'];
 /** float16's largest finite value. */
 export const FLOAT16_MAX = 65504;
 
 /** Validates a --compute-dtype value; undefined means float32. */
 export function parseComputeDtype(value: unknown, field = '--compute-dtype'): ComputeDtype {
   if (value === undefined || value === null) return 'float32';
-  if (value === 'bfloat16') {
-    throw new Error(`${field} bfloat16 is not available: onnxruntime-node's tensors have no bfloat16 type, so bfloat16 weights cannot be fed to ONNX Runtime; use ${field} float16 (with dynamic loss scaling) or float32`);
-  }
   if (typeof value !== 'string' || !(COMPUTE_DTYPES as readonly string[]).includes(value)) {
     throw new Error(`${field} is ${JSON.stringify(value)}, expected one of ${COMPUTE_DTYPES.join(', ')}`);
   }
@@ -50,18 +57,20 @@ export function parseComputeDtype(value: unknown, field = '--compute-dtype'): Co
  * gradients are float32 only). Every entry point (CLI, trainer, engine, graph) asks here.
  */
 export function checkHalfCombination(o: { computeDtype: ComputeDtype; full?: boolean; quantizeBase?: string | undefined; dpSgd?: boolean }): void {
-  if (o.computeDtype !== 'float16') return;
-  if (o.full) throw new Error('--compute-dtype float16 holds the frozen base weights in float16, so it applies to LoRA training only, not --full; drop one of them');
-  if (o.quantizeBase) throw new Error('--compute-dtype float16 and --quantize-base cannot be combined (the 4-bit products are dequantised to float32); drop one of them');
+  const d = o.computeDtype;
+  if (d === 'float32') return;
+  if (o.full) throw new Error(`--compute-dtype ${d} holds the frozen base weights in ${d}, so it applies to LoRA training only, not --full; drop one of them`);
+  if (o.quantizeBase) throw new Error(`--compute-dtype ${d} and --quantize-base cannot be combined (the 4-bit products are dequantised to float32); drop one of them`);
   if (o.dpSgd) throw new Error('DP-SGD (privacy.dp_sgd, --dp-*): per-example gradients are computed in float32 only; use --compute-dtype float32');
 }
 
 /**
- * The float16 graph a session on `device` gets (GraphSpec.half): float16 products where it runs on
- * CUDA (the provider installed), weights widened per product on CPU (no float16 Gemm there).
+ * The half-precision graph a session on `device` gets (GraphSpec.half): float16 products where it
+ * runs on CUDA (the provider installed), weights widened per product on CPU (no float16 Gemm
+ * there) and for bfloat16 everywhere.
  */
-export function halfGraphFor(device: Device | undefined): 'compute' | 'storage' {
-  return device === 'cuda' && cudaProviderInstalled() ? 'compute' : 'storage';
+export function halfGraphFor(device: Device | undefined, dtype: ComputeDtype = 'float16'): 'compute' | 'storage' {
+  return dtype === 'float16' && device === 'cuda' && cudaProviderInstalled() ? 'compute' : 'storage';
 }
 
 /** The base weights held in float16 with --compute-dtype float16: every 2-D one (linears, embeddings, lm_head, gpt2's position table). */
@@ -126,10 +135,56 @@ export function halfModel(model: LoadedModel): HalfModel {
   return { ...model, weights, half };
 }
 
-/** A base weight held in float16, widened to float32 (DoRA's norms), or undefined when it is not held in float16. */
+/** A base weight held in float16 or left in its file in bfloat16, widened to float32 (DoRA's norms), or undefined when it is neither. */
 export function halfWeightValues(model: LoadedModel, name: string): FloatArray | undefined {
   const h = halfWeights(model)?.get(name);
-  return h ? fromFloat16(h.data) : undefined;
+  if (h) return fromFloat16(h.data);
+  const f = fileWeights(model)?.get(name);
+  return f ? readFileWeight(model.dir, f) : undefined;
+}
+
+/** A 2-D base weight left in its safetensors file in bfloat16 (--compute-dtype bfloat16): where its bytes are. */
+export interface FileWeight {
+  shape: number[];
+  /** The safetensors file, a name in the model directory. */
+  file: string;
+  /** Byte offset of the tensor's data in the file. */
+  offset: number;
+  length: number;
+}
+
+/** A loaded model whose 2-D base weights stay in their files in bfloat16 (loadBaseModel with compute bfloat16). */
+export interface FileWeightsModel extends LoadedModel {
+  /** Weight name -> where it lies (these names are absent from `weights`). */
+  inFile: Map<string, FileWeight>;
+}
+
+export function fileWeights(model: LoadedModel): Map<string, FileWeight> | undefined {
+  return (model as Partial<FileWeightsModel>).inFile;
+}
+
+/** bfloat16 bits -> float32 values: the bits are float32's upper half, so exactly. */
+export function fromBFloat16(bits: Uint16Array): Float32Array {
+  const out = new Float32Array(bits.length);
+  for (let i = 0; i < bits.length; i++) out[i] = bf16BitsToF32(bits[i]!);
+  return out;
+}
+
+/** A file weight's values as float32, read from its file (off the training path: DoRA's initial norms). */
+export function readFileWeight(dir: string, w: FileWeight): Float32Array {
+  const fd = openSync(join(dir, w.file), 'r');
+  try {
+    const buf = new Uint8Array(w.length);
+    let got = 0;
+    while (got < w.length) {
+      const n = readSync(fd, buf, got, w.length - got, w.offset + got);
+      if (n === 0) throw new Error(`${join(dir, w.file)}: ended ${w.length - got} bytes before the end of a bfloat16 weight at offset ${w.offset}`);
+      got += n;
+    }
+    return fromBFloat16(new Uint16Array(buf.buffer, 0, w.length / 2));
+  } finally {
+    closeSync(fd);
+  }
 }
 
 export interface LossScaleOptions {

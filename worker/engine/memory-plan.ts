@@ -208,11 +208,12 @@ export function memoryPlan(config: ModelConfig, o: PlanOptions): MemoryPlan {
     weights = (totalWeights - linear) * 4 + linear * FOUR_BIT_BYTES_PER_WEIGHT;
     weightDetail = `${(linear / 1e6).toFixed(1)}M decoder linear weights ${o.quantizeBase} (4-bit + a float32 scale per 64, dequantised in pieces of ${fmt(DEQUANT_CHUNK * e)}), the rest float32`;
   }
-  if (o.computeDtype === 'float16' && o.weightBytes === undefined) {
-    // 2-D weights in float16; on CPU each is widened to float32 for its product (graph activations below).
+  const halfDtype = o.computeDtype === 'float16' || o.computeDtype === 'bfloat16';
+  if (halfDtype && o.weightBytes === undefined) {
+    // 2-D weights in float16 (or bfloat16, mapped from the checkpoint's files); on CPU each is widened to float32 for its product (graph activations below).
     const twoD = [...shapes].filter(([name, sh]) => isHalfWeight(name, sh)).reduce((s, [, sh]) => s + numel(sh), 0);
     weights = (totalWeights - twoD) * 4 + twoD * 2;
-    weightDetail = `${(twoD / 1e6).toFixed(1)}M matrix weights float16, the rest float32`;
+    weightDetail = `${(twoD / 1e6).toFixed(1)}M matrix weights ${o.computeDtype === 'bfloat16' ? 'bfloat16 (mapped from the checkpoint\'s files)' : 'float16'}, the rest float32`;
   }
   lines.push({ item: 'weights', bytes: weights, detail: weightDetail });
 
@@ -237,7 +238,8 @@ export function memoryPlan(config: ModelConfig, o: PlanOptions): MemoryPlan {
     dtype,
     kind: 'train',
     recompute: o.recompute,
-    ...(o.computeDtype === 'float16' ? { half: halfGraphFor(o.device) } : {}),
+    // bfloat16 graphs are float16 'storage' graphs in shape and bytes: the plan walks the float16 one.
+    ...(halfDtype ? { half: halfGraphFor(o.device, o.computeDtype) } : {}),
   });
   const g = built.graph;
   const { peak } = liveness(g);
@@ -313,7 +315,7 @@ export function planAdvice(config: ModelConfig, o: PlanOptions, available: numbe
       break;
     }
   }
-  if (!o.quantizeBase && o.mode === 'lora' && o.computeDtype !== 'float16' && fits({ computeDtype: 'float16' })) out.push('--compute-dtype float16 (float16 base weights)');
+  if (!o.quantizeBase && o.mode === 'lora' && o.computeDtype === 'float32' && fits({ computeDtype: 'float16' })) out.push('--compute-dtype float16 (float16 base weights)');
   if (!o.quantizeBase && o.mode === 'lora' && fits({ quantizeBase: 'nf4', computeDtype: 'float32' })) out.push(`--quantize-base nf4 (4-bit base weights${o.computeDtype === 'float16' ? ', instead of --compute-dtype float16' : ''})`);
   if (!o.recompute && out.length === 0) {
     const both = { recompute: true, batchSize: 1 };

@@ -14,7 +14,7 @@ import { Graph, type FloatDType, type HalfDType, type Value } from './graph.ts';
 import type { LoadedModel, LoraConfig, ModelConfig } from '../../common/model-config.ts';
 import { loraTargets, peftKey, peftMagnitudeKey, type LoraTarget } from '../../common/lora.ts';
 import { quantizedBase, quantizedGraphWeights } from './quantize.ts';
-import { checkHalfCombination, halfWeights, isHalfWeight } from './half.ts';
+import { checkHalfCombination, fileWeights, halfWeights, isHalfWeight } from './half.ts';
 
 export interface GraphSpec {
   batchSize: number;
@@ -52,8 +52,11 @@ export interface GraphSpec {
    */
   decode?: { pastLen: number };
   /**
-   * float16 base weights (LoRA mode; worker/engine/half.ts): the 2-D base
-   * weights are float16 inputs.
+   * Half-precision base weights (LoRA mode; worker/engine/half.ts): the 2-D base
+   * weights are float16 inputs, or, for a model whose 2-D weights stay in their
+   * files in bfloat16 (FileWeightsModel), bfloat16 initializers mapped from the
+   * files ('storage' only; the session needs the model's folder, runtime.ts
+   * externalDataDir).
    * - 'compute' (CUDA): every product with one runs in float16 (its input cast
    *   down, its output cast back up, likewise in the backward pass); the rest of
    *   the graph stays in `dtype`. Train graphs take `loss_scale` [1], the seed
@@ -112,9 +115,11 @@ export function buildCausalLmGraph(model: LoadedModel, spec: GraphSpec): BuiltGr
   const quantized = quantizedBase(model);
   if (quantized && spec.mode !== 'lora') throw new Error('quantize-base: 4-bit base weights are frozen, so they apply to LoRA training only, not full training (--full); drop one of them');
   const qw = quantized ? quantizedGraphWeights(g, quantized, frozen) : null;
-  const half: HalfDType | null = spec.half ? 'float16' : null;
+  const inFile = fileWeights(model);
+  const half: HalfDType | null = spec.half ? (inFile ? 'bfloat16' : 'float16') : null;
   if (half) checkHalfCombination({ computeDtype: half, full: spec.mode === 'full', quantizeBase: quantized?.format, dpSgd: spec.perExample !== undefined });
-  else if (halfWeights(model)) throw new Error(`graph: ${model.dir} holds float16 base weights (--compute-dtype float16); its graphs need GraphSpec.half`);
+  else if (halfWeights(model) || inFile) throw new Error(`graph: ${model.dir} holds ${inFile ? 'bfloat16' : 'float16'} base weights (--compute-dtype); its graphs need GraphSpec.half`);
+  if (inFile && spec.half === 'compute') throw new Error(`graph: bfloat16 base weights are widened per product (GraphSpec.half 'storage'), not multiplied in bfloat16`);
   /** A base weight: a trainable input in full mode, a stored constant in LoRA mode (4-bit ones dequantised in the graph, quantize.ts). */
   const W = (name: string): Value => {
     let v = weightValues.get(name);
@@ -123,6 +128,13 @@ export function buildCausalLmGraph(model: LoadedModel, spec: GraphSpec): BuiltGr
     if (qv) {
       weightValues.set(name, qv);
       return qv;
+    }
+    const f = inFile?.get(name);
+    if (f) {
+      // Left in its safetensors file: ONNX Runtime maps the bytes (runtime.ts externalDataDir).
+      v = g.externalInitializer(name, f.shape, 'bfloat16', { location: f.file, offset: f.offset, length: f.length });
+      weightValues.set(name, v);
+      return v;
     }
     const t = model.weights.get(name) ?? halfWeights(model)?.get(name);
     if (!t) throw new Error(`model ${model.dir} has no weight ${name}`);
@@ -139,7 +151,8 @@ export function buildCausalLmGraph(model: LoadedModel, spec: GraphSpec): BuiltGr
     weightValues.set(name, v);
     return v;
   };
-  const hasWeight = (name: string): boolean => model.weights.has(name) || (halfWeights(model)?.has(name) ?? false) || (quantized?.tensors.has(name) ?? false);
+  const hasWeight = (name: string): boolean =>
+    model.weights.has(name) || (halfWeights(model)?.has(name) ?? false) || (inFile?.has(name) ?? false) || (quantized?.tensors.has(name) ?? false);
   /** x op(w). A float16 w: the product in float16 ('compute'), or w widened after x and again for the backward pass ('storage'). */
   const product = (x: Value, w: Value, transB: boolean): Value => {
     if (w.dtype === spec.dtype) return g.gemm(x, w, false, transB);

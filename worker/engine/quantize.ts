@@ -35,7 +35,7 @@ import { collectFileWeights, completeWeights, inspectModel, readModelDir, type C
 import { readSafetensorsHeader, readTensorEntry, toFloat32 } from '../../common/safetensors.ts';
 import type { FloatDType, Graph, HalfDType, Value } from './graph.ts';
 import { loadModel } from './model.ts';
-import { checkHalfCombination, halfWeights, halfWeightValues, isHalfWeight, toFloat16, type ComputeDtype, type HalfModel, type HalfTensor } from './half.ts';
+import { checkHalfCombination, fileWeights, halfWeights, halfWeightValues, isHalfWeight, toFloat16, type ComputeDtype, type FileWeight, type FileWeightsModel, type HalfModel, type HalfTensor } from './half.ts';
 
 export type QuantFormat = 'nf4' | 'int4';
 export const QUANT_FORMATS: readonly QuantFormat[] = ['nf4', 'int4'];
@@ -207,8 +207,10 @@ export function quantizeModel(model: LoadedModel, format: QuantFormat, blockSize
  * from its file, converted to float32 and then quantised (decoder linears,
  * `format`) or rounded to float16 (2-D weights, `compute` float16) one at a
  * time, so that the float32 model is never held whole (and never grows the
- * process's heap to its size). The fingerprint is the checkpoint's, streamed
- * by inspectModel.
+ * process's heap to its size). With `compute` bfloat16 the 2-D weights are not
+ * read at all: each is recorded where it lies in its file (FileWeight), and
+ * must be stored as BF16. The fingerprint is the checkpoint's, streamed by
+ * inspectModel.
  */
 export async function loadBaseModel(
   dir: string,
@@ -216,7 +218,8 @@ export async function loadBaseModel(
   o: { blockSize?: number; compute?: ComputeDtype } = {},
 ): Promise<LoadedModel> {
   const half = (o.compute ?? 'float32') === 'float16';
-  if (!format && !half) return loadModel(dir);
+  const inFile = o.compute === 'bfloat16';
+  if (!format && !half && !inFile) return loadModel(dir);
   checkHalfCombination({ computeDtype: o.compute ?? 'float32', quantizeBase: format });
   if (format) parseQuantizeBase(format);
   const blockSize = o.blockSize ?? QUANT_BLOCK_SIZE;
@@ -225,6 +228,7 @@ export async function loadBaseModel(
   const weights: TensorMap = new Map();
   const tensors = new Map<string, QuantizedTensor>();
   const halves = new Map<string, HalfTensor>();
+  const files = new Map<string, FileWeight>();
   for (const file of md.checkpoint.files) {
     const path = join(dir, file);
     const fh = await open(path, 'r');
@@ -232,7 +236,17 @@ export async function loadBaseModel(
       const header = await readSafetensorsHeader(fh, path);
       const byName = new Map(header.entries.map((e) => [e.name, e]));
       for (const w of collectFileWeights(md, file, byName, found)) {
-        const data = toFloat32(await readTensorEntry(fh, header, byName.get(w.name)!, path));
+        const e = byName.get(w.name)!;
+        if (inFile && isHalfWeight(w.canonical, w.shape)) {
+          if (e.dtype !== 'BF16') {
+            throw new Error(
+              `${path}: ${w.name} is stored as ${e.dtype}; --compute-dtype bfloat16 trains on the checkpoint's own bfloat16 weights where they lie, so every 2-D weight must be BF16 (use --compute-dtype float16 or float32 with this checkpoint)`,
+            );
+          }
+          files.set(w.canonical, { shape: w.shape, file, offset: header.dataStart + e.begin, length: e.end - e.begin });
+          continue;
+        }
+        const data = toFloat32(await readTensorEntry(fh, header, e, path));
         if (format && isQuantizableWeight(w.canonical, w.shape)) tensors.set(w.canonical, quantizeBlockwise(data, w.shape, format, `${path}: ${w.name}`, blockSize));
         else if (half && isHalfWeight(w.canonical, w.shape)) halves.set(w.canonical, { shape: w.shape, data: toFloat16(data, `${path}: ${w.name}`) });
         else weights.set(w.canonical, { shape: w.shape, data });
@@ -245,16 +259,22 @@ export async function loadBaseModel(
   const ordered: TensorMap = new Map();
   const qOrdered = new Map<string, QuantizedTensor>();
   const hOrdered = new Map<string, HalfTensor>();
+  const fOrdered = new Map<string, FileWeight>();
   for (const name of completeWeights(md, found).keys()) {
     const t = weights.get(name);
     if (t) ordered.set(name, t);
     else if (halves.has(name)) hOrdered.set(name, halves.get(name)!);
+    else if (files.has(name)) fOrdered.set(name, files.get(name)!);
     else qOrdered.set(name, tensors.get(name)!);
   }
   const { fingerprint } = await inspectModel(dir);
   const base: LoadedModel = { dir, config: md.config, weights: ordered, fingerprint, rawConfig: md.rawConfig };
   if (half) {
     const m: HalfModel = { ...base, half: hOrdered };
+    return m;
+  }
+  if (inFile) {
+    const m: FileWeightsModel = { ...base, inFile: fOrdered };
     return m;
   }
   const m: QuantizedModel = { ...base, quantized: { format: format!, blockSize, tensors: qOrdered } };
@@ -275,6 +295,8 @@ export function baseWeightValues(model: LoadedModel, name: string): FloatArray {
 export interface BaseMemory {
   /** Bytes of the float weights held (float32 or float64 arrays as loaded; float16 with --compute-dtype float16). */
   floatBytes: number;
+  /** Bytes of the bfloat16 weights left in their files (--compute-dtype bfloat16): mapped by ONNX Runtime, not held in JS. */
+  fileBytes: number;
   /** Bytes of packed 4-bit indices. */
   packedBytes: number;
   /** Bytes of the float32 block scales. */
@@ -287,13 +309,15 @@ export function baseMemory(model: LoadedModel): BaseMemory {
   let floatBytes = 0;
   for (const t of model.weights.values()) floatBytes += t.data.byteLength;
   for (const t of halfWeights(model)?.values() ?? []) floatBytes += t.data.byteLength;
+  let fileBytes = 0;
+  for (const f of fileWeights(model)?.values() ?? []) fileBytes += f.length;
   let packedBytes = 0;
   let scaleBytes = 0;
   for (const q of quantizedBase(model)?.tensors.values() ?? []) {
     packedBytes += q.packed.byteLength;
     scaleBytes += q.scales.byteLength;
   }
-  return { floatBytes, packedBytes, scaleBytes, total: floatBytes + packedBytes + scaleBytes };
+  return { floatBytes, fileBytes, packedBytes, scaleBytes, total: floatBytes + fileBytes + packedBytes + scaleBytes };
 }
 
 // ---------------------------------------------------------------------------

@@ -30,6 +30,11 @@ export interface RuntimeOptions {
    * memory on a training step; bench/activation-memory.ts).
    */
   memPattern?: boolean;
+  /**
+   * The folder of the files the graph's external initializers name (Graph.externalInitializer):
+   * ONNX Runtime maps their bytes from there (a graph loaded from bytes has no folder of its own).
+   */
+  externalDataDir?: string;
 }
 
 export interface RuntimeSession {
@@ -74,6 +79,7 @@ export async function createSession(bytes: Uint8Array, opts: RuntimeOptions = {}
     enableCpuMemArena: true,
     enableMemPattern: opts.memPattern ?? true,
     ...(opts.threads && opts.threads > 0 ? { intraOpNumThreads: opts.threads, interOpNumThreads: 1 } : {}),
+    ...(opts.externalDataDir ? { extra: { session: { model_external_initializers_file_folder_path: opts.externalDataDir } } } : {}),
   };
   if (opts.device === 'cuda') {
     if (!cudaProviderInstalled()) {

@@ -77,6 +77,12 @@ export interface TensorProto {
   dataType: number;
   name: string;
   rawData: Uint8Array;
+  /**
+   * data_location EXTERNAL: the bytes are in a file, named by external_data's "location"
+   * (relative to the folder ONNX Runtime is given), at "offset", "length" bytes long.
+   */
+  externalData: StringStringEntryProto[];
+  dataLocation: TensorProto_DataLocation;
 }
 
 export enum TensorProto_DataType {
@@ -92,7 +98,19 @@ export enum TensorProto_DataType {
   BOOL = 9,
   FLOAT16 = 10,
   DOUBLE = 11,
+  BFLOAT16 = 16,
   UNRECOGNIZED = -1,
+}
+
+export enum TensorProto_DataLocation {
+  DEFAULT = 0,
+  EXTERNAL = 1,
+  UNRECOGNIZED = -1,
+}
+
+export interface StringStringEntryProto {
+  key: string;
+  value: string;
 }
 
 export interface TensorShapeProto {
@@ -618,7 +636,7 @@ export const GraphProto: MessageFns<GraphProto> = {
 };
 
 function createBaseTensorProto(): TensorProto {
-  return { dims: [], dataType: 0, name: "", rawData: new Uint8Array(0) };
+  return { dims: [], dataType: 0, name: "", rawData: new Uint8Array(0), externalData: [], dataLocation: 0 };
 }
 
 export const TensorProto: MessageFns<TensorProto> = {
@@ -638,6 +656,12 @@ export const TensorProto: MessageFns<TensorProto> = {
     }
     if (message.rawData.length !== 0) {
       writer.uint32(74).bytes(message.rawData);
+    }
+    for (const v of message.externalData) {
+      StringStringEntryProto.encode(v!, writer.uint32(106).fork()).join();
+    }
+    if (message.dataLocation !== 0) {
+      writer.uint32(112).int32(message.dataLocation);
     }
     return writer;
   },
@@ -695,6 +719,79 @@ export const TensorProto: MessageFns<TensorProto> = {
             }
 
             message.rawData = reader.bytes();
+            continue;
+          }
+          case 13: {
+            if (tag !== 106) {
+              break;
+            }
+
+            message.externalData.push(StringStringEntryProto.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 14: {
+            if (tag !== 112) {
+              break;
+            }
+
+            message.dataLocation = reader.int32() as any;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+};
+
+function createBaseStringStringEntryProto(): StringStringEntryProto {
+  return { key: "", value: "" };
+}
+
+export const StringStringEntryProto: MessageFns<StringStringEntryProto> = {
+  encode(message: StringStringEntryProto, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.key !== "") {
+      writer.uint32(10).string(message.key);
+    }
+    if (message.value !== "") {
+      writer.uint32(18).string(message.value);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): StringStringEntryProto {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseStringStringEntryProto();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.key = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.value = reader.string();
             continue;
           }
         }
