@@ -5,15 +5,19 @@
  *
  *   node bin/run-ts.js bench/memory-probe.ts '{"arch":"llama","hidden":128,"layers":4,"heads":4,"seq":512,"batch":1,"recompute":true}'
  *
- * A random model of the given sizes is built in memory (no files), then one
- * LoRA (or full) steps run: gradients from the engine and an AdamW update, as
+ * A random model of the given sizes is built in memory (no files; with
+ * computeDtype bfloat16 it is written as a bfloat16 checkpoint by a child
+ * process of this script, then loaded as training loads it, its matrices left
+ * in the files), then two LoRA (or full) steps run: gradients from the engine and an AdamW update, as
  * the training loop takes them. Prints one JSON line:
  *   baseline   VmHWM (bytes) with the model loaded, before any session exists
  *   peak       VmHWM after the second step
  *   plan       the memory plan (worker/engine/memory-plan.ts) of the same run
  */
-import { readFileSync } from 'node:fs';
-import { resolve } from 'node:path';
+import { spawnSync } from 'node:child_process';
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { computeFingerprint, expectedWeightShapes, normalizeConfig } from '../common/hf-model.ts';
 import type { LoadedModel, LoraConfig } from '../common/model-config.ts';
@@ -22,7 +26,8 @@ import { createRng } from '../common/random.ts';
 import { AdamW } from '../common/optim.ts';
 import { Engine } from '../worker/engine/engine.ts';
 import { isHalfWeight, toFloat16, type HalfModel, type HalfTensor } from '../worker/engine/half.ts';
-import { baseMemory } from '../worker/engine/quantize.ts';
+import { baseMemory, loadBaseModel } from '../worker/engine/quantize.ts';
+import { writeModelFiles } from '../worker/engine/model.ts';
 import { memoryPlan } from '../worker/engine/memory-plan.ts';
 
 export interface ProbeConfig {
@@ -40,8 +45,8 @@ export interface ProbeConfig {
   r?: number;
   targets?: string[];
   threads?: number;
-  /** float16: the 2-D weights made and held in float16 (--compute-dtype float16). */
-  computeDtype?: 'float32' | 'float16';
+  /** float16: the 2-D weights made and held in float16 (--compute-dtype float16); bfloat16: left in a bfloat16 checkpoint's files. */
+  computeDtype?: 'float32' | 'float16' | 'bfloat16';
 }
 
 export interface ProbeResult {
@@ -56,7 +61,7 @@ function vm(field: 'VmHWM' | 'VmRSS'): number {
   return Number(m[1]) * 1024;
 }
 
-export function probeModel(c: ProbeConfig): LoadedModel {
+function probeRawConfig(c: ProbeConfig): Record<string, unknown> {
   const arch = c.arch ?? 'llama';
   const raw = arch === 'gpt2'
     ? { model_type: 'gpt2', vocab_size: c.vocab ?? 512, n_embd: c.hidden, n_head: c.heads, n_layer: c.layers, n_positions: Math.max(c.seq, 64), n_inner: c.intermediate ?? 4 * c.hidden }
@@ -70,7 +75,11 @@ export function probeModel(c: ProbeConfig): LoadedModel {
         num_key_value_heads: c.kvHeads ?? c.heads,
         max_position_embeddings: Math.max(c.seq, 64),
       };
-  const config = normalizeConfig(raw, 'memory-probe');
+  return raw;
+}
+
+export function probeModel(c: ProbeConfig): LoadedModel {
+  const config = normalizeConfig(probeRawConfig(c), 'memory-probe');
   const rng = createRng(1);
   const weights: TensorMap = new Map();
   const half = new Map<string, HalfTensor>();
@@ -89,9 +98,24 @@ export function probeModel(c: ProbeConfig): LoadedModel {
   return { dir: '(memory)', config, weights, fingerprint: computeFingerprint(config, weights) };
 }
 
+/** Writes the probe's model as a bfloat16 checkpoint (in a child process: its float32 weights must not count in the probe's peak). */
+function writeBf16Checkpoint(c: ProbeConfig): string {
+  const dir = join(mkdtempSync(join(tmpdir(), 'fedtune-probe-')), 'model');
+  const r = spawnSync(process.execPath, [join(import.meta.dirname, '..', 'bin', 'run-ts.js'), fileURLToPath(import.meta.url), JSON.stringify(c), '--write', dir], { stdio: ['ignore', 'ignore', 'inherit'] });
+  if (r.status !== 0) throw new Error(`memory-probe: writing the bfloat16 checkpoint failed (${r.status})`);
+  return dir;
+}
+
 async function main(): Promise<void> {
   const c = JSON.parse(process.argv[2] ?? '{}') as ProbeConfig;
-  const model = probeModel(c);
+  if (process.argv[3] === '--write') {
+    mkdirSync(process.argv[4]!, { recursive: true });
+    await writeModelFiles(process.argv[4]!, probeRawConfig(c), probeModel({ ...c, computeDtype: 'float32' }).weights, { dtype: 'bfloat16' });
+    writeFileSync(join(process.argv[4]!, 'tokenizer.json'), '{}'); // the engine never tokenizes here
+    return;
+  }
+  const bfDir = c.computeDtype === 'bfloat16' ? writeBf16Checkpoint(c) : null;
+  const model = bfDir ? await loadBaseModel(bfDir, undefined, { compute: 'bfloat16' }) : probeModel(c);
   const mode = c.mode ?? 'lora';
   const lora: LoraConfig = {
     r: c.r ?? 8,
@@ -126,6 +150,7 @@ async function main(): Promise<void> {
   const out: ProbeResult = { baseline, peak, plan };
   process.stdout.write(`${JSON.stringify(out)}\n`);
   await engine.close();
+  if (bfDir) rmSync(dirname(bfDir), { recursive: true, force: true });
 }
 
 if (process.argv[1] && resolve(process.argv[1]) === fileURLToPath(import.meta.url)) {

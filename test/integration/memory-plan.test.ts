@@ -38,6 +38,7 @@ describe.runIf(linux)('memory plan against the measured peak (VmHWM, one child p
     { name: 'llama 128 x 4 layers, 1536 tokens, recompute', c: { hidden: 128, layers: 4, heads: 4, batch: 1, seq: 1536, recompute: true } },
     { name: 'gpt2 128 x 4 layers, 1024 tokens, recompute', c: { arch: 'gpt2', hidden: 128, layers: 4, heads: 4, batch: 1, seq: 1024, recompute: true } },
     { name: 'llama 512 x 4 layers, vocab 8192, batch 1 x 512, float16 base weights', c: { hidden: 512, layers: 4, heads: 8, vocab: 8192, batch: 1, seq: 512, recompute: false, computeDtype: 'float16' } },
+    { name: 'the same with bfloat16 base weights left in the checkpoint', c: { hidden: 512, layers: 4, heads: 8, vocab: 8192, batch: 1, seq: 512, recompute: false, computeDtype: 'bfloat16' } },
   ];
   for (const { name, c } of CASES) {
     it(`${name}: plan within 15% of the peak`, async () => {
