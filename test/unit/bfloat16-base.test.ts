@@ -22,8 +22,7 @@ import { createRng } from '../../common/random.ts';
 import type { LoraConfig } from '../../common/model-config.ts';
 import type { TensorMap } from '../../common/tensor.ts';
 import { randomBatch } from '../helpers/random-model.ts';
-import { readPeftAdapter } from '../../common/peft.ts';
-import { runFedtune, SAMPLE_DATA, trainTinyAdapter } from '../helpers/cli.ts';
+import { evalAdapter, runFedtune, SAMPLE_DATA, trainTinyAdapter } from '../helpers/cli.ts';
 
 const root = mkdtempSync(join(tmpdir(), 'fedtune-bf16-'));
 afterAll(() => rmSync(root, { recursive: true, force: true }));
@@ -141,16 +140,8 @@ describe('--compute-dtype bfloat16', () => {
   it('fedtune train, eval and generate with --compute-dtype bfloat16: a float32 PEFT adapter; eval equals float32\'s on the same checkpoint; the plan counts 2 bytes', async () => {
     const { stdout, model: dir, out } = await trainTinyAdapter(join(root, 'cli'), ['--compute-dtype', 'bfloat16'], { dtype: 'bfloat16' });
     expect(stdout).toMatch(/bfloat16 base weights mapped from the checkpoint/);
-    const saved = await readPeftAdapter(out);
-    expect(saved.adapter.size).toBeGreaterThan(0);
-    for (const t of saved.adapter.values()) expect(t.data).toBeInstanceOf(Float32Array);
-    const evalWith = (dtype: string) => {
-      const r = runFedtune(['eval', '--model', dir, '--adapter', out, '--data', SAMPLE_DATA, '--max-seq-len', '512', '--compute-dtype', dtype]);
-      expect(r.status, r.stderr).toBe(0);
-      return JSON.parse(r.stdout) as { loss: number; tokens: number };
-    };
-    const bf = evalWith('bfloat16');
-    const f32 = evalWith('float32');
+    const bf = evalAdapter(dir, out, 'bfloat16');
+    const f32 = evalAdapter(dir, out, 'float32');
     expect(bf.tokens).toBe(f32.tokens);
     expect(Math.abs(bf.loss - f32.loss)).toBeLessThanOrEqual(1e-5 * f32.loss); // the same weights, widened in the graph or in JavaScript
     const gen = runFedtune(['generate', '--model', dir, '--adapter', out, '--prompt', 'Say ok.', '--max-new-tokens', '4', '--compute-dtype', 'bfloat16']);

@@ -40,7 +40,6 @@ import type { TensorMap } from '../../common/tensor.ts';
 import { randomConfig, randomModel } from '../helpers/random-model.ts';
 import { gradCheck } from '../helpers/gradcheck.ts';
 import { PYTHON, referenceAvailable } from '../helpers/reference.ts';
-import { readPeftAdapter } from '../../common/peft.ts';
 import { archModel, archRaw } from './arch-models.ts';
 import { runFedtune, SAMPLE_DATA, trainTinyAdapter } from '../helpers/cli.ts';
 
@@ -377,8 +376,6 @@ describe('fedtune train / worker --quantize-base', () => {
   it('trains a PEFT adapter on an nf4 base, and refuses bad values and --full by name', async () => {
     const { stdout, model: dir, out } = await trainTinyAdapter(root, ['--quantize-base', 'nf4']);
     expect(stdout).toMatch(/nf4 base weights/);
-    const saved = await readPeftAdapter(out);
-    expect(saved.adapter.size).toBeGreaterThan(0);
     const bad = run(['train', '--model', dir, '--data', data, '--out', join(root, 'x'), '--steps', '1', '--quantize-base', 'fp4']);
     expect(bad.status).not.toBe(0);
     expect(bad.stderr).toMatch(/--quantize-base is "fp4"; expected one of nf4, int4/);
