@@ -10,7 +10,7 @@ import type { Row } from './federated.ts';
 // Quiet logs unless asked for; set before the modules that create loggers are loaded.
 process.env.FEDTUNE_LOG_LEVEL ??= 'warn';
 const { benchAggregation, benchTransfer, paramCount, syntheticAdapter } = await import('./federated.ts');
-const { benchProcessRounds } = await import('./rounds.ts');
+const { benchProcessRoundsIsolated } = await import('./rounds.ts');
 const quick = process.argv.includes('--quick');
 const t0 = Date.now();
 
@@ -31,9 +31,9 @@ console.log('  (a) done');
 const transfer = await benchTransfer(adapter, quick ? 1 : 3);
 rows.push(...transfer.rows);
 console.log('  (b) done');
-const rounds = await benchProcessRounds(quick ? [10] : [10, 50]);
+const rounds = await benchProcessRoundsIsolated(quick ? [10] : [10, 50]);
 console.log('');
 print(rows);
-console.log(`\n(c) rounds with separate \`fedtune worker\` processes (noop trainer, no perturbation), this process as the coordinator; warm rounds 2-5 of 5; the round time includes writing the checkpoint:\n`);
+console.log(`\n(c) rounds with separate \`fedtune worker\` processes (noop trainer, no perturbation), a fresh process per row as the coordinator; warm rounds 2-5 of 5; the round time includes writing the checkpoint:\n`);
 console.log(rounds.table);
 console.log(`total ${((Date.now() - t0) / 1000).toFixed(0)} s`);

@@ -275,9 +275,10 @@ export async function processRound(o: { model: string; dir: string; workers: num
   }
 }
 
-export function roundTable(rows: ProcessRoundRow[], tcpBytesPerMs: number): string {
+export function roundTable(rows: ProcessRoundRow[], tcpBytesPerMs: number[]): string {
+  const mbps = tcpBytesPerMs.map((r) => ((r * 1000) / 1e6).toFixed(0));
   const lines = [
-    `raw TCP between two processes: ${((tcpBytesPerMs * 1000) / 1e6).toFixed(0)} MB/s`,
+    `raw TCP between two processes: ${mbps.join(' / ')} MB/s${mbps.length > 1 ? ' (measured by each row\'s process)' : ''}`,
     '| N | round time | dispatch / train / upload / aggregate | bytes-once bound | ratio | coordinator CPU-s per client-round | worker CPU-s per round | coordinator peak RSS | worker peak RSS | load (1 min) |',
     '|---|---|---|---|---|---|---|---|---|---|',
   ];
@@ -303,9 +304,42 @@ export async function benchProcessRounds(counts: number[]): Promise<{ rows: Proc
       rows.push(await processRound({ model, dir, workers: n, tcpBytesPerMs, spawner }));
       console.log(`  (c) ${n} worker processes done`);
     }
-    return { rows, tcpBytesPerMs, table: roundTable(rows, tcpBytesPerMs) };
+    return { rows, tcpBytesPerMs, table: roundTable(rows, [tcpBytesPerMs]) };
   } finally {
     spawner.close();
     rmSync(dir, { recursive: true, force: true });
   }
+}
+
+const ROW_MARK = 'bench-rounds-row ';
+
+/**
+ * benchProcessRounds with each N in a fresh process of its own (this file run with --child N): the
+ * coordinator's CPU and peak RSS are then its rounds' alone, not also what the benchmarks run
+ * before it in the same process allocated and left to the garbage collector.
+ */
+export async function benchProcessRoundsIsolated(counts: number[]): Promise<{ rows: ProcessRoundRow[]; table: string }> {
+  const rows: ProcessRoundRow[] = [];
+  const tcp: number[] = [];
+  for (const n of counts) {
+    const out = await new Promise<string>((resolve, reject) => {
+      const p = spawn(process.execPath, [join(ROOT, 'bin/run-ts.js'), import.meta.filename, '--child', String(n)], { stdio: ['ignore', 'pipe', 'inherit'], env: { ...process.env, FEDTUNE_LOG_LEVEL: 'warn' } });
+      let text = '';
+      p.stdout!.on('data', (d: Buffer) => (text += d.toString()));
+      p.on('error', reject);
+      p.on('exit', (code) => (code === 0 ? resolve(text) : reject(new Error(`bench rounds, ${n} workers: child exited with ${code}`))));
+    });
+    const line = out.split('\n').find((l) => l.startsWith(ROW_MARK));
+    if (!line) throw new Error(`bench rounds, ${n} workers: no result from the child`);
+    const r = JSON.parse(line.slice(ROW_MARK.length)) as { rows: ProcessRoundRow[]; tcpBytesPerMs: number };
+    rows.push(...r.rows);
+    tcp.push(r.tcpBytesPerMs);
+    console.log(`  (c) ${n} worker processes done`);
+  }
+  return { rows, table: roundTable(rows, tcp) };
+}
+
+if (process.argv[2] === '--child' && process.argv[1] && import.meta.filename === process.argv[1]) {
+  const r = await benchProcessRounds([Number(process.argv[3])]);
+  console.log(ROW_MARK + JSON.stringify({ rows: r.rows, tcpBytesPerMs: r.tcpBytesPerMs }));
 }
