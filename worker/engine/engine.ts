@@ -15,7 +15,7 @@ import type { FloatDType } from './graph.ts';
 import { buildCausalLmGraph, type GraphSpec } from './model-graph.ts';
 import { initLoraAdapter, loraTargets, peftKey, peftMagnitudeKey, weightRowNorms } from '../../common/lora.ts';
 import { createSession, ort, type Device, type RuntimeSession } from './runtime.ts';
-import { checkHalfCombination, fileWeights, halfGraphFor, halfModel, halfWeights, LossScaler, parseComputeDtype, unscaleFinite, type ComputeDtype, type LossScaleOptions } from './half.ts';
+import { checkHalfCombination, fileWeights, halfGraphFor, halfModel, halfWeights, isHalfCompute, LossScaler, parseComputeDtype, unscaleFinite, type ComputeDtype, type LossScaleOptions } from './half.ts';
 import { baseMemory, baseWeightValues, parseQuantizeBase, quantizedBase, quantizedInputData, quantizeModel, type BaseMemory, type QuantFormat } from './quantize.ts';
 
 export interface EngineOptions {
@@ -136,7 +136,7 @@ export class Engine {
     }
     this.lossScaler = opts.computeDtype === 'float16' ? new LossScaler(opts.lossScale) : null;
     if (opts.halfVariant && opts.computeDtype !== 'float16') throw new Error('engine: halfVariant applies to computeDtype float16 only');
-    this.half = opts.computeDtype === 'float16' || opts.computeDtype === 'bfloat16';
+    this.half = isHalfCompute(opts.computeDtype);
   }
 
   /** The graphs hold half-precision base weights (--compute-dtype float16 or bfloat16). */
@@ -148,14 +148,10 @@ export class Engine {
       throw new Error('--quantize-base: 4-bit base weights are frozen, so they apply to LoRA training only, not --full; drop --quantize-base or --full');
     }
     const compute = parseComputeDtype(opts.computeDtype, 'computeDtype');
-    if (compute === 'float16') {
+    if (isHalfCompute(compute)) {
       checkHalfCombination({ computeDtype: compute, full: opts.mode !== 'lora', quantizeBase: q });
-      if ((opts.dtype ?? 'float32') !== 'float32') throw new Error('--compute-dtype float16 mixes float16 products into float32 graphs, not float64 ones');
-      return new Engine(halfModel(model), opts);
-    }
-    if (compute === 'bfloat16') {
-      checkHalfCombination({ computeDtype: compute, full: opts.mode !== 'lora', quantizeBase: q });
-      if ((opts.dtype ?? 'float32') !== 'float32') throw new Error('--compute-dtype bfloat16 widens bfloat16 weights into float32 graphs, not float64 ones');
+      if ((opts.dtype ?? 'float32') !== 'float32') throw new Error(`--compute-dtype ${compute} puts ${compute} weights into float32 graphs, not float64 ones`);
+      if (compute === 'float16') return new Engine(halfModel(model), opts);
       if (!fileWeights(model)) {
         throw new Error(`engine: --compute-dtype bfloat16 uses the checkpoint's bfloat16 weights where they lie in its files; load ${model.dir} with loadBaseModel(dir, undefined, { compute: 'bfloat16' })`);
       }

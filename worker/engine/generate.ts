@@ -38,7 +38,7 @@ import type { FloatDType } from './graph.ts';
 import { buildCausalLmGraph, ropeCosSin } from './model-graph.ts';
 import { Engine, argmax } from './engine.ts';
 import { createSession, ort, type Device, type RuntimeSession } from './runtime.ts';
-import { halfGraphFor, halfModel, halfWeights, type ComputeDtype } from './half.ts';
+import { halfGraphFor, halfModel, halfWeights, isHalfCompute, type ComputeDtype } from './half.ts';
 
 // ---------------------------------------------------------------------------
 // Options
@@ -455,7 +455,7 @@ export class Generator {
           dtype: this.dtype,
           kind: 'forward',
           decode: { pastLen },
-          ...(this.opts.computeDtype === 'float16' || this.opts.computeDtype === 'bfloat16' ? { half: halfGraphFor(this.opts.device, this.opts.computeDtype) } : {}),
+          ...(isHalfCompute(this.opts.computeDtype) ? { half: halfGraphFor(this.opts.device, this.opts.computeDtype) } : {}),
         });
         const rt = await createSession(built.bytes, {
           threads: this.opts.threads,
@@ -509,7 +509,7 @@ export class Generator {
       dtype: this.dtype,
       threads: this.opts.threads,
       device: this.opts.device,
-      ...(this.opts.computeDtype && this.opts.computeDtype !== 'float32' ? { computeDtype: this.opts.computeDtype } : {}),
+      ...(isHalfCompute(this.opts.computeDtype) ? { computeDtype: this.opts.computeDtype } : {}),
     });
     const engine = this.engine;
     const params = a ? a.params : this.model.weights;

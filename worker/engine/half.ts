@@ -42,6 +42,11 @@ export const COMPUTE_DTYPES: readonly ComputeDtype[] = ['float32', 'float16', 'b
 /** float16's largest finite value. */
 export const FLOAT16_MAX = 65504;
 
+/** The base's matrices are held in half precision (float16 in memory, or bfloat16 left in the checkpoint's files). */
+export function isHalfCompute(d: ComputeDtype | undefined): d is 'float16' | 'bfloat16' {
+  return d === 'float16' || d === 'bfloat16';
+}
+
 /** Validates a --compute-dtype value; undefined means float32. */
 export function parseComputeDtype(value: unknown, field = '--compute-dtype'): ComputeDtype {
   if (value === undefined || value === null) return 'float32';

@@ -31,7 +31,7 @@ import { loraTargets } from '../../common/lora.ts';
 import { numel } from '../../common/tensor.ts';
 import { bytesPer, type FloatDType, type Graph } from './graph.ts';
 import { buildCausalLmGraph } from './model-graph.ts';
-import { halfGraphFor, isHalfWeight, type ComputeDtype } from './half.ts';
+import { halfGraphFor, isHalfCompute, isHalfWeight, type ComputeDtype } from './half.ts';
 import type { Device } from './runtime.ts';
 import { DEQUANT_CHUNK, isQuantizableWeight } from './quantize.ts';
 
@@ -208,7 +208,7 @@ export function memoryPlan(config: ModelConfig, o: PlanOptions): MemoryPlan {
     weights = (totalWeights - linear) * 4 + linear * FOUR_BIT_BYTES_PER_WEIGHT;
     weightDetail = `${(linear / 1e6).toFixed(1)}M decoder linear weights ${o.quantizeBase} (4-bit + a float32 scale per 64, dequantised in pieces of ${fmt(DEQUANT_CHUNK * e)}), the rest float32`;
   }
-  const halfDtype = o.computeDtype === 'float16' || o.computeDtype === 'bfloat16';
+  const halfDtype = isHalfCompute(o.computeDtype);
   if (halfDtype && o.weightBytes === undefined) {
     // 2-D weights in float16 (or bfloat16, mapped from the checkpoint's files); on CPU each is widened to float32 for its product (graph activations below).
     const twoD = [...shapes].filter(([name, sh]) => isHalfWeight(name, sh)).reduce((s, [, sh]) => s + numel(sh), 0);
