@@ -249,6 +249,33 @@ export async function readTensorEntry(fh: FileHandle, header: SafetensorsHeader,
   return { dtype: e.dtype, shape: e.shape, bytes };
 }
 
+/**
+ * One tensor of an open safetensors file read a chunk at a time into one
+ * reused buffer of at most `chunkElements` elements: `each` gets every chunk
+ * as an entry of shape [length] and the index of its first element, and must
+ * be done with the chunk's bytes when it returns. Converting a large tensor
+ * this way never holds its raw bytes whole.
+ */
+export async function readTensorChunks(
+  fh: FileHandle,
+  header: SafetensorsHeader,
+  e: SafetensorsHeaderEntry,
+  path: string,
+  chunkElements: number,
+  each: (chunk: StEntry, start: number) => void,
+): Promise<void> {
+  const size = DTYPE_SIZE[e.dtype as keyof typeof DTYPE_SIZE];
+  if (!size) fail(path, `tensor "${e.name}" has dtype ${e.dtype}, which has no fixed element size`);
+  const total = (e.end - e.begin) / size;
+  const buf = new Uint8Array(Math.min(total, chunkElements) * size);
+  for (let start = 0; start < total; start += chunkElements) {
+    const n = Math.min(chunkElements, total - start);
+    const bytes = n * size === buf.length ? buf : buf.subarray(0, n * size);
+    await readAt(fh, bytes, header.dataStart + e.begin + start * size, path, `tensor "${e.name}"`);
+    each({ dtype: e.dtype, shape: [n], bytes }, start);
+  }
+}
+
 /** Parse a whole safetensors file held in memory. Tensor bytes are views into `buf`. */
 export function parseSafetensors(buf: Uint8Array, source: string): SafetensorsFile {
   const hlen = readHeaderLength(buf, buf.length, source);
@@ -352,8 +379,13 @@ export function f32ToBf16Bits(x: number): number {
 // ---------------------------------------------------------------------------
 // Decoding entries
 
-/** Copy into a fresh buffer so that typed-array views are aligned and independent of the file buffer. */
+/**
+ * Bytes as an ArrayBuffer that typed-array views can start at 0: the entry's
+ * own buffer where the bytes are all of it (readTensorEntry's), else a copy,
+ * aligned and independent of the file buffer.
+ */
 function aligned(bytes: Uint8Array): ArrayBuffer {
+  if (bytes.byteOffset === 0 && bytes.byteLength === bytes.buffer.byteLength && bytes.buffer instanceof ArrayBuffer) return bytes.buffer;
   const out = new ArrayBuffer(bytes.length);
   new Uint8Array(out).set(bytes);
   return out;

@@ -1,5 +1,5 @@
 import { describe, expect, it, beforeAll, afterAll } from 'vitest';
-import { mkdtemp, readFile, readdir, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, open, readFile, readdir, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import {
@@ -9,6 +9,9 @@ import {
   f32ToF16Bits,
   parseSafetensors,
   readSafetensors,
+  readSafetensorsHeader,
+  readTensorChunks,
+  readTensorEntry,
   safetensorsParts,
   serializeSafetensors,
   toFloat32,
@@ -213,6 +216,43 @@ describe('float16 / bfloat16 bit patterns', () => {
     const b = new Uint16Array(st.tensors.get('b')!.bytes.slice().buffer);
     expect(b[2]).toBe(0x3f82);
     expect(Array.from(toFloat32(st.tensors.get('h')!)).slice(0, 2)).toEqual([1 + 2 ** -9, Infinity]);
+  });
+});
+
+describe('reading a tensor in chunks', () => {
+  it('yields every element once, in order, for each float dtype and lengths that are not a multiple of the chunk', async () => {
+    const values = Float32Array.from({ length: 23 }, (_, i) => (i - 11) * 0.375);
+    const path = join(dir, 'chunks.safetensors');
+    await writeSafetensors(
+      path,
+      new Map<string, StWriteEntry>([
+        ['f32', { dtype: 'F32', shape: [23], data: values }],
+        ['f16', { dtype: 'F16', shape: [23], data: values }],
+        ['bf16', { dtype: 'BF16', shape: [23], data: values }],
+        ['f64', { dtype: 'F64', shape: [23], data: Float64Array.from(values) }],
+      ]),
+    );
+    const fh = await open(path, 'r');
+    try {
+      const header = await readSafetensorsHeader(fh, path);
+      for (const e of header.entries) {
+        const whole = Array.from(toFloat32(await readTensorEntry(fh, header, e, path)));
+        expect(whole, e.name).toEqual(Array.from(values)); // exact in every dtype (multiples of 0.375 up to 4.5)
+        for (const chunk of [1, 5, 23, 64]) {
+          const got: number[] = [];
+          const starts: number[] = [];
+          await readTensorChunks(fh, header, e, path, chunk, (c, start) => {
+            expect(c.shape[0]).toBeLessThanOrEqual(chunk);
+            starts.push(start);
+            got.push(...toFloat32(c));
+          });
+          expect(got, `${e.name} in chunks of ${chunk}`).toEqual(whole);
+          expect(starts).toEqual(Array.from({ length: Math.ceil(23 / chunk) }, (_, i) => i * chunk));
+        }
+      }
+    } finally {
+      await fh.close();
+    }
   });
 });
 

@@ -106,15 +106,20 @@ export function halfWeights(model: LoadedModel): Map<string, HalfTensor> | undef
  */
 export function toFloat16(data: ArrayLike<number>, what: string): Uint16Array {
   const out = new Uint16Array(data.length);
+  toFloat16Into(data, out, 0, what);
+  return out;
+}
+
+/** toFloat16 of `data` written to out[at ...]; the index an error names is the element's in `out`. */
+export function toFloat16Into(data: ArrayLike<number>, out: Uint16Array, at: number, what: string): void {
   for (let i = 0; i < data.length; i++) {
     const x = data[i]!;
     const h = f32ToF16Bits(x);
     if ((h & 0x7c00) === 0x7c00 && Number.isFinite(x)) {
-      throw new Error(`--compute-dtype float16: ${what} holds ${x} at index ${i}, beyond float16's range (±${FLOAT16_MAX}); use --compute-dtype float32 for this model`);
+      throw new Error(`--compute-dtype float16: ${what} holds ${x} at index ${at + i}, beyond float16's range (±${FLOAT16_MAX}); use --compute-dtype float32 for this model`);
     }
-    out[i] = h;
+    out[at + i] = h;
   }
-  return out;
 }
 
 /** float16 bits -> float32 values (exact). */

@@ -29,13 +29,13 @@
  */
 import { open } from 'node:fs/promises';
 import { join } from 'node:path';
-import type { FloatArray, TensorMap } from '../../common/tensor.ts';
+import { numel, type FloatArray, type TensorMap } from '../../common/tensor.ts';
 import type { LoadedModel } from '../../common/model-config.ts';
 import { collectFileWeights, completeWeights, inspectModel, readModelDir, type CheckpointWeight } from '../../common/hf-model.ts';
-import { readSafetensorsHeader, readTensorEntry, toFloat32 } from '../../common/safetensors.ts';
+import { readSafetensorsHeader, readTensorChunks, readTensorEntry, toFloat32 } from '../../common/safetensors.ts';
 import type { FloatDType, Graph, HalfDType, Value } from './graph.ts';
 import { loadModel } from './model.ts';
-import { checkHalfCombination, fileWeights, halfWeights, halfWeightValues, isHalfWeight, toFloat16, type ComputeDtype, type FileWeight, type FileWeightsModel, type HalfModel, type HalfTensor } from './half.ts';
+import { checkHalfCombination, fileWeights, halfWeights, halfWeightValues, isHalfWeight, toFloat16Into, type ComputeDtype, type FileWeight, type FileWeightsModel, type HalfModel, type HalfTensor } from './half.ts';
 
 export type QuantFormat = 'nf4' | 'int4';
 export const QUANT_FORMATS: readonly QuantFormat[] = ['nf4', 'int4'];
@@ -201,12 +201,15 @@ export function quantizeModel(model: LoadedModel, format: QuantFormat, blockSize
   return { ...model, weights, quantized: { format, blockSize, tensors } };
 }
 
+/** Elements a float16 base weight is read and rounded in at a time (4 MiB of float32). */
+const HALF_CHUNK = 1 << 20;
+
 /**
  * Load a model directory for training: loadModel without `format` or half
  * compute; with either, the same checks and weights, but each weight is read
  * from its file, converted to float32 and then quantised (decoder linears,
- * `format`) or rounded to float16 (2-D weights, `compute` float16) one at a
- * time, so that the float32 model is never held whole (and never grows the
+ * `format`) one at a time, or rounded to float16 (2-D weights, `compute`
+ * float16) a chunk at a time, so that the float32 model is never held whole (and never grows the
  * process's heap to its size). With `compute` bfloat16 the 2-D weights are not
  * read at all: each is recorded where it lies in its file (FileWeight), and
  * must be stored as BF16. The fingerprint is the checkpoint's, streamed by
@@ -246,9 +249,15 @@ export async function loadBaseModel(
           files.set(w.canonical, { shape: w.shape, file, offset: header.dataStart + e.begin, length: e.end - e.begin });
           continue;
         }
+        if (half && isHalfWeight(w.canonical, w.shape)) {
+          // Straight to float16 a chunk at a time: neither the raw bytes nor a float32 copy of the tensor is held whole.
+          const data = new Uint16Array(numel(w.shape));
+          await readTensorChunks(fh, header, e, path, HALF_CHUNK, (chunk, start) => toFloat16Into(toFloat32(chunk), data, start, `${path}: ${w.name}`));
+          halves.set(w.canonical, { shape: w.shape, data });
+          continue;
+        }
         const data = toFloat32(await readTensorEntry(fh, header, e, path));
         if (format && isQuantizableWeight(w.canonical, w.shape)) tensors.set(w.canonical, quantizeBlockwise(data, w.shape, format, `${path}: ${w.name}`, blockSize));
-        else if (half && isHalfWeight(w.canonical, w.shape)) halves.set(w.canonical, { shape: w.shape, data: toFloat16(data, `${path}: ${w.name}`) });
         else weights.set(w.canonical, { shape: w.shape, data });
       }
     } finally {
