@@ -20,6 +20,7 @@
  * size of Llama-7B attention at r = 16, in fewer, larger tensors.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
+import { createHash } from 'node:crypto';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer, type AddressInfo } from 'node:net';
 import { loadavg, tmpdir } from 'node:os';
@@ -40,6 +41,10 @@ export interface ProcessRoundRow {
   /** 2 x N x adapter bytes at the raw TCP rate. */
   boundMs: number;
   coordinatorCpuSecPerClientRound: number;
+  /** The same, its user and system (kernel: socket and file I/O) parts. */
+  coordinatorCpuSplit: { user: number; system: number };
+  /** CPU-seconds of SHA-256 over one upload's bytes in this process (node:crypto, best of 3): the digest check's share of a client-round. */
+  sha256SecPerUpload: number;
   /** Each worker process's CPU-seconds per round (utime + stime from /proc over the same warm rounds), mean over workers. */
   workerCpuSecPerRound: number;
   coordinatorPeakRssMb: number;
@@ -260,6 +265,8 @@ export async function processRound(o: { model: string; dir: string; workers: num
       },
       boundMs: (2 * o.workers * adapterBytes) / o.tcpBytesPerMs,
       coordinatorCpuSecPerClientRound: cpuSec / (o.workers * warm.length),
+      coordinatorCpuSplit: { user: (used?.user ?? NaN) / 1e6 / (o.workers * warm.length), system: (used?.system ?? NaN) / 1e6 / (o.workers * warm.length) },
+      sha256SecPerUpload: sha256Secs(adapterBytes),
       workerCpuSecPerRound: workerCpuUsed.reduce((a, b) => a + b, 0) / (workerCpuUsed.length * warm.length),
       coordinatorPeakRssMb: process.resourceUsage().maxRSS / 1024,
       workerPeakRssMb: { min: Math.min(...rss), max: Math.max(...rss) },
@@ -275,18 +282,30 @@ export async function processRound(o: { model: string; dir: string; workers: num
   }
 }
 
+/** Seconds node:crypto's SHA-256 takes over `bytes` bytes here (best of 3). */
+function sha256Secs(bytes: number): number {
+  const b = Buffer.alloc(bytes, 7);
+  let best = Infinity;
+  for (let r = 0; r < 3; r++) {
+    const t = performance.now();
+    createHash('sha256').update(b).digest();
+    best = Math.min(best, performance.now() - t);
+  }
+  return best / 1000;
+}
+
 export function roundTable(rows: ProcessRoundRow[], tcpBytesPerMs: number[]): string {
   const mbps = tcpBytesPerMs.map((r) => ((r * 1000) / 1e6).toFixed(0));
   const lines = [
     `raw TCP between two processes: ${mbps.join(' / ')} MB/s${mbps.length > 1 ? ' (measured by each row\'s process)' : ''}`,
-    '| N | round time | dispatch / train / upload / aggregate | bytes-once bound | ratio | coordinator CPU-s per client-round | worker CPU-s per round | coordinator peak RSS | worker peak RSS | load (1 min) |',
+    '| N | round time | dispatch / train / upload / aggregate | bytes-once bound | ratio | coordinator CPU-s per client-round (user + system; SHA-256 of one upload alone) | worker CPU-s per round | coordinator peak RSS | worker peak RSS | load (1 min) |',
     '|---|---|---|---|---|---|---|---|---|---|',
   ];
   for (const r of rows) {
     const p = r.phases;
     lines.push(
       `| ${r.workers} | ${(r.roundMs / 1000).toFixed(2)} s | ${(p.dispatchMs / 1000).toFixed(2)} / ${(p.trainMs / 1000).toFixed(2)} / ${(p.uploadMs / 1000).toFixed(2)} / ${(p.aggregateMs / 1000).toFixed(2)} s | ` +
-        `${(r.boundMs / 1000).toFixed(2)} s | ${(r.roundMs / r.boundMs).toFixed(1)}x | ${r.coordinatorCpuSecPerClientRound.toFixed(3)} | ${r.workerCpuSecPerRound.toFixed(3)} | ${r.coordinatorPeakRssMb.toFixed(0)} MB | ` +
+        `${(r.boundMs / 1000).toFixed(2)} s | ${(r.roundMs / r.boundMs).toFixed(1)}x | ${r.coordinatorCpuSecPerClientRound.toFixed(3)} (${r.coordinatorCpuSplit.user.toFixed(3)} + ${r.coordinatorCpuSplit.system.toFixed(3)}; ${r.sha256SecPerUpload.toFixed(3)}) | ${r.workerCpuSecPerRound.toFixed(3)} | ${r.coordinatorPeakRssMb.toFixed(0)} MB | ` +
         `${r.workerPeakRssMb.min.toFixed(0)}-${r.workerPeakRssMb.max.toFixed(0)} MB | ${Math.min(...r.load).toFixed(1)}-${Math.max(...r.load).toFixed(1)} |`,
     );
   }

@@ -15,7 +15,8 @@
  *                                            (a, b, ... float32; s float64)
  *   scale(s, n, f, out)                      out[j] = float32(s[j] * f)
  *   absmax(a, n) -> f32                      the largest |a[j]| (a float32); NaN when a holds a
- *                                            NaN, 0 when n = 0 (sum.ts absMax, in one pass)
+ *                                            NaN, 0 when n = 0 (sum.ts absMax, in one pass,
+ *                                            compared as integer bits)
  */
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
@@ -93,30 +94,44 @@ const scale = `
         (local.set $i (i32.add (local.get $i) (i32.const 1)))
         (br $one))))`;
 
-// Two running maxima (eight floats per iteration); f32x4.max and f32.max return NaN when either operand is NaN.
+// The largest |a[j]| compared as bits: with the sign bit cleared a float32's bits order as its
+// magnitude does, +Infinity (0x7f800000) above every finite value and every NaN above +Infinity, so
+// an unsigned integer maximum (one instruction, where a float maximum that propagates NaN is a
+// sequence of several) finds it. Four running maxima, sixteen floats per iteration.
 const absmax = `
   (func (export "absmax") (param $a i32) (param $n i32) (result f32)
-    (local $i i32) (local $n8 i32) (local $p i32) (local $m0 v128) (local $m1 v128) (local $r f32)
-    (local.set $n8 (i32.and (local.get $n) (i32.const -8)))
+    (local $i i32) (local $n16 i32) (local $p i32) (local $mask v128)
+    (local $m0 v128) (local $m1 v128) (local $m2 v128) (local $m3 v128) (local $r i32) (local $x i32)
+    (local.set $mask (i32x4.splat (i32.const 0x7fffffff)))
+    (local.set $n16 (i32.and (local.get $n) (i32.const -16)))
     (block $done
-      (loop $eight
-        (br_if $done (i32.ge_u (local.get $i) (local.get $n8)))
+      (loop $sixteen
+        (br_if $done (i32.ge_u (local.get $i) (local.get $n16)))
         (local.set $p (i32.add (local.get $a) (i32.shl (local.get $i) (i32.const 2))))
-        (local.set $m0 (f32x4.max (local.get $m0) (f32x4.abs (v128.load (local.get $p)))))
-        (local.set $m1 (f32x4.max (local.get $m1) (f32x4.abs (v128.load offset=16 (local.get $p)))))
-        (local.set $i (i32.add (local.get $i) (i32.const 8)))
-        (br $eight)))
-    (local.set $m0 (f32x4.max (local.get $m0) (local.get $m1)))
-    (local.set $r (f32.max
-      (f32.max (f32x4.extract_lane 0 (local.get $m0)) (f32x4.extract_lane 1 (local.get $m0)))
-      (f32.max (f32x4.extract_lane 2 (local.get $m0)) (f32x4.extract_lane 3 (local.get $m0)))))
+        (local.set $m0 (i32x4.max_u (local.get $m0) (v128.and (v128.load (local.get $p)) (local.get $mask))))
+        (local.set $m1 (i32x4.max_u (local.get $m1) (v128.and (v128.load offset=16 (local.get $p)) (local.get $mask))))
+        (local.set $m2 (i32x4.max_u (local.get $m2) (v128.and (v128.load offset=32 (local.get $p)) (local.get $mask))))
+        (local.set $m3 (i32x4.max_u (local.get $m3) (v128.and (v128.load offset=48 (local.get $p)) (local.get $mask))))
+        (local.set $i (i32.add (local.get $i) (i32.const 16)))
+        (br $sixteen)))
+    (local.set $m0 (i32x4.max_u (i32x4.max_u (local.get $m0) (local.get $m1)) (i32x4.max_u (local.get $m2) (local.get $m3))))
+    (local.set $r (i32x4.extract_lane 0 (local.get $m0)))
+    (local.set $x (i32x4.extract_lane 1 (local.get $m0)))
+    (local.set $r (select (local.get $x) (local.get $r) (i32.gt_u (local.get $x) (local.get $r))))
+    (local.set $x (i32x4.extract_lane 2 (local.get $m0)))
+    (local.set $r (select (local.get $x) (local.get $r) (i32.gt_u (local.get $x) (local.get $r))))
+    (local.set $x (i32x4.extract_lane 3 (local.get $m0)))
+    (local.set $r (select (local.get $x) (local.get $r) (i32.gt_u (local.get $x) (local.get $r))))
     (block $end
       (loop $one
         (br_if $end (i32.ge_u (local.get $i) (local.get $n)))
-        (local.set $r (f32.max (local.get $r) (f32.abs (f32.load (i32.add (local.get $a) (i32.shl (local.get $i) (i32.const 2)))))))
+        (local.set $x (i32.and (i32.load (i32.add (local.get $a) (i32.shl (local.get $i) (i32.const 2)))) (i32.const 0x7fffffff)))
+        (local.set $r (select (local.get $x) (local.get $r) (i32.gt_u (local.get $x) (local.get $r))))
         (local.set $i (i32.add (local.get $i) (i32.const 1)))
         (br $one)))
-    (local.get $r))`;
+    (if (result f32) (i32.gt_u (local.get $r) (i32.const 0x7f800000))
+      (then (f32.const nan))
+      (else (f32.reinterpret_i32 (local.get $r)))))`;
 
 export const WAT = `(module
   (import "env" "memory" (memory 1 32768))${[1, 2, 3, 4].map(fold).join('')}${scale}${absmax}

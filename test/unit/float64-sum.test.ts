@@ -297,13 +297,16 @@ describe('upload buffers in the kernels\' memory (UploadBufferPool, the arena)',
     for (const x of slots) pool.give(x);
   });
 
-  it('absMax over a slot (the WebAssembly kernel) is the JavaScript loop\'s answer for every length modulo 8, NaN and infinities included', () => {
+  it('absMax over a slot (the WebAssembly kernel) is the JavaScript loop\'s answer for every length modulo 16, NaN, infinities, -0 and subnormals included', () => {
     const pool = new UploadBufferPool(2);
     const slot = pool.take(N * 4);
     const inSlot = new Float32Array(slot.buffer, slot.byteOffset, N);
     const rand = uniform(5);
-    for (let n = 0; n <= 19; n++) {
+    for (let n = 0; n <= 37; n++) {
       const v = randomF32(n, rand, 50);
+      if (n % 3 === 1) v.fill(-0);
+      if (n % 5 === 2) v.fill(-1e-45); // the smallest subnormal: bits 0x80000001
+      if (n % 7 === 3) v[n - 1] = -3.4e38;
       inSlot.set(v);
       // The reference: a plain loop here.
       let m = 0;
