@@ -11,7 +11,7 @@
  * process with a synthetic adapter of Llama-7B attention shapes, r=16.
  */
 import { mkdtempSync, rmSync } from 'node:fs';
-import { spawn } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { createServer, connect, type AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -231,17 +231,30 @@ async function benchCoordinator(adapter: TensorMap, over: Record<string, unknown
 
 // ---------------------------------------------------------------- (b)
 
-/** Milliseconds of each download by a separate process (bench/transfer-client.ts) over `mode`. */
-async function downloadsFromChild(address: string, mode: 'bulk' | 'grpc', n: number): Promise<number[]> {
+const PYTHON = '/usr/bin/python3';
+
+/** Debian's Python can run the Python client (grpcio, protobuf, numpy). */
+function pythonClientRuns(): boolean {
+  return spawnSync(PYTHON, ['-c', 'import grpc, google.protobuf, numpy'], { stdio: 'ignore' }).status === 0;
+}
+
+/**
+ * Milliseconds of each download by a separate process over `mode`: a fedtune worker's connection
+ * (bench/transfer-client.ts), or with `python` the Python client (bench/transfer_client.py).
+ */
+async function downloadsFromChild(address: string, mode: 'bulk' | 'grpc', n: number, python = false): Promise<number[]> {
   const out = await new Promise<string>((resolve, reject) => {
-    const p = spawn(process.execPath, [join(import.meta.dirname, '..', 'bin', 'run-ts.js'), join(import.meta.dirname, 'transfer-client.ts'), address, mode, String(n)], {
+    const [cmd, args] = python
+      ? [PYTHON, [join(import.meta.dirname, 'transfer_client.py'), address, mode, String(n)]]
+      : [process.execPath, [join(import.meta.dirname, '..', 'bin', 'run-ts.js'), join(import.meta.dirname, 'transfer-client.ts'), address, mode, String(n)]];
+    const p = spawn(cmd, args, {
       stdio: ['ignore', 'pipe', 'inherit'],
-      env: { ...process.env, FEDTUNE_LOG_LEVEL: 'warn' },
+      env: { ...process.env, FEDTUNE_LOG_LEVEL: 'warn', PYTHONPATH: join(import.meta.dirname, '..', 'clients', 'python'), PYTHONDONTWRITEBYTECODE: '1' },
     });
     let text = '';
     p.stdout!.on('data', (d: Buffer) => (text += d.toString()));
     p.on('error', reject);
-    p.on('exit', (code) => (code === 0 ? resolve(text) : reject(new Error(`bench (b): transfer client (${mode}) exited with ${code}`))));
+    p.on('exit', (code) => (code === 0 ? resolve(text) : reject(new Error(`bench (b): ${python ? 'Python ' : ''}transfer client (${mode}) exited with ${code}`))));
   });
   return (JSON.parse(out.trim().split('\n').at(-1)!) as { ms: number[] }).ms;
 }
@@ -254,6 +267,9 @@ export async function benchTransfer(adapter: TensorMap, repeats = 3): Promise<{ 
   const n = Math.max(3, repeats * 2);
   const bulkMs = await downloadsFromChild(c.address, 'bulk', n);
   const grpcMs = await downloadsFromChild(c.address, 'grpc', Math.max(2, repeats));
+  const py = pythonClientRuns();
+  const pyBulkMs = py ? await downloadsFromChild(c.address, 'bulk', n, true) : [];
+  const pyGrpcMs = py ? await downloadsFromChild(c.address, 'grpc', Math.max(2, repeats), true) : [];
   const tcpBytesPerMs = await rawTcpBetweenProcesses(bytes, Math.max(3, repeats));
   // The receiver checks the digest of every byte: SHA-256's own rate on this machine bounds the transfer too.
   let hashMs = Infinity;
@@ -282,6 +298,22 @@ export async function benchTransfer(adapter: TensorMap, repeats = 3): Promise<{ 
         baseline: `raw TCP between processes ${tcp.toFixed(0)} MB/s`,
         ratio: `${(mbps(best(grpcMs)) / tcp).toFixed(2)}x`,
       },
+      ...(py
+        ? [
+            {
+              what: `    the Python client (clients/python), bulk channel, into numpy arrays`,
+              value: `${mbps(best(pyBulkMs)).toFixed(0)} MB/s`,
+              baseline: `raw TCP between processes ${tcp.toFixed(0)} MB/s`,
+              ratio: `${(mbps(best(pyBulkMs)) / tcp).toFixed(2)}x`,
+            },
+            {
+              what: `    the Python client over gRPC`,
+              value: `${mbps(best(pyGrpcMs)).toFixed(0)} MB/s`,
+              baseline: `raw TCP between processes ${tcp.toFixed(0)} MB/s`,
+              ratio: `${(mbps(best(pyGrpcMs)) / tcp).toFixed(2)}x`,
+            },
+          ]
+        : [{ what: `    the Python client: not measured (${PYTHON} lacks grpcio, protobuf or numpy)`, value: '', baseline: '', ratio: '' }]),
     ],
     tcpBytesPerMs,
   };

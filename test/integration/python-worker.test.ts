@@ -21,6 +21,7 @@ import { trainingSpecOf } from '../../coordinator/tasks.ts';
 import { CoordinatorConnection, localSpecOf } from '../../worker/agent.ts';
 import { NoopTrainer } from '../../worker/trainers/noop.ts';
 import { events, Probe, ROOT, runConfig, tempDir, tinyModel, worker, writeData, type Proc } from './federated-helpers.ts';
+import { hasOpenssl, makePki } from '../helpers/pki.ts';
 
 const PYTHON = '/usr/bin/python3';
 const inCI = process.env.CI === 'true' || process.env.CI === '1';
@@ -63,8 +64,8 @@ afterEach(async () => {
 });
 
 describe.skipIf(!havePython)('a Python worker (clients/python) next to a TypeScript worker', () => {
-  it("the round's global adapter is the example-weighted FedAvg of the Python and the TypeScript update; the Python worker evaluates it", async () => {
-    const dir = tempDir('python-worker');
+  it.each(['grpc', 'bulk'] as const)("over %s: the round's global adapter is the example-weighted FedAvg of the Python and the TypeScript update; the Python worker evaluates it", async (transport) => {
+    const dir = tempDir(`python-worker-${transport}`);
     const model = await tinyModel(join(dir, 'model'));
     const cfg = runConfig(dir, model, {
       name: 'python-worker',
@@ -73,8 +74,9 @@ describe.skipIf(!havePython)('a Python worker (clients/python) next to a TypeScr
       cohort: { min_workers: 2 },
       round: { min_results: 2, deadline_sec: 90 },
       eval: { every: 1, initial: false, deadline_sec: 60 },
-      // Small chunks: the adapter crosses the wire in several chunks each way, the last one shorter.
-      server: { chunk_bytes: 1024, max_chunk_bytes: 2048 },
+      // Small chunks: over gRPC the adapter crosses the wire in several chunks each way, the last one shorter.
+      // 'grpc': no bulk channel offered (bulk_port null), so both workers use the gRPC streams.
+      server: { chunk_bytes: 1024, max_chunk_bytes: 2048, ...(transport === 'grpc' ? { bulk_port: null } : {}) },
     });
     coord = await startCoordinator(cfg);
     // The global adapter v0 exactly as workers receive it (an observer without training data is never given a task).
@@ -99,6 +101,16 @@ describe.skipIf(!havePython)('a Python worker (clients/python) next to a TypeScr
     expect(await py.exited, py.out().slice(-2000)).toBe(0);
     expect(await ts.exited).toBe(0);
     expect(py.out()).toMatch(/round 1: update uploaded \(\d+ bytes, 30 examples\)/);
+    if (transport === 'grpc') {
+      expect(coord.bulk).toBeNull();
+      expect(py.out()).toMatch(/global adapter v0 downloaded \(\d+ bytes, grpc\)/);
+      expect(py.out()).toMatch(/update uploaded \(\d+ bytes, 30 examples\) over grpc/);
+    } else {
+      const at = `bulk 127\\.0\\.0\\.1:${coord.bulk!.port}`;
+      expect(py.out()).toMatch(new RegExp(`global adapter v0 downloaded \\((\\d+) bytes, ${at}\\)`));
+      expect(py.out()).toMatch(new RegExp(`update uploaded \\(${v0.bytes} bytes, 30 examples\\) over ${at}`));
+      expect(py.out()).not.toMatch(/bulk tensor channel/); // no fallback warning
+    }
 
     const evs = await events(coord.bus, coord.runId);
     const received = evs.filter((e): e is Extract<RunEvent, { type: 'update.received' }> => e.type === 'update.received');
@@ -143,6 +155,39 @@ describe.skipIf(!havePython)('a Python worker (clients/python) next to a TypeScr
     expect(done.participants).toBe(2);
     expect(done.examples).toBe(40);
     expect(done.evalLoss).toBeCloseTo(sq / n, 12);
+  });
+
+  it.skipIf(!hasOpenssl())('under mutual TLS the Python worker moves its tensors over the bulk channel with the certificate it registered with', async () => {
+    const dir = tempDir('python-worker-mtls');
+    const pki = makePki(dir);
+    const model = await tinyModel(join(dir, 'model'));
+    const cfg = runConfig(dir, model, {
+      name: 'python-mtls',
+      rounds: 1,
+      cohort: { min_workers: 1 },
+      round: { min_results: 1, deadline_sec: 90 },
+      server: { tls: { cert: pki.serverCert, key: pki.serverKey, client_ca: pki.ca } },
+    });
+    coord = await startCoordinator(cfg);
+    // A worker registers as the site its client certificate names (CN=site-a).
+    const py = pythonWorker([
+      '--coordinator', coord.address, '--token', 'test-token', '--name', 'site-a', '--model', model,
+      '--data', writeData(join(dir, 'py.jsonl'), 12, 'python'),
+      '--tls-ca', pki.ca, '--tls-cert', pki.clientCert, '--tls-key', pki.clientKey,
+    ]);
+    procs.push(py);
+    // A worker that gives up ends the test at once, with its output.
+    const result = await Promise.race([
+      coord.run,
+      py.exited.then((code) => (code === 0 ? coord!.run : Promise.reject(new Error(`the Python worker exited with ${code}:\n${py.out().slice(-2000)}`)))),
+    ]);
+    expect(result.state, py.out().slice(-2000)).toBe('completed');
+    expect(await py.exited, py.out().slice(-2000)).toBe(0);
+    const at = `bulk 127\\.0\\.0\\.1:${coord.bulk!.port}`;
+    expect(py.out()).toMatch(new RegExp(`global adapter v0 downloaded \\(\\d+ bytes, ${at}\\)`));
+    expect(py.out()).toMatch(new RegExp(`round 1: update uploaded \\(\\d+ bytes, 12 examples\\) over ${at}`));
+    expect(py.out()).not.toMatch(/bulk tensor channel/);
+    expect(coord.bulk!.bytesReadInPlace).toBe(0); // under TLS the coordinator copies the decrypted bytes into place once
   });
 
   it("the Python client's own tests pass (session rules, chunk and digest checks, upload chunking) against an in-process Python coordinator", () => {

@@ -49,6 +49,7 @@ def main(argv: list) -> int:
     p.add_argument("--tls-cert", help="PEM client certificate, for coordinators requiring one (implies --tls)")
     p.add_argument("--tls-key", help="PEM client key (with --tls-cert)")
     p.add_argument("--tls-server-name", help="name to verify the coordinator certificate against")
+    p.add_argument("--no-bulk", action="store_true", help="transfer over the gRPC streams even when the coordinator offers its bulk tensor channel")
     p.add_argument("--give-up-after", type=float, default=600.0, help="stop reconnecting after this many seconds without the coordinator (default 600)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     a = p.parse_args(argv)
@@ -73,8 +74,10 @@ def main(argv: list) -> int:
     train = _load(a.train, "--train") if a.train else demo.demo_train(n_train)
     evaluate = _load(a.evaluate, "--evaluate") if a.evaluate else (demo.demo_evaluate(n_eval) if a.eval_data else None)
     creds = None
+    bulk_tls = None
     if a.tls or a.tls_ca or a.tls_cert:
         import grpc
+        import ssl
 
         def read(path: str) -> bytes:
             with open(path, "rb") as f:
@@ -85,10 +88,14 @@ def main(argv: list) -> int:
             private_key=read(a.tls_key) if a.tls_key else None,
             certificate_chain=read(a.tls_cert) if a.tls_cert else None,
         )
+        # The bulk channel presents the same certificates as the gRPC channel.
+        bulk_tls = ssl.create_default_context(cafile=a.tls_ca) if a.tls_ca else ssl.create_default_context()
+        if a.tls_cert:
+            bulk_tls.load_cert_chain(a.tls_cert, a.tls_key)
     w = client.Worker(
         a.coordinator, a.token, a.name, a.model, train, n_train,
         evaluate=evaluate, num_eval_examples=n_eval, credentials=creds, server_name=a.tls_server_name,
-        device=a.device, give_up_after_s=a.give_up_after,
+        device=a.device, give_up_after_s=a.give_up_after, bulk=not a.no_bulk, bulk_tls=bulk_tls,
         context={"model_dir": a.model, "data": a.data, "eval_data": a.eval_data, "num_train_examples": n_train},
     )
     try:

@@ -3,7 +3,11 @@
     GetRunInfo (check protocol_version, fingerprint) -> Register -> Session:
     heartbeats up every heartbeat_interval_ms, tasks down, one at a time:
     Download the task's global adapter (cached by version, rank and digest) ->
-    train(global, spec) -> Upload the update in chunks of chunk_bytes.
+    train(global, spec) -> Upload the update. Transfers go over the
+    coordinator's bulk tensor channel (bulk.py) when it offers one
+    (RegisterResponse.bulk_port), else over the gRPC streams in chunks of
+    chunk_bytes; a bulk channel that cannot be reached at all gets one warning
+    and the gRPC streams from then on.
     Eval tasks go to evaluate(global, spec); step tasks and kinds this client
     does not know are answered with TaskFailed{unsupported}. When the
     connection breaks the worker registers again with exponential backoff.
@@ -18,6 +22,7 @@ import math
 import os
 import queue
 import random
+import ssl
 import threading
 import time
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
@@ -26,6 +31,7 @@ import grpc
 import numpy as np
 
 from . import streams
+from .bulk import BulkClient, BulkTransportError
 from .fingerprint import ModelError
 from .fingerprint import fingerprint as model_fingerprint
 from .gen import coordinator_pb2 as pb
@@ -182,6 +188,8 @@ class Worker:
         backend: str = "python",
         give_up_after_s: float = 600.0,
         context: Optional[Dict[str, Any]] = None,
+        bulk: bool = True,
+        bulk_tls: Optional[ssl.SSLContext] = None,
     ):
         if not site.strip():
             raise ValueError("site: must not be empty (pass --name SITE)")
@@ -204,6 +212,11 @@ class Worker:
         self.context = dict(context or {})
         self._fingerprint: Optional[str] = None
         self._cache: Optional[Tuple[Tuple[int, int, bytes], streams.Manifest, Tensors]] = None
+        # The bulk channel: off with bulk=False; under TLS it needs the SSL context of the gRPC channel's certificates.
+        self.use_bulk = bulk
+        self.bulk_tls = bulk_tls
+        self._bulk: Optional[BulkClient] = None
+        self._warned_bulk = False
 
     # ------------------------------------------------------------------ connection
 
@@ -279,7 +292,29 @@ class Worker:
         )
         reg = stub.Register(pb.RegisterRequest(join_token=self.token, site=self.site, capabilities=caps, previous_worker_id=previous_id), timeout=30)
         log.info("registered as %s (run %s, heartbeat %d ms, chunks %d bytes)", reg.worker_id, reg.run_id, reg.heartbeat_interval_ms, reg.chunk_bytes)
+        self._bulk = self._bulk_for(reg)
         return reg
+
+    def _bulk_for(self, reg: pb.RegisterResponse) -> Optional[BulkClient]:
+        """The session's bulk channel client, or None (transfers over gRPC)."""
+        if not self.use_bulk or reg.bulk_port <= 0:
+            return None
+        if self.credentials is not None and self.bulk_tls is None:
+            self._warn_bulk("the gRPC channel uses TLS and no bulk_tls SSL context was given")
+            return None
+        host, sep, _ = self.coordinator.rpartition(":")
+        if not sep or not host:
+            self._warn_bulk(f"the coordinator address {self.coordinator!r} is not HOST:PORT")
+            return None
+        return BulkClient(host.strip("[]"), reg.bulk_port, reg.worker_id, reg.session_key, tls=self.bulk_tls, server_name=self.server_name)
+
+    def _warn_bulk(self, why: str) -> None:
+        if not self._warned_bulk:
+            self._warned_bulk = True
+            log.warning("bulk tensor channel not used: %s; transfers use the gRPC streams", why)
+
+    def _via(self) -> str:
+        return f"bulk {self._bulk.endpoint}" if self._bulk is not None else "grpc"
 
     # ------------------------------------------------------------------ session
 
@@ -432,32 +467,65 @@ class Worker:
         body = streams.pack_update(manifest, update)
         set_status(pb.WORKER_STATUS_UPLOADING, task.task_id)
         try:
-            ack = self._upload(stub, reg, md, task, int(num_examples), clean, manifest, body)
+            ack, via = self._upload(stub, reg, md, task, int(num_examples), clean, manifest, body)
         except grpc.RpcError as e:
             if e.code() != grpc.StatusCode.DATA_LOSS:
                 raise RuntimeError(f"upload refused: {_details(e)}") from None
-            ack = self._upload(stub, reg, md, task, int(num_examples), clean, manifest, body)  # one retry for corruption in transit
-        log.info("round %d: update uploaded (%d bytes, %d examples)", task.round, ack.bytes, num_examples)
+            ack, via = self._upload(stub, reg, md, task, int(num_examples), clean, manifest, body)  # one retry for corruption in transit
+        log.info("round %d: update uploaded (%d bytes, %d examples) over %s", task.round, ack.bytes, num_examples, via)
 
     def _fetch(self, stub, reg, md, ref: pb.AdapterRef) -> Tuple[streams.Manifest, Tensors]:
         key = (ref.version, ref.rank, bytes(ref.sha256))
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1], self._cache[2]
         what = f"global adapter v{ref.version}" + (f" rank {ref.rank}" if ref.rank else "")
+        req = pb.DownloadRequest(adapter_version=ref.version, adapter_rank=ref.rank)
+        via = self._via()
+        got = None
+        if self._bulk is not None:
+            try:
+                header, data, digest = self._bulk.download(req, what, ref.total_bytes, check=lambda h: self._tensor_header(h, what))
+                manifest, got = self._tensor_header(header, what), (data, digest)
+            except BulkTransportError as e:
+                if not e.before_connect:
+                    raise
+                self._bulk_unreachable(e)
+                via = "grpc"
+        if got is None:
+            manifest, data, digest = self._grpc_download(stub, reg, md, req, what)
+        else:
+            data, digest = got
+        if ref.total_bytes and len(data) != ref.total_bytes:
+            raise streams.StreamError(f"{what}: {len(data)} bytes arrived, the task announced {ref.total_bytes}")
+        if ref.sha256 and digest != ref.sha256:
+            raise streams.StreamError(f"{what}: digest {digest.hex()} differs from the task's {ref.sha256.hex()}")
+        tensors = streams.unpack(manifest, data)
+        self._cache = (key, manifest, tensors)
+        log.info("%s downloaded (%d bytes, %s)", what, len(data), via)
+        return manifest, tensors
+
+    def _bulk_unreachable(self, e: BulkTransportError) -> None:
+        log.warning("bulk tensor channel %s unreachable (%s); transfers use the gRPC streams", self._bulk.endpoint if self._bulk else "?", e.details())
+        self._bulk = None
+
+    @staticmethod
+    def _tensor_header(h: "tensors_pb2.StreamHeader", what: str) -> streams.Manifest:
+        """The manifest of a download's stream header, which must describe exactly its bytes."""
+        if h.WhichOneof("content") != "tensors":
+            raise streams.StreamError(f"{what}: the stream header does not describe tensors")
+        manifest = streams.manifest_of(h.tensors)
+        if streams.manifest_bytes(manifest) != h.total_bytes:
+            raise streams.StreamError(f"{what}: header announces {h.total_bytes} bytes, its manifest needs {streams.manifest_bytes(manifest)}")
+        return manifest
+
+    def _grpc_download(self, stub, reg, md, req: pb.DownloadRequest, what: str) -> Tuple[streams.Manifest, bytes, bytes]:
         asm: Optional[streams.Assembler] = None
         manifest: streams.Manifest = []
-        data: Optional[bytes] = None
-        digest = b""
-        for msg in stub.Download(pb.DownloadRequest(adapter_version=ref.version, adapter_rank=ref.rank), metadata=md):
+        for msg in stub.Download(req, metadata=md):
             kind = msg.WhichOneof("body")
             if kind == "header":
-                h = msg.header
-                if h.WhichOneof("content") != "tensors":
-                    raise streams.StreamError(f"{what}: the stream header does not describe tensors")
-                manifest = streams.manifest_of(h.tensors)
-                if streams.manifest_bytes(manifest) != h.total_bytes:
-                    raise streams.StreamError(f"{what}: header announces {h.total_bytes} bytes, its manifest needs {streams.manifest_bytes(manifest)}")
-                asm = streams.Assembler(h.total_bytes, reg.max_chunk_bytes, what)
+                manifest = self._tensor_header(msg.header, what)
+                asm = streams.Assembler(msg.header.total_bytes, reg.max_chunk_bytes, what)
             elif kind == "chunk":
                 if asm is None:
                     raise streams.StreamError(f"{what}: chunk before the header")
@@ -466,39 +534,36 @@ class Worker:
                 if asm is None:
                     raise streams.StreamError(f"{what}: trailer before the header")
                 digest = msg.trailer.sha256
-                data = asm.finish(msg.trailer.total_bytes, digest)
-                break
-        if data is None:
-            raise streams.StreamError(f"download of {what} ended before its trailer")
-        if ref.total_bytes and len(data) != ref.total_bytes:
-            raise streams.StreamError(f"{what}: {len(data)} bytes arrived, the task announced {ref.total_bytes}")
-        if ref.sha256 and digest != ref.sha256:
-            raise streams.StreamError(f"{what}: digest {digest.hex()} differs from the task's {ref.sha256.hex()}")
-        tensors = streams.unpack(manifest, data)
-        self._cache = (key, manifest, tensors)
-        log.info("%s downloaded (%d bytes)", what, len(data))
-        return manifest, tensors
+                return manifest, asm.finish(msg.trailer.total_bytes, digest), digest
+        raise streams.StreamError(f"download of {what} ended before its trailer")
 
-    def _upload(self, stub, reg, md, task: pb.Task, num_examples: int, metrics: Dict[str, float], manifest: streams.Manifest, body: bytes) -> pb.UploadAck:
+    def _upload(self, stub, reg, md, task: pb.Task, num_examples: int, metrics: Dict[str, float], manifest: streams.Manifest, body: bytes) -> Tuple[pb.UploadAck, str]:
+        """The coordinator's ack and the transport the upload went over."""
         chunk_bytes = reg.chunk_bytes or (1 << 20)
         if reg.max_chunk_bytes:
             chunk_bytes = min(chunk_bytes, reg.max_chunk_bytes)
-        upload_kind = task.train.upload_kind or pb.UPDATE_KIND_ADAPTER_WEIGHTS
+        header = pb.UploadHeader(
+            task_id=task.task_id,
+            round=task.round,
+            kind=task.train.upload_kind or pb.UPDATE_KIND_ADAPTER_WEIGHTS,
+            base_version=getattr(task, "global").version,
+            num_examples=num_examples,
+            metrics=metrics,
+            stream=tensors_pb2.StreamHeader(total_bytes=len(body), chunk_bytes=chunk_bytes, tensors=streams.wire_manifest(manifest)),
+        )
+        if self._bulk is not None:
+            via = self._via()
+            try:
+                return self._bulk.upload(header, body, f"round {task.round} update"), via
+            except BulkTransportError as e:
+                if not e.before_connect:
+                    raise
+                self._bulk_unreachable(e)
 
         def messages() -> Iterator[pb.UploadMessage]:
-            yield pb.UploadMessage(
-                header=pb.UploadHeader(
-                    task_id=task.task_id,
-                    round=task.round,
-                    kind=upload_kind,
-                    base_version=getattr(task, "global").version,
-                    num_examples=num_examples,
-                    metrics=metrics,
-                    stream=tensors_pb2.StreamHeader(total_bytes=len(body), chunk_bytes=chunk_bytes, tensors=streams.wire_manifest(manifest)),
-                )
-            )
+            yield pb.UploadMessage(header=header)
             for off, data in streams.chunks(body, chunk_bytes):
                 yield pb.UploadMessage(chunk=tensors_pb2.Chunk(offset=off, data=data))
             yield pb.UploadMessage(trailer=tensors_pb2.StreamTrailer(total_bytes=len(body), sha256=hashlib.sha256(body).digest()))
 
-        return stub.Upload(messages(), metadata=md)
+        return stub.Upload(messages(), metadata=md), "grpc"

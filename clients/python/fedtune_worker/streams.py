@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Dict, Iterator, List, Sequence, Tuple
+from typing import Dict, Iterator, List, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -83,21 +83,25 @@ class Assembler:
         return bytes(self.buf)
 
 
-def unpack(manifest: Manifest, data: bytes) -> Dict[str, np.ndarray]:
-    """Stream bytes -> name -> float32 array (copies; F16 / F64 are converted, BF16 widened)."""
+def unpack(manifest: Manifest, data: Union[bytes, bytearray, memoryview]) -> Dict[str, np.ndarray]:
+    """Stream bytes -> name -> float32 array: F32 tensors are views of `data` (no copy; read-only when `data` is
+    bytes), F16 / F64 are converted and BF16 widened into arrays of their own."""
     need = manifest_bytes(manifest)
     if need != len(data):
         raise StreamError(f"tensor stream: manifest describes {need} bytes but {len(data)} arrived")
+    view = memoryview(data)
     out: Dict[str, np.ndarray] = {}
     off = 0
     for name, dtype, shape in manifest:
         n = math.prod(shape) * _itemsize(dtype)
-        raw = data[off : off + n]
+        raw = view[off : off + n]  # a view: no copy until astype
         if dtype == tensors_pb2.DTYPE_BF16:
             a = (np.frombuffer(raw, dtype="<u2").astype("<u4") << 16).view("<f4")
+        elif dtype == tensors_pb2.DTYPE_F32:
+            a = np.frombuffer(raw, dtype="<f4")
         else:
             a = np.frombuffer(raw, dtype=DTYPES[dtype][1]).astype(np.float32)
-        out[name] = a.reshape(shape).copy()
+        out[name] = a.reshape(shape)
         off += n
     return out
 

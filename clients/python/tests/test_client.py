@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
+import struct
 import threading
 import time
 import unittest
@@ -59,11 +61,92 @@ def train_task(task_id: str, round_: int = 1, version: int = 3, data: Optional[b
     return t
 
 
+class FakeBulk:
+    """The coordinator's bulk tensor channel (docs/protocol.md), written here: serves adapter() and records uploads.
+
+    mode: "good"; "bad-digest" (a download's digest is wrong); "refuse" (an upload is refused with
+    FAILED_PRECONDITION right after its request); "data-loss-once" (the first upload is answered DATA_LOSS).
+    """
+
+    def __init__(self, mode: str = "good"):
+        self.mode = mode
+        self.fake: Optional["FakeCoordinator"] = None
+        self.downloads: List[pb.DownloadRequest] = []
+        self.uploads: List[tuple] = []  # (UploadHeader, body, digest)
+        self.refused = 0
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _read(conn: socket.socket, n: int) -> bytes:
+        out = bytearray()
+        while len(out) < n:
+            b = conn.recv(n - len(out))
+            if not b:
+                raise ConnectionError("closed")
+            out += b
+        return bytes(out)
+
+    @staticmethod
+    def _frame(msg: pb.BulkResponse) -> bytes:
+        body = msg.SerializeToString()
+        return struct.pack("<I", len(body)) + body
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                assert self._read(conn, 4) == b"FTB1"
+                (n,) = struct.unpack("<I", self._read(conn, 4))
+                req = pb.BulkRequest.FromString(self._read(conn, n))
+                fake = self.fake
+                if fake is None or req.worker_id != f"w{len(fake.registrations)}" or req.session_key != "ab" * 8:
+                    conn.sendall(self._frame(pb.BulkResponse(code=grpc.StatusCode.UNAUTHENTICATED.value[0], message="unknown session")))
+                    return
+                if req.WhichOneof("op") == "download":
+                    self.downloads.append(req.download)
+                    a = adapter()
+                    data = packed(a)
+                    digest = hashlib.sha256(data + (b"x" if self.mode == "bad-digest" else b"")).digest()
+                    conn.sendall(self._frame(pb.BulkResponse(header=tensors_pb2.StreamHeader(total_bytes=len(data), tensors=manifest(a)))) + data + digest)
+                    return
+                h = req.upload
+                if self.mode == "refuse" or (self.mode == "data-loss-once" and self.refused == 0):
+                    self.refused += 1
+                    code = grpc.StatusCode.FAILED_PRECONDITION if self.mode == "refuse" else grpc.StatusCode.DATA_LOSS
+                    conn.sendall(self._frame(pb.BulkResponse(code=code.value[0], message=f"task {h.task_id}: refused by the test")))
+                    while conn.recv(1 << 16):  # it stops reading what the client still sends, as the coordinator does
+                        pass
+                    return
+                body = self._read(conn, h.stream.total_bytes)
+                digest = self._read(conn, 32)
+                if digest != hashlib.sha256(body).digest():
+                    conn.sendall(self._frame(pb.BulkResponse(code=grpc.StatusCode.DATA_LOSS.value[0], message="SHA-256 mismatch")))
+                    return
+                self.uploads.append((h, body, digest))
+                fake.record_upload(h.task_id, [])
+                conn.sendall(self._frame(pb.BulkResponse(ack=pb.UploadAck(task_id=h.task_id, bytes=len(body)))))
+            except (ConnectionError, OSError):
+                pass
+
+
 class FakeCoordinator(pb_grpc.CoordinatorServicer):
     """Sends `script` down the session one item at a time (a Task waits until it is answered), then RunFinished."""
 
-    def __init__(self, script: List[Any], protocol_version: int = 1, fingerprint: str = FINGERPRINT, download: str = "good", sessions_to_drop: int = 0, linger_s: float = 0.0, finished: Optional[List[str]] = None):
+    def __init__(self, script: List[Any], protocol_version: int = 1, fingerprint: str = FINGERPRINT, download: str = "good", sessions_to_drop: int = 0, linger_s: float = 0.0, finished: Optional[List[str]] = None, bulk_port: int = 0):
         self.script = script
+        self.bulk_port = bulk_port
         self.protocol_version = protocol_version
         self.fingerprint = fingerprint
         self.download = download
@@ -79,6 +162,11 @@ class FakeCoordinator(pb_grpc.CoordinatorServicer):
         self.accepted_at: List[float] = []
 
     # -- helpers
+    def record_upload(self, task_id: str, msgs: List[pb.UploadMessage]) -> None:
+        self.uploads[task_id] = msgs
+        self.upload_done_at[task_id] = time.monotonic()
+        self._settle()
+
     def _settle(self) -> None:
         with self.settled:
             self.settled.notify_all()
@@ -114,7 +202,7 @@ class FakeCoordinator(pb_grpc.CoordinatorServicer):
 
     def Register(self, request, context):
         self.registrations.append(request)
-        return pb.RegisterResponse(worker_id=f"w{len(self.registrations)}", session_key="ab" * 8, run_id="run-1", heartbeat_interval_ms=HEARTBEAT_MS, chunk_bytes=CHUNK, max_chunk_bytes=MAX_CHUNK)
+        return pb.RegisterResponse(worker_id=f"w{len(self.registrations)}", session_key="ab" * 8, run_id="run-1", heartbeat_interval_ms=HEARTBEAT_MS, chunk_bytes=CHUNK, max_chunk_bytes=MAX_CHUNK, bulk_port=self.bulk_port)
 
     def _check_md(self, context) -> None:
         md = dict(context.invocation_metadata())
@@ -173,9 +261,7 @@ class FakeCoordinator(pb_grpc.CoordinatorServicer):
         self._check_md(context)
         msgs = list(request_iterator)
         task_id = msgs[0].header.task_id
-        self.uploads[task_id] = msgs
-        self.upload_done_at[task_id] = time.monotonic()
-        self._settle()
+        self.record_upload(task_id, msgs)
         return pb.UploadAck(task_id=task_id, bytes=sum(len(m.chunk.data) for m in msgs if m.WhichOneof("body") == "chunk"))
 
 
@@ -375,6 +461,64 @@ class TrainTest(unittest.TestCase):
             fake.settled.wait_for(lambda: "t" in failures(fake), timeout=5)
         self.assertEqual(failures(fake)["t"].message, "cancelled by the coordinator: deadline passed")
         self.assertEqual(fake.uploads, {})
+
+
+def closed_port() -> int:
+    s = socket.create_server(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class BulkTest(unittest.TestCase):
+    def _run(self, mode: str, round_: int = 2):
+        bulk = FakeBulk(mode)
+        fake = FakeCoordinator([pb.CoordinatorMessage(task=train_task("t", round_=round_, version=3))], bulk_port=bulk.port)
+        bulk.fake = fake
+        try:
+            r = Harness(fake).run(num_train=7)
+        finally:
+            bulk.close()
+        return r, fake, bulk
+
+    def test_transfers_go_over_the_bulk_channel_when_the_coordinator_offers_it(self):
+        with self.assertLogs("fedtune_worker", "INFO") as logs:
+            r, fake, bulk = self._run("good")
+        self.assertEqual(r["tasks_done"], 1)
+        self.assertEqual((fake.downloads, fake.uploads["t"]), ([], []))  # nothing over the gRPC streams
+        self.assertEqual([d.adapter_version for d in bulk.downloads], [3])
+        [(h, body, digest)] = bulk.uploads
+        self.assertEqual((h.task_id, h.round, h.kind, h.base_version, h.num_examples), ("t", 2, pb.UPDATE_KIND_ADAPTER_WEIGHTS, 3, 7))
+        self.assertEqual(h.stream.total_bytes, len(body))
+        self.assertEqual(body, packed(demo.demo_update(adapter(), 2)))  # the update of the global the bulk channel served
+        self.assertEqual(digest, hashlib.sha256(body).digest())
+        text = "\n".join(logs.output)
+        self.assertIn(f"downloaded ({len(body)} bytes, bulk 127.0.0.1:{bulk.port})", text)
+        self.assertIn(f"update uploaded ({len(body)} bytes, 7 examples) over bulk 127.0.0.1:{bulk.port}", text)
+
+    def test_a_download_whose_digest_does_not_match_is_not_used(self):
+        _, fake, bulk = self._run("bad-digest")
+        self.assertIn("SHA-256 mismatch", failures(fake)["t"].message)
+        self.assertEqual((bulk.uploads, fake.uploads), ([], {}))
+
+    def test_a_refusal_fails_the_task_with_the_coordinators_reason(self):
+        _, fake, bulk = self._run("refuse")
+        self.assertEqual(bulk.refused, 1)  # FAILED_PRECONDITION: not retried
+        self.assertIn("upload refused: task t: refused by the test", failures(fake)["t"].message)
+
+    def test_data_loss_is_retried_once(self):
+        r, _, bulk = self._run("data-loss-once")
+        self.assertEqual((bulk.refused, len(bulk.uploads), r["tasks_done"]), (1, 1, 1))
+
+    def test_an_unreachable_bulk_port_means_one_warning_and_the_grpc_streams(self):
+        fake = FakeCoordinator([pb.CoordinatorMessage(task=train_task("t1")), pb.CoordinatorMessage(task=train_task("t2", version=4))], bulk_port=closed_port())
+        with self.assertLogs("fedtune_worker", "WARNING") as logs:
+            r = Harness(fake).run(num_train=7)
+        self.assertEqual(r["tasks_done"], 2)
+        self.assertEqual([d.adapter_version for d in fake.downloads], [3, 4])
+        self.assertEqual(sorted(fake.uploads), ["t1", "t2"])
+        self.assertGreater(len(fake.uploads["t1"]), 2)  # header, chunks, trailer
+        self.assertEqual(sum("bulk tensor channel" in line and "unreachable" in line for line in logs.output), 1)
 
 
 class EvalTest(unittest.TestCase):
