@@ -50,6 +50,8 @@ interface WorkerCliOpts {
   tlsCert?: string;
   tlsKey?: string;
   tlsServerName?: string;
+  /** commander's --no-bulk */
+  bulk: boolean;
   giveUpAfter: number;
   progress?: 'bar' | 'log' | 'none';
   noopStepMs?: number;
@@ -122,6 +124,7 @@ export function register(program: Command): void {
     .option('--tls-cert <file>', 'PEM client certificate, for coordinators requiring one (implies --tls)')
     .option('--tls-key <file>', 'PEM client key (with --tls-cert)')
     .option('--tls-server-name <name>', 'name to verify the coordinator certificate against')
+    .option('--no-bulk', "transfer over the gRPC streams even when the coordinator offers its bulk tensor channel (RegisterResponse.bulk_port)")
     .option('--give-up-after <sec>', 'stop reconnecting after this many seconds without the coordinator', intArg('--give-up-after', 1), 600)
     .option('--presence-nats <url>', 'announce this worker (idle/training) on NATS subject fedtune.workers.<site>; list them with `fedtune workers --nats URL`')
     .addOption(new Option('--progress <mode>', 'progress display (default: bar on a terminal, log lines otherwise)').choices(['bar', 'log', 'none']))
@@ -221,6 +224,7 @@ export function register(program: Command): void {
             }
           : null,
         reconnect: { giveUpAfterMs: o.giveUpAfter * 1000 },
+        bulk: o.bulk,
         ...(o.progress ? { progress: o.progress } : {}),
         faultKillMidUpload: o.fault === 'kill-mid-upload',
         faultCorruptUpload: o.fault === 'corrupt-upload',

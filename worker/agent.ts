@@ -388,6 +388,8 @@ export interface WorkerAgentOptions {
   /** Where the trainer finds the model and the local data. template/maxSeqLen default to the run's. */
   trainerOptions: Omit<TrainerFactoryOptions, 'template' | 'maxSeqLen'> & { template?: string; maxSeqLen?: number };
   tls?: TlsClientOptions | null;
+  /** false: transfers stay on the gRPC streams even when the coordinator offers its bulk tensor channel (default true). */
+  bulk?: boolean;
   /** Reconnect backoff: first delay, cap, and how long to keep trying before giving up. */
   reconnect?: { initialMs?: number; maxMs?: number; giveUpAfterMs?: number };
   /** Progress display: a bar on a terminal, log lines otherwise. */
@@ -437,7 +439,7 @@ export class WorkerAgent {
     try {
       for (;;) {
         signal?.throwIfAborted();
-        const conn = new CoordinatorConnection(this.opts.coordinator, this.opts.tls ?? null);
+        const conn = new CoordinatorConnection(this.opts.coordinator, this.opts.tls ?? null, { bulk: this.opts.bulk ?? true });
         try {
           const info = await conn.getRunInfo(this.opts.token);
           if (info.protocolVersion !== PROTOCOL_VERSION) {

@@ -100,12 +100,13 @@ function uploadHeader(task: Task, adapter: TensorMap, over: Partial<UploadHeader
 }
 
 describe('worker processes over the bulk channel', () => {
-  it('a round moves every adapter and update over the bulk channel; with server.bulk_port null over gRPC, to the same result', async () => {
+  it('a round moves every adapter and update over the bulk channel; with server.bulk_port null, or for a worker started with --no-bulk, over gRPC, to the same result', async () => {
     const results: Record<string, number[]> = {};
     const finals: Record<string, TensorMap> = {};
-    for (const [name, bulkPort] of [
-      ['bulk-on', 0],
-      ['bulk-off', null],
+    for (const [name, bulkPort, siteBOptsOut] of [
+      ['bulk-on', 0, false],
+      ['bulk-off', null, false],
+      ['worker-no-bulk', 0, true],
     ] as const) {
       const cfg = runConfig(dir, modelDir, {
         name,
@@ -116,29 +117,36 @@ describe('worker processes over the bulk channel', () => {
         server: { bulk_port: bulkPort },
       } as Record<string, unknown>);
       const coord = await startCoordinator(cfg);
-      const ws = ['a', 'b'].map((s) => worker({ address: coord.address, site: `site-${s}`, data: writeData(join(dir, `${name}-${s}.jsonl`), 20, s), model: modelDir }));
+      const onGrpc = (s: string): boolean => bulkPort === null || (siteBOptsOut && s === 'b');
+      const ws = ['a', 'b'].map((s) => ({
+        s,
+        w: worker({ address: coord.address, site: `site-${s}`, data: writeData(join(dir, `${name}-${s}.jsonl`), 20, s), model: modelDir, extra: siteBOptsOut && s === 'b' ? ['--no-bulk'] : [] }),
+      }));
       try {
         const done = await coord.run;
         expect(done.state).toBe('completed');
-        for (const w of ws) {
+        for (const { s, w } of ws) {
           const out = w.out();
           const transports = [...out.matchAll(/"transport":"([^"]+)"/g)].map((m) => m[1]!);
           expect(transports.length).toBeGreaterThanOrEqual(4); // 2 downloads + 2 uploads
-          for (const t of transports) expect(t).toMatch(bulkPort === null ? /^grpc$/ : /^bulk 127\.0\.0\.1:\d+$/);
+          for (const t of transports) expect(t).toMatch(onGrpc(s) ? /^grpc$/ : /^bulk 127\.0\.0\.1:\d+$/);
         }
         const ev = await events(coord.bus, coord.runId);
         results[name] = ev.filter((e) => e.type === 'update.received').map((e) => (e as { bytes: number }).bytes);
         finals[name] = (await readPeftAdapter(done.finalAdapterPath!)).adapter;
       } finally {
-        for (const w of ws) w.kill();
+        for (const { w } of ws) w.kill();
         await coord.close();
       }
     }
     expect(results['bulk-on']!.length).toBe(4);
-    expect(results['bulk-on']).toEqual(results['bulk-off']);
-    // The noop trainer's deterministic perturbation makes both runs' final adapters bit-identical when every byte arrived intact.
-    expect([...finals['bulk-on']!.keys()]).toEqual([...finals['bulk-off']!.keys()]);
-    for (const [k, t] of finals['bulk-on']!) expect(Buffer.from(t.data.buffer, t.data.byteOffset, t.data.byteLength).equals(Buffer.from(finals['bulk-off']!.get(k)!.data.buffer, finals['bulk-off']!.get(k)!.data.byteOffset, finals['bulk-off']!.get(k)!.data.byteLength))).toBe(true);
+    const bytesOf = (t: { data: Float32Array | Float64Array }): Buffer => Buffer.from(t.data.buffer, t.data.byteOffset, t.data.byteLength);
+    for (const other of ['bulk-off', 'worker-no-bulk']) {
+      expect(results[other]).toEqual(results['bulk-on']);
+      // The noop trainer's deterministic perturbation makes the runs' final adapters bit-identical when every byte arrived intact.
+      expect([...finals[other]!.keys()]).toEqual([...finals['bulk-on']!.keys()]);
+      for (const [k, t] of finals['bulk-on']!) expect(bytesOf(t).equals(bytesOf(finals[other]!.get(k)!)), `${other}: ${k}`).toBe(true);
+    }
   });
 });
 
