@@ -20,7 +20,11 @@ The local objective is fedtune's: the summed token cross-entropy of the
 response tokens (prompt tokens masked) divided by the trained tokens of the
 optimizer step, plus prox_mu/2 * ||w - w_global||^2 (FedProx); AdamW with
 decoupled weight decay, global-norm clipping, constant/linear/cosine schedule
-with warmup; freeze_lora_a keeps every lora_A fixed (FFA-LoRA).
+with warmup; freeze_lora_a keeps every lora_A fixed (FFA-LoRA). With
+training.optimizer_scope "run" the worker passes paths.optimizer_state, a
+directory that outlives the task: AdamW's state (moments, step counts) is
+loaded from adamw.pt there when the last round left one, and saved there after
+training, so the site's optimizer continues from round to round.
 
 Environment: TORCH_LORA_DEVICE (default cuda when available, else cpu),
 TORCH_LORA_THREADS (CPU threads; default torch's choice).
@@ -623,6 +627,12 @@ def train(spec, paths, model, tok):
     ratio = spec.get("lora_plus_ratio", 1.0)
     groups = ([{"params": group_a, "lr_scale": 1.0}] if group_a else []) + [{"params": group_b, "lr_scale": ratio}]
     opt = torch.optim.AdamW(groups, lr=spec["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=spec["weight_decay"])
+    # optimizer_scope "run": continue from the optimizer state this site's last train task of the run saved.
+    state_dir = paths.get("optimizer_state")
+    state_file = os.path.join(state_dir, "adamw.pt") if state_dir else None
+    resumed = bool(state_file and os.path.exists(state_file))
+    if resumed:
+        opt.load_state_dict(torch.load(state_file, map_location=model.device))
 
     epoch, order, cursor = 0, [], 0
 
@@ -675,6 +685,10 @@ def train(spec, paths, model, tok):
         progress(step=step, total_steps=steps, loss=loss, tokens_per_sec=tokens / dt if dt > 0 else 0.0, examples=seen)
     secs = time.time() - t0
     save_adapter(paths["output_adapter"], cfg, {m: (a.detach(), b.detach()) for m, (a, b) in lora.items()})
+    if state_file:
+        tmp = state_file + ".tmp"
+        torch.save(opt.state_dict(), tmp)
+        os.replace(tmp, state_file)  # a task killed while saving leaves the last complete state (the worker drops it anyway)
     metrics = {
         "num_examples": n,
         "train_loss": (total_loss + total_prox) / total_tokens if total_tokens else float("nan"),
@@ -687,6 +701,8 @@ def train(spec, paths, model, tok):
     }
     if anchor is not None:
         metrics["prox_loss"] = total_prox / total_tokens if total_tokens else 0.0
+    if state_file:
+        metrics["optimizer_state_resumed"] = 1.0 if resumed else 0.0
     write_json(paths["metrics"], metrics)
 
 

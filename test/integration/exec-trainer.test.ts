@@ -8,7 +8,7 @@
  * evaluates to the same loss as fedtune's engine and keeps FFA-LoRA's A fixed.
  */
 import { spawnSync } from 'node:child_process';
-import { existsSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import type { RunEvent } from '../../common/events.ts';
@@ -159,10 +159,6 @@ describe('exec trainer: creation, evaluation switch, cancellation', () => {
     expect(off.numTrainExamples).toBe(7);
     expect(off.numEvalExamples).toBe(0);
     await expect(off.evaluate({ globalAdapter: global, spec, signal: new AbortController().signal })).rejects.toThrow(/evaluation is turned off on this worker \(--exec-no-eval\)/);
-    // training.optimizer_scope run: a new command per task keeps no optimizer state; refused naming the field, nothing run.
-    await expect(off.train({ taskId: 't', runId: 'r', round: 1, globalAdapter: global, spec: { ...spec, keepOptimizerState: true }, signal: new AbortController().signal, onProgress: () => {} })).rejects.toThrow(
-      /training\.optimizer_scope is 'run', but the exec trainer .* keeps no optimizer state between them; use the onnx trainer \(--trainer onnx\) or set training\.optimizer_scope: round/,
-    );
     await off.close();
 
     // A script that stops on SIGTERM: the task fails at once (well within the grace period) saying so.
@@ -179,6 +175,79 @@ describe('exec trainer: creation, evaluation switch, cancellation', () => {
     expect(Date.now() - t0).toBeLessThan(15_000);
     expect(readdirSync(join(dir, 'work'))).toEqual([]);
     await tr.close();
+  });
+});
+
+/**
+ * A script that keeps a counter in paths.optimizer_state (as a trainer keeps its optimizer there): it
+ * reports how many earlier tasks left one (seen) and whether it got a directory (given), and returns
+ * the global adapter unchanged. With a file named "forget" next to it, it leaves the directory empty.
+ */
+const STATEFUL = String.raw`
+import json, os, shutil, sys
+task = sys.argv[sys.argv.index('--task-dir') + 1]
+spec = json.load(open(os.path.join(task, 'spec.json')))
+state = spec['paths']['optimizer_state']
+assert (state or '') == os.environ['FEDTUNE_OPTIMIZER_STATE']
+seen = 0
+if state:
+    f = os.path.join(state, 'count')
+    seen = int(open(f).read()) if os.path.exists(f) else 0
+    if not os.path.exists(os.path.join(os.path.dirname(os.path.abspath(sys.argv[0])), 'forget')):
+        open(f, 'w').write(str(seen + 1))
+for name in ('adapter_model.safetensors', 'adapter_config.json'):
+    shutil.copy(os.path.join(spec['paths']['global_adapter'], name), spec['paths']['output_adapter'])
+json.dump({'num_examples': 1, 'train_loss': 0.5, 'seen': seen, 'given': 1 if state else 0}, open(spec['paths']['metrics'], 'w'))
+`;
+
+describe('exec trainer: optimizer state (training.optimizer_scope run)', () => {
+  it('hands the command a directory that outlives its task, afresh when the run or the adapter changes, after a failure, and when the command left it empty', { timeout: 60_000 }, async () => {
+    const dir = tempDir('exec-state');
+    const modelDir = await tinyModel(join(dir, 'model'));
+    const data = writeData(join(dir, 'd.jsonl'), 4, 's');
+    const script = join(dir, 'stateful.py');
+    writeFileSync(script, STATEFUL);
+    const spec = localSpec({ lora: { r: 2, alpha: 4, dropout: 0, targetModules: ['q_proj'] }, template: 'plain', maxSeqLen: 64, batchSize: 2 });
+    const m = await loadModel(modelDir);
+    const global = initLoraAdapter(loraTargets(m.config, spec.lora), 2, 1);
+    const wider = initLoraAdapter(loraTargets(m.config, { ...spec.lora, r: 4 }), 4, 1);
+    const work = join(dir, 'work');
+    const tr = await createExecTrainer({ modelDir, dataPath: data, evalPath: '', evalFraction: 0, template: 'plain', maxSeqLen: 64, seed: 0, exec: { command: `${PY} ${script}`, workDir: work } });
+    let round = 0;
+    const train = (o: { keep?: boolean; runId?: string; adapter?: TensorMap } = {}) =>
+      tr.train({
+        taskId: `t${++round}`,
+        runId: o.runId ?? 'run-1',
+        round,
+        globalAdapter: o.adapter ?? global,
+        spec: { ...spec, ...(o.adapter === wider ? { lora: { ...spec.lora, r: 4, alpha: 8 } } : {}), keepOptimizerState: o.keep ?? true },
+        signal: new AbortController().signal,
+        onProgress: () => {},
+      });
+    const seen = async (o?: Parameters<typeof train>[0]): Promise<[number, number]> => {
+      const r = await train(o);
+      return [r.metrics.seen!, r.metrics.given!];
+    };
+    expect(await seen()).toEqual([0, 1]);
+    expect(await seen()).toEqual([1, 1]);
+    expect(await seen()).toEqual([2, 1]); // the same directory, task after task
+    expect(await seen({ runId: 'run-2' })).toEqual([0, 1]); // another run: afresh
+    expect(await seen({ runId: 'run-2' })).toEqual([1, 1]);
+    expect(await seen({ runId: 'run-2', adapter: wider })).toEqual([0, 1]); // another rank: afresh
+    expect(readdirSync(work).filter((d) => d.startsWith('optimizer-state-'))).toHaveLength(1); // the old ones are removed
+
+    // A command that leaves the directory empty fails the task naming the field, and the next task starts afresh.
+    writeFileSync(join(dir, 'forget'), '');
+    await expect(train({ runId: 'run-3' })).rejects.toThrow(/training\.optimizer_scope is 'run', but the command left paths\.optimizer_state \(.*optimizer-state-.*, also FEDTUNE_OPTIMIZER_STATE\) empty: save the optimizer's state there/);
+    rmSync(join(dir, 'forget'));
+    expect(await seen({ runId: 'run-3' })).toEqual([0, 1]);
+    expect(await seen({ runId: 'run-3' })).toEqual([1, 1]);
+    // optimizer_scope round: no directory (paths.optimizer_state null, FEDTUNE_OPTIMIZER_STATE empty), and the kept one is dropped.
+    expect(await seen({ keep: false })).toEqual([0, 0]);
+    expect(readdirSync(work).filter((d) => d.startsWith('optimizer-state-'))).toEqual([]);
+    expect(await seen({ runId: 'run-3' })).toEqual([0, 1]);
+    await tr.close();
+    expect(readdirSync(work)).toEqual([]);
   });
 });
 
@@ -478,6 +547,39 @@ describe.skipIf(!hasTorch)('examples/trainers/torch_lora.py (PyTorch)', () => {
     }
   });
 
+  it('continues AdamW from paths.optimizer_state: the saved step counts add up, and the task differs from one with a fresh optimizer', { timeout: 120_000 }, async () => {
+    const dir = tempDir('torch-state');
+    const modelDir = await tinyModel(join(dir, 'model'));
+    const data = writeData(join(dir, 'd.jsonl'), 6, 'state');
+    const m = await loadModel(modelDir);
+    const lora = { r: 4, alpha: 8, dropout: 0, targetModules: ['q_proj', 'v_proj'] };
+    const global = initLoraAdapter(loraTargets(m.config, lora), 4, 3);
+    const spec = { ...localSpec({ lora, template: 'plain', maxSeqLen: 128, batchSize: 3 }), steps: 3, lr: 0.01 };
+    const stateDir = join(dir, 'state');
+    mkdirSync(stateDir);
+    const task = async (round: number, optimizerState: string | null): Promise<{ adapter: TensorMap; metrics: Record<string, number> }> => {
+      const t = await prepareTaskDir({ workDir: join(dir, 'work'), mode: 'train', taskId: `t${round}`, round, globalAdapter: global, spec, modelDir, dataPath: data, evalPath: '', template: 'plain', maxSeqLen: 128, numTrainRecords: 6, numEvalRecords: 0, optimizerState });
+      const r = spawnSync(PY, [TORCH_SCRIPT, '--task-dir', t.dir], { encoding: 'utf8', env: { ...process.env, ...t.env } });
+      expect(r.status, r.stderr).toBe(0);
+      return { adapter: await readOutputAdapter(t.env.FEDTUNE_OUTPUT_ADAPTER, global, spec, m.config), metrics: JSON.parse(readFileSync(t.env.FEDTUNE_METRICS, 'utf8')) };
+    };
+    // AdamW's step count of every parameter in the saved state.
+    const savedSteps = (): number[] => {
+      const r = spawnSync(PY, ['-c', `import torch, json; s = torch.load(${JSON.stringify(join(stateDir, 'adamw.pt'))}); print(json.dumps(sorted({int(v['step']) for v in s['state'].values()})))`], { encoding: 'utf8' });
+      expect(r.status, r.stderr).toBe(0);
+      return JSON.parse(r.stdout) as number[];
+    };
+    const first = await task(1, stateDir);
+    expect(first.metrics.optimizer_state_resumed).toBe(0);
+    expect(savedSteps()).toEqual([3]);
+    const second = await task(2, stateDir);
+    expect(second.metrics.optimizer_state_resumed).toBe(1);
+    expect(savedSteps()).toEqual([6]);
+    const fresh = await task(2, null);
+    expect(fresh.metrics.optimizer_state_resumed).toBeUndefined();
+    expect(maxAbsDiff(second.adapter, fresh.adapter)).toBeGreaterThan(1e-6); // the moments carried over change the steps
+  });
+
   it('trains next to an onnx worker: both updates arrive, the loss goes down, eval runs through the script', { timeout: 180_000 }, async () => {
     const dir = tempDir('torch-round');
     const model = await tinyModel(join(dir, 'model'));
@@ -485,7 +587,8 @@ describe.skipIf(!hasTorch)('examples/trainers/torch_lora.py (PyTorch)', () => {
       runConfig(dir, model, {
         name: 'torch',
         rounds: 2,
-        training: { steps: 4, batch_size: 4, lr: 0.02, max_seq_len: 128, template: 'plain' },
+        // optimizer_scope run: torch_lora.py keeps its AdamW state in paths.optimizer_state between the rounds.
+        training: { steps: 4, batch_size: 4, lr: 0.02, max_seq_len: 128, template: 'plain', optimizer_scope: 'run' },
         cohort: { min_workers: 2 },
         round: { min_results: 2, deadline_sec: 120 },
         eval: { every: 1, initial: false },
@@ -508,6 +611,7 @@ describe.skipIf(!hasTorch)('examples/trainers/torch_lora.py (PyTorch)', () => {
       expect(e.metrics.last_loss).toBeLessThan(e.metrics.first_loss!);
     }
     expect(torch[1]!.metrics.train_loss).toBeLessThan(torch[0]!.metrics.train_loss!);
+    expect(torch.map((e) => e.metrics.optimizer_state_resumed)).toEqual([0, 1]);
     // Both sites trained on the same data from the same adapter: their round-1 losses agree.
     const onnx1 = got.find((e) => e.site === 'onnx' && e.round === 1)!;
     expect(Math.abs(torch[0]!.metrics.train_loss! - onnx1.metrics.train_loss!)).toBeLessThan(0.01);

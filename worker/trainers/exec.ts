@@ -22,7 +22,7 @@
  * (FEDTUNE_DATA); only the adapter, counts and numeric metrics go back.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { access, constants, mkdir, mkdtemp, open, readFile, rm, writeFile } from 'node:fs/promises';
+import { access, constants, mkdir, mkdtemp, open, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { delimiter, isAbsolute, join, resolve } from 'node:path';
 import { createInterface } from 'node:readline';
@@ -66,6 +66,7 @@ export const ENV_VARS = [
   'FEDTUNE_OUTPUT_ADAPTER',
   'FEDTUNE_METRICS',
   'FEDTUNE_EVAL_OUTPUT',
+  'FEDTUNE_OPTIMIZER_STATE',
 ] as const;
 export type ExecEnv = Record<(typeof ENV_VARS)[number], string>;
 
@@ -206,6 +207,12 @@ export interface ExecSpec {
     output_adapter: string;
     metrics: string;
     eval_output: string;
+    /**
+     * training.optimizer_scope 'run' (train tasks): a directory that outlives the task, where the
+     * command keeps its optimizer's state for the site's next train task of the run (empty the first
+     * time, and again whenever the adapter or the run changes); null otherwise.
+     */
+    optimizer_state: string | null;
   };
 }
 
@@ -233,6 +240,7 @@ export async function prepareTaskDir(args: {
   maxSeqLen: number;
   numTrainRecords: number;
   numEvalRecords: number;
+  optimizerState?: string | null;
 }): Promise<PreparedTask> {
   await mkdir(args.workDir, { recursive: true });
   const tag = `${args.mode}-r${args.round}-${args.taskId.replace(/[^A-Za-z0-9_.-]/g, '_').slice(0, 60)}-`;
@@ -246,6 +254,7 @@ export async function prepareTaskDir(args: {
     output_adapter: join(dir, 'output'),
     metrics: join(dir, 'metrics.json'),
     eval_output: join(dir, 'eval.json'),
+    optimizer_state: args.optimizerState ?? null,
   };
   const s = args.spec;
   await writePeftAdapter(paths.global_adapter, args.globalAdapter, { lora: s.lora, baseModel: paths.model });
@@ -299,6 +308,7 @@ export async function prepareTaskDir(args: {
     FEDTUNE_OUTPUT_ADAPTER: paths.output_adapter,
     FEDTUNE_METRICS: paths.metrics,
     FEDTUNE_EVAL_OUTPUT: paths.eval_output,
+    FEDTUNE_OPTIMIZER_STATE: paths.optimizer_state ?? '',
   };
   return { dir, spec, env };
 }
@@ -500,6 +510,8 @@ export class ExecTrainer implements Trainer {
   readonly numEvalExamples: number;
   readonly modelFingerprint: string;
   private readonly running = new Set<ChildProcess>();
+  /** training.optimizer_scope run: the directory the command keeps its optimizer state in, and what it belongs to. */
+  private optimizerState: { key: string; dir: string } | null = null;
 
   constructor(
     private readonly argv: string[],
@@ -532,16 +544,51 @@ export class ExecTrainer implements Trainer {
     if (spec.dpSgd) {
       throw new Error('privacy.dp_sgd is set, but the exec trainer runs an external command that fedtune cannot make clip per example and add noise; use the onnx trainer (--trainer onnx) or remove privacy.dp_sgd');
     }
-    if (spec.keepOptimizerState) {
-      throw new Error("training.optimizer_scope is 'run', but the exec trainer starts a new command for every task and keeps no optimizer state between them; use the onnx trainer (--trainer onnx) or set training.optimizer_scope: round");
-    }
     this.checkGlobal(args.globalAdapter, spec);
-    return this.withTask('train', args.taskId, args.round, args.globalAdapter, spec, args.signal, args.onProgress, async (task, run) => {
-      const metricsRaw = await readJsonObject(task.env.FEDTUNE_METRICS, 'metrics.json');
-      const { numExamples, metrics } = checkMetrics(metricsRaw, this.numTrainExamples, task.env.FEDTUNE_METRICS);
-      const adapter = await readOutputAdapter(task.env.FEDTUNE_OUTPUT_ADAPTER, args.globalAdapter, spec, this.opts.config);
-      return { adapter, numExamples, metrics: { ...metrics, exec_seconds: run.seconds } };
-    });
+    const state = await this.optimizerStateFor(args);
+    try {
+      return await this.withTask('train', args.taskId, args.round, args.globalAdapter, spec, args.signal, args.onProgress, async (task, run) => {
+        const metricsRaw = await readJsonObject(task.env.FEDTUNE_METRICS, 'metrics.json');
+        const { numExamples, metrics } = checkMetrics(metricsRaw, this.numTrainExamples, task.env.FEDTUNE_METRICS);
+        const adapter = await readOutputAdapter(task.env.FEDTUNE_OUTPUT_ADAPTER, args.globalAdapter, spec, this.opts.config);
+        if (state && (await readdir(state)).length === 0) {
+          throw new Error(
+            `training.optimizer_scope is 'run', but the command left paths.optimizer_state (${state}, also FEDTUNE_OPTIMIZER_STATE) empty: save the optimizer's state there for this site's next round (with PyTorch: torch.save(optimizer.state_dict(), ...); examples/trainers/torch_lora.py does it) or set training.optimizer_scope: round`,
+          );
+        }
+        return { adapter, numExamples, metrics: { ...metrics, exec_seconds: run.seconds } };
+      }, state);
+    } catch (err) {
+      await this.dropOptimizerState(); // a task that failed part-way leaves no state to continue from
+      throw err;
+    }
+  }
+
+  /**
+   * The directory of the task's optimizer state (training.optimizer_scope 'run'): the one the last
+   * train task of the same run used, when it had the same adapter tensors and shapes and the same
+   * decay and LoRA+ groups (the onnx trainer's rule), else a new empty one; null for 'round'.
+   */
+  private async optimizerStateFor(args: TrainArgs): Promise<string | null> {
+    const { spec } = args;
+    if (!spec.keepOptimizerState) {
+      await this.dropOptimizerState();
+      return null;
+    }
+    const key = JSON.stringify([args.runId, spec.weightDecay, spec.loraPlusRatio, [...args.globalAdapter].map(([name, t]) => [name, t.shape])]);
+    if (this.optimizerState?.key === key) return this.optimizerState.dir;
+    if (this.optimizerState) log.info({ round: args.round }, 'optimizer state not kept: the adapter or the run changed; the command starts with an empty optimizer_state directory');
+    await this.dropOptimizerState();
+    await mkdir(this.opts.workDir, { recursive: true });
+    const dir = await mkdtemp(join(resolve(this.opts.workDir), 'optimizer-state-'));
+    this.optimizerState = { key, dir };
+    return dir;
+  }
+
+  private async dropOptimizerState(): Promise<void> {
+    const st = this.optimizerState;
+    this.optimizerState = null;
+    if (st) await rm(st.dir, { recursive: true, force: true });
   }
 
   async evaluate(args: { globalAdapter: TensorMap; spec: LocalTrainingSpec; signal: AbortSignal }): Promise<EvalOutcome | null> {
@@ -557,6 +604,7 @@ export class ExecTrainer implements Trainer {
 
   async close(): Promise<void> {
     for (const c of this.running) killGroup(c, 'SIGKILL');
+    await this.dropOptimizerState();
     if (this.opts.ownsWorkDir && !this.opts.keep) await rm(this.opts.workDir, { recursive: true, force: true });
   }
 
@@ -578,6 +626,7 @@ export class ExecTrainer implements Trainer {
     signal: AbortSignal,
     onProgress: (p: TrainProgress) => void,
     read: (task: PreparedTask, run: RunResult) => Promise<T>,
+    optimizerState: string | null = null,
   ): Promise<T> {
     signal.throwIfAborted();
     const o = this.opts;
@@ -595,6 +644,7 @@ export class ExecTrainer implements Trainer {
       maxSeqLen: o.maxSeqLen,
       numTrainRecords: o.numTrainRecords,
       numEvalRecords: o.numEvalRecords,
+      optimizerState,
     });
     const what = `${mode === 'train' ? `round ${round} training` : 'evaluation'} command \`${o.command}\``;
     try {
