@@ -7,7 +7,7 @@
  * the same checkpoint loaded as float32 (loadModel), which reads and widens
  * the same bytes in JavaScript; training, DoRA's norms, loading and refusals.
  */
-import { mkdtempSync, rmSync } from 'node:fs';
+import { copyFileSync, mkdtempSync, readdirSync, renameSync, rmSync, utimesSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -93,6 +93,28 @@ describe('--compute-dtype bfloat16', () => {
       await bf.close();
     });
   }
+
+  it('a shard replaced or rewritten after loading is refused, naming it, before ONNX Runtime maps it; restored, training goes on', async () => {
+    const dir = await tinyModel('replaced');
+    const bf = await Engine.create(await loadBaseModel(dir, undefined, { compute: 'bfloat16' }), { mode: 'lora', lora: LORA, computeDtype: 'bfloat16', threads: 1 });
+    const p = bf.initParams(1);
+    const vocab = bf.model.config.vocabSize;
+    await bf.lossAndGrads(p, randomBatch(vocab, 1, 8, 1)); // a session per batch shape: this one maps the files now
+    const shard = readdirSync(dir).filter((f) => f.endsWith('.safetensors')).sort()[0]!;
+    const path = join(dir, shard);
+    // Rewritten in place (same bytes, a new modification time): the next session is refused.
+    utimesSync(path, new Date(), new Date(Date.now() + 5000));
+    await expect(bf.lossAndGrads(p, randomBatch(vocab, 1, 10, 2))).rejects.toThrow(new RegExp(`${shard.replace('.', '\\.')}: it was written to \\(its modification time changed\\) since fedtune fingerprinted it; .*restart the worker so that it fingerprints the checkpoint it trains on`));
+    // Replaced by another file (a copy: another inode): refused too.
+    copyFileSync(path, `${path}.new`);
+    renameSync(`${path}.new`, path);
+    await expect(bf.lossAndGrads(p, randomBatch(vocab, 1, 12, 3))).rejects.toThrow(/it was replaced by another file since fedtune fingerprinted it/);
+    await bf.close();
+    // Loaded again, the checkpoint as it is now is fingerprinted and trains.
+    const again = await Engine.create(await loadBaseModel(dir, undefined, { compute: 'bfloat16' }), { mode: 'lora', lora: LORA, computeDtype: 'bfloat16', threads: 1 });
+    expect(Number.isFinite((await again.lossAndGrads(p, randomBatch(vocab, 1, 12, 3))).lossSum)).toBe(true);
+    await again.close();
+  });
 
   it('DoRA: the initial magnitudes are the norms of the weights read from the files', async () => {
     const dir = await tinyModel('dora');

@@ -15,7 +15,7 @@ import type { FloatDType } from './graph.ts';
 import { buildCausalLmGraph, type GraphSpec } from './model-graph.ts';
 import { initLoraAdapter, loraTargets, peftKey, peftMagnitudeKey, weightRowNorms } from '../../common/lora.ts';
 import { createSession, ort, type Device, type RuntimeSession } from './runtime.ts';
-import { checkHalfCombination, fileWeights, halfGraphFor, halfModel, halfWeights, isHalfCompute, LossScaler, parseComputeDtype, unscaleFinite, type ComputeDtype, type LossScaleOptions } from './half.ts';
+import { checkHalfCombination, externalDataOptions, fileWeights, halfGraphFor, halfModel, halfWeights, isHalfCompute, LossScaler, parseComputeDtype, unscaleFinite, type ComputeDtype, type LossScaleOptions } from './half.ts';
 import { baseMemory, baseWeightValues, parseQuantizeBase, quantizedBase, quantizedInputData, quantizeModel, type BaseMemory, type QuantFormat } from './quantize.ts';
 
 export interface EngineOptions {
@@ -378,7 +378,7 @@ export class Engine {
           return createSession(b.bytes, {
             threads: this.opts.threads,
             device: this.opts.device,
-            ...(b.graph.hasExternalData ? { externalDataDir: this.model.dir } : {}),
+            ...externalDataOptions(this.model, b.graph.hasExternalData),
             optimization: this.dtype === 'float64' ? 'basic' : 'all',
             // Recompute is for memory: without the memory pattern a step's activations are held once, not twice.
             ...(this.opts.recompute && kind === 'train' ? { memPattern: false } : {}),

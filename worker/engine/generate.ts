@@ -38,7 +38,7 @@ import type { FloatDType } from './graph.ts';
 import { buildCausalLmGraph, ropeCosSin } from './model-graph.ts';
 import { Engine, argmax } from './engine.ts';
 import { createSession, ort, type Device, type RuntimeSession } from './runtime.ts';
-import { halfGraphFor, halfModel, halfWeights, isHalfCompute, type ComputeDtype } from './half.ts';
+import { externalDataOptions, halfGraphFor, halfModel, halfWeights, isHalfCompute, type ComputeDtype } from './half.ts';
 
 // ---------------------------------------------------------------------------
 // Options
@@ -460,7 +460,7 @@ export class Generator {
         const rt = await createSession(built.bytes, {
           threads: this.opts.threads,
           device: this.opts.device,
-          ...(built.graph.hasExternalData ? { externalDataDir: this.model.dir } : {}),
+          ...externalDataOptions(this.model, built.graph.hasExternalData),
           optimization: this.dtype === 'float64' ? 'basic' : 'all',
         });
         const fixed: Record<string, ort.Tensor> = {};

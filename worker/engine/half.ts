@@ -30,7 +30,7 @@
  * float32 just before their product ('storage', on CUDA too: bfloat16 has
  * float32's range, so there is no loss scaling, and products run in float32).
  */
-import { closeSync, openSync, readSync } from 'node:fs';
+import { closeSync, openSync, readSync, statSync, type Stats } from 'node:fs';
 import { join } from 'node:path';
 import type { FloatArray, TensorMap } from '../../common/tensor.ts';
 import type { LoadedModel } from '../../common/model-config.ts';
@@ -167,10 +167,55 @@ export interface FileWeight {
 export interface FileWeightsModel extends LoadedModel {
   /** Weight name -> where it lies (these names are absent from `weights`). */
   inFile: Map<string, FileWeight>;
+  /** Each file's identity when its header was read (and the fingerprint taken): ONNX Runtime must map those bytes. */
+  fileIds: Map<string, FileIdentity>;
 }
 
 export function fileWeights(model: LoadedModel): Map<string, FileWeight> | undefined {
   return (model as Partial<FileWeightsModel>).inFile;
+}
+
+/** A file as fedtune read it: a file replaced (another inode) or rewritten (size, mtime) since then has another identity. */
+export interface FileIdentity {
+  dev: number;
+  ino: number;
+  size: number;
+  mtimeMs: number;
+}
+
+export function fileIdentity(st: Stats): FileIdentity {
+  return { dev: st.dev, ino: st.ino, size: st.size, mtimeMs: st.mtimeMs };
+}
+
+/** What differs between two identities of a file, or null when they are the same. */
+export function identityChange(was: FileIdentity, now: FileIdentity): string | null {
+  if (was.dev !== now.dev || was.ino !== now.ino) return 'it was replaced by another file';
+  if (was.size !== now.size) return `its size changed from ${was.size} to ${now.size} bytes`;
+  if (was.mtimeMs !== now.mtimeMs) return 'it was written to (its modification time changed)';
+  return null;
+}
+
+/**
+ * Session options of a graph: with bfloat16 base weights left in the model's files, the model
+ * directory ONNX Runtime maps them from, once every such file is checked to be the one whose header
+ * gave their offsets and whose bytes the fingerprint covers (a checkpoint replaced or rewritten since
+ * fails here, naming the file, instead of training on other weights than the run agreed on).
+ */
+export function externalDataOptions(model: LoadedModel, hasExternalData: boolean): { externalDataDir?: string } {
+  if (!hasExternalData) return {};
+  for (const [file, was] of (model as Partial<FileWeightsModel>).fileIds ?? []) {
+    const path = join(model.dir, file);
+    let why: string | null;
+    try {
+      why = identityChange(was, fileIdentity(statSync(path)));
+    } catch (err) {
+      why = `it cannot be read any more (${(err as NodeJS.ErrnoException).code ?? (err as Error).message})`;
+    }
+    if (why) {
+      throw new Error(`${path}: ${why} since fedtune fingerprinted it; its bfloat16 weights are mapped from the file, so they would no longer be the checkpoint the run agreed on: restore the file, or restart the worker so that it fingerprints the checkpoint it trains on`);
+    }
+  }
+  return { externalDataDir: model.dir };
 }
 
 /** bfloat16 bits -> float32 values: the bits are float32's upper half, so exactly. */

@@ -27,7 +27,7 @@
  * lm_head stay float32, as QLoRA / bitsandbytes quantise only the decoder's
  * nn.Linear layers.
  */
-import { open } from 'node:fs/promises';
+import { open, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { numel, type FloatArray, type TensorMap } from '../../common/tensor.ts';
 import type { LoadedModel } from '../../common/model-config.ts';
@@ -35,7 +35,7 @@ import { collectFileWeights, completeWeights, inspectModel, readModelDir, type C
 import { readSafetensorsHeader, readTensorChunks, readTensorEntry, toFloat32 } from '../../common/safetensors.ts';
 import type { FloatDType, Graph, HalfDType, Value } from './graph.ts';
 import { loadModel } from './model.ts';
-import { checkHalfCombination, fileWeights, halfWeights, halfWeightValues, isHalfWeight, toFloat16Into, type ComputeDtype, type FileWeight, type FileWeightsModel, type HalfModel, type HalfTensor } from './half.ts';
+import { checkHalfCombination, fileWeights, halfWeights, halfWeightValues, fileIdentity, identityChange, isHalfWeight, toFloat16Into, type ComputeDtype, type FileIdentity, type FileWeight, type FileWeightsModel, type HalfModel, type HalfTensor } from './half.ts';
 
 export type QuantFormat = 'nf4' | 'int4';
 export const QUANT_FORMATS: readonly QuantFormat[] = ['nf4', 'int4'];
@@ -232,10 +232,12 @@ export async function loadBaseModel(
   const tensors = new Map<string, QuantizedTensor>();
   const halves = new Map<string, HalfTensor>();
   const files = new Map<string, FileWeight>();
+  const fileIds = new Map<string, FileIdentity>();
   for (const file of md.checkpoint.files) {
     const path = join(dir, file);
     const fh = await open(path, 'r');
     try {
+      if (inFile) fileIds.set(file, fileIdentity(await fh.stat()));
       const header = await readSafetensorsHeader(fh, path);
       const byName = new Map(header.entries.map((e) => [e.name, e]));
       for (const w of collectFileWeights(md, file, byName, found)) {
@@ -277,13 +279,20 @@ export async function loadBaseModel(
     else qOrdered.set(name, tensors.get(name)!);
   }
   const { fingerprint } = await inspectModel(dir);
+  if (inFile) {
+    // The fingerprint streamed the files after their headers were read: they must still be those files.
+    for (const [file, was] of fileIds) {
+      const why = identityChange(was, fileIdentity(await stat(join(dir, file))));
+      if (why) throw new Error(`${join(dir, file)}: ${why} while fedtune was loading and fingerprinting it; load the model again once it is no longer being written`);
+    }
+  }
   const base: LoadedModel = { dir, config: md.config, weights: ordered, fingerprint, rawConfig: md.rawConfig };
   if (half) {
     const m: HalfModel = { ...base, half: hOrdered };
     return m;
   }
   if (inFile) {
-    const m: FileWeightsModel = { ...base, inFile: fOrdered };
+    const m: FileWeightsModel = { ...base, inFile: fOrdered, fileIds };
     return m;
   }
   const m: QuantizedModel = { ...base, quantized: { format: format!, blockSize, tensors: qOrdered } };
