@@ -188,7 +188,7 @@ export function fileIdentity(st: Stats): FileIdentity {
 }
 
 /** What differs between two identities of a file, or null when they are the same. */
-export function identityChange(was: FileIdentity, now: FileIdentity): string | null {
+function identityChange(was: FileIdentity, now: FileIdentity): string | null {
   if (was.dev !== now.dev || was.ino !== now.ino) return 'it was replaced by another file';
   if (was.size !== now.size) return `its size changed from ${was.size} to ${now.size} bytes`;
   if (was.mtimeMs !== now.mtimeMs) return 'it was written to (its modification time changed)';
@@ -203,19 +203,28 @@ export function identityChange(was: FileIdentity, now: FileIdentity): string | n
  */
 export function externalDataOptions(model: LoadedModel, hasExternalData: boolean): { externalDataDir?: string } {
   if (!hasExternalData) return {};
-  for (const [file, was] of (model as Partial<FileWeightsModel>).fileIds ?? []) {
-    const path = join(model.dir, file);
+  const changed = changedFile(model.dir, (model as Partial<FileWeightsModel>).fileIds ?? new Map());
+  if (changed) {
+    throw new Error(
+      `${changed.path}: ${changed.why} since fedtune fingerprinted it; its bfloat16 weights are mapped from the file, so they would no longer be the checkpoint the run agreed on: restore the file, or restart the worker so that it fingerprints the checkpoint it trains on`,
+    );
+  }
+  return { externalDataDir: model.dir };
+}
+
+/** The first of `files` (names in `dir`) that is no longer the file recorded, and what changed; null when none is. */
+export function changedFile(dir: string, files: ReadonlyMap<string, FileIdentity>): { path: string; why: string } | null {
+  for (const [file, was] of files) {
+    const path = join(dir, file);
     let why: string | null;
     try {
       why = identityChange(was, fileIdentity(statSync(path)));
     } catch (err) {
       why = `it cannot be read any more (${(err as NodeJS.ErrnoException).code ?? (err as Error).message})`;
     }
-    if (why) {
-      throw new Error(`${path}: ${why} since fedtune fingerprinted it; its bfloat16 weights are mapped from the file, so they would no longer be the checkpoint the run agreed on: restore the file, or restart the worker so that it fingerprints the checkpoint it trains on`);
-    }
+    if (why) return { path, why };
   }
-  return { externalDataDir: model.dir };
+  return null;
 }
 
 /** bfloat16 bits -> float32 values: the bits are float32's upper half, so exactly. */

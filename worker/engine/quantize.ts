@@ -27,7 +27,7 @@
  * lm_head stay float32, as QLoRA / bitsandbytes quantise only the decoder's
  * nn.Linear layers.
  */
-import { open, stat } from 'node:fs/promises';
+import { open } from 'node:fs/promises';
 import { join } from 'node:path';
 import { numel, type FloatArray, type TensorMap } from '../../common/tensor.ts';
 import type { LoadedModel } from '../../common/model-config.ts';
@@ -35,7 +35,7 @@ import { collectFileWeights, completeWeights, inspectModel, readModelDir, type C
 import { readSafetensorsHeader, readTensorChunks, readTensorEntry, toFloat32 } from '../../common/safetensors.ts';
 import type { FloatDType, Graph, HalfDType, Value } from './graph.ts';
 import { loadModel } from './model.ts';
-import { checkHalfCombination, fileWeights, halfWeights, halfWeightValues, fileIdentity, identityChange, isHalfWeight, toFloat16Into, type ComputeDtype, type FileIdentity, type FileWeight, type FileWeightsModel, type HalfModel, type HalfTensor } from './half.ts';
+import { checkHalfCombination, fileWeights, halfWeights, halfWeightValues, changedFile, fileIdentity, isHalfWeight, toFloat16Into, type ComputeDtype, type FileIdentity, type FileWeight, type FileWeightsModel, type HalfModel, type HalfTensor } from './half.ts';
 
 export type QuantFormat = 'nf4' | 'int4';
 export const QUANT_FORMATS: readonly QuantFormat[] = ['nf4', 'int4'];
@@ -209,8 +209,8 @@ const HALF_CHUNK = 1 << 20;
  * compute; with either, the same checks and weights, but each weight is read
  * from its file, converted to float32 and then quantised (decoder linears,
  * `format`) one at a time, or rounded to float16 (2-D weights, `compute`
- * float16) a chunk at a time, so that the float32 model is never held whole (and never grows the
- * process's heap to its size). With `compute` bfloat16 the 2-D weights are not
+ * float16) a chunk at a time, so that the float32 model is never held whole
+ * (and never grows the process's heap to its size). With `compute` bfloat16 the 2-D weights are not
  * read at all: each is recorded where it lies in its file (FileWeight), and
  * must be stored as BF16. The fingerprint is the checkpoint's, streamed by
  * inspectModel.
@@ -279,13 +279,9 @@ export async function loadBaseModel(
     else qOrdered.set(name, tensors.get(name)!);
   }
   const { fingerprint } = await inspectModel(dir);
-  if (inFile) {
-    // The fingerprint streamed the files after their headers were read: they must still be those files.
-    for (const [file, was] of fileIds) {
-      const why = identityChange(was, fileIdentity(await stat(join(dir, file))));
-      if (why) throw new Error(`${join(dir, file)}: ${why} while fedtune was loading and fingerprinting it; load the model again once it is no longer being written`);
-    }
-  }
+  // The fingerprint streamed the files after their headers were read: they must still be those files.
+  const changed = inFile ? changedFile(dir, fileIds) : null;
+  if (changed) throw new Error(`${changed.path}: ${changed.why} while fedtune was loading and fingerprinting it; load the model again once it is no longer being written`);
   const base: LoadedModel = { dir, config: md.config, weights: ordered, fingerprint, rawConfig: md.rawConfig };
   if (half) {
     const m: HalfModel = { ...base, half: hOrdered };
