@@ -35,7 +35,7 @@ import type { ModelConfig } from '../../common/model-config.ts';
 import type { TensorMap } from '../../common/tensor.ts';
 import { loadRecords } from '../../common/data/dataset.ts';
 import { checkProxMu } from '../engine/train.ts';
-import type { EvalOutcome, LocalTrainingSpec, Trainer, TrainArgs, TrainerFactoryOptions, TrainOutcome, TrainProgress } from './trainer.ts';
+import { optimizerStateKey, type EvalOutcome, type LocalTrainingSpec, type Trainer, type TrainArgs, type TrainerFactoryOptions, type TrainOutcome, type TrainProgress } from './trainer.ts';
 
 const log = logger('exec-trainer');
 
@@ -575,7 +575,7 @@ export class ExecTrainer implements Trainer {
       await this.dropOptimizerState();
       return null;
     }
-    const key = JSON.stringify([args.runId, spec.weightDecay, spec.loraPlusRatio, [...args.globalAdapter].map(([name, t]) => [name, t.shape])]);
+    const key = optimizerStateKey(args);
     if (this.optimizerState?.key === key) return this.optimizerState.dir;
     if (this.optimizerState) log.info({ round: args.round }, 'optimizer state not kept: the adapter or the run changed; the command starts with an empty optimizer_state directory');
     await this.dropOptimizerState();

@@ -21,15 +21,16 @@ import { resolveTemplate } from '../../common/data/template.ts';
 import type { Example } from '../../common/data/tokenize.ts';
 import type { Batch } from '../../common/model-config.ts';
 import { localSgd, sumGradients } from './step.ts';
-import type {
-  EvalOutcome,
-  GradientOutcome,
-  LocalStepsOutcome,
-  LocalTrainingSpec,
-  TrainArgs,
-  TrainOutcome,
-  Trainer,
-  TrainerFactoryOptions,
+import {
+  optimizerStateKey,
+  type EvalOutcome,
+  type GradientOutcome,
+  type LocalStepsOutcome,
+  type LocalTrainingSpec,
+  type TrainArgs,
+  type TrainOutcome,
+  type Trainer,
+  type TrainerFactoryOptions,
 } from './trainer.ts';
 
 const log = logger('onnx-trainer');
@@ -164,7 +165,7 @@ class OnnxTrainer implements Trainer {
       this.kept = null;
       return fresh();
     }
-    const key = JSON.stringify([args.runId, spec.weightDecay, spec.loraPlusRatio, [...args.globalAdapter].map(([name, t]) => [name, t.shape])]);
+    const key = optimizerStateKey(args);
     if (this.kept?.key !== key) {
       if (this.kept) log.info({ round: args.round }, 'optimizer state not kept: the adapter or the run changed; a fresh AdamW');
       this.kept = { key, optimizer: fresh() };

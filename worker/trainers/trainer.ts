@@ -68,6 +68,15 @@ export interface TrainArgs {
   onProgress: (p: TrainProgress) => void;
   signal: AbortSignal;
 }
+/**
+ * What a site's kept optimizer state (training.optimizer_scope 'run') belongs to: the run, the
+ * adapter's tensors and shapes, the weight decay and the LoRA+ groups. A train task whose key differs
+ * from the last one's starts with a fresh optimizer (a site whose rank changes, say).
+ */
+export function optimizerStateKey(args: Pick<TrainArgs, 'runId' | 'globalAdapter' | 'spec'>): string {
+  return JSON.stringify([args.runId, args.spec.weightDecay, args.spec.loraPlusRatio, [...args.globalAdapter].map(([name, t]) => [name, t.shape])]);
+}
+
 export interface TrainOutcome {
   adapter: TensorMap;
   numExamples: number;
