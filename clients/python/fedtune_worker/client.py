@@ -481,20 +481,20 @@ class Worker:
         what = f"global adapter v{ref.version}" + (f" rank {ref.rank}" if ref.rank else "")
         req = pb.DownloadRequest(adapter_version=ref.version, adapter_rank=ref.rank)
         via = self._via()
-        got = None
+        fetched = None
         if self._bulk is not None:
             try:
+                # The header is checked before anything is allocated for the bytes.
                 header, data, digest = self._bulk.download(req, what, ref.total_bytes, check=lambda h: self._tensor_header(h, what))
-                manifest, got = self._tensor_header(header, what), (data, digest)
+                fetched = (self._tensor_header(header, what), data, digest)
             except BulkTransportError as e:
                 if not e.before_connect:
                     raise
                 self._bulk_unreachable(e)
-                via = "grpc"
-        if got is None:
-            manifest, data, digest = self._grpc_download(stub, reg, md, req, what)
-        else:
-            data, digest = got
+        if fetched is None:
+            via = "grpc"
+            fetched = self._grpc_download(stub, reg, md, req, what)
+        manifest, data, digest = fetched
         if ref.total_bytes and len(data) != ref.total_bytes:
             raise streams.StreamError(f"{what}: {len(data)} bytes arrived, the task announced {ref.total_bytes}")
         if ref.sha256 and digest != ref.sha256:
