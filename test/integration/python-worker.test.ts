@@ -16,6 +16,7 @@ import { inspectModel } from '../../common/hf-model.ts';
 import { readPeftAdapter } from '../../common/peft.ts';
 import type { TensorMap } from '../../common/tensor.ts';
 import { PROTOCOL_VERSION } from '../../common/wire.ts';
+import { decodeUpdate, encodeUpdate, type UpdateEncodingName } from '../../common/update-encoding.ts';
 import { startCoordinator, type CoordinatorHandle } from '../../coordinator/main.ts';
 import { trainingSpecOf } from '../../coordinator/tasks.ts';
 import { CoordinatorConnection, localSpecOf } from '../../worker/agent.ts';
@@ -155,6 +156,54 @@ describe.skipIf(!havePython)('a Python worker (clients/python) next to a TypeScr
     expect(done.participants).toBe(2);
     expect(done.examples).toBe(40);
     expect(done.evalLoss).toBeCloseTo(sq / n, 12);
+  });
+
+  it.each([
+    ['float16', 1],
+    ['int8_delta', 2],
+  ] as const)("a compressed update (%s, %i round(s), int8 with error feedback): the Python worker's bytes decode to what fedtune's own encoder sends, and the global is exactly that", async (encoding: UpdateEncodingName, rounds: number) => {
+    const dir = tempDir(`python-worker-${encoding}`);
+    const model = await tinyModel(join(dir, 'model'));
+    const block = 64;
+    const cfg = runConfig(dir, model, {
+      name: `python-${encoding}`,
+      rounds,
+      cohort: { min_workers: 1 },
+      round: { min_results: 1, deadline_sec: 90, update_encoding: encoding, ...(encoding === 'int8_delta' ? { int8_block_size: block, error_feedback: true } : {}) },
+    });
+    coord = await startCoordinator(cfg);
+    const observer = new Probe(coord.address, (await inspectModel(model)).fingerprint);
+    await observer.join('observer', 0, 0);
+    const v0 = (await observer.conn.downloadAdapter(0, 1 << 20)).adapter;
+    observer.close();
+    const py = pythonWorker(['--coordinator', coord.address, '--token', 'test-token', '--name', 'py-site', '--model', model, '--data', writeData(join(dir, 'py.jsonl'), 9, 'python')]);
+    procs.push(py);
+    const result = await Promise.race([
+      coord.run,
+      py.exited.then((code) => (code === 0 ? coord!.run : Promise.reject(new Error(`the Python worker exited with ${code}:\n${py.out().slice(-2000)}`)))),
+    ]);
+    expect(result.state, py.out().slice(-2000)).toBe('completed');
+    const received = (await events(coord.bus, coord.runId)).filter((e): e is Extract<RunEvent, { type: 'update.received' }> => e.type === 'update.received');
+    expect(received).toHaveLength(rounds);
+    // Each round recomputed here: the Python demo rule's update of the global, encoded by fedtune's worker code and decoded as the coordinator does.
+    let global = v0;
+    let residual: Map<string, Float32Array> | null = null;
+    for (let round = 1; round <= rounds; round++) {
+      const sent = encodeUpdate(demoUpdate(global, round), { encoding, blockSize: block, start: global, residual, errorFeedback: encoding === 'int8_delta' });
+      residual = sent.residual;
+      expect(received[round - 1]!.bytes).toBe(sent.bytes.byteLength); // the bytes as sent: 2 (float16) or about 1 (int8) per element
+      const start = new Float32Array([...global.values()].flatMap((t) => [...t.data]));
+      const decoded = decodeUpdate(sent.manifest, sent.bytes, encoding, encoding === 'int8_delta' ? block : 0, start);
+      const next = (await readPeftAdapter(join(coord.runDir, `round-${String(round).padStart(4, '0')}`))).adapter;
+      let at = 0;
+      for (const [name, t] of global) {
+        const got = next.get(name)!.data;
+        for (let i = 0; i < t.data.length; i++) expect(got[i], `round ${round} ${name}[${i}]`).toBe(decoded[at + i]);
+        at += t.data.length;
+      }
+      global = next;
+    }
+    expect(py.out()).toMatch(new RegExp(`round ${rounds}: update uploaded \\(\\d+ bytes, 9 examples\\) over bulk .* as ${encoding}`));
   });
 
   it.skipIf(!hasOpenssl())('under mutual TLS the Python worker moves its tensors over the bulk channel with the certificate it registered with', async () => {

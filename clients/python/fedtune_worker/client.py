@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 import grpc
 import numpy as np
 
-from . import streams
+from . import encoding, streams
 from .bulk import BulkClient, BulkTransportError
 from .fingerprint import ModelError
 from .fingerprint import fingerprint as model_fingerprint
@@ -217,6 +217,8 @@ class Worker:
         self.bulk_tls = bulk_tls
         self._bulk: Optional[BulkClient] = None
         self._warned_bulk = False
+        # int8_delta with error feedback: (run id, residual per tensor) of the last accepted update, in memory.
+        self._feedback: Optional[Tuple[str, Dict[str, np.ndarray]]] = None
 
     # ------------------------------------------------------------------ connection
 
@@ -465,14 +467,23 @@ class Worker:
                 raise ValueError(f"train() returned metric {k} = {v} (metrics must be finite numbers)")
             clean[str(k)] = f
         body = streams.pack_update(manifest, update)
+        # round.update_encoding: compressed as the task asks (int8_delta against the global it started from).
+        enc, block_size, feedback = encoding.choose(task.train.encoding if task.train.HasField("encoding") else None)
+        sent, kept = manifest, None
+        if enc != pb.UPDATE_ENCODING_FLOAT32:
+            residual = self._feedback[1] if feedback and self._feedback is not None and self._feedback[0] == reg.run_id else None
+            sent, body, kept = encoding.encode(manifest, streams.unpack(manifest, body), enc, block_size, start=global_, residual=residual, error_feedback=feedback)
         set_status(pb.WORKER_STATUS_UPLOADING, task.task_id)
+        up = (stub, reg, md, task, int(num_examples), clean, sent, body, enc, block_size)
         try:
-            ack, via = self._upload(stub, reg, md, task, int(num_examples), clean, manifest, body)
+            ack, via = self._upload(*up)
         except grpc.RpcError as e:
             if e.code() != grpc.StatusCode.DATA_LOSS:
                 raise RuntimeError(f"upload refused: {_details(e)}") from None
-            ack, via = self._upload(stub, reg, md, task, int(num_examples), clean, manifest, body)  # one retry for corruption in transit
-        log.info("round %d: update uploaded (%d bytes, %d examples) over %s", task.round, ack.bytes, num_examples, via)
+            ack, via = self._upload(*up)  # one retry for corruption in transit
+        if kept is not None:  # the residual counts only once the coordinator accepted the update it belongs to
+            self._feedback = (reg.run_id, kept)
+        log.info("round %d: update uploaded (%d bytes, %d examples) over %s as %s", task.round, ack.bytes, num_examples, via, encoding.NAMES[enc])
 
     def _fetch(self, stub, reg, md, ref: pb.AdapterRef) -> Tuple[streams.Manifest, Tensors]:
         key = (ref.version, ref.rank, bytes(ref.sha256))
@@ -537,8 +548,10 @@ class Worker:
                 return manifest, asm.finish(msg.trailer.total_bytes, digest), digest
         raise streams.StreamError(f"download of {what} ended before its trailer")
 
-    def _upload(self, stub, reg, md, task: pb.Task, num_examples: int, metrics: Dict[str, float], manifest: streams.Manifest, body: bytes) -> Tuple[pb.UploadAck, str]:
-        """The coordinator's ack and the transport the upload went over."""
+    def _upload(
+        self, stub, reg, md, task: pb.Task, num_examples: int, metrics: Dict[str, float], manifest: streams.Manifest, body: bytes, enc: int, block_size: int
+    ) -> Tuple[pb.UploadAck, str]:
+        """The coordinator's ack and the transport the upload went over. ``manifest`` describes ``body`` as sent (the encoding's dtypes)."""
         chunk_bytes = reg.chunk_bytes or (1 << 20)
         if reg.max_chunk_bytes:
             chunk_bytes = min(chunk_bytes, reg.max_chunk_bytes)
@@ -549,8 +562,12 @@ class Worker:
             base_version=getattr(task, "global").version,
             num_examples=num_examples,
             metrics=metrics,
-            stream=tensors_pb2.StreamHeader(total_bytes=len(body), chunk_bytes=chunk_bytes, tensors=streams.wire_manifest(manifest)),
+            stream=tensors_pb2.StreamHeader(total_bytes=len(body), chunk_bytes=chunk_bytes, tensors=streams.wire_manifest(manifest, tensors_pb2.DTYPE_F32 if enc == pb.UPDATE_ENCODING_FLOAT32 else None)),
         )
+        if enc != pb.UPDATE_ENCODING_FLOAT32:
+            header.encoding = enc
+            if enc == pb.UPDATE_ENCODING_INT8_DELTA:
+                header.block_size = block_size
         if self._bulk is not None:
             via = self._via()
             try:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Dict, Iterator, List, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -136,8 +136,8 @@ def chunks(data: bytes, chunk_bytes: int) -> Iterator[Tuple[int, bytes]]:
         yield off, bytes(view[off : off + chunk_bytes])
 
 
-def wire_manifest(manifest: Sequence[Tuple[str, int, Tuple[int, ...]]]) -> "tensors_pb2.TensorManifest":
-    """The F32 manifest of an update with the global's names and shapes."""
+def wire_manifest(manifest: Sequence[Tuple[str, int, Tuple[int, ...]]], dtype: Optional[int] = tensors_pb2.DTYPE_F32) -> "tensors_pb2.TensorManifest":
+    """The manifest of an update with the global's names and shapes: every tensor F32, or with dtype None each entry's own (a compressed update's)."""
     return tensors_pb2.TensorManifest(
-        tensors=[tensors_pb2.TensorSpec(name=n, dtype=tensors_pb2.DTYPE_F32, shape=list(s)) for n, _, s in manifest]
+        tensors=[tensors_pb2.TensorSpec(name=n, dtype=d if dtype is None else dtype, shape=list(s)) for n, d, s in manifest]
     )
