@@ -180,7 +180,13 @@ export const runConfigSchema = z
         deadline_sec: positive().default(300),
       })
       .prefault({}),
-    checkpoint: z.strictObject({ dir: z.string().min(1).default('checkpoints') }).prefault({}),
+    checkpoint: z
+      .strictObject({
+        dir: z.string().min(1).default('checkpoints'),
+        /** Keep only the newest K checkpoints (the older ones are removed once a newer one is durable); null: keep every one. */
+        keep_last: int().min(1).nullable().default(null),
+      })
+      .prefault({}),
     /** mode: distributed only (see docs/distributed.md). */
     distributed: z
       .strictObject({

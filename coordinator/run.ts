@@ -542,7 +542,8 @@ export class FederatedRun extends RunBase implements RegistryListener {
     for (const r of this.state.history) {
       if (logged.has(r.round)) continue;
       const path = this.store.dir(r.round);
-      this.publish({ type: 'checkpoint.written', round: r.round, step: 0, path, bytes: await this.store.sizeOf(r.round) });
+      // A checkpoint checkpoint.keep_last removed since is not announced again; its round is.
+      if (await this.store.has(r.round)) this.publish({ type: 'checkpoint.written', round: r.round, step: 0, path, bytes: await this.store.sizeOf(r.round) });
       this.publish({
         type: 'round.completed',
         round: r.round,

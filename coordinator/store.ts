@@ -28,6 +28,9 @@ import type { PrivacyState } from './privacy/ledger.ts';
 import type { StrategyState } from './strategies/strategy.ts';
 import { checkpointWriteError } from './checkpoint-errors.ts';
 import { loraConfigOf } from '../common/lora-spec.ts';
+import { logger } from '../common/log.ts';
+
+const log = logger('store');
 
 export const STATE_FILE = 'state.json';
 export const STRATEGY_STATE_FILE = 'strategy_state.safetensors';
@@ -120,6 +123,8 @@ export interface StoreOptions<S extends StateShape> {
   fanInFanOut: boolean;
   /** The run's LoRA config written to adapter_config.json (dropout, target modules, PEFT variants); r and alpha come with each adapter. */
   lora: Omit<LoraConfig, 'r' | 'alpha'>;
+  /** checkpoint.keep_last: keep only the newest K checkpoints; null or absent: every one. */
+  keepLast?: number | null;
 }
 
 export function roundDirName(round: number): string {
@@ -244,7 +249,30 @@ export class CheckpointStore<S extends StateShape> {
     await writeFileAtomic(join(this.runDir, 'latest.json'), `${JSON.stringify({ [this.o.unit]: n, path: dir }, null, 2)}\n`).catch(async (err: unknown) => {
       throw await checkpointWriteError(this, n, err, 'latest.json');
     });
+    await this.prune(n);
     return { path: dir, bytes };
+  }
+
+  /**
+   * checkpoint.keep_last K: remove the checkpoints older than the newest K, once checkpoint `newest`
+   * is durable and latest.json names it. A checkpoint that cannot be removed is logged and left (the
+   * run goes on: nothing it needs is lost).
+   */
+  private async prune(newest: number): Promise<void> {
+    const k = this.o.keepLast;
+    if (!k) return;
+    const all = await this.list();
+    for (const n of all.slice(0, Math.max(0, all.length - k))) {
+      if (n >= newest) continue;
+      await rm(this.dir(n), { recursive: true, force: true }).catch((err: NodeJS.ErrnoException) =>
+        log.warn({ checkpoint: this.dir(n), code: err.code ?? err.message }, `checkpoint.keep_last ${k}: could not remove an older checkpoint; remove it by hand`),
+      );
+    }
+  }
+
+  /** Whether checkpoint n is on disk (checkpoint.keep_last removes older ones). */
+  async has(n: number): Promise<boolean> {
+    return (await stat(join(this.dir(n), STATE_FILE)).catch(() => null)) !== null;
   }
 
   /** Bytes of checkpoint n on disk. */
@@ -329,6 +357,7 @@ export function storeFor<S extends StateShape>(
     baseModel: cfg.model.path,
     fanInFanOut,
     lora: loraConfigOf(cfg.lora),
+    keepLast: cfg.checkpoint.keep_last,
   });
 }
 

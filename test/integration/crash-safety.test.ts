@@ -26,7 +26,7 @@ beforeAll(async () => {
 });
 
 /** A run config file for `name`, listening on a fixed port so that workers can reconnect to a restarted coordinator. */
-function config(name: string, port: number, rounds: number, extra = ''): string {
+function config(name: string, port: number, rounds: number, extra = '', checkpoint = ''): string {
   const p = join(dir, `${name}.yaml`);
   writeFileSync(
     p,
@@ -39,7 +39,7 @@ function config(name: string, port: number, rounds: number, extra = ''): string 
       'cohort: { min_workers: 2, wait_timeout_sec: 60 }',
       'round: { deadline_sec: 30, min_results: 2 }',
       'eval: { every: 1, initial: false, deadline_sec: 30 }',
-      `checkpoint: { dir: ${JSON.stringify(join(dir, 'checkpoints'))} }`,
+      `checkpoint: { dir: ${JSON.stringify(join(dir, 'checkpoints'))}${checkpoint ? `, ${checkpoint}` : ''} }`,
       `server: { listen: 127.0.0.1:${port}, join_token: test-token, heartbeat_interval_ms: 300, heartbeat_timeout_ms: 3000 }`,
       'dashboard: { enabled: false }',
       extra,
@@ -145,6 +145,29 @@ describe('planned stop and restart', () => {
     expect(await c2.exited, c2.out().slice(-2000)).toBe(0);
     for (const w of ws) expect(await w.exited).toBe(0);
     expect((await checkRun(join(dir, 'checkpoints', 'restart'), 3)).problems).toEqual([]);
+  }, 90_000);
+
+  it('checkpoint.keep_last 2: older checkpoints go once a newer one is durable; a stop and --resume go on from the newest; every round is announced once', async () => {
+    const port = await freePort();
+    const cfg = config('keep', port, 4, '', 'keep_last: 2');
+    const runDir = join(dir, 'checkpoints', 'keep');
+    const rounds = (): string[] => readdirSync(runDir).filter((n) => /^round-\d+$/.test(n)).sort();
+    const c1 = coordinator(cfg);
+    const ws = workers(port);
+    await c1.waitFor(/round 3\/4 done/, 60_000).catch(async () => {
+      throw new Error(c1.out().slice(-2000));
+    });
+    c1.child.kill('SIGTERM');
+    expect(await c1.exited, c1.out().slice(-2000)).toBe(0);
+    expect(rounds()).toEqual(['round-0002', 'round-0003']);
+    const c2 = coordinator(cfg, { resume: true });
+    expect(await c2.exited, c2.out().slice(-2000)).toBe(0);
+    for (const w of ws) expect(await w.exited).toBe(0);
+    expect(rounds()).toEqual(['round-0003', 'round-0004']);
+    expect(JSON.parse(readFileSync(join(runDir, 'latest.json'), 'utf8')).round).toBe(4);
+    const evs = eventsOf('keep');
+    expect(evs.filter((e) => e.type === 'round.completed').map((e) => (e as { round: number }).round)).toEqual([1, 2, 3, 4]);
+    expect(evs.filter((e) => e.type === 'checkpoint.written').map((e) => (e as { round: number }).round)).toEqual([1, 2, 3, 4]);
   }, 90_000);
 
   it('--resume of a finished run says so and changes nothing', async () => {
