@@ -3,11 +3,10 @@
  * Qwen2.5-0.5B (hidden 896, 24 layers, 14 heads, 2 KV heads, MLP 4864, vocab
  * 151936; bfloat16 on disk in two shards) loads, one LoRA step runs with a
  * finite loss, and loading peaks at no more than 1.2x the bytes the weights
- * keep resident (each tensor is read, converted and dropped in turn), in
- * float32 and with --compute-dtype float16 (matrices held in float16); with
- * --compute-dtype bfloat16 the matrices stay in the files and loading reads
- * almost nothing. Runs in
- * child processes (bench/model-scale.ts make / probe) so that the peak RSS is
+ * keep resident, in float32 (each tensor read, converted and dropped in
+ * turn) and with --compute-dtype float16 (matrices held in float16, each read
+ * and rounded a chunk at a time); with --compute-dtype bfloat16 the matrices
+ * stay in the files and loading reads almost nothing. Runs in child processes (bench/model-scale.ts make / probe) so that the peak RSS is
  * theirs; only with FEDTUNE_BIG_TESTS=1 (about a minute and 4 GB; CI sets it).
  */
 import { spawnSync } from 'node:child_process';
@@ -43,7 +42,7 @@ describe.runIf(BIG)('a real-sized base (FEDTUNE_BIG_TESTS=1)', () => {
     // Random weights and labels: the loss is near ln(vocab).
     expect(Math.abs(r.loss - Math.log(151936))).toBeLessThan(1);
 
-    // --compute-dtype float16: the matrices held in float16 (2 bytes a parameter), read and rounded one tensor at a time.
+    // --compute-dtype float16: the matrices held in float16 (2 bytes a parameter), read and rounded a chunk at a time.
     const h = JSON.parse(bench(['probe', model, JSON.stringify({ seq: 64, steps: 1, warmup: 0, threads: 2, variant: 'fp16' })]).trim().split('\n').pop()!);
     console.log(`qwen2.5-0.5b shapes, float16 base: load ${h.loadSecs.toFixed(1)} s, peak ${(h.loadPeakBytes / 2 ** 30).toFixed(2)} GiB for ${(h.residentBytes / 2 ** 30).toFixed(2)} GiB resident, step loss ${h.loss}`);
     expect(h.residentBytes).toBeLessThan(0.51 * r.residentBytes);
