@@ -3,7 +3,8 @@
  * measured in the same run (see bench/federated.ts). Other suites have their own
  * scripts: bench:engine, bench:events, bench:nats.
  *
- *   node bin/run-ts.js bench/index.ts [--quick]   (--quick: 10 workers only, smaller repeats)
+ *   node bin/run-ts.js bench/index.ts [--quick] [--keep-last K]
+ *   (--quick: 10 workers only, smaller repeats; --keep-last: bench (c)'s runs with checkpoint.keep_last K)
  */
 import type { Row } from './federated.ts';
 
@@ -12,6 +13,9 @@ process.env.FEDTUNE_LOG_LEVEL ??= 'warn';
 const { benchAggregation, benchTransfer, paramCount, syntheticAdapter } = await import('./federated.ts');
 const { benchProcessRoundsIsolated } = await import('./rounds.ts');
 const quick = process.argv.includes('--quick');
+const keepAt = process.argv.indexOf('--keep-last');
+const keepLast = keepAt > 0 ? Number(process.argv[keepAt + 1]) : undefined;
+if (keepLast !== undefined && !(Number.isInteger(keepLast) && keepLast >= 1)) throw new Error(`--keep-last: a positive integer (got ${process.argv[keepAt + 1]})`);
 const t0 = Date.now();
 
 function print(rows: Row[]): void {
@@ -31,9 +35,9 @@ console.log('  (a) done');
 const transfer = await benchTransfer(adapter, quick ? 1 : 3);
 rows.push(...transfer.rows);
 console.log('  (b) done');
-const rounds = await benchProcessRoundsIsolated(quick ? [10] : [10, 50]);
+const rounds = await benchProcessRoundsIsolated(quick ? [10] : [10, 50], keepLast ? { keepLast } : {});
 console.log('');
 print(rows);
-console.log(`\n(c) rounds with separate \`fedtune worker\` processes (noop trainer, no perturbation), a fresh process per row as the coordinator; warm rounds 2-5 of 5; the round time includes writing the checkpoint:\n`);
+console.log(`\n(c) rounds with separate \`fedtune worker\` processes (noop trainer, no perturbation), a fresh process per row as the coordinator; warm rounds 2-5 of 5; the round time includes writing the checkpoint${keepLast ? ` (checkpoint.keep_last ${keepLast}: older ones removed)` : ' (every one kept)'}:\n`);
 console.log(rounds.table);
 console.log(`total ${((Date.now() - t0) / 1000).toFixed(0)} s`);

@@ -188,7 +188,7 @@ export async function roundBenchModel(dir: string): Promise<string> {
   return model;
 }
 
-export async function processRound(o: { model: string; dir: string; workers: number; rounds?: number; tcpBytesPerMs: number; spawner: Spawner }): Promise<ProcessRoundRow> {
+export async function processRound(o: { model: string; dir: string; workers: number; rounds?: number; tcpBytesPerMs: number; spawner: Spawner; keepLast?: number }): Promise<ProcessRoundRow> {
   const rounds = o.rounds ?? 5;
   const runDir = mkdtempSync(join(o.dir, `n${o.workers}-`));
   const cfg = parseRunConfig({
@@ -200,7 +200,7 @@ export async function processRound(o: { model: string; dir: string; workers: num
     cohort: { min_workers: o.workers, wait_timeout_sec: 600 },
     round: { min_results: o.workers, deadline_sec: 600 },
     eval: { every: 0 },
-    checkpoint: { dir: join(runDir, 'checkpoints') },
+    checkpoint: { dir: join(runDir, 'checkpoints'), ...(o.keepLast ? { keep_last: o.keepLast } : {}) },
     server: { listen: '127.0.0.1:0', join_token: 'bench-token', heartbeat_timeout_ms: 120_000 },
     dashboard: { enabled: false },
   });
@@ -312,7 +312,7 @@ export function roundTable(rows: ProcessRoundRow[], tcpBytesPerMs: number[]): st
   return lines.join('\n');
 }
 
-export async function benchProcessRounds(counts: number[]): Promise<{ rows: ProcessRoundRow[]; tcpBytesPerMs: number; table: string }> {
+export async function benchProcessRounds(counts: number[], o: { keepLast?: number } = {}): Promise<{ rows: ProcessRoundRow[]; tcpBytesPerMs: number; table: string }> {
   const dir = mkdtempSync(join(tmpdir(), 'fedtune-bench-rounds-'));
   const spawner = Spawner.start();
   try {
@@ -320,7 +320,7 @@ export async function benchProcessRounds(counts: number[]): Promise<{ rows: Proc
     const tcpBytesPerMs = await rawTcpBetweenProcesses(64 << 20);
     const rows: ProcessRoundRow[] = [];
     for (const n of counts) {
-      rows.push(await processRound({ model, dir, workers: n, tcpBytesPerMs, spawner }));
+      rows.push(await processRound({ model, dir, workers: n, tcpBytesPerMs, spawner, ...o }));
       console.log(`  (c) ${n} worker processes done`);
     }
     return { rows, tcpBytesPerMs, table: roundTable(rows, [tcpBytesPerMs]) };
@@ -337,12 +337,12 @@ const ROW_MARK = 'bench-rounds-row ';
  * coordinator's CPU and peak RSS are then its rounds' alone, not also what the benchmarks run
  * before it in the same process allocated and left to the garbage collector.
  */
-export async function benchProcessRoundsIsolated(counts: number[]): Promise<{ rows: ProcessRoundRow[]; table: string }> {
+export async function benchProcessRoundsIsolated(counts: number[], o: { keepLast?: number } = {}): Promise<{ rows: ProcessRoundRow[]; table: string }> {
   const rows: ProcessRoundRow[] = [];
   const tcp: number[] = [];
   for (const n of counts) {
     const out = await new Promise<string>((resolve, reject) => {
-      const p = spawn(process.execPath, [join(ROOT, 'bin/run-ts.js'), import.meta.filename, '--child', String(n)], { stdio: ['ignore', 'pipe', 'inherit'], env: { ...process.env, FEDTUNE_LOG_LEVEL: 'warn' } });
+      const p = spawn(process.execPath, [join(ROOT, 'bin/run-ts.js'), import.meta.filename, '--child', String(n), ...(o.keepLast ? ['--keep-last', String(o.keepLast)] : [])], { stdio: ['ignore', 'pipe', 'inherit'], env: { ...process.env, FEDTUNE_LOG_LEVEL: 'warn' } });
       let text = '';
       p.stdout!.on('data', (d: Buffer) => (text += d.toString()));
       p.on('error', reject);
@@ -359,6 +359,7 @@ export async function benchProcessRoundsIsolated(counts: number[]): Promise<{ ro
 }
 
 if (process.argv[2] === '--child' && process.argv[1] && import.meta.filename === process.argv[1]) {
-  const r = await benchProcessRounds([Number(process.argv[3])]);
+  const k = process.argv.indexOf('--keep-last');
+  const r = await benchProcessRounds([Number(process.argv[3])], k > 0 ? { keepLast: Number(process.argv[k + 1]) } : {});
   console.log(ROW_MARK + JSON.stringify({ rows: r.rows, tcpBytesPerMs: r.tcpBytesPerMs }));
 }
