@@ -278,41 +278,20 @@ export async function benchTransfer(adapter: TensorMap, repeats = 3): Promise<{ 
   const mbps = (ms: number): number => bytes / MB / (ms / 1000);
   const tcp = (tcpBytesPerMs * 1000) / MB;
   const best = (xs: number[]): number => Math.min(...xs);
+  // A download row: its best rate against raw TCP between processes.
+  const vsTcp = (what: string, ms: number[]): Row => ({
+    what,
+    value: `${mbps(best(ms)).toFixed(0)} MB/s`,
+    baseline: `raw TCP between processes ${tcp.toFixed(0)} MB/s`,
+    ratio: `${(mbps(best(ms)) / tcp).toFixed(2)}x`,
+  });
   return {
     rows: [
-      {
-        what: `(b) adapter download over the bulk channel by a worker process, ${(bytes / MB).toFixed(0)} MB + SHA-256 (best of ${n})`,
-        value: `${mbps(best(bulkMs)).toFixed(0)} MB/s`,
-        baseline: `raw TCP between processes ${tcp.toFixed(0)} MB/s`,
-        ratio: `${(mbps(best(bulkMs)) / tcp).toFixed(2)}x`,
-      },
-      {
-        what: '',
-        value: '',
-        baseline: `SHA-256 alone ${mbps(hashMs).toFixed(0)} MB/s`,
-        ratio: `${(mbps(best(bulkMs)) / mbps(hashMs)).toFixed(2)}x`,
-      },
-      {
-        what: `    the same over gRPC, 1 MiB chunks + SHA-256`,
-        value: `${mbps(best(grpcMs)).toFixed(0)} MB/s`,
-        baseline: `raw TCP between processes ${tcp.toFixed(0)} MB/s`,
-        ratio: `${(mbps(best(grpcMs)) / tcp).toFixed(2)}x`,
-      },
+      vsTcp(`(b) adapter download over the bulk channel by a worker process, ${(bytes / MB).toFixed(0)} MB + SHA-256 (best of ${n})`, bulkMs),
+      { what: '', value: '', baseline: `SHA-256 alone ${mbps(hashMs).toFixed(0)} MB/s`, ratio: `${(mbps(best(bulkMs)) / mbps(hashMs)).toFixed(2)}x` },
+      vsTcp('    the same over gRPC, 1 MiB chunks + SHA-256', grpcMs),
       ...(py
-        ? [
-            {
-              what: `    the Python client (clients/python), bulk channel, into numpy arrays`,
-              value: `${mbps(best(pyBulkMs)).toFixed(0)} MB/s`,
-              baseline: `raw TCP between processes ${tcp.toFixed(0)} MB/s`,
-              ratio: `${(mbps(best(pyBulkMs)) / tcp).toFixed(2)}x`,
-            },
-            {
-              what: `    the Python client over gRPC`,
-              value: `${mbps(best(pyGrpcMs)).toFixed(0)} MB/s`,
-              baseline: `raw TCP between processes ${tcp.toFixed(0)} MB/s`,
-              ratio: `${(mbps(best(pyGrpcMs)) / tcp).toFixed(2)}x`,
-            },
-          ]
+        ? [vsTcp('    the Python client (clients/python), bulk channel, into numpy arrays', pyBulkMs), vsTcp('    the Python client over gRPC', pyGrpcMs)]
         : [{ what: `    the Python client: not measured (${PYTHON} lacks grpcio, protobuf or numpy)`, value: '', baseline: '', ratio: '' }]),
     ],
     tcpBytesPerMs,
