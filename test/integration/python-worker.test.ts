@@ -161,7 +161,7 @@ describe.skipIf(!havePython)('a Python worker (clients/python) next to a TypeScr
   it.each([
     ['float16', 1],
     ['int8_delta', 2],
-  ] as const)("a compressed update (%s, %i round(s), int8 with error feedback): the Python worker's bytes decode to what fedtune's own encoder sends, and the global is exactly that", async (encoding: UpdateEncodingName, rounds: number) => {
+  ] as const)("a compressed update, %s over %i round(s) (int8_delta with error feedback): the Python worker's bytes decode to what fedtune's own encoder sends, and the global is exactly that", async (encoding: UpdateEncodingName, rounds: number) => {
     const dir = tempDir(`python-worker-${encoding}`);
     const model = await tinyModel(join(dir, 'model'));
     const block = 64;
